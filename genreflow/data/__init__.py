@@ -1,0 +1,1 @@
+"""GTZAN: genre order, folds, layouts, download and the synthetic set."""
