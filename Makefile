@@ -5,6 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 WORKSPACE ?= workspace
+## the recipe `make run` uses: demo (synthetic set, minutes on a CPU) or seed (GPU, real GTZAN)
+PROFILE ?= demo
+UI_PORT ?= 5000
 ## pytest arguments, e.g. make test PYTEST_ARGS="-k pack -x"
 PYTEST_ARGS ?=
 # The local CPU wheel: installed first so that the project's torch range is already met
@@ -14,7 +17,7 @@ TORCH_PIN ?= torch==2.13.0
 BIN := $(VENV)/bin
 GF := $(BIN)/genreflow
 
-.PHONY: help install test lint run clean
+.PHONY: help install test lint run compile ui clean
 
 help: ## show this help
 	@echo "Targets:"
@@ -37,10 +40,15 @@ lint: install ## ruff: lint and format check
 test: install ## install, then run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-run: install ## the main job on the embedded default: synth -> download -> pack
-	$(GF) synth --out $(WORKSPACE)/source
-	$(GF) download --source file://$(abspath $(WORKSPACE))/source/genres.tar.gz --out $(WORKSPACE)/dataset
-	$(GF) pack --dataset $(WORKSPACE)/dataset --out $(WORKSPACE)/features.h5
+run: install ## the whole pipeline through kfp.local on the embedded default (PROFILE)
+	$(GF) run --profile $(PROFILE) --workspace $(WORKSPACE)
+
+compile: install ## compile the KFP pipeline to $(WORKSPACE)/pipeline.yaml
+	$(GF) compile --out $(WORKSPACE)/pipeline.yaml
+
+ui: install ## the MLflow UI on the workspace's runs (http://127.0.0.1:$(UI_PORT))
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKSPACE))/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean: ## remove the workspace (outputs of make run)
 	rm -rf $(WORKSPACE)

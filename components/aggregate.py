@@ -1,0 +1,66 @@
+"""Pool the folds' held-out predictions into the cross-validation report; close the parent run."""
+
+from typing import List
+
+from kfp import dsl
+
+from genreflow.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def aggregate(
+    folds: dsl.Input[List[dsl.Model]],
+    expected_folds: List[int],
+    min_folds: int,
+    tracking_uri: str,
+    parent_run_id: str,
+    registered_model: str,
+    results: dsl.Output[dsl.Dataset],
+    report: dsl.Output[dsl.HTML],
+    metrics: dsl.Output[dsl.Metrics],
+    confusion: dsl.Output[dsl.ClassificationMetrics],
+    embeddings: dsl.Input[dsl.Dataset] = None,
+) -> float:
+    """Write the report, log it and the fold ensemble to MLflow; return the mean accuracy.
+
+    Args:
+        folds: the fold folders (predictions.csv, summary.json, checkpoint).
+        expected_folds: the folds the pipeline ran; a missing one is named in the report.
+        min_folds: fewer usable folds than this is an error; between it and all, partial.
+        tracking_uri: MLflow tracking URI ("" = no tracking).
+        parent_run_id: the parent run that receives the aggregate and is closed here.
+        registered_model: registry name for the fold ensemble ("" = log, do not register).
+        results: report.json, confusion.csv, per_genre.csv, confusion.png, report.html.
+        report: the one-page HTML report, for the KFP UI.
+        metrics: mean, standard deviation and pooled accuracy, for the KFP UI.
+        confusion: the pooled confusion matrix, for the KFP UI.
+        embeddings: the frozen-base path's embed folder, whose base.pth the heads share.
+    """
+    import os
+    import shutil
+
+    from genreflow.aggregate import aggregate as pool
+    from genreflow.data.genres import GENRES
+    from genreflow.tracking import finish_pipeline_run, log_ensemble
+
+    fold_dirs = [fold.path for fold in folds]
+    summary = pool(fold_dirs, results.path, expected_folds=expected_folds, min_folds=min_folds)
+    shutil.copyfile(os.path.join(results.path, "report.html"), report.path)
+    headline = summary["metrics"]
+    for key, value in headline.items():
+        metrics.log_metric(key, value)
+    confusion.log_confusion_matrix(list(GENRES), summary["confusion_matrix"])
+    if tracking_uri:
+        base = os.path.join(embeddings.path, "base.pth") if embeddings else None
+        log_ensemble(
+            tracking_uri, parent_run_id, fold_dirs, base=base, registered_name=registered_model
+        )
+        finish_pipeline_run(
+            tracking_uri,
+            parent_run_id,
+            metrics=headline,
+            artifacts=[results.path],
+            tags={"partial": summary["partial"]},
+            keep=results.path,
+        )
+    return float(headline["accuracy_mean"])

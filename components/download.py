@@ -1,0 +1,22 @@
+"""Download, verify and safely extract a GTZAN archive (or accept an extracted folder)."""
+
+from kfp import dsl
+
+from genreflow.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def download(source: str, sha256: str, md5: str, dataset: dsl.Output[dsl.Dataset]):
+    """Fetch the dataset into the `dataset` artifact's folder.
+
+    Args:
+        source: https://, http://, gs://, file:// or a path; an archive or an extracted tree.
+        sha256: expected SHA-256 of the archive ("" = none; known URLs have one built in).
+        md5: expected MD5 of the archive ("" = none).
+        dataset: the extracted tree, in any layout `genreflow pack` reads.
+    """
+    from genreflow.data.download import download as fetch
+
+    root = fetch(source, dataset.path, sha256=sha256 or None, md5=md5 or None)
+    dataset.metadata["source"] = source
+    dataset.metadata["root"] = str(root)

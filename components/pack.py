@@ -1,0 +1,25 @@
+"""Decode, resample and pack every clip into one HDF5 file."""
+
+from kfp import dsl
+
+from genreflow.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def pack(
+    dataset: dsl.Input[dsl.Dataset],
+    clip_seconds: float,
+    features: dsl.Output[dsl.Dataset],
+):
+    """Pack the dataset into `features` (HDF5: audio_name, waveform, target, fold).
+
+    Args:
+        dataset: the extracted tree from the download step.
+        clip_seconds: clip length; 30 s is the seed's and GTZAN's.
+        features: the packed HDF5 file.
+    """
+    from genreflow.features import pack as pack_clips
+
+    summary = pack_clips(dataset.path, features.path, clip_seconds=clip_seconds)
+    features.metadata["clips"] = summary.clips
+    features.metadata["skipped"] = [name for name, _ in summary.skipped]

@@ -1,0 +1,237 @@
+"""MLflow: one parent run per pipeline run, one nested child run per fold.
+
+Everything goes through an explicit `MlflowClient(tracking_uri)` rather than MLflow's
+global "active run": a step that inherits `MLFLOW_RUN_ID` from its environment must not
+log into, or close, a run it does not own (mlflow/mlflow#15713, #13874).
+
+Losing the tracking server must not lose the training: every call retries with back-off,
+then fails with a `TrackingError` that says where the step's local outputs are.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from genreflow import __version__
+from genreflow.errors import GenreflowError
+
+T = TypeVar("T")
+
+DEFAULT_EXPERIMENT = "genreflow-gtzan"
+PARENT_RUN_TAG = "genreflow.role"
+
+
+class TrackingError(GenreflowError):
+    """The tracking server could not be reached or refused a request."""
+
+
+def default_tracking_uri(workspace: str | Path = "workspace") -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a sqlite file in the workspace (the embedded default)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+
+
+def _client(tracking_uri: str):
+    # MLflow's own HTTP retries back off for minutes; ours are bounded and say what failed.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def retrying(
+    what: str, fn: Callable[[], T], *, attempts: int = 4, first_delay: float = 1.0, keep: str = ""
+) -> T:
+    """Call fn, retrying with exponential back-off; then raise a TrackingError naming `what`."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except GenreflowError:
+            raise
+        except Exception as exc:  # MLflow raises many types for one outage
+            if attempt == attempts:
+                where = f"; local outputs are intact in {keep}" if keep else ""
+                raise TrackingError(
+                    f"MLflow: {what} failed after {attempts} attempts: {exc}{where}"
+                ) from exc
+            print(
+                f"MLflow: {what} failed ({type(exc).__name__}); retry {attempt}/{attempts - 1}"
+                f" in {delay:.0f} s",
+                file=sys.stderr,
+            )
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def provenance() -> dict[str, str]:
+    """What a run needs to be reproduced: package, commit, interpreter and library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {
+        "genreflow_version": __version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+    }
+    for package in ("torch", "torchlibrosa", "librosa", "numpy", "h5py", "kfp", "mlflow"):
+        try:
+            info[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def git_commit() -> str:
+    """The commit this code came from: baked into images as GENREFLOW_GIT_COMMIT, else git."""
+    commit = os.environ.get("GENREFLOW_GIT_COMMIT")
+    if commit:
+        return commit
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created meanwhile by a parallel task
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _stringify(params: dict) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+
+
+def start_pipeline_run(
+    tracking_uri: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    *,
+    run_name: str | None = None,
+    params: dict | None = None,
+    tags: dict | None = None,
+) -> str:
+    """Open the parent run of one pipeline run and return its id (it stays RUNNING)."""
+
+    def start() -> str:
+        client = _client(tracking_uri)
+        all_tags = {PARENT_RUN_TAG: "pipeline", **provenance(), **_stringify(tags or {})}
+        run = client.create_run(
+            _experiment_id(client, experiment), run_name=run_name, tags=all_tags
+        )
+        for key, value in _stringify(params or {}).items():
+            client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+
+    return retrying(f"opening the parent run at {tracking_uri}", start)
+
+
+def log_fold(
+    tracking_uri: str,
+    parent_run_id: str,
+    fold_dir: str | Path,
+    *,
+    fold: int,
+    params: dict,
+    tags: dict | None = None,
+    artifacts: Iterable[str | Path] = (),
+) -> str:
+    """Log one finished fold as a child run of the parent; return the child's id.
+
+    Reads the fold's metrics.csv (iteration, train_loss, heldout_accuracy, seconds) and
+    summary.json, logs each metric with its iteration as step, and uploads `artifacts`.
+    """
+    fold_dir = Path(fold_dir)
+    summary = json.loads((fold_dir / "summary.json").read_text())
+    with open(fold_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def log() -> str:
+        from mlflow.entities import Metric
+
+        client = _client(tracking_uri)
+        parent = client.get_run(parent_run_id)
+        run = client.create_run(
+            parent.info.experiment_id,
+            run_name=f"fold-{fold}",
+            tags={
+                "mlflow.parentRunId": parent_run_id,
+                PARENT_RUN_TAG: "fold",
+                "fold": str(fold),
+                **_stringify(tags or {}),
+            },
+        )
+        run_id = run.info.run_id
+        for key, value in _stringify(params).items():
+            client.log_param(run_id, key, value)
+        now = int(time.time() * 1000)
+        metrics = []
+        for row in rows:
+            step = int(row["iteration"])
+            for key in ("train_loss", "heldout_accuracy"):
+                if row.get(key) not in (None, ""):
+                    metrics.append(Metric(key, float(row[key]), now, step))
+        for key in ("final_accuracy", "best_accuracy", "clips_per_second", "wall_seconds"):
+            if isinstance(summary.get(key), (int, float)):
+                metrics.append(Metric(key, float(summary[key]), now, int(summary.get("iterations", 0))))
+        for start in range(0, len(metrics), 500):  # the REST API caps a batch at 1000 items
+            client.log_batch(run_id, metrics=metrics[start : start + 500])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    return retrying(f"logging fold {fold} to {tracking_uri}", log, keep=str(fold_dir))
+
+
+def finish_pipeline_run(
+    tracking_uri: str,
+    parent_run_id: str,
+    *,
+    metrics: dict[str, float],
+    artifacts: Iterable[str | Path] = (),
+    tags: dict | None = None,
+    status: str = "FINISHED",
+    keep: str = "",
+) -> None:
+    """Log the aggregate metrics and report on the parent run, then close it with `status`."""
+
+    def finish() -> None:
+        from mlflow.entities import Metric
+
+        client = _client(tracking_uri)
+        now = int(time.time() * 1000)
+        client.log_batch(
+            parent_run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        )
+        for key, value in _stringify(tags or {}).items():
+            client.set_tag(parent_run_id, key, value)
+        for path in artifacts:
+            client.log_artifact(parent_run_id, str(path))
+        client.set_terminated(parent_run_id, status)
+
+    retrying(f"finishing the parent run {parent_run_id}", finish, keep=keep)

@@ -1,0 +1,1 @@
+"""The Kubeflow Pipelines DAGs, and how to compile, run (locally) and submit them."""
