@@ -27,6 +27,8 @@ from genreflow.errors import GenreflowError
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "genreflow-gtzan"
+RETRY_ATTEMPTS = 4
+RETRY_FIRST_DELAY_SECONDS = 2.0
 PARENT_RUN_TAG = "genreflow.role"
 
 
@@ -51,11 +53,9 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def retrying(
-    what: str, fn: Callable[[], T], *, attempts: int = 4, first_delay: float = 1.0, keep: str = ""
-) -> T:
+def retrying(what: str, fn: Callable[[], T], *, keep: str = "") -> T:
     """Call fn, retrying with exponential back-off; then raise a TrackingError naming `what`."""
-    delay = first_delay
+    attempts, delay = RETRY_ATTEMPTS, RETRY_FIRST_DELAY_SECONDS
     for attempt in range(1, attempts + 1):
         try:
             return fn()

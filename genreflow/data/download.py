@@ -1,0 +1,431 @@
+"""Fetch, verify and safely extract a GTZAN archive: the pipeline's first step.
+
+The archive is untrusted input. Every member is checked before anything is written: a
+path that is absolute or climbs out with `..`, a symbolic or hard link, a device, a FIFO or
+any other special file stops the extraction with an error that names the archive and the
+member. Extraction happens in a temporary folder inside ``out`` that is moved into place
+only when it completed and holds a GTZAN layout; a marker file written last makes a second
+run over a verified result a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from genreflow import __version__, storage
+from genreflow.data.genres import GENRES
+from genreflow.data.layout import AUDIO_SUFFIXES, find_dataset_root
+from genreflow.errors import GenreflowError
+
+# The original release (the Marsyas download of genres.tar.gz). Its MD5 is the one
+# torchaudio's GTZAN dataset module (torchaudio/datasets/gtzan.py, _CHECKSUMS) and mirdata's
+# gtzan_genre loader list for this URL. The https:// form names the same file on the
+# same host.
+OFFICIAL_URL = "http://opihi.cs.uvic.ca/sound/genres.tar.gz"
+_OFFICIAL_MD5 = "5b3d6dddb579ab49814ab86dba69e7c7"
+KNOWN_CHECKSUMS: dict[str, dict[str, str]] = {
+    OFFICIAL_URL: {"md5": _OFFICIAL_MD5},
+    "https://opihi.cs.uvic.ca/sound/genres.tar.gz": {"md5": _OFFICIAL_MD5},
+}
+
+MARKER_NAME = ".genreflow-download.json"
+DOWNLOAD_DIR = ".download"
+_EXTRACT_PREFIX = ".extract-"
+_CHUNK_BYTES = 1 << 20
+
+
+def expected_checksums(
+    source: str, sha256: str | None = None, md5: str | None = None
+) -> tuple[str | None, str | None]:
+    """The checksums to verify ``source`` against: the user's, else the built-in ones."""
+    sha256 = storage.normalize_checksum(sha256, "sha256")
+    md5 = storage.normalize_checksum(md5, "md5")
+    if sha256 is None and md5 is None:
+        known = KNOWN_CHECKSUMS.get(str(source), {})
+        return known.get("sha256"), known.get("md5")
+    return sha256, md5
+
+
+def count_clips(root: str | Path) -> dict[str, int]:
+    """Audio files per genre folder under a dataset root (0 for a missing genre)."""
+    root = Path(root)
+    counts = {}
+    for genre in GENRES:
+        folder = root / genre
+        counts[genre] = (
+            sum(1 for f in folder.iterdir() if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+            if folder.is_dir()
+            else 0
+        )
+    return counts
+
+
+def download(
+    source: str | Path,
+    out: str | Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch, verify and extract a GTZAN archive into ``out``; return the dataset root.
+
+    Args:
+        source: an http(s):// URL, gs://bucket/object, file:// URI or local path to an
+            archive (.tar.gz, .tgz, .tar, .zip), or a folder that is already extracted
+            (validated and returned as it is; nothing is copied).
+        out: the folder that receives the extracted tree.
+        sha256: expected SHA-256 of the archive.
+        md5: expected MD5 of the archive. For the official release URL a known MD5 is
+            built in; for any other source without a checksum, the archive's SHA-256 is
+            printed so that it can be pinned.
+        progress: show progress bars on stderr.
+
+    Returns:
+        The folder that holds the genre folders (``out/genres`` for the original release,
+        ``out/genres_original`` for the common .wav copy).
+
+    Raises:
+        GenreflowError: unreachable or missing source, checksum mismatch (nothing is
+            extracted), unsafe or corrupt archive, no GTZAN layout inside, or a name in
+            ``out`` that the archive would overwrite but this step did not create.
+    """
+    source = str(source)
+    out = Path(out)
+    path = storage.local_path(source)
+    if path is not None and path.is_dir():
+        if sha256 or md5:
+            raise GenreflowError(
+                f"{path}: is a folder; a checksum (--sha256/--md5) can only verify an archive"
+            )
+        root = find_dataset_root(path)
+        print(f"{path}: already extracted; using it in place (nothing copied)", file=sys.stderr)
+        return root
+    if path is not None and not path.exists():
+        raise GenreflowError(f"{path}: no such file or folder")
+
+    sha256, md5 = expected_checksums(source, sha256, md5)
+    source_key = path.resolve().as_uri() if path is not None else source
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _read_marker(out)
+    root = _previous_result(out, previous, source_key, sha256, md5)
+    if root is not None:
+        print(
+            f"{out}: already holds the verified download of {source}; nothing to do",
+            file=sys.stderr,
+        )
+        return root
+
+    name = storage.file_name_of(source) or "archive"
+    if path is None:
+        archive, actual = _fetch_archive(source, out, name, sha256, md5, progress)
+    else:
+        archive = path
+        actual = storage.verify(path, sha256=sha256, md5=md5, label=source)
+    if sha256 is None and md5 is None:
+        print(
+            f"{source}: sha256 {actual['sha256']} (no checksum given; "
+            f"pass --sha256 {actual['sha256']} to pin this archive)",
+            file=sys.stderr,
+        )
+
+    label = f"{source} ({name})" if path is None else source
+    staging = _extract_to_staging(archive, out, label)
+    try:
+        root_rel = find_dataset_root(staging).relative_to(staging)
+    except GenreflowError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise GenreflowError(f"{label}: the archive holds no GTZAN genre folders") from exc
+    entries = _install(staging, out, previous, label)
+
+    files, size = _tree_stats(out, entries)
+    _write_marker(
+        out,
+        {
+            "source": source,
+            "source_key": source_key,
+            "sha256": actual["sha256"],
+            "md5": actual["md5"],
+            "archive": name,
+            "root": root_rel.as_posix(),
+            "entries": entries,
+            "files": files,
+            "bytes": size,
+            "genreflow": __version__,
+        },
+    )
+    if path is None:
+        # The extracted tree and the marker's checksums are what the next steps use.
+        archive.unlink(missing_ok=True)
+        _remove_if_empty(out / DOWNLOAD_DIR)
+    return out / root_rel
+
+
+# --- fetching ----------------------------------------------------------------------------
+def _fetch_archive(
+    source: str, out: Path, name: str, sha256: str | None, md5: str | None, progress: bool
+) -> tuple[Path, dict[str, str]]:
+    """Download into out/.download/, keyed by the source so a .part only resumes itself."""
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    archive = out / DOWNLOAD_DIR / f"{key}-{name}"
+    if archive.is_file():
+        # A verified archive left by a run that failed later (e.g. a name clash in out).
+        try:
+            actual = storage.verify(archive, sha256=sha256, md5=md5, label=str(archive))
+            print(f"{archive}: reusing the archive already downloaded", file=sys.stderr)
+            return archive, actual
+        except GenreflowError as exc:
+            print(f"{exc}; downloading again", file=sys.stderr)
+            archive.unlink()
+    try:
+        storage.fetch(source, archive, sha256=sha256, md5=md5, progress=progress)
+    except GenreflowError:
+        _remove_if_empty(archive.parent)  # a .part worth resuming stays
+        raise
+    return archive, storage.digests(archive)
+
+
+# --- safe extraction ---------------------------------------------------------------------
+def _refuse(label: str, member: str, why: str) -> GenreflowError:
+    return GenreflowError(f"{label}: refusing archive member {member!r}: {why}")
+
+
+def _safe_relative_path(name: str, label: str) -> PurePosixPath | None:
+    """The member's path inside the extraction folder, or None for the folder itself ('./')."""
+    if not name or "\x00" in name:
+        raise _refuse(label, name, "empty name or NUL byte in the name")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise _refuse(label, name, "absolute path")
+    # Backslashes count as separators here: an archive made on Windows may use them.
+    if ".." in re.split(r"[/\\]", name):
+        raise _refuse(label, name, "'..' path component (escapes the extraction folder)")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return PurePosixPath(*parts) if parts else None
+
+
+def _target(staging: Path, rel: PurePosixPath, label: str, name: str) -> Path:
+    target = staging.joinpath(*rel.parts)
+    # Belt and braces: nothing we create is a link, so this holds unless a check above is wrong.
+    if not target.resolve().is_relative_to(staging.resolve()):
+        raise _refuse(label, name, "resolves outside the extraction folder")
+    return target
+
+
+def _write_member(source, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with source, open(target, "wb") as f:
+        shutil.copyfileobj(source, f, _CHUNK_BYTES)
+
+
+def _check_tar_member(member: tarfile.TarInfo, staging: Path, label: str) -> None:
+    if member.issym():
+        raise _refuse(label, member.name, f"symbolic link (to {member.linkname!r})")
+    if member.islnk():
+        raise _refuse(label, member.name, f"hard link (to {member.linkname!r})")
+    if member.ischr() or member.isblk():
+        raise _refuse(label, member.name, "device file")
+    if member.isfifo():
+        raise _refuse(label, member.name, "FIFO (named pipe)")
+    if not (member.isreg() or member.isdir()):
+        raise _refuse(label, member.name, f"special file (tar type {member.type!r})")
+    # A second opinion from the standard library's own policy, where it exists (3.11.4+).
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is not None:
+        try:
+            data_filter(member, str(staging))
+        except tarfile.FilterError as exc:
+            raise _refuse(label, member.name, str(exc)) from exc
+
+
+def _extract_tar(archive: Path, staging: Path, label: str) -> None:
+    try:
+        tar = tarfile.open(archive, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise GenreflowError(f"{label}: not a readable tar archive: {exc}") from exc
+    with tar:
+        name = "(first member)"
+        try:
+            for member in tar:
+                name = member.name
+                rel = _safe_relative_path(member.name, label)
+                _check_tar_member(member, staging, label)
+                if rel is None:
+                    continue
+                target = _target(staging, rel, label, member.name)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    _write_member(tar.extractfile(member), target)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise GenreflowError(f"{label}: extraction failed at {name!r}: {exc}") from exc
+
+
+def _extract_zip(archive: Path, staging: Path, label: str) -> None:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise GenreflowError(f"{label}: not a readable zip archive: {exc}") from exc
+    with zf:
+        for info in zf.infolist():
+            name = info.filename
+            rel = _safe_relative_path(name, label)
+            mode = info.external_attr >> 16  # Unix mode bits, when the creator recorded them
+            kind = stat.S_IFMT(mode)
+            if stat.S_ISLNK(mode):
+                raise _refuse(label, name, "symbolic link")
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                raise _refuse(label, name, "device file")
+            if stat.S_ISFIFO(mode):
+                raise _refuse(label, name, "FIFO (named pipe)")
+            if kind and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise _refuse(label, name, f"special file (mode {oct(mode)})")
+            if info.flag_bits & 0x1:
+                raise _refuse(label, name, "encrypted member")
+            if rel is None:
+                continue
+            target = _target(staging, rel, label, name)
+            try:
+                if info.is_dir() or stat.S_ISDIR(mode):
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    _write_member(zf.open(info), target)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as exc:
+                raise GenreflowError(f"{label}: extraction failed at {name!r}: {exc}") from exc
+
+
+def _extract_to_staging(archive: Path, out: Path, label: str) -> Path:
+    """Extract into a fresh hidden folder inside ``out``; removed again on any failure."""
+    if zipfile.is_zipfile(archive):
+        extract = _extract_zip
+    elif tarfile.is_tarfile(archive):
+        extract = _extract_tar
+    else:
+        raise GenreflowError(f"{label}: not a .tar.gz, .tgz, .tar or .zip archive")
+    staging = Path(tempfile.mkdtemp(prefix=_EXTRACT_PREFIX, dir=out))
+    try:
+        extract(archive, staging, label)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+# --- putting the tree in place -----------------------------------------------------------
+def _install(staging: Path, out: Path, previous: dict | None, label: str) -> list[str]:
+    """Move the staged top-level entries into ``out``, replacing only our own earlier ones."""
+    entries = sorted(p.name for p in staging.iterdir())
+    ours = set(previous.get("entries", [])) if previous else set()
+    try:
+        for entry in entries:
+            if entry in (MARKER_NAME, DOWNLOAD_DIR) or entry.startswith(_EXTRACT_PREFIX):
+                raise GenreflowError(
+                    f"{label}: archive member {entry!r} clashes with genreflow's own "
+                    f"bookkeeping in {out}"
+                )
+            target = out / entry
+            if (target.exists() or target.is_symlink()) and entry not in ours:
+                raise GenreflowError(
+                    f"{target}: already exists and was not extracted by genreflow download; "
+                    "remove it or choose another --out"
+                )
+    except GenreflowError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # From here the old result is being replaced: drop its marker first so that an
+    # interruption leaves no marker vouching for a half-replaced tree.
+    (out / MARKER_NAME).unlink(missing_ok=True)
+    for entry in ours:
+        _remove(out / entry)
+    for entry in entries:
+        os.replace(staging / entry, out / entry)
+    staging.rmdir()
+    return entries
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (a .part of another source) or already gone: both fine
+
+
+# --- the marker --------------------------------------------------------------------------
+def _tree_stats(out: Path, entries: list[str]) -> tuple[int, int]:
+    """Number of files and total bytes under the given top-level entries of ``out``."""
+    files = size = 0
+    for entry in entries:
+        top = out / entry
+        if top.is_file():
+            files, size = files + 1, size + top.stat().st_size
+            continue
+        for folder, _, names in os.walk(top):
+            for file_name in names:
+                files += 1
+                size += os.lstat(os.path.join(folder, file_name)).st_size
+    return files, size
+
+
+def _read_marker(out: Path) -> dict | None:
+    marker = out / MARKER_NAME
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        raise GenreflowError(
+            f"{marker}: unreadable download marker ({exc}); delete it to download again"
+        ) from exc
+    return data if isinstance(data, dict) else None
+
+
+def _write_marker(out: Path, record: dict) -> None:
+    marker = out / MARKER_NAME
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, marker)
+
+
+def _previous_result(
+    out: Path, previous: dict | None, source_key: str, sha256: str | None, md5: str | None
+) -> Path | None:
+    """The dataset root of an earlier run that matches this request and is intact, else None."""
+    if previous is None:
+        return None
+    if previous.get("source_key") != source_key:
+        print(
+            f"{out}: holds a download of {previous.get('source')}; replacing it with this source",
+            file=sys.stderr,
+        )
+        return None
+    if (sha256 and previous.get("sha256") != sha256) or (md5 and previous.get("md5") != md5):
+        print(f"{out}: earlier download has other checksums; downloading again", file=sys.stderr)
+        return None
+    entries = previous.get("entries", [])
+    stats = _tree_stats(out, entries)
+    if stats != (previous.get("files"), previous.get("bytes")):
+        print(
+            f"{out}: extracted tree changed since it was verified "
+            f"({previous.get('files')} files expected, {stats[0]} found); extracting again",
+            file=sys.stderr,
+        )
+        return None
+    root = out / previous.get("root", "")
+    return root if root.is_dir() else None

@@ -1,0 +1,576 @@
+"""One way to read and write local paths, file://, http(s):// and gs:// URIs.
+
+Every step that takes a path (dataset source, pretrained weights, outputs) goes through
+here, so a user can swap a local file for a URL or a bucket by changing one argument.
+
+Downloads stream to ``<dest>.part`` and are renamed to ``dest`` only once the requested
+checksums hold, so a file at ``dest`` is always complete. HTTP downloads resume an
+interrupted transfer with a Range request and retry transient failures with exponential
+back-off; gs:// goes through google-cloud-storage, imported only when a gs:// URI is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from genreflow import __version__
+from genreflow.errors import GenreflowError
+
+REMOTE_SCHEMES = frozenset({"http", "https", "gs"})
+CHUNK_BYTES = 1 << 20
+# Connection and per-read timeout: long enough for a slow mirror, short enough that a
+# stalled transfer is noticed and resumed.
+HTTP_TIMEOUT_S = 60.0
+# Longest wait we accept from a server's Retry-After before trying again anyway.
+MAX_RETRY_AFTER_S = 120.0
+# Uploads to gs:// always go through the resumable protocol, in chunks of this size
+# (a multiple of 256 KiB, as the API requires).
+GCS_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+# --- URIs --------------------------------------------------------------------------------
+def _scheme(uri: str | Path) -> str:
+    """'' for a plain path, else the lower-cased scheme; unknown schemes are an error."""
+    if isinstance(uri, Path):
+        return ""
+    text = str(uri)
+    if "://" not in text:
+        return ""
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "file" or scheme in REMOTE_SCHEMES:
+        return scheme
+    raise GenreflowError(
+        f"{text}: unsupported URI scheme '{scheme}://' "
+        "(use a local path, file://, http://, https:// or gs://)"
+    )
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for http://, https:// and gs:// URIs; False for plain paths and file://."""
+    return _scheme(uri) in REMOTE_SCHEMES
+
+
+def local_path(uri: str | Path) -> Path | None:
+    """The local file a plain path or file:// URI names; None for a remote URI."""
+    scheme = _scheme(uri)
+    if scheme == "":
+        return Path(uri).expanduser()
+    if scheme != "file":
+        return None
+    parsed = urllib.parse.urlparse(str(uri))
+    if parsed.netloc not in ("", "localhost"):
+        raise GenreflowError(
+            f"{uri}: file:// URIs must name a local file (file:///path), not host '{parsed.netloc}'"
+        )
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
+def _split_gs(uri: str) -> tuple[str, str]:
+    rest = str(uri)[len("gs://") :]
+    bucket, _, name = rest.partition("/")
+    if not bucket or not name or name.endswith("/"):
+        raise GenreflowError(f"{uri}: expected gs://BUCKET/OBJECT naming one object")
+    return bucket, name
+
+
+def file_name_of(uri: str | Path) -> str:
+    """The last path component of a path or URI, e.g. 'genres.tar.gz'; '' if it has none."""
+    path = local_path(uri)
+    if path is not None:
+        return path.name
+    if _scheme(uri) == "gs":
+        return _split_gs(str(uri))[1].rsplit("/", 1)[-1]
+    return urllib.parse.unquote(urllib.parse.urlparse(str(uri)).path).rsplit("/", 1)[-1]
+
+
+# --- checksums ---------------------------------------------------------------------------
+def digests(path: str | Path, algorithms: tuple[str, ...] = ("sha256", "md5")) -> dict[str, str]:
+    """Hex digests of a file, computed in one pass: {'sha256': ..., 'md5': ...}."""
+    hashers = {name: hashlib.new(name) for name in algorithms}
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def sha256_of(path: str | Path) -> str:
+    """The SHA-256 of a file, as lower-case hex."""
+    return digests(path, ("sha256",))["sha256"]
+
+
+def md5_of(path: str | Path) -> str:
+    """The MD5 of a file, as lower-case hex."""
+    return digests(path, ("md5",))["md5"]
+
+
+def normalize_checksum(value: str | None, algorithm: str) -> str | None:
+    """Lower-case hex, checked for the algorithm's length; None stays None."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    length = {"sha256": 64, "md5": 32}[algorithm]
+    if len(text) != length or any(c not in "0123456789abcdef" for c in text):
+        raise GenreflowError(
+            f"{algorithm} checksum {value!r}: expected {length} hexadecimal digits"
+        )
+    return text
+
+
+def verify(
+    path: str | Path, *, sha256: str | None = None, md5: str | None = None, label: str = ""
+) -> dict[str, str]:
+    """Check a file against the given checksums; return its sha256 and md5.
+
+    Raises:
+        GenreflowError: naming ``label`` (the URL, or the path by default), the expected
+            and the actual hash, when a checksum does not match.
+    """
+    expected = {
+        "sha256": normalize_checksum(sha256, "sha256"),
+        "md5": normalize_checksum(md5, "md5"),
+    }
+    actual = digests(path)
+    for algorithm, want in expected.items():
+        if want is not None and actual[algorithm] != want:
+            raise GenreflowError(
+                f"{label or path}: {algorithm} mismatch: expected {want}, got {actual[algorithm]}"
+            )
+    return actual
+
+
+# --- progress ----------------------------------------------------------------------------
+@contextmanager
+def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> Iterator:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=not enabled,
+        leave=False,
+    )
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _copy_stream(src: IO[bytes], dst: IO[bytes], on_chunk: Callable[[int], object]) -> int:
+    copied = 0
+    while chunk := src.read(CHUNK_BYTES):
+        dst.write(chunk)
+        copied += len(chunk)
+        on_chunk(len(chunk))
+    return copied
+
+
+# --- fetch -------------------------------------------------------------------------------
+def fetch(
+    uri: str | Path,
+    dest: str | Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+) -> Path:
+    """Copy or download ``uri`` to ``dest``, verified, through ``dest`` + '.part'.
+
+    Args:
+        uri: a plain path, file://, http(s):// or gs:// URI.
+        dest: where the verified file ends up; its folder is created.
+        sha256: expected SHA-256 (hex); checked before ``dest`` is written.
+        md5: expected MD5 (hex); checked before ``dest`` is written.
+        progress: show a progress bar on stderr.
+        retries: how many times a transient HTTP failure (dropped connection, timeout,
+            5xx, 429) is retried; a retry after the transfer made progress is free.
+        backoff_s: the first retry's delay; each further retry doubles it.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        GenreflowError: the source is missing or refused (404, 403, ...), retries ran out,
+            or a checksum does not match. On a mismatch the bad download is removed and
+            an existing ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    scheme = _scheme(uri)
+    if scheme in ("http", "https"):
+        _fetch_http(str(uri), part, progress=progress, retries=retries, backoff_s=backoff_s)
+    elif scheme == "gs":
+        _fetch_gs(str(uri), part, progress=progress)
+    else:
+        _fetch_local(local_path(uri), part, progress=progress)
+    try:
+        verify(part, sha256=sha256, md5=md5, label=str(uri))
+    except GenreflowError:
+        # Resuming from a file that fails its checksum would only fail again.
+        part.unlink(missing_ok=True)
+        _resume_record(part).unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+    _resume_record(part).unlink(missing_ok=True)
+    return dest
+
+
+def _fetch_local(src: Path | None, part: Path, *, progress: bool) -> None:
+    assert src is not None
+    if not src.is_file():
+        what = "is a folder, not a file" if src.is_dir() else "no such file"
+        raise GenreflowError(f"{src}: {what}")
+    with (
+        open(src, "rb") as fin,
+        open(part, "wb") as fout,
+        _progress_bar(src.stat().st_size, 0, src.name, progress) as bar,
+    ):
+        _copy_stream(fin, fout, bar.update)
+
+
+# --- http(s) -----------------------------------------------------------------------------
+class _TransientError(Exception):
+    """A failure worth retrying: the next attempt may well succeed."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _resume_record(part: Path) -> Path:
+    """Beside a .part file: which URL and which version of it the bytes came from."""
+    return part.with_name(part.name + ".json")
+
+
+def _resumable_offset(url: str, part: Path) -> tuple[int, str | None]:
+    """Bytes already in ``part`` that may be resumed, and the validator for If-Range.
+
+    A .part left by another URL (or with no record of where it came from) is started over
+    rather than spliced onto.
+    """
+    if not part.exists():
+        return 0, None
+    try:
+        record = json.loads(_resume_record(part).read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("url") != url:
+        part.unlink()
+        return 0, None
+    return part.stat().st_size, record.get("validator")
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return None  # an HTTP date: fall back to our own back-off
+
+
+def _fetch_http(url: str, part: Path, *, progress: bool, retries: int, backoff_s: float) -> None:
+    attempt = 0
+    while True:
+        before = part.stat().st_size if part.exists() else 0
+        try:
+            _http_attempt(url, part, progress=progress)
+            return
+        except _TransientError as exc:
+            after = part.stat().st_size if part.exists() else 0
+            if after > before:
+                # The transfer moved forward: resume at once and keep the full budget.
+                attempt = 0
+                print(f"{url}: {exc}; resuming at byte {after}", file=sys.stderr)
+                continue
+            if attempt >= retries:
+                raise GenreflowError(
+                    f"{url}: download failed after {retries + 1} attempts: {exc}"
+                ) from exc
+            delay = backoff_s * 2**attempt
+            if exc.retry_after_s is not None:
+                delay = max(delay, exc.retry_after_s)
+            attempt += 1
+            print(
+                f"{url}: {exc}; retry {attempt}/{retries} in {delay:.1f} s",
+                file=sys.stderr,
+            )
+            time.sleep(delay)
+
+
+def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
+    """One request: resume from what ``part`` holds, or start over when the server says so."""
+    offset, validator = _resumable_offset(url, part)
+    headers = {
+        "User-Agent": f"genreflow/{__version__}",
+        # A transparently compressed body would make byte offsets meaningless for Range.
+        "Accept-Encoding": "identity",
+    }
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if validator:
+            headers["If-Range"] = validator
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and offset:
+            _handle_range_not_satisfiable(url, part, offset, exc.headers)
+            return
+        if exc.code in (408, 425, 429) or exc.code >= 500:
+            raise _TransientError(
+                f"HTTP {exc.code} {exc.reason}", _retry_after(exc.headers)
+            ) from exc
+        raise GenreflowError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise _TransientError(f"cannot connect: {exc.reason}") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise _TransientError(f"connection failed: {exc!r}") from exc
+
+    with response:
+        status = response.status
+        if status == 206:
+            start, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                # Not the bytes we asked for: drop what we have and start over.
+                part.unlink(missing_ok=True)
+                raise _TransientError(
+                    f"server resumed at byte {start}, not {offset}; starting over"
+                )
+            mode = "ab"
+        elif status == 200:
+            # The server ignored the Range (or the file changed since): start over.
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            mode = "wb"
+        else:
+            raise GenreflowError(f"{url}: unexpected HTTP {status} {response.reason}")
+
+        new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        # Only a strong ETag or a date may be sent back in If-Range.
+        if new_validator and new_validator.startswith("W/"):
+            new_validator = None
+        _resume_record(part).write_text(json.dumps({"url": url, "validator": new_validator}))
+
+        written = offset
+        with (
+            open(part, mode) as out,
+            _progress_bar(total, offset, file_name_of(url) or url, progress) as bar,
+        ):
+            try:
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as exc:
+                raise _TransientError(f"connection lost at byte {written}: {exc!r}") from exc
+    if total is not None and written < total:
+        raise _TransientError(f"connection closed at byte {written} of {total}")
+    if total is not None and written > total:
+        part.unlink(missing_ok=True)
+        raise _TransientError(f"server sent {written} bytes, announced {total}; starting over")
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None]:
+    """'bytes 100-199/1000' -> (100, 1000); '/*' (unknown total) -> (100, None)."""
+    try:
+        unit, _, spec = (value or "").partition(" ")
+        span, _, total = spec.partition("/")
+        start = int(span.split("-", 1)[0])
+        if unit != "bytes":
+            raise ValueError(unit)
+        return start, (None if total == "*" else int(total))
+    except ValueError:
+        return -1, None
+
+
+def _handle_range_not_satisfiable(url: str, part: Path, offset: int, headers) -> None:
+    """416 for 'bytes=N-': complete if the file is exactly N bytes, else start over."""
+    content_range = headers.get("Content-Range", "") if headers is not None else ""
+    total = content_range.rsplit("/", 1)[-1]
+    if total.isdigit() and int(total) == offset:
+        return
+    part.unlink(missing_ok=True)
+    raise _TransientError(f"server refused to resume at byte {offset}; starting over")
+
+
+# --- gs:// -------------------------------------------------------------------------------
+def gcs_client():
+    """A google-cloud-storage client; anonymous when STORAGE_EMULATOR_HOST names an emulator."""
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "genreflow-emulator")
+        return storage.Client(project=project, credentials=AnonymousCredentials())
+    try:
+        return storage.Client()
+    except Exception as exc:  # google.auth raises several types; all mean "no credentials"
+        raise GenreflowError(
+            f"cannot create a Google Cloud Storage client: {exc} "
+            "(run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)"
+        ) from exc
+
+
+@contextmanager
+def _gcs_errors(uri: str) -> Iterator[None]:
+    """Turn the client's exceptions into one-line errors that name the object."""
+    from google.api_core import exceptions as api_exceptions
+    from google.cloud.storage.exceptions import DataCorruption
+
+    try:
+        yield
+    except api_exceptions.NotFound as exc:
+        raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)") from exc
+    except api_exceptions.Forbidden as exc:
+        raise GenreflowError(f"{uri}: access denied (HTTP 403): {exc.message}") from exc
+    except api_exceptions.GoogleAPICallError as exc:
+        raise GenreflowError(f"{uri}: {exc}") from exc
+    except DataCorruption as exc:
+        raise GenreflowError(f"{uri}: transfer checksum mismatch: {exc}") from exc
+
+
+class _CountingWriter:
+    """A binary file that reports each write to a progress bar."""
+
+    def __init__(self, raw: IO[bytes], on_write: Callable[[int], object]):
+        self._raw = raw
+        self._on_write = on_write
+
+    def write(self, data: bytes) -> int:
+        written = self._raw.write(data)
+        self._on_write(len(data))
+        return written
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
+
+
+def _fetch_gs(uri: str, part: Path, *, progress: bool) -> None:
+    bucket_name, object_name = _split_gs(uri)
+    with _gcs_errors(uri):
+        blob = gcs_client().bucket(bucket_name).get_blob(object_name)
+        if blob is None:
+            raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
+        with (
+            open(part, "wb") as out,
+            _progress_bar(blob.size, 0, object_name.rsplit("/", 1)[-1], progress) as bar,
+        ):
+            # The client retries transient errors and checks the object's own
+            # crc32c/md5 on the way ("auto"); ours (sha256/md5) are checked after.
+            blob.download_to_file(_CountingWriter(out, bar.update), checksum="auto")
+
+
+# --- cache -------------------------------------------------------------------------------
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else $GENREFLOW_CACHE, else ~/.cache/genreflow."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("GENREFLOW_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "genreflow"
+
+
+def cached(
+    uri: str | Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """A local copy of ``uri``, downloaded once and reused (pretrained weights and the like).
+
+    A local path is returned as it is, after checking the checksums when any are given.
+    A remote file lands in ``<cache>/<hash of the URI>/<its file name>``: one folder per
+    URI, so two files with the same name never collide, and the name stays readable.
+    """
+    path = local_path(uri)
+    if path is not None:
+        if not path.is_file():
+            raise GenreflowError(f"{uri}: no such file")
+        if sha256 or md5:
+            verify(path, sha256=sha256, md5=md5, label=str(uri))
+        return path
+    key = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    dest = cache_root(cache_dir) / key / (file_name_of(uri) or "download")
+    if dest.is_file():
+        if not (sha256 or md5):
+            return dest  # fetch() renames into place only when complete
+        try:
+            verify(dest, sha256=sha256, md5=md5, label=str(dest))
+            return dest
+        except GenreflowError as exc:
+            print(f"{exc}; downloading again", file=sys.stderr)
+    return fetch(uri, dest, sha256=sha256, md5=md5, progress=progress)
+
+
+# --- upload ------------------------------------------------------------------------------
+def upload(local: str | Path, uri: str | Path, *, progress: bool = True) -> None:
+    """Write a local file to a local path, file:// or gs:// URI, verified.
+
+    gs:// uses the resumable upload protocol and the client's end-to-end checksum
+    (crc32c where available, else md5): a corrupted transfer raises and leaves no object.
+    A local destination is written beside itself and renamed when complete.
+    """
+    local = Path(local)
+    if not local.is_file():
+        raise GenreflowError(f"{local}: no such file to upload")
+    scheme = _scheme(uri)
+    if scheme in ("http", "https"):
+        raise GenreflowError(f"{uri}: cannot upload over HTTP; use a local path or gs://")
+    if scheme == "gs":
+        bucket_name, object_name = _split_gs(str(uri))
+        with _gcs_errors(str(uri)):
+            blob = gcs_client().bucket(bucket_name).blob(object_name, chunk_size=GCS_CHUNK_BYTES)
+            blob.upload_from_filename(str(local), checksum="auto")
+        return
+    dest = local_path(uri)
+    assert dest is not None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    _fetch_local(local, part, progress=progress)
+    if part.stat().st_size != local.stat().st_size:
+        part.unlink(missing_ok=True)
+        raise GenreflowError(f"{dest}: copy of {local} is incomplete")
+    os.replace(part, dest)
+
+
+__all__ = [
+    "cache_root",
+    "cached",
+    "digests",
+    "fetch",
+    "file_name_of",
+    "gcs_client",
+    "is_remote",
+    "local_path",
+    "md5_of",
+    "normalize_checksum",
+    "sha256_of",
+    "upload",
+    "verify",
+]

@@ -1,0 +1,396 @@
+"""genreflow download: tiny GTZAN-shaped archives made here, served from disk and over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import stat
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from genreflow.cli import main
+from genreflow.data.download import (
+    KNOWN_CHECKSUMS,
+    MARKER_NAME,
+    OFFICIAL_URL,
+    count_clips,
+    download,
+    expected_checksums,
+)
+from genreflow.data.genres import GENRES
+from genreflow.errors import GenreflowError
+
+CLIPS_PER_GENRE = 2
+SAMPLE_RATE = 22050
+
+
+def make_tree(base: Path, folder: str = "genres", suffix: str = ".au") -> Path:
+    """``base/folder/<genre>/<genre>.0000N<suffix>``: a few 50 ms noise clips per genre."""
+    rng = np.random.default_rng(0)
+    for genre in GENRES:
+        genre_dir = base / folder / genre
+        genre_dir.mkdir(parents=True)
+        for i in range(CLIPS_PER_GENRE):
+            noise = (0.1 * rng.standard_normal(SAMPLE_RATE // 20)).astype(np.float32)
+            sf.write(
+                genre_dir / f"{genre}.{i:05d}{suffix}",
+                noise,
+                SAMPLE_RATE,
+                format="AU" if suffix == ".au" else "WAV",
+                subtype="PCM_16",
+            )
+    (base / folder / "input.mf").write_text("a stray Marsyas list file\n")
+    return base / folder
+
+
+def _bytes_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, io.BytesIO(data)
+
+
+def make_tar(path: Path, tree: Path | None, extra: list[tarfile.TarInfo] = ()) -> Path:
+    """A .tar.gz of ``tree`` (under its own name), then the ``extra`` members."""
+    with tarfile.open(path, "w:gz") as tar:
+        if tree is not None:
+            tar.add(tree, arcname=tree.name)
+        for info in extra:
+            if info.isreg():
+                data = b"payload"
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def make_zip(path: Path, tree: Path, extra: list[zipfile.ZipInfo] = ()) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(tree.rglob("*")):
+            zf.write(file, file.relative_to(tree.parent).as_posix())
+        for info in extra:
+            zf.writestr(info, b"payload")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def au_tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def au_archive(tmp_path_factory, au_tree) -> Path:
+    return make_tar(tmp_path_factory.mktemp("archive") / "genres.tar.gz", au_tree)
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+# --- local sources -----------------------------------------------------------------------
+@pytest.mark.parametrize("as_uri", [False, True], ids=["plain-path", "file-uri"])
+def test_local_archive(au_archive, tmp_path, capsys, as_uri):
+    out = tmp_path / "dataset"
+    source = au_archive.as_uri() if as_uri else str(au_archive)
+    root = download(source, out, progress=False)
+    assert root == out / "genres"
+    assert count_clips(root) == {genre: CLIPS_PER_GENRE for genre in GENRES}
+    assert (root / "input.mf").is_file()
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, "genres"]
+    # No checksum given for an unknown source: the archive's sha256 is printed to pin it.
+    assert sha256_of(au_archive) in capsys.readouterr().err
+
+
+def test_checksums_that_hold(au_archive, tmp_path):
+    md5 = hashlib.md5(au_archive.read_bytes()).hexdigest()
+    root = download(au_archive, tmp_path / "out", sha256=sha256_of(au_archive).upper(), md5=md5)
+    assert count_clips(root)["rock"] == CLIPS_PER_GENRE
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "md5"])
+def test_checksum_mismatch_extracts_nothing(au_archive, tmp_path, algorithm):
+    out = tmp_path / "out"
+    wrong = "0" * (64 if algorithm == "sha256" else 32)
+    with pytest.raises(GenreflowError) as err:
+        download(au_archive, out, **{algorithm: wrong})
+    assert f"{algorithm} mismatch" in str(err.value) and wrong in str(err.value)
+    assert str(au_archive) in str(err.value)
+    assert _listing(out) == []
+
+
+def test_builtin_checksum_for_the_official_release():
+    assert expected_checksums(OFFICIAL_URL) == (None, "5b3d6dddb579ab49814ab86dba69e7c7")
+    assert KNOWN_CHECKSUMS[OFFICIAL_URL]["md5"] == "5b3d6dddb579ab49814ab86dba69e7c7"
+    # A checksum the user gives wins over the built-in one.
+    assert expected_checksums(OFFICIAL_URL, sha256="a" * 64) == ("a" * 64, None)
+    assert expected_checksums("https://example.org/genres.tar.gz") == (None, None)
+
+
+def test_wav_layout_from_a_zip(tmp_path):
+    tree = make_tree(tmp_path / "src", folder="genres_original", suffix=".wav")
+    archive = make_zip(tmp_path / "gtzan.zip", tree)
+    root = download(archive, tmp_path / "out", sha256=sha256_of(archive), progress=False)
+    assert root == tmp_path / "out" / "genres_original"
+    assert count_clips(root) == {genre: CLIPS_PER_GENRE for genre in GENRES}
+    data, rate = sf.read(root / "jazz" / "jazz.00001.wav")
+    assert rate == SAMPLE_RATE and len(data) == SAMPLE_RATE // 20
+
+
+def test_an_extracted_folder_is_used_in_place(au_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert download(au_tree.parent, out) == au_tree
+    assert download(au_tree.as_uri(), out) == au_tree
+    assert not out.exists()
+    assert "using it in place" in capsys.readouterr().err
+    with pytest.raises(GenreflowError, match="can only verify an archive"):
+        download(au_tree, out, sha256="a" * 64)
+    with pytest.raises(GenreflowError, match="no GTZAN genre folders"):
+        download(tmp_path, out)
+
+
+# --- idempotence -------------------------------------------------------------------------
+def test_second_run_does_nothing(au_archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    root = download(au_archive, out, progress=False)
+    clip = root / "blues" / "blues.00000.au"
+    before = clip.stat()
+    capsys.readouterr()
+    assert download(au_archive, out, progress=False) == root
+    assert "nothing to do" in capsys.readouterr().err
+    after = clip.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_damaged_tree_is_extracted_again(au_archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    root = download(au_archive, out, progress=False)
+    (root / "pop" / "pop.00001.au").unlink()
+    capsys.readouterr()
+    download(au_archive, out, progress=False)
+    assert "extracting again" in capsys.readouterr().err
+    assert count_clips(root)["pop"] == CLIPS_PER_GENRE
+
+
+def test_another_source_replaces_our_earlier_tree(au_archive, tmp_path):
+    out = tmp_path / "out"
+    download(au_archive, out, progress=False)
+    wav_zip = make_zip(
+        tmp_path / "wav.zip", make_tree(tmp_path / "w", folder="genres_original", suffix=".wav")
+    )
+    root = download(wav_zip, out, progress=False)
+    assert root == out / "genres_original"
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, "genres_original"]
+
+
+def test_a_folder_we_did_not_create_is_never_overwritten(au_archive, tmp_path):
+    out = tmp_path / "out"
+    (out / "genres").mkdir(parents=True)
+    (out / "genres" / "mine.txt").write_text("keep me")
+    with pytest.raises(GenreflowError, match="was not extracted by genreflow download"):
+        download(au_archive, out, progress=False)
+    assert _listing(out) == ["genres", "genres/mine.txt"]
+
+
+# --- unsafe archives ---------------------------------------------------------------------
+def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3
+    return info
+
+
+UNSAFE_TAR_MEMBERS = {
+    "absolute": (_tar_member("/tmp/genreflow-evil.txt"), "absolute path"),
+    "dotdot": (_tar_member("../evil.txt"), "'..'"),
+    "dotdot-inside": (_tar_member("genres/blues/../../../evil.txt"), "'..'"),
+    "symlink": (_tar_member("genres/blues/link.au", tarfile.SYMTYPE, "/etc/passwd"), "symbolic"),
+    "hardlink": (
+        _tar_member("genres/blues/hard.au", tarfile.LNKTYPE, "genres/blues/blues.00000.au"),
+        "hard link",
+    ),
+    "char-device": (_tar_member("genres/null", tarfile.CHRTYPE), "device"),
+    "block-device": (_tar_member("genres/sda", tarfile.BLKTYPE), "device"),
+    "fifo": (_tar_member("genres/pipe", tarfile.FIFOTYPE), "FIFO"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE_TAR_MEMBERS))
+def test_unsafe_tar_members_are_refused(au_tree, tmp_path, case):
+    member, why = UNSAFE_TAR_MEMBERS[case]
+    # The bad member comes last: everything before it was already extracted and must go.
+    archive = make_tar(tmp_path / "bad.tar.gz", au_tree, [member])
+    out = tmp_path / "out"
+    with pytest.raises(GenreflowError) as err:
+        download(archive, out, progress=False)
+    message = str(err.value)
+    assert str(archive) in message and repr(member.name) in message and why in message
+    assert _listing(out) == []
+    assert not (tmp_path / "evil.txt").exists()
+    assert not Path("/tmp/genreflow-evil.txt").exists()
+
+
+def _zip_member(name: str, mode: int = 0) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # Unix, so that the mode bits below mean what they say
+    info.external_attr = mode << 16
+    return info
+
+
+UNSAFE_ZIP_MEMBERS = {
+    "absolute": (_zip_member("/tmp/genreflow-evil.txt"), "absolute path"),
+    "dotdot": (_zip_member("genres_original/../../evil.txt"), "'..'"),
+    "backslash-dotdot": (_zip_member("genres_original\\..\\..\\evil.txt"), "'..'"),
+    "drive": (_zip_member("C:/evil.txt"), "absolute path"),
+    "symlink": (_zip_member("genres_original/blues/link.wav", stat.S_IFLNK | 0o777), "symbolic"),
+    "fifo": (_zip_member("genres_original/pipe", stat.S_IFIFO | 0o644), "FIFO"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE_ZIP_MEMBERS))
+def test_unsafe_zip_members_are_refused(tmp_path, case):
+    member, why = UNSAFE_ZIP_MEMBERS[case]
+    tree = make_tree(tmp_path / "src", folder="genres_original", suffix=".wav")
+    archive = make_zip(tmp_path / "bad.zip", tree, [member])
+    out = tmp_path / "out"
+    with pytest.raises(GenreflowError) as err:
+        download(archive, out, progress=False)
+    message = str(err.value)
+    assert str(archive) in message and repr(member.filename) in message and why in message
+    assert _listing(out) == []
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_truncated_archive(au_archive, tmp_path):
+    truncated = tmp_path / "genres.tar.gz"
+    truncated.write_bytes(au_archive.read_bytes()[: au_archive.stat().st_size // 2])
+    with pytest.raises(GenreflowError, match="extraction failed"):
+        download(truncated, tmp_path / "out", progress=False)
+    assert _listing(tmp_path / "out") == []
+
+
+def test_not_an_archive_and_no_layout(tmp_path):
+    junk = tmp_path / "genres.tar.gz"
+    junk.write_bytes(b"not an archive at all" * 100)
+    with pytest.raises(GenreflowError, match="not a .tar.gz, .tgz, .tar or .zip archive"):
+        download(junk, tmp_path / "out", progress=False)
+    (tmp_path / "other" / "music").mkdir(parents=True)
+    (tmp_path / "other" / "music" / "song.wav").write_bytes(b"x")
+    archive = make_tar(tmp_path / "other.tar.gz", tmp_path / "other" / "music")
+    with pytest.raises(GenreflowError, match="holds no GTZAN genre folders"):
+        download(archive, tmp_path / "out", progress=False)
+    assert _listing(tmp_path / "out") == []
+
+
+# --- over HTTP ---------------------------------------------------------------------------
+class _RangeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append((self.path, self.headers.get("Range")))
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start = int(match.group(1)) if match else 0
+        if match:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if server.drops_left:
+            # Cut the first response in the middle, as a flaky link would.
+            server.drops_left -= 1
+            self.wfile.write(body[start : start + (len(body) - start) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body[start:])
+
+
+@pytest.fixture
+def http_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server.daemon_threads = True
+    server.files, server.requests, server.drops_left = {}, [], 0
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    server.url = lambda path: f"http://127.0.0.1:{server.server_address[1]}{path}"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_download_resumes_verifies_and_is_idempotent(au_archive, http_server, tmp_path):
+    http_server.files["/gtzan/genres.tar.gz"] = au_archive.read_bytes()
+    http_server.drops_left = 1
+    url = http_server.url("/gtzan/genres.tar.gz")
+    out = tmp_path / "out"
+    root = download(url, out, sha256=sha256_of(au_archive), progress=False)
+    assert count_clips(root) == {genre: CLIPS_PER_GENRE for genre in GENRES}
+    half = au_archive.stat().st_size // 2
+    assert http_server.requests == [
+        ("/gtzan/genres.tar.gz", None),
+        ("/gtzan/genres.tar.gz", f"bytes={half}-"),
+    ]
+    # The archive is gone once extracted; the marker keeps its checksums.
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, "genres"]
+    assert sha256_of(au_archive) in (out / MARKER_NAME).read_text()
+
+    assert download(url, out, sha256=sha256_of(au_archive), progress=False) == root
+    assert len(http_server.requests) == 2
+
+
+def test_http_checksum_mismatch_leaves_no_tree(au_archive, http_server, tmp_path):
+    http_server.files["/genres.tar.gz"] = au_archive.read_bytes()
+    out = tmp_path / "out"
+    with pytest.raises(GenreflowError, match="sha256 mismatch"):
+        download(http_server.url("/genres.tar.gz"), out, sha256="0" * 64, progress=False)
+    assert _listing(out) == []
+
+
+def test_http_404_names_the_url(http_server, tmp_path):
+    url = http_server.url("/nowhere/genres.tar.gz")
+    with pytest.raises(GenreflowError, match=re.escape(f"{url}: HTTP 404")):
+        download(url, tmp_path / "out", progress=False)
+    assert len(http_server.requests) == 1
+
+
+# --- the command -------------------------------------------------------------------------
+def test_cli_prints_root_and_counts(au_archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["download", "--source", au_archive.as_uri(), "--out", str(out)]
+    assert main([*argv, "--sha256", sha256_of(au_archive)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(out / "genres")
+    assert [line.split() for line in lines[1:]] == [
+        *([genre, str(CLIPS_PER_GENRE)] for genre in GENRES),
+        ["total", str(CLIPS_PER_GENRE * len(GENRES))],
+    ]
+
+    assert main([*argv, "--md5", "0" * 32]) == 2
+    assert "md5 mismatch" in capsys.readouterr().err
+    assert main([*argv, "--md5", "xyz"]) == 2
+    assert "32 hexadecimal digits" in capsys.readouterr().err

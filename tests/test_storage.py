@@ -1,0 +1,288 @@
+"""genreflow.storage against real files and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from genreflow import storage
+from genreflow.errors import GenreflowError
+
+PAYLOAD = bytes(range(256)) * 400  # 100 KiB, several read chunks of the server's socket
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+    def do_GET(self):
+        server: FileServer = self.server  # type: ignore[assignment]
+        server.requests.append((self.path, self.headers.get("Range")))
+        action = server.script.pop(0) if server.script else "ok"
+        if isinstance(action, int):
+            self.send_response(action)
+            if action == 429:
+                self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path in server.forbidden:
+            self.send_error(403)
+            return
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        requested = self.headers.get("Range")
+        if requested and server.honour_range:
+            start = int(re.fullmatch(r"bytes=(\d+)-", requested).group(1))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        payload = body[start:]
+        if action == "drop":
+            # Announce the whole body, send part of it, then hang up.
+            self.wfile.write(payload[: server.drop_after])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(payload)
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves ``files`` by path; ``script`` lists what the next requests get instead
+    ("drop": the body cut after ``drop_after`` bytes, or an HTTP status), in order."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.forbidden: set[str] = set()
+        self.script: list[str | int] = []
+        self.drop_after = 0
+        self.honour_range = True
+        self.requests: list[tuple[str, str | None]] = []
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = FileServer()
+    srv.files["/data/archive.bin"] = PAYLOAD
+    yield srv
+    srv.close()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- URIs and checksums ------------------------------------------------------------------
+def test_uri_kinds(tmp_path):
+    assert storage.is_remote("https://example.org/a.tar.gz")
+    assert storage.is_remote("gs://bucket/a.tar.gz")
+    assert not storage.is_remote("file:///tmp/a.tar.gz")
+    assert not storage.is_remote(tmp_path / "a.tar.gz")
+    assert storage.local_path("file:///tmp/a%20b.tar.gz") == Path("/tmp/a b.tar.gz")
+    assert storage.local_path("file://localhost/tmp/x") == Path("/tmp/x")
+    assert storage.local_path("relative/x.zip") == Path("relative/x.zip")
+    assert storage.local_path("http://example.org/x") is None
+    assert storage.file_name_of("gs://bucket/some/dir/genres.tar.gz") == "genres.tar.gz"
+    assert storage.file_name_of("https://h/x/genres%20v2.zip?dl=1") == "genres v2.zip"
+    with pytest.raises(GenreflowError, match="s3://"):
+        storage.is_remote("s3://bucket/key")
+    with pytest.raises(GenreflowError, match="otherhost"):
+        storage.local_path("file://otherhost/tmp/x")
+    with pytest.raises(GenreflowError, match="gs://BUCKET/OBJECT"):
+        storage.fetch("gs://only-a-bucket", tmp_path / "x")
+
+
+def test_digest_helpers(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(PAYLOAD)
+    assert storage.sha256_of(path) == hashlib.sha256(PAYLOAD).hexdigest()
+    assert storage.md5_of(path) == hashlib.md5(PAYLOAD).hexdigest()
+    with pytest.raises(GenreflowError, match="64 hexadecimal digits"):
+        storage.verify(path, sha256="abc")
+
+
+# --- local sources -----------------------------------------------------------------------
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_fetch_local_file_verified(tmp_path, as_uri):
+    src = tmp_path / "src dir" / "archive.bin"
+    src.parent.mkdir()
+    src.write_bytes(PAYLOAD)
+    uri = src.as_uri() if as_uri else str(src)
+    dest = storage.fetch(
+        uri,
+        tmp_path / "out" / "copy.bin",
+        sha256=_sha256(PAYLOAD),
+        md5=hashlib.md5(PAYLOAD).hexdigest(),
+        progress=as_uri,  # one of the two also draws the progress bar
+    )
+    assert dest.read_bytes() == PAYLOAD
+    assert not dest.with_name("copy.bin.part").exists()
+
+
+def test_fetch_missing_local_file(tmp_path):
+    with pytest.raises(GenreflowError, match=r"nope\.bin: no such file"):
+        storage.fetch(tmp_path / "nope.bin", tmp_path / "dest.bin")
+
+
+def test_mismatch_keeps_existing_dest_and_names_both_hashes(tmp_path):
+    src = tmp_path / "archive.bin"
+    src.write_bytes(PAYLOAD)
+    dest = tmp_path / "dest.bin"
+    dest.write_bytes(b"an earlier, valid file")
+    wrong = "0" * 64
+    with pytest.raises(GenreflowError) as err:
+        storage.fetch(src.as_uri(), dest, sha256=wrong, progress=False)
+    message = str(err.value)
+    assert src.as_uri() in message and wrong in message and _sha256(PAYLOAD) in message
+    assert dest.read_bytes() == b"an earlier, valid file"
+    assert not dest.with_name("dest.bin.part").exists()
+
+
+# --- HTTP --------------------------------------------------------------------------------
+def test_http_resumes_after_a_dropped_connection(server, tmp_path):
+    server.drop_after = 30_000
+    server.script = ["drop"]
+    url = server.url("/data/archive.bin")
+    dest = storage.fetch(url, tmp_path / "a.bin", sha256=_sha256(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests == [("/data/archive.bin", None), ("/data/archive.bin", "bytes=30000-")]
+
+
+def test_http_restarts_cleanly_when_the_server_ignores_range(server, tmp_path):
+    server.honour_range = False
+    server.drop_after = 30_000
+    server.script = ["drop"]
+    url = server.url("/data/archive.bin")
+    dest = storage.fetch(url, tmp_path / "a.bin", sha256=_sha256(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD  # not the first 30 000 bytes twice
+    assert server.requests[1] == ("/data/archive.bin", "bytes=30000-")
+
+
+def test_http_resumes_a_part_left_by_an_earlier_run(server, tmp_path):
+    server.drop_after = 40_000
+    server.script = ["drop", 500]
+    url = server.url("/data/archive.bin")
+    dest = tmp_path / "a.bin"
+    with pytest.raises(GenreflowError, match="500"):
+        storage.fetch(url, dest, progress=False, retries=0)
+    assert dest.with_name("a.bin.part").stat().st_size == 40_000
+    assert not dest.exists()
+
+    storage.fetch(url, dest, sha256=_sha256(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests[-1] == ("/data/archive.bin", "bytes=40000-")
+    assert not dest.with_name("a.bin.part").exists()
+
+
+def test_http_retries_5xx_and_429(server, tmp_path):
+    server.script = [500, 429, 503]
+    url = server.url("/data/archive.bin")
+    dest = storage.fetch(url, tmp_path / "a.bin", progress=False, backoff_s=0.01)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(server.requests) == 4
+
+
+def test_http_gives_up_when_retries_run_out(server, tmp_path):
+    server.script = [502, 502, 502]
+    url = server.url("/data/archive.bin")
+    with pytest.raises(GenreflowError, match=r"after 3 attempts: HTTP 502"):
+        storage.fetch(url, tmp_path / "a.bin", progress=False, retries=2, backoff_s=0.01)
+    assert len(server.requests) == 3
+    assert not (tmp_path / "a.bin").exists()
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_http_client_errors_are_not_retried(server, tmp_path, status):
+    server.forbidden.add("/data/secret.bin")
+    path = "/data/missing.bin" if status == 404 else "/data/secret.bin"
+    url = server.url(path)
+    with pytest.raises(GenreflowError) as err:
+        storage.fetch(url, tmp_path / "a.bin", progress=False, backoff_s=0.01)
+    assert url in str(err.value) and f"HTTP {status}" in str(err.value)
+    assert len(server.requests) == 1
+
+
+def test_http_checksum_mismatch_leaves_nothing(server, tmp_path):
+    url = server.url("/data/archive.bin")
+    with pytest.raises(GenreflowError, match="md5 mismatch"):
+        storage.fetch(url, tmp_path / "a.bin", md5="f" * 32, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- cache -------------------------------------------------------------------------------
+def test_cached_downloads_once(server, tmp_path, monkeypatch):
+    server.files["/weights/Cnn14_mAP=0.431.pth"] = PAYLOAD
+    url = server.url("/weights/Cnn14_mAP=0.431.pth")
+    monkeypatch.setenv("GENREFLOW_CACHE", str(tmp_path / "cache"))
+    first = storage.cached(url, sha256=_sha256(PAYLOAD))
+    second = storage.cached(url, sha256=_sha256(PAYLOAD))
+    third = storage.cached(url)
+    assert first == second == third
+    assert first.name == "Cnn14_mAP=0.431.pth"
+    assert first.is_relative_to(tmp_path / "cache")
+    assert first.read_bytes() == PAYLOAD
+    assert len(server.requests) == 1
+
+
+def test_cached_replaces_a_corrupted_copy(server, tmp_path):
+    url = server.url("/data/archive.bin")
+    path = storage.cached(url, cache_dir=tmp_path, progress=False)
+    path.write_bytes(b"bit rot")
+    again = storage.cached(url, sha256=_sha256(PAYLOAD), cache_dir=tmp_path, progress=False)
+    assert again == path and again.read_bytes() == PAYLOAD
+    assert len(server.requests) == 2
+
+
+def test_cached_local_path_is_returned_as_is(tmp_path):
+    src = tmp_path / "weights.pth"
+    src.write_bytes(PAYLOAD)
+    assert storage.cached(src.as_uri(), sha256=_sha256(PAYLOAD), cache_dir=tmp_path / "c") == src
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(GenreflowError, match="sha256 mismatch"):
+        storage.cached(str(src), sha256="1" * 64)
+
+
+# --- upload ------------------------------------------------------------------------------
+def test_upload_to_a_local_uri(tmp_path):
+    src = tmp_path / "features.h5"
+    src.write_bytes(PAYLOAD)
+    dest = tmp_path / "published" / "features.h5"
+    storage.upload(src, dest.as_uri(), progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["features.h5"]
+    with pytest.raises(GenreflowError, match="cannot upload over HTTP"):
+        storage.upload(src, "https://example.org/features.h5")
