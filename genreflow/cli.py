@@ -18,12 +18,46 @@ from genreflow.errors import GenreflowError
 
 # --- synth -------------------------------------------------------------------------------
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write a synthetic GTZAN-shaped genres.tar.gz")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic GTZAN-shaped genres.tar.gz",
+        description="Write DIR/genres.tar.gz: ten genres of synthetic music in the original "
+        "GTZAN layout (genres/<genre>/<genre>.000NN.au, 22050 Hz mono 16-bit, with the "
+        "release's .mf lists), and print its sha256. Same seed, same bytes.",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--clips-per-genre", type=int, default=10, metavar="N", help="default 10")
+    p.add_argument("--seconds", type=float, default=5.0, metavar="S", help="clip length (5)")
+    p.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (0)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes making clips (default: the CPU count, at most 8)",
+    )
     p.set_defaults(func=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    raise GenreflowError("synth: not implemented yet")
+    import os
+
+    from genreflow.data.synth import make_synthetic_gtzan
+
+    workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 8)
+    # Spawning workers costs more than a small set takes to make.
+    if args.workers is None and args.clips_per_genre * args.seconds < 200:
+        workers = 1
+    archive, sha256 = make_synthetic_gtzan(
+        args.out,
+        clips_per_genre=args.clips_per_genre,
+        seconds=args.seconds,
+        seed=args.seed,
+        workers=workers,
+        progress=sys.stderr.isatty(),
+    )
+    print(f"sha256  {sha256}  {archive}")
+    return 0
 
 
 # --- download ----------------------------------------------------------------------------
@@ -110,28 +144,148 @@ def _run_pack(args: argparse.Namespace) -> int:
 
 # --- train -------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="fine-tune Cnn14 on one cross-validation fold")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune Cnn14 on one cross-validation fold",
+        description="Train on every fold but K, evaluate on fold K; write last.pth, best.pth, "
+        "metrics.csv, predictions.csv and summary.json to DIR. Killed, the same command "
+        "resumes from the last checkpoint; rerun when finished, it does nothing. The "
+        "defaults are the seed's recipe (panns_transfer_to_gtzan).",
+    )
+    p.add_argument("--features", required=True, metavar="FILE", help="packed features.h5")
+    p.add_argument("--fold", required=True, type=int, metavar="K", help="held-out fold")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--pretrained",
+        metavar="PATH|URL|gs://",
+        help="start from this checkpoint (PANNs published or fine-tuned); default: random",
+    )
+    p.add_argument("--pretrained-sha256", metavar="HEX", help="expected sha256 of --pretrained")
+    p.add_argument(
+        "--freeze-base", action="store_true", help="train the new head only (no base gradients)"
+    )
+    p.add_argument("--iterations", type=int, default=10000, metavar="N", help="(default 10000)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(default 32)")
+    p.add_argument("--lr", type=float, default=1e-4, metavar="X", help="Adam's (default 1e-4)")
+    p.add_argument(
+        "--mixup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mixup with alpha 1 on pairs of clips (default on)",
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=200, metavar="N", help="evaluate and checkpoint (200)"
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="(default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    raise GenreflowError("train: not implemented yet")
+    from genreflow.train import TrainConfig, train_fold
+
+    summary = train_fold(
+        TrainConfig(
+            features=args.features,
+            fold=args.fold,
+            out=args.out,
+            pretrained=args.pretrained,
+            pretrained_sha256=args.pretrained_sha256,
+            freeze_base=args.freeze_base,
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            mixup=args.mixup,
+            eval_every=args.eval_every,
+            seed=args.seed,
+            device=args.device,
+        )
+    )
+    print(
+        f"fold {summary['fold']}: held-out accuracy {summary['final_accuracy']:.3f} after "
+        f"{summary['iterations']} iterations -> {args.out}"
+    )
+    return 0
 
 
 # --- embed / predict ---------------------------------------------------------------------
 def _add_inference(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="write 2048-d Cnn14 embeddings of audio files")
+    clip_help = "cut files into clips of S seconds (default: the checkpoint's, else 30)"
+    p = sub.add_parser(
+        "embed",
+        help="write 2048-d Cnn14 embeddings of audio files",
+        description="One row per file, in the order given, to a .npy file. A file longer "
+        "than one clip is cut into consecutive clips whose embeddings are averaged.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="PANNs published or fine-tuned"
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
+    p.add_argument("--out", required=True, metavar="OUT.npy", help="where to write")
+    p.add_argument("--clip-seconds", type=float, metavar="S", help=clip_help)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_run_embed)
-    p = sub.add_parser("predict", help="genre probabilities of audio files")
+
+    p = sub.add_parser(
+        "predict",
+        help="genre probabilities of audio files",
+        description="Genre probabilities per file; several --checkpoint (the fold models) "
+        "are averaged into an ensemble.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        dest="checkpoints",
+        metavar="CKPT",
+        help="a fine-tuned checkpoint; repeat for an ensemble",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON list of {file, genre, probabilities}"
+    )
+    p.add_argument("--clip-seconds", type=float, metavar="S", help=clip_help)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_run_predict)
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    raise GenreflowError("embed: not implemented yet")
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from genreflow.inference import embed
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise GenreflowError(f"{out}: folder {out.parent} does not exist")
+    embeddings = embed(
+        args.checkpoint, args.files, clip_seconds=args.clip_seconds, device=args.device
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, embeddings)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"{embeddings.shape[0]} x {embeddings.shape[1]} embeddings -> {out}")
+    return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    raise GenreflowError("predict: not implemented yet")
+    import json
+
+    from genreflow.inference import format_table, predict
+
+    results = predict(
+        args.checkpoints, args.files, clip_seconds=args.clip_seconds, device=args.device
+    )
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
 
 
 # --- aggregate ---------------------------------------------------------------------------
@@ -272,6 +426,87 @@ def _run_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- embed-features / train-head (the frozen-base fast path) -----------------------------
+def _add_frozen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed-features",
+        help="frozen base: embed every packed clip once (eval mode) into embeddings.h5",
+        description="Push every clip of a packed features.h5 through the Cnn14 base once "
+        "and write DIR/embeddings.h5 and DIR/base.pth (the base that made them). Killed, "
+        "the same command resumes; rerun when finished, it does nothing.",
+    )
+    p.add_argument("--features", required=True, metavar="FILE", help="packed features.h5")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--pretrained",
+        metavar="SRC",
+        help="base checkpoint: path, file://, http(s):// or gs:// (default: a random "
+        "base seeded with --seed, for demos only)",
+    )
+    p.add_argument("--pretrained-sha256", metavar="HEX", help="expected sha256 of --pretrained")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: 16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random base (default: 0)")
+    p.set_defaults(func=_run_embed_features)
+
+    # Options left out take the recipe's defaults (genreflow.frozen.DEFAULT_RECIPE); they
+    # are not repeated here so that `genreflow --help` need not import torch.
+    p = sub.add_parser(
+        "train-head",
+        help="frozen base: train the genre head of one fold on stored embeddings",
+        description="Train fc_transfer on the embeddings of every fold but --fold, evaluate "
+        "on --fold; writes metrics.csv, predictions.csv, summary.json and head.pth to --out. "
+        "Options left out take the recipe's defaults (genreflow.frozen.DEFAULT_RECIPE: "
+        "full-batch AdamW on standardised embeddings, no mixup).",
+    )
+    p.add_argument("--embeddings", required=True, metavar="FILE", help="embeddings.h5")
+    p.add_argument("--fold", required=True, type=int, metavar="K", help="held-out fold, 1..10")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--iterations", type=int, metavar="N", help="optimiser steps")
+    p.add_argument("--batch-size", type=int, metavar="B", help="clips per step; 0 = all")
+    p.add_argument("--lr", type=float, metavar="X", help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay")
+    p.add_argument("--mixup", action=argparse.BooleanOptionalAction, help="mixup on embeddings")
+    p.add_argument("--mixup-alpha", type=float, metavar="A", help="mixup's Beta(A, A)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="held-out evaluation interval")
+    p.add_argument("--seed", type=int, metavar="S", help="seeds sampling and mixup")
+    p.set_defaults(func=_run_train_head)
+
+
+def _run_embed_features(args: argparse.Namespace) -> int:
+    import json
+
+    from genreflow.frozen import embed_features
+
+    summary = embed_features(
+        args.features,
+        args.out,
+        pretrained=args.pretrained,
+        pretrained_sha256=args.pretrained_sha256,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _run_train_head(args: argparse.Namespace) -> int:
+    import json
+
+    from genreflow.frozen import train_head
+
+    options = ("iterations", "batch_size", "lr", "weight_decay", "mixup", "mixup_alpha")
+    given = {
+        name: getattr(args, name)
+        for name in (*options, "eval_every", "seed")
+        if getattr(args, name) is not None
+    }
+    summary = train_head(args.embeddings, args.fold, args.out, **given)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 # -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -280,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"genreflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_download, _add_pack, _add_train, _add_inference, _add_aggregate, _add_pipeline):
+    for add in (_add_synth, _add_download, _add_pack, _add_train, _add_inference, _add_aggregate, _add_pipeline, _add_frozen):
         add(sub)
     return parser
 

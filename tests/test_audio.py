@@ -1,0 +1,236 @@
+"""Decoding, mono mixing, resampling, pad/trim and the int16 storage form."""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+import pytest
+import soundfile
+
+from genreflow.audio import (
+    SAMPLE_RATE,
+    AudioDecodeError,
+    clip_samples,
+    fit_length,
+    float32_to_int16,
+    int16_to_float32,
+    load_audio,
+    load_clip,
+    load_segments,
+)
+from genreflow.errors import GenreflowError
+
+
+def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def peak_hz(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[spectrum.argmax()])
+
+
+def write_au(path, x: np.ndarray, rate: int = 22050) -> None:
+    soundfile.write(path, x, rate, format="AU", subtype="PCM_16")
+
+
+def test_au_22050_is_resampled_to_32k_keeping_its_pitch(tmp_path):
+    path = tmp_path / "blues.00000.au"
+    write_au(path, sine(440.0, 2.0, 22050))
+    x = load_audio(path)
+    assert x.dtype == np.float32 and x.ndim == 1
+    assert len(x) == 2 * SAMPLE_RATE
+    assert abs(peak_hz(x, SAMPLE_RATE) - 440.0) < 1.0
+    # Level kept: a 0.5 sine has RMS 0.354 (away from the edges the filter touches).
+    assert np.sqrt(np.mean(x[1000:-1000] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.01)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # audioread's stdlib imports
+def test_matches_the_seeds_librosa_load(tmp_path):
+    path = tmp_path / "jazz.00001.au"
+    rng = np.random.default_rng(1)
+    write_au(path, (0.2 * rng.standard_normal(22050)).astype(np.float32))
+    ours = load_audio(path)
+    seeds = librosa.load(path, sr=SAMPLE_RATE)[0]
+    assert ours.shape == seeds.shape
+    np.testing.assert_allclose(ours, seeds, atol=1e-6)
+
+
+def test_stereo_44k_wav_is_mixed_to_mono_and_resampled(tmp_path):
+    path = tmp_path / "rock.00003.wav"
+    left = sine(440.0, 1.0, 44100)
+    right = np.zeros_like(left)
+    soundfile.write(path, np.stack([left, right], axis=1), 44100, subtype="PCM_16")
+    x = load_audio(path)
+    assert x.ndim == 1 and len(x) == SAMPLE_RATE
+    assert abs(peak_hz(x, SAMPLE_RATE) - 440.0) < 1.0
+    # The average of a 0.5 sine and silence is a 0.25 sine.
+    assert np.abs(x[1000:-1000]).max() == pytest.approx(0.25, rel=0.01)
+
+
+def test_32k_input_is_passed_through_unchanged(tmp_path):
+    path = tmp_path / "pop.00000.wav"
+    x = sine(1000.0, 0.5, SAMPLE_RATE)
+    soundfile.write(path, x, SAMPLE_RATE, subtype="FLOAT")
+    np.testing.assert_array_equal(load_audio(path), x)
+
+
+def test_flac_decodes(tmp_path):
+    path = tmp_path / "metal.00000.flac"
+    soundfile.write(path, sine(300.0, 1.0, 22050), 22050)
+    assert abs(peak_hz(load_audio(path), SAMPLE_RATE) - 300.0) < 1.5
+
+
+def test_content_wins_over_extension(tmp_path):
+    # A real WAV named .au decodes by its header: the content decides, not the name.
+    path = tmp_path / "disco.00000.au"
+    soundfile.write(path, sine(500.0, 1.0, 22050), 22050, format="WAV", subtype="PCM_16")
+    assert len(load_audio(path)) == SAMPLE_RATE
+
+
+def test_zero_byte_file_is_an_error(tmp_path):
+    path = tmp_path / "blues.00001.au"
+    path.touch()
+    with pytest.raises(AudioDecodeError, match="empty file") as info:
+        load_audio(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(AudioDecodeError, match="cannot read"):
+        load_audio(tmp_path / "nope.wav")
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".au"])
+def test_text_file_with_an_audio_extension_is_an_error(tmp_path, suffix):
+    # libsndfile would read a headerless .au as raw u-law noise; it must fail instead.
+    path = tmp_path / f"jazz.00054{suffix}"
+    path.write_text("this is not audio\n" * 20)
+    with pytest.raises(AudioDecodeError) as info:
+        load_audio(path)
+    assert str(path) in str(info.value)
+    assert "not a recognised audio format" in info.value.reason or "no audio header" in (
+        info.value.reason
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "cut", "expected"),
+    [
+        ("AU", 3, "header"),  # not even the magic number: raw u-law to libsndfile
+        ("AU", 12, "header"),  # the 24-byte header cut short
+        ("WAV", 30, "header"),  # no data chunk left
+        ("AU", 0.5, "truncated"),  # half the samples missing
+        ("WAV", 0.5, "truncated"),
+    ],
+)
+def test_truncated_file_is_an_error(tmp_path, fmt, cut, expected):
+    full = tmp_path / f"full.{fmt.lower()}"
+    soundfile.write(full, sine(440.0, 1.0, 22050), 22050, format=fmt, subtype="PCM_16")
+    data = full.read_bytes()
+    path = tmp_path / f"country.00007.{fmt.lower()}"
+    path.write_bytes(data[: int(cut * len(data)) if isinstance(cut, float) else cut])
+    with pytest.raises(AudioDecodeError, match=expected):
+        load_audio(path)
+
+
+def test_truncated_flac_is_an_error(tmp_path):
+    full = tmp_path / "full.flac"
+    soundfile.write(full, np.random.default_rng(0).uniform(-0.5, 0.5, 22050), 22050)
+    path = tmp_path / "hiphop.00002.flac"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(AudioDecodeError):
+        load_audio(path)
+
+
+def test_file_without_samples_is_an_error(tmp_path):
+    path = tmp_path / "reggae.00000.wav"
+    soundfile.write(path, np.zeros(0, np.float32), 22050, subtype="PCM_16")
+    with pytest.raises(AudioDecodeError, match="no samples"):
+        load_audio(path)
+
+
+def test_non_finite_samples_are_an_error(tmp_path):
+    path = tmp_path / "reggae.00001.wav"
+    x = sine(440.0, 0.1, 22050)
+    x[10] = np.nan
+    soundfile.write(path, x, 22050, subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="NaN"):
+        load_audio(path)
+
+
+def test_unknown_format_names_both_decoders(tmp_path):
+    # Not a format libsndfile knows by extension: audioread is tried too, and fails.
+    path = tmp_path / "blues.00009.xyz"
+    path.write_bytes(b"\x01\x02garbage" * 50)
+    with pytest.raises(AudioDecodeError, match="audioread"):
+        load_audio(path)
+
+
+def test_decode_error_is_a_genreflow_error():
+    assert issubclass(AudioDecodeError, GenreflowError)
+
+
+def test_clip_samples():
+    assert clip_samples(30) == 960_000
+    assert clip_samples(3.0) == 96_000
+    assert clip_samples(0.01) == 320
+    with pytest.raises(GenreflowError):
+        clip_samples(0)
+    with pytest.raises(GenreflowError):
+        clip_samples(-1.0)
+
+
+def test_fit_length_pads_with_zeros_and_trims():
+    x = np.arange(1, 6, dtype=np.float32)
+    np.testing.assert_array_equal(fit_length(x, 8), [1, 2, 3, 4, 5, 0, 0, 0])
+    np.testing.assert_array_equal(fit_length(x, 3), [1, 2, 3])
+    np.testing.assert_array_equal(fit_length(x, 5), x)
+    assert fit_length(x, 8).dtype == np.float32
+    with pytest.raises(ValueError):
+        fit_length(x, 0)
+
+
+def test_load_clip_pads_a_short_file_and_trims_a_long_one(tmp_path):
+    short, long = tmp_path / "a.au", tmp_path / "b.au"
+    write_au(short, sine(440.0, 1.0, 22050))
+    write_au(long, sine(440.0, 4.0, 22050))
+    n = clip_samples(3.0)
+    padded = load_clip(short, n)
+    assert len(padded) == n
+    assert not padded[SAMPLE_RATE:].any()
+    assert np.abs(padded[: SAMPLE_RATE - 100]).max() > 0.4
+    trimmed = load_clip(long, n)
+    np.testing.assert_array_equal(trimmed, load_audio(long)[:n])
+
+
+@pytest.mark.parametrize(
+    ("seconds", "rows"),
+    [(0.4, 1), (2.0, 1), (2.5, 1), (3.2, 2), (4.9, 2), (5.0, 3), (6.0, 3)],
+)
+def test_load_segments_cuts_consecutive_clips(tmp_path, seconds, rows):
+    # 2 s clips: a tail of 1 s or more becomes a padded clip, a shorter tail is dropped,
+    # and a file shorter than one clip is still one (padded) segment.
+    path = tmp_path / "classical.00000.au"
+    rng = np.random.default_rng(0)
+    write_au(path, rng.uniform(-0.5, 0.5, int(seconds * 22050)).astype(np.float32))
+    x = load_audio(path)
+    n = clip_samples(2.0)
+    segments = load_segments(path, n)
+    assert segments.shape == (rows, n) and segments.dtype == np.float32
+    flat = segments.reshape(-1)
+    used = min(len(x), flat.size)
+    np.testing.assert_array_equal(flat[:used], x[:used])
+    assert not flat[used:].any()
+
+
+def test_int16_round_trip_follows_the_seed():
+    x = np.array([-2.0, -1.0, -0.5, 0.0, 0.25, 1.0, 3.0], dtype=np.float32)
+    stored = float32_to_int16(x)
+    assert stored.dtype == np.int16
+    # Clipped to [-1, 1], times 32767, truncated toward zero.
+    np.testing.assert_array_equal(stored, [-32767, -32767, -16383, 0, 8191, 32767, 32767])
+    back = int16_to_float32(stored)
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(back, np.clip(x, -1, 1), atol=1 / 32767)

@@ -1,0 +1,294 @@
+"""`genreflow pack`: the HDF5 contract, folds, bad inputs, atomic output, the command."""
+
+from __future__ import annotations
+
+import re
+
+import h5py
+import numpy as np
+import pytest
+import soundfile
+
+from genreflow.audio import (
+    SAMPLE_RATE,
+    clip_samples,
+    float32_to_int16,
+    int16_to_float32,
+    load_audio,
+)
+from genreflow.cli import main
+from genreflow.data.genres import GENRE_INDEX, GENRES, assign_folds
+from genreflow.errors import GenreflowError
+from genreflow.features import describe, pack, read_index
+
+CLIP_SECONDS = 3.0
+SHA = "0123456789abcdef" * 4
+
+
+def write_clip(path, seconds: float, freq: float, rate: int = 22050, channels: int = 1):
+    t = np.arange(int(round(seconds * rate))) / rate
+    x = (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    if channels > 1:
+        x = np.stack([x] + [np.zeros_like(x)] * (channels - 1), axis=1)
+    fmt = "AU" if path.suffix == ".au" else "WAV"
+    soundfile.write(path, x, rate, format=fmt, subtype="PCM_16")
+
+
+def make_dataset(root, clips_per_genre: int = 3, seconds: float = 2.0):
+    """The original layout: genres/<genre>/<genre>.000NN.au plus the stray .mf lists."""
+    for g, genre in enumerate(GENRES):
+        folder = root / "genres" / genre
+        folder.mkdir(parents=True)
+        for k in range(clips_per_genre):
+            write_clip(folder / f"{genre}.{k:05d}.au", seconds, 200.0 + 40 * g + 7 * k)
+        (folder / f"{genre}.mf").write_text(f"{genre}.00000.au\t{genre}\n")
+    (root / "genres" / "input.mf").write_text("stray list\n")
+    return root
+
+
+def datasets_and_attrs(path):
+    with h5py.File(path, "r") as hf:
+        data = {name: hf[name][()] for name in hf}
+        attrs = {k: v for k, v in hf.attrs.items() if k != "created"}
+    return data, attrs
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "dataset")
+
+
+def test_layout_dtypes_attributes_targets_and_folds(dataset, tmp_path):
+    out = tmp_path / "features.h5"
+    summary = pack(dataset, out, clip_seconds=CLIP_SECONDS, workers=1, source_sha256=SHA)
+    n_samples = clip_samples(CLIP_SECONDS)
+    assert summary.path == out and summary.clips == 30 and summary.skipped == []
+    assert summary.per_genre == {genre: 3 for genre in GENRES}
+    assert summary.seconds > 0 and summary.clips_per_second > 0
+
+    with h5py.File(out, "r") as hf:
+        assert set(hf) == {"audio_name", "waveform", "target", "fold", "skipped"}
+        names = [n.decode() for n in hf["audio_name"][:]]  # bytes, as the seed stored them
+        assert hf["waveform"].dtype == np.int16
+        assert hf["waveform"].shape == (30, n_samples)
+        assert hf["waveform"].chunks == (1, n_samples)
+        assert hf["target"].dtype == np.float32 and hf["target"].shape == (30, 10)
+        assert hf["fold"].dtype == np.int32 and hf["fold"].shape == (30,)
+        assert hf["skipped"].shape == (0, 2)
+        target, fold = hf["target"][:], hf["fold"][:]
+        blues0 = hf["waveform"][0]
+        attrs = dict(hf.attrs)
+
+    # .mf files are not clips; rows are in sorted name order.
+    assert names == sorted(f"{g}.{k:05d}.au" for g in GENRES for k in range(3))
+    for name, row in zip(names, target, strict=True):
+        expected = np.zeros(10, np.float32)
+        expected[GENRE_INDEX[name.split(".")[0]]] = 1.0
+        np.testing.assert_array_equal(row, expected)
+    # The seed's rule: names sorted, fold = index mod 10 + 1.
+    np.testing.assert_array_equal(fold, [i % 10 + 1 for i in range(30)])
+
+    assert attrs["sample_rate"] == SAMPLE_RATE
+    assert attrs["clip_samples"] == n_samples
+    assert attrs["clip_seconds"] == CLIP_SECONDS
+    assert list(attrs["genres"]) == list(GENRES)
+    assert attrs["source_sha256"] == SHA
+    assert attrs["clips_found"] == 30
+    assert attrs["genreflow_version"]
+    assert attrs["created"].endswith("+00:00")
+
+    # Content: the decoded, resampled clip, zero-padded from 2 s to 3 s, stored as int16.
+    decoded = load_audio(dataset / "genres/blues/blues.00000.au")
+    assert len(decoded) == 2 * SAMPLE_RATE
+    np.testing.assert_array_equal(blues0[: len(decoded)], float32_to_int16(decoded))
+    assert not blues0[len(decoded) :].any()
+
+    names_read, targets, folds, attrs_read = read_index(out)
+    assert list(names_read) == names
+    np.testing.assert_array_equal(targets, target.argmax(axis=1))
+    np.testing.assert_array_equal(folds, fold)
+    assert attrs_read["genres"] == list(GENRES) and attrs_read["skipped"] == []
+
+    text = describe(out)
+    assert "30 packed of 30 found, 0 skipped" in text
+    assert "blues 3" in text and "rock 3" in text and "1: 3" in text and SHA in text
+
+
+def test_short_clip_padded_long_clip_trimmed_stereo_44k_mixed(dataset, tmp_path):
+    # A 1 s and a 4 s clip against 3 s clips, and a stereo 44.1 kHz .wav.
+    write_clip(dataset / "genres/jazz/jazz.00000.au", 1.0, 440.0)
+    write_clip(dataset / "genres/metal/metal.00001.au", 4.0, 330.0)
+    write_clip(dataset / "genres/pop/pop.00099.wav", 2.0, 550.0, rate=44100, channels=2)
+    out = tmp_path / "f.h5"
+    pack(dataset, out, clip_seconds=CLIP_SECONDS, workers=1, progress=False)
+    n_samples = clip_samples(CLIP_SECONDS)
+    with h5py.File(out, "r") as hf:
+        rows = {n.decode(): i for i, n in enumerate(hf["audio_name"][:])}
+        short = hf["waveform"][rows["jazz.00000.au"]]
+        long = hf["waveform"][rows["metal.00001.au"]]
+        stereo = hf["waveform"][rows["pop.00099.wav"]]
+
+    assert not short[SAMPLE_RATE:].any() and np.abs(short[:SAMPLE_RATE]).max() > 10_000
+    full = load_audio(dataset / "genres/metal/metal.00001.au")
+    assert len(full) == 4 * SAMPLE_RATE
+    np.testing.assert_array_equal(long, float32_to_int16(full[:n_samples]))
+    # Mono = the mean of a 0.4 sine and silence; 2 s at 32 kHz, then zeros.
+    assert len(stereo) == n_samples and not stereo[2 * SAMPLE_RATE :].any()
+    peak = np.abs(int16_to_float32(stereo[1000 : 2 * SAMPLE_RATE - 1000])).max()
+    assert peak == pytest.approx(0.2, rel=0.02)
+    spectrum = np.abs(np.fft.rfft(int16_to_float32(stereo[: 2 * SAMPLE_RATE])))
+    assert abs(np.fft.rfftfreq(2 * SAMPLE_RATE, 1 / SAMPLE_RATE)[spectrum.argmax()] - 550) < 1
+
+
+def add_bad_files(dataset):
+    """A zero-byte file, a truncated one, and a text file with a .wav extension."""
+    (dataset / "genres/blues/blues.00003.au").touch()
+    good = (dataset / "genres/rock/rock.00000.au").read_bytes()
+    (dataset / "genres/disco/disco.00003.au").write_bytes(good[: len(good) // 3])
+    (dataset / "genres/jazz/jazz.00054.wav").write_text("<html>404 Not Found</html>\n" * 5)
+    return {"blues.00003.au", "disco.00003.au", "jazz.00054.wav"}
+
+
+def test_bad_files_are_skipped_and_recorded_without_shifting_folds(dataset, tmp_path, capsys):
+    bad = add_bad_files(dataset)
+    out = tmp_path / "f.h5"
+    summary = pack(dataset, out, clip_seconds=1.0, workers=1)
+    assert {name for name, _ in summary.skipped} == bad
+    reasons = dict(summary.skipped)
+    assert "empty file" in reasons["blues.00003.au"]
+    assert "truncated" in reasons["disco.00003.au"]
+    assert "not a recognised audio format" in reasons["jazz.00054.wav"]
+
+    stderr = capsys.readouterr().err
+    for name in bad:
+        assert f"skipped {dataset / 'genres'}" in stderr and name in stderr
+
+    names, _, folds, attrs = read_index(out)
+    assert summary.clips == len(names) == 30 and bad.isdisjoint(names)
+    assert attrs["clips_found"] == 33
+    assert sorted(attrs["skipped"]) == sorted(summary.skipped)
+    # Folds come from every name found, the unreadable ones included ...
+    everything = assign_folds(list(names) + sorted(bad))
+    assert folds.tolist() == [everything[n] for n in names]
+    # ... which is not what numbering only the readable clips would give.
+    assert folds.tolist() != [assign_folds(names)[n] for n in names]
+    assert "3 skipped" in describe(out) and "jazz.00054.wav: not a recognised" in describe(out)
+
+
+def test_on_error_fail_stops_and_leaves_no_output(dataset, tmp_path):
+    add_bad_files(dataset)
+    out = tmp_path / "out" / "f.h5"
+    with pytest.raises(GenreflowError, match="blues.00003.au: empty file"):
+        pack(dataset, out, clip_seconds=1.0, workers=2, on_error="fail", progress=False)
+    # Interrupted part-way: nothing at the output path, and no leftover partial file.
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_failed_pack_keeps_the_previous_complete_output(dataset, tmp_path):
+    out = tmp_path / "f.h5"
+    pack(dataset, out, clip_seconds=1.0, workers=1, progress=False)
+    before = out.read_bytes()
+    add_bad_files(dataset)
+    with pytest.raises(GenreflowError):
+        pack(dataset, out, clip_seconds=1.0, workers=1, on_error="fail", progress=False)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["f.h5"]
+
+
+def test_genre_with_nothing_readable_is_an_error(dataset, tmp_path):
+    folder = dataset / "genres" / "reggae"
+    for clip in folder.glob("*.au"):
+        clip.write_bytes(b"")
+    out = tmp_path / "f.h5"
+    with pytest.raises(
+        GenreflowError, match=re.escape(f"no readable clip in genre folder {folder}")
+    ):
+        pack(dataset, out, clip_seconds=1.0, workers=1, progress=False)
+    assert list(tmp_path.glob("f.h5*")) == []
+
+
+def test_missing_genre_is_an_error(dataset, tmp_path):
+    for clip in (dataset / "genres" / "country").iterdir():
+        clip.unlink()
+    (dataset / "genres" / "country").rmdir()
+    with pytest.raises(GenreflowError, match="country: genre folder missing"):
+        pack(dataset, tmp_path / "f.h5", clip_seconds=1.0, workers=1, progress=False)
+
+
+def test_genre_folder_with_only_list_files_is_an_error(dataset, tmp_path):
+    for clip in (dataset / "genres" / "hiphop").glob("*.au"):
+        clip.unlink()
+    with pytest.raises(GenreflowError, match="hiphop: no audio files"):
+        pack(dataset, tmp_path / "f.h5", clip_seconds=1.0, workers=1, progress=False)
+
+
+def test_one_and_two_workers_write_the_same_file(dataset, tmp_path):
+    add_bad_files(dataset)
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    pack(dataset, one, clip_seconds=1.0, workers=1, progress=False)
+    pack(dataset, two, clip_seconds=1.0, workers=2, progress=False)
+    data_one, attrs_one = datasets_and_attrs(one)
+    data_two, attrs_two = datasets_and_attrs(two)
+    assert data_one.keys() == data_two.keys()
+    for name in data_one:
+        np.testing.assert_array_equal(data_one[name], data_two[name], err_msg=name)
+    assert attrs_one.keys() == attrs_two.keys()
+    for key in attrs_one:
+        np.testing.assert_array_equal(attrs_one[key], attrs_two[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"on_error": "ignore"}, "on_error must be one of"),
+        ({"workers": 0}, "workers must be at least 1"),
+        ({"clip_seconds": 0}, "positive number of seconds"),
+        ({"source_sha256": "abc"}, "64 hex digits"),
+    ],
+)
+def test_bad_arguments(dataset, tmp_path, kwargs, message):
+    with pytest.raises(GenreflowError, match=message):
+        pack(dataset, tmp_path / "f.h5", **{"clip_seconds": 1.0, **kwargs})
+
+
+def test_read_index_names_what_is_missing(dataset, tmp_path):
+    out = tmp_path / "f.h5"
+    pack(dataset, out, clip_seconds=1.0, workers=1, progress=False)
+    with h5py.File(out, "a") as hf:
+        del hf["fold"]
+        del hf.attrs["clip_samples"]
+    with pytest.raises(GenreflowError, match="missing dataset 'fold', attribute 'clip_samples'"):
+        read_index(out)
+
+    not_hdf5 = tmp_path / "notes.h5"
+    not_hdf5.write_text("not hdf5")
+    with pytest.raises(GenreflowError, match="not a readable HDF5 file"):
+        read_index(not_hdf5)
+    with pytest.raises(GenreflowError, match="features file not found"):
+        read_index(tmp_path / "absent.h5")
+
+
+def test_read_index_rejects_inconsistent_shapes(dataset, tmp_path):
+    out = tmp_path / "f.h5"
+    pack(dataset, out, clip_seconds=1.0, workers=1, progress=False)
+    with h5py.File(out, "a") as hf:
+        hf["target"][0] = np.ones(10, np.float32)
+    with pytest.raises(GenreflowError, match="not one-hot"):
+        read_index(out)
+
+
+def test_command_packs_and_describes(dataset, tmp_path, capsys):
+    out = tmp_path / "features.h5"
+    argv = ["pack", "--dataset", str(dataset), "--out", str(out), "--clip-seconds", "1"]
+    assert main([*argv, "--workers", "1", "--source-sha256", SHA, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "30 packed of 30 found" in printed
+    assert "clips/s with 1 worker" in printed and SHA in printed
+
+    add_bad_files(dataset)
+    assert main([*argv, "--workers", "1", "--on-error", "fail", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "genreflow pack: error:" in err and "blues.00003.au" in err
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--on-error", "ignore"])
