@@ -41,6 +41,7 @@ from genreflow.audio import (
     float32_to_int16,
     load_clip,
 )
+from genreflow.data.download import recorded_sha256
 from genreflow.data.genres import FOLDS, GENRE_INDEX, GENRES, assign_folds
 from genreflow.data.layout import Clip, list_clips
 from genreflow.errors import GenreflowError
@@ -103,7 +104,8 @@ def pack(
         clip_seconds: clip length; longer files are trimmed, shorter ones zero-padded.
         workers: decoding processes (default: the usable cores; 1 decodes in-process).
         on_error: "skip" leaves an unreadable clip out and records why; "fail" stops.
-        source_sha256: the archive's checksum, recorded so a file says what it came from.
+        source_sha256: the archive's checksum, recorded so a file says what it came from;
+            by default the one `genreflow download` recorded in `dataset`, if any.
         progress: show a progress bar on stderr.
 
     Raises:
@@ -112,6 +114,8 @@ def pack(
     """
     if on_error not in ON_ERROR_CHOICES:
         raise GenreflowError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}: {on_error!r}")
+    if source_sha256 is None:
+        source_sha256 = recorded_sha256(dataset)
     sha = (source_sha256 or "").strip().lower()
     if sha and not _SHA256.match(sha):
         raise GenreflowError(f"source sha256 must be 64 hex digits, got {source_sha256!r}")

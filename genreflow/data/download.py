@@ -383,6 +383,12 @@ def _tree_stats(out: Path, entries: list[str]) -> tuple[int, int]:
     return files, size
 
 
+def recorded_sha256(out: str | Path) -> str | None:
+    """The SHA-256 of the archive a finished download of `out` came from, if it says."""
+    marker = _read_marker(Path(out))
+    return marker.get("sha256") if marker else None
+
+
 def _read_marker(out: Path) -> dict | None:
     marker = out / MARKER_NAME
     if not marker.is_file():
