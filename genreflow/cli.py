@@ -34,7 +34,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="processes making clips (default: the CPU count, at most 8)",
+        help="processes making clips (default: 1 for small sets, else the CPU count up to 8)",
     )
     p.set_defaults(func=_run_synth)
 
@@ -507,6 +507,154 @@ def _run_train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- submit (a cluster) ------------------------------------------------------------------
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="compile the pipeline and run it on Kubeflow Pipelines (or Vertex AI)",
+        description="Compile the pipeline, check the arguments against its parameters and the "
+        "backend's version (Kubeflow Pipelines 2.14 or later), create a run and print its "
+        "address on stdout. The token comes from KF_PIPELINES_TOKEN, or in a pod from the "
+        "projected service-account token; it is never printed. With --wait, follow the run "
+        "to its end: exit 0 if it succeeded, 1 if not, 2 for an error before that.",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--host",
+        help="the KFP API's address, e.g. http://localhost:8080 (a port-forward to "
+        "ml-pipeline-ui) or https://KFP.example.com/pipeline",
+    )
+    target.add_argument(
+        "--vertex",
+        metavar="PROJECT/REGION",
+        help="submit to Vertex AI Pipelines instead (needs google-cloud-aiplatform)",
+    )
+    p.add_argument("--namespace", help="your Kubeflow profile's namespace (multi-user KFP)")
+    p.add_argument(
+        "--experiment", default="genreflow", help="the KFP experiment (default: genreflow)"
+    )
+    p.add_argument("--run-name", help="the run's name (default: genreflow-cv-DATE-TIME)")
+    p.add_argument(
+        "--profile",
+        help="start from a named recipe (seed, demo) before the --param values; the demo's "
+        "synthetic set exists only locally, so give --param source=... with it",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline argument, JSON when it parses (folds=[1,2], lr=3e-4), else text; "
+        "repeat for each (source=gs://BUCKET/genres.tar.gz is required)",
+    )
+    p.add_argument("--parallelism", type=int, default=10, help="folds trained at once")
+    p.add_argument(
+        "--accelerator", help="GPU resource (default nvidia.com/gpu; Vertex: NVIDIA_L4, ...)"
+    )
+    p.add_argument("--image-cpu", help="image for the CPU steps (a digest from make images)")
+    p.add_argument("--image-gpu", help="image for the GPU steps (a digest from make images)")
+    p.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label the GPU steps require, e.g. cloud.google.com/gke-accelerator=nvidia-l4",
+    )
+    p.add_argument(
+        "--gpu-toleration",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]:EFFECT",
+        help="taint the GPU steps tolerate, e.g. nvidia.com/gpu:NoSchedule",
+    )
+    p.add_argument(
+        "--service-account",
+        help="the service account the run's pods use (infra/: genreflow-pipeline-runner)",
+    )
+    p.add_argument("--pipeline-root", help="where the run's outputs go, e.g. gs://BUCKET/kfp")
+    p.add_argument(
+        "--package-out", type=Path, metavar="FILE", help="also keep the compiled package sent"
+    )
+    p.add_argument(
+        "--skip-version-check",
+        action="store_true",
+        help="submit even when the backend does not say its version",
+    )
+    p.add_argument("--wait", action="store_true", help="follow the run to its end")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=12 * 3600,
+        metavar="S",
+        help="with --wait: give up after S seconds, leaving the run going (default: 12 h)",
+    )
+    p.add_argument(
+        "--poll-seconds", type=float, default=30.0, metavar="S", help="with --wait: poll every S"
+    )
+    p.set_defaults(func=_run_submit)
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from genreflow.pipelines.profiles import PROFILES
+    from genreflow.pipelines.submit import (
+        SubmitError,
+        parse_node_selector,
+        parse_params,
+        parse_toleration,
+        submit,
+        submit_vertex,
+    )
+
+    arguments: dict = {}
+    if args.profile:
+        if args.profile not in PROFILES:
+            raise SubmitError(f"--profile {args.profile}: known profiles: {', '.join(PROFILES)}")
+        arguments.update(PROFILES[args.profile], profile=args.profile)
+    arguments.update(parse_params(args.param))
+
+    def created(run) -> None:
+        print(run.url, flush=True)
+
+    def state(value: str) -> None:
+        print(f"genreflow submit: run {value}", file=sys.stderr, flush=True)
+
+    common = dict(
+        run_name=args.run_name,
+        service_account=args.service_account,
+        parallelism=args.parallelism,
+        accelerator=args.accelerator,
+        image_cpu=args.image_cpu,
+        image_gpu=args.image_gpu,
+        on_created=created,
+        wait=args.wait,
+    )
+    if args.vertex:
+        if args.gpu_node_selector or args.gpu_toleration:
+            raise SubmitError("--vertex places GPU steps itself: drop --gpu-node-selector/-toleration")
+        run = submit_vertex(args.vertex, arguments, pipeline_root=args.pipeline_root, **common)
+    else:
+        run = submit(
+            args.host,
+            arguments,
+            namespace=args.namespace,
+            experiment=args.experiment,
+            pipeline_root=args.pipeline_root,
+            gpu_node_selector=parse_node_selector(args.gpu_node_selector),
+            gpu_tolerations=[parse_toleration(t) for t in args.gpu_toleration],
+            skip_version_check=args.skip_version_check,
+            keep_package=args.package_out,
+            timeout=args.timeout,
+            poll_seconds=args.poll_seconds,
+            on_state=state,
+            **common,
+        )
+    if args.wait and not run.succeeded:
+        detail = f" ({run.error})" if run.error else ""
+        print(f"genreflow submit: run {run.run_id} ended {run.state}{detail}: {run.url}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -515,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"genreflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_download, _add_pack, _add_train, _add_inference, _add_aggregate, _add_pipeline, _add_frozen):
+    for add in (_add_synth, _add_download, _add_pack, _add_train, _add_inference, _add_aggregate, _add_pipeline, _add_frozen, _add_submit):
         add(sub)
     return parser
 
