@@ -456,8 +456,9 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
         help="frozen base: train the genre head of one fold on stored embeddings",
         description="Train fc_transfer on the embeddings of every fold but --fold, evaluate "
         "on --fold; writes metrics.csv, predictions.csv, summary.json and head.pth to --out. "
-        "Options left out take the recipe's defaults (genreflow.frozen.DEFAULT_RECIPE: "
-        "full-batch AdamW on standardised embeddings, no mixup).",
+        "Options left out take the recipe's defaults (genreflow.frozen.DEFAULT_RECIPE): "
+        "1000 full-batch steps (batch size 0), lr 0.001, weight decay 1.0, no mixup "
+        "(alpha 1.0 when on), evaluation every 100 steps, seed 0.",
     )
     p.add_argument("--embeddings", required=True, metavar="FILE", help="embeddings.h5")
     p.add_argument("--fold", required=True, type=int, metavar="K", help="held-out fold, 1..10")
@@ -630,7 +631,9 @@ def _run_submit(args: argparse.Namespace) -> int:
     )
     if args.vertex:
         if args.gpu_node_selector or args.gpu_toleration:
-            raise SubmitError("--vertex places GPU steps itself: drop --gpu-node-selector/-toleration")
+            raise SubmitError(
+                "--vertex places GPU steps itself: drop --gpu-node-selector/toleration"
+            )
         run = submit_vertex(args.vertex, arguments, pipeline_root=args.pipeline_root, **common)
     else:
         run = submit(
@@ -650,7 +653,8 @@ def _run_submit(args: argparse.Namespace) -> int:
         )
     if args.wait and not run.succeeded:
         detail = f" ({run.error})" if run.error else ""
-        print(f"genreflow submit: run {run.run_id} ended {run.state}{detail}: {run.url}", file=sys.stderr)
+        ended = f"run {run.run_id} ended {run.state}{detail}: {run.url}"
+        print(f"genreflow submit: {ended}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,17 @@
+output "bucket" {
+  description = "The bucket: upload the dataset here and use gs://<bucket>/kfp as --pipeline-root."
+  value       = "gs://${google_storage_bucket.genreflow.name}"
+}
+
+output "mlflow_service_account" {
+  value = google_service_account.mlflow.email
+}
+
+output "pipeline_service_account" {
+  value = google_service_account.pipeline.email
+}
+
+output "overlay_values" {
+  description = "The command that puts this project and bucket into infra/overlays/gke."
+  value       = "sed -i 's/GCP_PROJECT/${var.project}/g; s/GCS_BUCKET/${google_storage_bucket.genreflow.name}/g' infra/overlays/gke/*.yaml"
+}

@@ -1,0 +1,73 @@
+variable "project" {
+  description = "The Google Cloud project that holds the cluster and the bucket."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the bucket (and of a regional cluster)."
+  type        = string
+  default     = "europe-west4"
+}
+
+variable "cluster_name" {
+  description = "An existing GKE Standard cluster with workload identity on (infra/README.md)."
+  type        = string
+}
+
+variable "cluster_location" {
+  description = "The cluster's region or zone."
+  type        = string
+}
+
+variable "bucket_name" {
+  description = "Bucket for the dataset, KFP's pipeline root (kfp/) and MLflow's artifacts (mlflow/)."
+  type        = string
+}
+
+variable "gpu_type" {
+  description = "GPU of the training node pool; GKE labels its nodes cloud.google.com/gke-accelerator=<this>."
+  type        = string
+  default     = "nvidia-l4"
+}
+
+variable "gpu_machine_type" {
+  description = "Machine type that carries the GPU (g2-standard-* for L4); the fold step asks for 8 CPUs and 32 GB."
+  type        = string
+  default     = "g2-standard-12"
+}
+
+variable "gpu_node_locations" {
+  description = "Zones of the GPU pool, where the GPU type is offered (empty: the cluster's zones)."
+  type        = list(string)
+  default     = []
+}
+
+variable "gpu_max_nodes" {
+  description = "Most GPU nodes at once, per zone: folds beyond this wait for a node."
+  type        = number
+  default     = 10
+}
+
+variable "gpu_spot" {
+  description = "Spot VMs: much cheaper, may be preempted; the fold step retries and resumes."
+  type        = bool
+  default     = true
+}
+
+variable "kfp_namespace" {
+  description = "Namespace where the runs' pods are created (KFP standalone: kubeflow; multi-user: your profile)."
+  type        = string
+  default     = "kubeflow"
+}
+
+variable "mlflow_namespace" {
+  description = "Namespace of the MLflow server (infra/base)."
+  type        = string
+  default     = "genreflow"
+}
+
+variable "kfp_root_retention_days" {
+  description = "Days the runs' intermediate outputs under kfp/ are kept (0: forever)."
+  type        = number
+  default     = 60
+}

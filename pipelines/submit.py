@@ -1,0 +1,708 @@
+"""Submit the cross-validation pipeline to a Kubeflow Pipelines backend, or to Vertex AI.
+
+1. compile   the pipeline into a temporary file: images, parallelism, GPU placement
+2. check     the arguments against the compiled pipeline's own parameters
+3. version   ask the backend its version and refuse one older than MIN_BACKEND
+4. create    the run (creating the KFP experiment if needed); its address is returned
+5. follow    with wait: poll the run to its end; a run that did not succeed is not an error
+             here, the caller decides (the command exits 1)
+
+The token comes from the environment (KF_PIPELINES_TOKEN) or, inside a cluster, from the
+projected service-account token file KFP's own client reads; it is never printed, logged or
+put in an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from genreflow.errors import GenreflowError
+from genreflow.pipelines.cv import ACCELERATOR, PIPELINE_NAME
+
+# dsl.Collected and the final-status exit handler need a 2.14 backend; ParallelFor's
+# parallelism needs 2.4. An older backend accepts the run and then fails it part way.
+MIN_BACKEND = (2, 14)
+MIN_BACKEND_WHY = "dsl.Collected and the exit handler need 2.14, loop parallelism 2.4"
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
+# The same variable and default path kfp.Client's in-cluster credentials use.
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+SA_TOKEN_PATH = "/var/run/secrets/kfp/token"
+UI_ENV = "KF_PIPELINES_UI_ENDPOINT"
+DEFAULT_EXPERIMENT = "genreflow"
+HTTP_TIMEOUT_SECONDS = 15.0
+FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# Polling a long run survives this many failed reads in a row (a restarting API server).
+WAIT_READ_FAILURES = 5
+
+
+class SubmitError(GenreflowError):
+    """The run could not be prepared, submitted or followed."""
+
+
+class BackendTooOld(SubmitError):
+    """The Kubeflow Pipelines backend is older than the pipeline needs."""
+
+
+# --- arguments ---------------------------------------------------------------------------
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` strings -> {name: raw value text}; values are typed in `check_arguments`."""
+    raw: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise SubmitError(f"--param {pair!r}: expected NAME=VALUE")
+        if name in raw:
+            raise SubmitError(f"--param {name} is given twice")
+        raw[name] = value
+    return raw
+
+
+def parse_value(text: str):
+    """JSON when the text parses as JSON (folds=[1,2], lr=3e-4, mixup=false), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One input of the compiled pipeline."""
+
+    name: str
+    kind: str  # the IR's parameterType: STRING, NUMBER_INTEGER, NUMBER_DOUBLE, BOOLEAN, ...
+    required: bool
+    default: object = None
+
+    def describe(self) -> str:
+        if self.required:
+            return f"{self.name} ({_KIND_NAMES.get(self.kind, self.kind)}, required)"
+        return f"{self.name}={json.dumps(self.default)}"
+
+
+_KIND_NAMES = {
+    "STRING": "a string",
+    "NUMBER_INTEGER": "an integer",
+    "NUMBER_DOUBLE": "a number",
+    "BOOLEAN": "true or false",
+    "LIST": "a JSON list",
+    "STRUCT": "a JSON object",
+}
+
+
+def pipeline_parameters(package: str | Path) -> dict[str, Parameter]:
+    """The parameters a compiled pipeline declares, read from its IR YAML."""
+    with open(package) as f:
+        spec = next(yaml.safe_load_all(f))
+    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    parameters = {}
+    for name, info in declared.items():
+        default = info.get("defaultValue")
+        if info.get("parameterType") == "NUMBER_INTEGER" and isinstance(default, float):
+            default = int(default)  # the IR stores every number as a double
+        if info.get("parameterType") == "LIST" and isinstance(default, list):
+            default = [int(v) if isinstance(v, float) and v.is_integer() else v for v in default]
+        parameters[name] = Parameter(
+            name=name,
+            kind=info.get("parameterType", "STRING"),
+            required=not info.get("isOptional", False),
+            default=default,
+        )
+    return parameters
+
+
+def check_arguments(arguments: Mapping[str, object], parameters: Mapping[str, Parameter]) -> dict:
+    """Type the arguments by the pipeline's parameters; name what is unknown, missing or wrong.
+
+    A value given as text (from `--param`) is read as JSON when it parses, except for string
+    parameters, which take the text as it is (so sha256=0123 stays a string).
+    """
+    listing = ", ".join(p.describe() for p in sorted(parameters.values(), key=lambda p: p.name))
+    unknown = sorted(set(arguments) - set(parameters))
+    if unknown:
+        raise SubmitError(
+            f"unknown pipeline parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; the pipeline's parameters are: {listing}"
+        )
+    missing = sorted(p.name for p in parameters.values() if p.required and p.name not in arguments)
+    if missing:
+        raise SubmitError(
+            f"missing required pipeline parameter{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (--param NAME=VALUE); the pipeline's parameters are: {listing}"
+        )
+    return {name: _typed(parameters[name], value) for name, value in arguments.items()}
+
+
+def _typed(parameter: Parameter, value: object):
+    kind = parameter.kind
+    if kind == "STRING":
+        if isinstance(value, str):
+            return value
+    else:
+        if isinstance(value, str):
+            value = parse_value(value)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "NUMBER_INTEGER" and is_number and float(value).is_integer():
+            return int(value)
+        if kind == "NUMBER_DOUBLE" and is_number:
+            return float(value)
+        if kind == "BOOLEAN" and isinstance(value, bool):
+            return value
+        if kind == "LIST" and isinstance(value, list):
+            return value
+        if kind == "STRUCT" and isinstance(value, dict):
+            return value
+    expected = _KIND_NAMES.get(kind, kind)
+    raise SubmitError(f"pipeline parameter {parameter.name} must be {expected}; got {value!r}")
+
+
+# --- the package -------------------------------------------------------------------------
+def parse_node_selector(pairs: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings -> {label: value}."""
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SubmitError(f"--gpu-node-selector {pair!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def parse_toleration(text: str) -> dict[str, str]:
+    """A toleration in kubectl's taint syntax, KEY[=VALUE]:EFFECT (no value: operator Exists)."""
+    spec, sep, effect = text.rpartition(":")
+    if not sep or effect not in TAINT_EFFECTS or not spec:
+        raise SubmitError(
+            f"--gpu-toleration {text!r}: expected KEY[=VALUE]:EFFECT, EFFECT one of "
+            f"{', '.join(TAINT_EFFECTS)}"
+        )
+    key, has_value, value = spec.partition("=")
+    if has_value:
+        return {"effect": effect, "key": key, "operator": "Equal", "value": value}
+    return {"effect": effect, "key": key, "operator": "Exists"}
+
+
+def add_gpu_placement(
+    package: str | Path,
+    node_selector: Mapping[str, str] | None = None,
+    tolerations: list[dict] | None = None,
+) -> list[str]:
+    """Pin the GPU steps to GPU nodes: a Kubernetes platform spec for every executor that asks
+    for an accelerator, as kfp-kubernetes' add_node_selector/add_toleration would write it.
+
+    Returns the executors it placed. KFP backends read the spec (a second YAML document);
+    Vertex AI ignores it.
+    """
+    if not node_selector and not tolerations:
+        return []
+    package = Path(package)
+    docs = [doc for doc in yaml.safe_load_all(package.read_text()) if doc is not None]
+    executors = docs[0].get("deploymentSpec", {}).get("executors", {})
+    gpu_executors = sorted(
+        name
+        for name, executor in executors.items()
+        if executor.get("container", {}).get("resources", {}).get("accelerator")
+    )
+    if not gpu_executors:
+        raise SubmitError(f"{package}: no step asks for an accelerator; nothing to place")
+    platform = docs[1] if len(docs) > 1 else {}
+    placed = (
+        platform.setdefault("platforms", {})
+        .setdefault("kubernetes", {})
+        .setdefault("deploymentSpec", {})
+        .setdefault("executors", {})
+    )
+    for name in gpu_executors:
+        config = placed.setdefault(name, {})
+        if node_selector:
+            config.setdefault("nodeSelector", {}).setdefault("labels", {}).update(node_selector)
+        if tolerations:
+            config.setdefault("tolerations", []).extend(tolerations)
+    package.write_text(yaml.safe_dump_all([docs[0], platform], sort_keys=True))
+    return gpu_executors
+
+
+def prepare_package(
+    out: str | Path,
+    *,
+    parallelism: int = 10,
+    accelerator: str | None = None,
+    image_cpu: str | None = None,
+    image_gpu: str | None = None,
+    gpu_node_selector: Mapping[str, str] | None = None,
+    gpu_tolerations: list[dict] | None = None,
+) -> Path:
+    """Compile the pipeline to `out` exactly as it will be submitted."""
+    from genreflow.pipelines.compile import compile_pipeline
+
+    if parallelism < 1:
+        raise SubmitError(f"--parallelism must be 1 or more; got {parallelism}")
+    path = compile_pipeline(
+        out,
+        parallelism=parallelism,
+        accelerator=accelerator or ACCELERATOR,
+        image_cpu=image_cpu,
+        image_gpu=image_gpu,
+    )
+    add_gpu_placement(path, gpu_node_selector, gpu_tolerations)
+    return path
+
+
+# --- credentials and the backend's version -----------------------------------------------
+@dataclass(frozen=True)
+class Credentials:
+    """How requests authenticate; `repr` and `str` never show the token."""
+
+    source: str
+    token: str | None = field(default=None, repr=False)
+    token_path: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def redact(self, text: str) -> str:
+        """The text with the token (should a server echo it back) replaced."""
+        return text.replace(self.token, "***") if self.token else text
+
+
+def resolve_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
+    """KF_PIPELINES_TOKEN, else the in-cluster projected token file, else none (port-forward)."""
+    environ = os.environ if environ is None else environ
+    token = environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return Credentials(source=TOKEN_ENV, token=token)
+    path = environ.get(SA_TOKEN_PATH_ENV) or SA_TOKEN_PATH
+    if os.path.isfile(path):
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise SubmitError(f"cannot read the service-account token {path}: {exc}") from None
+        if token:
+            return Credentials(source=f"token file {path}", token=token, token_path=path)
+    return Credentials(source="none")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a KFP API says about itself on its healthz endpoint."""
+
+    host: str
+    tag: str
+    version: tuple[int, ...] | None
+    multi_user: bool | None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # A redirect from the API is a login page; following it would hand the token to it.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _get_json(url: str, credentials: Credentials, timeout: float) -> dict:
+    opener = urllib.request.build_opener(_NoRedirect)
+    request = urllib.request.Request(
+        url, headers={"Accept": "application/json", **credentials.headers()}
+    )
+    with opener.open(request, timeout=timeout) as response:
+        body = response.read()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise _NotKfp(body[:80].decode("utf-8", "replace"))
+    return data
+
+
+class _NotKfp(Exception):
+    pass
+
+
+def parse_version(tag: str) -> tuple[int, ...] | None:
+    """'2.14.0', 'v2.5.0-rc.1' -> (2, 14, 0), (2, 5, 0); 'unknown', 'master' -> None."""
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", tag or "")
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def backend_info(
+    host: str, credentials: Credentials, timeout: float = HTTP_TIMEOUT_SECONDS
+) -> Backend:
+    """Ask the API server's healthz endpoint (v2beta1, else v1beta1) for its release tag.
+
+    The API server answers {"tag_name", "commit_sha", "multi_user"}; the UI server, which
+    proxies the API on the same address, answers {"apiServerTagName", ...}.
+    """
+    failure = None
+    for api in ("v2beta1", "v1beta1"):
+        url = f"{host}/apis/{api}/healthz"
+        try:
+            data = _get_json(url, credentials, timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                failure = (
+                    f"{host} has no Kubeflow Pipelines healthz endpoint (HTTP 404 for "
+                    "/apis/v2beta1/healthz and /apis/v1beta1/healthz): is this the KFP address?"
+                )
+                continue  # a KFP 1.x server has only v1beta1
+            failure = _http_failure(host, url, exc, credentials)
+        except urllib.error.URLError as exc:
+            failure = _unreachable(host, exc.reason)
+        except (TimeoutError, OSError) as exc:
+            failure = _unreachable(host, exc)
+        except _NotKfp as exc:
+            failure = (
+                f"{url} does not answer like a Kubeflow Pipelines API (not JSON: {str(exc)!r}); "
+                "is this the KFP address (the ml-pipeline-ui service, or its port-forward)?"
+            )
+        else:
+            tag = str(data.get("tag_name") or data.get("apiServerTagName") or "")
+            multi_user = data.get("multi_user", data.get("apiServerMultiUser"))
+            return Backend(host=host, tag=tag, version=parse_version(tag), multi_user=multi_user)
+        break
+    # Raised outside the except blocks, so no chained exception carries a request's details.
+    raise SubmitError(credentials.redact(failure))
+
+
+def _unreachable(host: str, reason: object) -> str:
+    text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return (
+        f"cannot reach the Kubeflow Pipelines API at {host}: {text} (is the address right, "
+        "and is the port-forward or VPN up?)"
+    )
+
+
+def _http_failure(host: str, url: str, exc: urllib.error.HTTPError, creds: Credentials) -> str:
+    if exc.code in (301, 302, 303, 307, 308):
+        where = exc.headers.get("Location", "elsewhere")
+        return (
+            f"{url} redirects to {where} (a login page?): set {TOKEN_ENV} to a token the "
+            f"cluster accepts, or use an address that reaches the API directly"
+        )
+    if exc.code in (401, 403):
+        return (
+            f"the Kubeflow Pipelines API at {host} refused the credentials (HTTP {exc.code} "
+            f"{exc.reason}; credentials from: {creds.source}): set {TOKEN_ENV} to a valid token"
+        )
+    return f"{url} answered HTTP {exc.code} {exc.reason}"
+
+
+def check_backend(backend: Backend, minimum: tuple[int, ...] = MIN_BACKEND) -> None:
+    """Refuse a backend older than `minimum`, or one that does not say its version."""
+    need = ".".join(map(str, minimum))
+    if backend.version is None:
+        raise SubmitError(
+            f"the Kubeflow Pipelines backend at {backend.host} does not say its version "
+            f"(tag {backend.tag or 'missing'!r}); genreflow needs {need} or later "
+            f"({MIN_BACKEND_WHY}). If you know it is new enough, add --skip-version-check"
+        )
+    if backend.version < tuple(minimum):
+        raise BackendTooOld(
+            f"the Kubeflow Pipelines backend at {backend.host} is {backend.tag}; genreflow's "
+            f"pipeline needs {need} or later ({MIN_BACKEND_WHY}). Upgrade Kubeflow Pipelines"
+        )
+
+
+# --- the run -----------------------------------------------------------------------------
+@dataclass
+class SubmittedRun:
+    """A run created on a backend: its id and address, and (after follow) its final state."""
+
+    run_id: str
+    url: str
+    host: str = ""
+    state: str = "PENDING"
+    error: str = ""
+    client: object = field(default=None, repr=False)
+    credentials: Credentials = field(default_factory=lambda: Credentials("none"), repr=False)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "SUCCEEDED"
+
+
+def normalise_host(host: str) -> str:
+    host = host.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", host):
+        raise SubmitError(
+            f"--host {host!r}: expected an http:// or https:// address, e.g. http://localhost:8080"
+        )
+    return host
+
+
+def _kfp_client(host: str, credentials: Credentials, namespace: str | None):
+    import warnings
+
+    from kfp import Client
+
+    kwargs: dict = {"host": host}
+    if namespace:
+        kwargs["namespace"] = namespace
+    if credentials.token_path:
+        # Re-reads the file before each request: the kubelet rotates projected tokens.
+        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(credentials.token_path)
+    elif credentials.token:
+        kwargs["existing_token"] = credentials.token
+    with warnings.catch_warnings():
+        # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later": checked.
+        warnings.simplefilter("ignore", FutureWarning)
+        return Client(**kwargs)
+
+
+@contextlib.contextmanager
+def _kfp_calls(what: str, host: str, credentials: Credentials) -> Iterator[None]:
+    """Turn what kfp and its HTTP stack raise into one SubmitError line, token redacted.
+
+    kfp prints links on stdout; they go to stderr here, so stdout carries only our output.
+    """
+    from kfp_server_api.exceptions import ApiException
+
+    failure = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except ApiException as exc:
+        body = (exc.body or b"")[:300]
+        body = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+        failure = f"{what} at {host} failed: HTTP {exc.status} {exc.reason}: {body.strip()}"
+    except (OSError, ValueError, TimeoutError) as exc:
+        failure = f"{what} at {host} failed: {exc}"
+    except Exception as exc:  # urllib3 and kfp raise many types for a lost connection
+        if type(exc).__module__.split(".")[0] not in ("urllib3", "kfp", "kfp_server_api"):
+            raise
+        failure = f"{what} at {host} failed: {type(exc).__name__}: {exc}"
+    if failure is not None:
+        raise SubmitError(credentials.redact(" ".join(failure.split())))
+
+
+def create_run(
+    host: str,
+    package: str | Path,
+    arguments: Mapping[str, object],
+    *,
+    credentials: Credentials,
+    namespace: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    service_account: str | None = None,
+    pipeline_root: str | None = None,
+    multi_user: bool | None = None,
+) -> SubmittedRun:
+    """Create one run of a compiled package on a KFP backend and return its id and address."""
+    if multi_user and not namespace:
+        raise SubmitError(
+            f"the Kubeflow Pipelines backend at {host} is multi-user: pass --namespace "
+            "(your Kubeflow profile's namespace)"
+        )
+    run_name = run_name or time.strftime(f"{PIPELINE_NAME}-%Y%m%d-%H%M%S")
+    with _kfp_calls("connecting to Kubeflow Pipelines", host, credentials):
+        client = _kfp_client(host, credentials, namespace)
+    with _kfp_calls(f"creating run {run_name!r}", host, credentials):
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments=dict(arguments),
+            run_name=run_name,
+            experiment_name=experiment,
+            namespace=namespace,
+            pipeline_root=pipeline_root,
+            service_account=service_account,
+        )
+    ui = (os.environ.get(UI_ENV) or host).rstrip("/")
+    return SubmittedRun(
+        run_id=result.run_id,
+        url=f"{ui}/#/runs/details/{result.run_id}",
+        host=host,
+        client=client,
+        credentials=credentials,
+    )
+
+
+def follow(
+    run: SubmittedRun,
+    *,
+    timeout: float,
+    poll_seconds: float = 30.0,
+    on_state: Callable[[str], None] | None = None,
+) -> SubmittedRun:
+    """Poll the run until it ends (SUCCEEDED, FAILED, SKIPPED, CANCELED) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    last, failures = None, 0
+    while True:
+        try:
+            with _kfp_calls(f"reading run {run.run_id}", run.host, run.credentials):
+                info = run.client.get_run(run.run_id)
+            failures = 0
+        except SubmitError:
+            failures += 1
+            if failures >= WAIT_READ_FAILURES:
+                raise
+            info = None
+        if info is not None:
+            run.state = str(info.state or "PENDING").upper()
+            error = getattr(info, "error", None)
+            run.error = run.credentials.redact(str(getattr(error, "message", "") or ""))
+            if run.state != last and on_state:
+                on_state(run.state)
+            last = run.state
+            if run.state in FINAL_STATES:
+                return run
+        if time.monotonic() >= deadline:
+            raise SubmitError(
+                f"run {run.run_id} is still {run.state} after {timeout:.0f} s; it goes on "
+                f"without us: {run.url}"
+            )
+        time.sleep(max(0.0, min(poll_seconds, deadline - time.monotonic())))
+
+
+def submit(
+    host: str,
+    arguments: Mapping[str, object],
+    *,
+    namespace: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    service_account: str | None = None,
+    pipeline_root: str | None = None,
+    parallelism: int = 10,
+    accelerator: str | None = None,
+    image_cpu: str | None = None,
+    image_gpu: str | None = None,
+    gpu_node_selector: Mapping[str, str] | None = None,
+    gpu_tolerations: list[dict] | None = None,
+    skip_version_check: bool = False,
+    keep_package: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    on_created: Callable[[SubmittedRun], None] | None = None,
+    wait: bool = False,
+    timeout: float = 12 * 3600,
+    poll_seconds: float = 30.0,
+    on_state: Callable[[str], None] | None = None,
+) -> SubmittedRun:
+    """Compile, check and submit one run; with `wait`, follow it to its end.
+
+    Returns the run; `run.succeeded` says how it ended when waited for. Raises SubmitError
+    (a GenreflowError) for anything that stops the submission, with a one-line message.
+    """
+    host = normalise_host(host)
+    credentials = resolve_credentials(environ)
+    with tempfile.TemporaryDirectory(prefix="genreflow-submit-") as tmp:
+        package = prepare_package(
+            Path(tmp) / f"{PIPELINE_NAME}.yaml",
+            parallelism=parallelism,
+            accelerator=accelerator,
+            image_cpu=image_cpu,
+            image_gpu=image_gpu,
+            gpu_node_selector=gpu_node_selector,
+            gpu_tolerations=gpu_tolerations,
+        )
+        typed = check_arguments(arguments, pipeline_parameters(package))
+        if keep_package:
+            Path(keep_package).parent.mkdir(parents=True, exist_ok=True)
+            Path(keep_package).write_bytes(package.read_bytes())
+        backend = backend_info(host, credentials)
+        if not skip_version_check:
+            check_backend(backend)
+        run = create_run(
+            host,
+            package,
+            typed,
+            credentials=credentials,
+            namespace=namespace,
+            experiment=experiment,
+            run_name=run_name,
+            service_account=service_account,
+            pipeline_root=pipeline_root,
+            multi_user=backend.multi_user,
+        )
+    if on_created:
+        on_created(run)
+    if wait:
+        follow(run, timeout=timeout, poll_seconds=poll_seconds, on_state=on_state)
+    return run
+
+
+# --- Vertex AI Pipelines -----------------------------------------------------------------
+def submit_vertex(
+    project_region: str,
+    arguments: Mapping[str, object],
+    *,
+    pipeline_root: str | None,
+    run_name: str | None = None,
+    service_account: str | None = None,
+    parallelism: int = 10,
+    accelerator: str | None = None,
+    image_cpu: str | None = None,
+    image_gpu: str | None = None,
+    on_created: Callable[[SubmittedRun], None] | None = None,
+    wait: bool = False,
+) -> SubmittedRun:
+    """The same run on Vertex AI Pipelines, through google-cloud-aiplatform when installed.
+
+    Vertex takes its own accelerator names (accelerator="NVIDIA_L4", say) and a gs://
+    pipeline root; it places GPU steps itself, so no node selector applies. Credentials are
+    Google's application default credentials.
+    """
+    project, _, region = project_region.partition("/")
+    if not project or not region or "/" in region:
+        raise SubmitError(f"--vertex {project_region!r}: expected PROJECT/REGION")
+    if not (pipeline_root or "").startswith("gs://"):
+        raise SubmitError("Vertex AI needs --pipeline-root gs://BUCKET/PATH for the run's outputs")
+    try:
+        from google.cloud import aiplatform
+    except ImportError:
+        raise SubmitError(
+            "--vertex needs google-cloud-aiplatform, which is not installed "
+            "(pip install google-cloud-aiplatform)"
+        ) from None
+    run_name = run_name or time.strftime(f"{PIPELINE_NAME}-%Y%m%d-%H%M%S")
+    with tempfile.TemporaryDirectory(prefix="genreflow-submit-") as tmp:
+        package = prepare_package(
+            Path(tmp) / f"{PIPELINE_NAME}.yaml",
+            parallelism=parallelism,
+            accelerator=accelerator,
+            image_cpu=image_cpu,
+            image_gpu=image_gpu,
+        )
+        typed = check_arguments(arguments, pipeline_parameters(package))
+        aiplatform.init(project=project, location=region)
+        job = aiplatform.PipelineJob(
+            display_name=run_name,
+            template_path=str(package),
+            parameter_values=typed,
+            pipeline_root=pipeline_root,
+        )
+        job.submit(service_account=service_account)
+    run = SubmittedRun(
+        run_id=job.resource_name,
+        url=(
+            f"https://console.cloud.google.com/vertex-ai/locations/{region}/pipelines/runs/"
+            f"{job.resource_name.rsplit('/', 1)[-1]}?project={project}"
+        ),
+    )
+    if on_created:
+        on_created(run)
+    if wait:
+        try:
+            job.wait()
+        except RuntimeError as exc:  # aiplatform raises it for a failed or cancelled job
+            run.error = str(exc).splitlines()[0]
+        run.state = job.state.name.removeprefix("PIPELINE_STATE_")
+    return run

