@@ -1,0 +1,473 @@
+"""The frozen-base fast path: embed once, train heads on the stored embeddings.
+
+A randomly initialised Cnn14 costs about 0.1 s per second of audio per clip here, so the
+clips are 1 s long and few; four genres with clearly different sounds (a low tone, a high
+tone, noise, a pulsed tone) in two folds give the head something to learn.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from genreflow import __version__
+from genreflow.audio import int16_to_float32
+from genreflow.cli import main
+from genreflow.data.genres import GENRE_INDEX, GENRES
+from genreflow.errors import GenreflowError
+from genreflow.frozen import (
+    BASE,
+    EMBEDDINGS,
+    HEAD,
+    METRICS,
+    METRICS_COLUMNS,
+    PARTIAL,
+    PREDICTIONS,
+    SUMMARY,
+    embed_features,
+    fold_standardisation,
+    load_head_ensemble,
+    read_embeddings,
+    train_head,
+)
+from genreflow.models.transfer import TransferCnn14
+
+SR = 32000
+CLIP_SAMPLES = SR  # 1 s
+USED_GENRES = ("blues", "classical", "metal", "pop")
+PER_GENRE = 8
+BATCH = 4
+CLIPS = len(USED_GENRES) * PER_GENRE
+
+
+def _clip(genre: str, number: int) -> np.ndarray:
+    """One second of a sound that only its genre makes, varied per clip."""
+    rng = np.random.default_rng([GENRE_INDEX[genre], number])
+    t = np.arange(CLIP_SAMPLES) / SR
+    level = rng.uniform(0.2, 0.5)
+    if genre == "blues":
+        x = np.sin(2 * np.pi * rng.uniform(90, 140) * t + rng.uniform(0, 6))
+    elif genre == "classical":
+        x = np.sin(2 * np.pi * rng.uniform(1500, 2000) * t)
+    elif genre == "metal":
+        x = np.clip(rng.standard_normal(CLIP_SAMPLES), -2.5, 2.5) / 2.5
+    else:
+        x = np.sin(2 * np.pi * 440 * t) * ((t * rng.uniform(3, 5)) % 1 < 0.25)
+    x = level * x + 0.005 * rng.standard_normal(CLIP_SAMPLES)
+    return (np.clip(x, -1, 1) * 32767).astype(np.int16)
+
+
+def write_features(path: Path, names: list[str], folds: dict[str, int]) -> Path:
+    """A packed features.h5 as genreflow.features writes it, for the given clip names."""
+    names = sorted(names)
+    encoded = [name.encode() for name in names]
+    target = np.zeros((len(names), len(GENRES)), np.float32)
+    for row, name in enumerate(names):
+        target[row, GENRE_INDEX[name.split(".")[0]]] = 1.0
+    with h5py.File(path, "w") as hf:
+        name_dtype = h5py.string_dtype("utf-8", max(map(len, encoded)))
+        hf.create_dataset("audio_name", data=np.array(encoded, dtype=name_dtype))
+        waveform = np.stack([_clip(n.split(".")[0], int(n.split(".")[1])) for n in names])
+        hf.create_dataset("waveform", data=waveform, chunks=(1, CLIP_SAMPLES))
+        hf.create_dataset("target", data=target)
+        hf.create_dataset("fold", data=np.array([folds[n] for n in names], np.int32))
+        hf.attrs.update(
+            {
+                "sample_rate": SR,
+                "clip_samples": CLIP_SAMPLES,
+                "clip_seconds": 1.0,
+                "genres": list(GENRES),
+                "source_sha256": "ab" * 32,
+                "clips_found": len(names),
+                "genreflow_version": "test-pack",
+                "created": "2024-01-01T00:00:00+00:00",
+            }
+        )
+    return path
+
+
+ALL_NAMES = sorted(f"{g}.{k:05d}.wav" for g in USED_GENRES for k in range(PER_GENRE))
+# Two folds of 16 clips, 4 per genre: enough held-out clips to tell learning from chance.
+FOLDS = {name: row % 2 + 1 for row, name in enumerate(ALL_NAMES)}
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    return write_features(tmp_path_factory.mktemp("pack") / "features.h5", ALL_NAMES, FOLDS)
+
+
+@pytest.fixture(scope="module")
+def embedded(features, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("embedded")
+    embed_features(features, out, batch_size=BATCH, device="cpu", seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def heads(embedded, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("heads")
+    for fold in (1, 2):
+        train_head(embedded / EMBEDDINGS, fold, root / f"fold{fold}")
+    return [root / f"fold{fold}" for fold in (1, 2)]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- embed -------------------------------------------------------------------------------
+def test_embeddings_file_holds_every_clip_and_says_how_it_was_made(features, embedded):
+    with h5py.File(embedded / EMBEDDINGS, "r") as hf, h5py.File(features, "r") as src:
+        assert hf["embedding"].shape == (CLIPS, 2048)
+        assert hf["embedding"].dtype == np.float32
+        assert list(hf["audio_name"].asstr()[:]) == list(src["audio_name"].asstr()[:])
+        np.testing.assert_array_equal(hf["target"][:], src["target"][:])
+        np.testing.assert_array_equal(hf["fold"][:], src["fold"][:])
+        assert hf["fold"].dtype == np.int32
+        attrs = dict(hf.attrs)
+        for key in ("sample_rate", "clip_samples", "clip_seconds", "source_sha256"):
+            assert attrs[key] == src.attrs[key]
+        assert list(attrs["genres"]) == list(GENRES)
+        embedding = hf["embedding"][:]
+    assert attrs["base_sha256"] == _sha256(embedded / BASE)
+    assert attrs["pretrained"] == "random-init(seed=0)"
+    assert attrs["genreflow_version"] == __version__
+    assert attrs["features_genreflow_version"] == "test-pack"
+    assert np.isfinite(embedding).all()
+    # fc1 + ReLU: non-negative, and different sounds give different embeddings.
+    assert (embedding >= 0).all()
+    assert np.abs(embedding[0] - embedding[-1]).max() > 1e-3
+    assert not (embedded / PARTIAL).exists()
+
+
+def test_base_checkpoint_is_the_published_form_and_reproduces_the_embeddings(
+    features, embedded, tmp_path
+):
+    checkpoint = torch.load(embedded / BASE, weights_only=True)
+    assert set(checkpoint) == {"model"}
+    assert "fc_audioset.weight" in checkpoint["model"]
+    assert not any(key.startswith("base.") for key in checkpoint["model"])
+    for key in ("bn0.running_mean", "conv_block6.conv2.weight", "fc1.weight"):
+        assert key in checkpoint["model"]
+
+    # It loads back as a pretrained base (embed_features calls load_pretrained) and makes
+    # the same embeddings: embed a few of the clips again from base.pth.
+    some = ALL_NAMES[::6]
+    small = write_features(tmp_path / "small.h5", some, FOLDS)
+    summary = embed_features(small, tmp_path / "again", pretrained=str(embedded / BASE))
+    assert summary["pretrained"] == str(embedded / BASE)
+    assert summary["base_sha256"] == _sha256(embedded / BASE)
+    again = read_embeddings(tmp_path / "again" / EMBEDDINGS)
+    first = read_embeddings(embedded / EMBEDDINGS)
+    rows = [first.names.index(name) for name in again.names]
+    np.testing.assert_allclose(again.embedding, first.embedding[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded, tmp_path):
+    # The first 20 clips: the same rows in the same batches as the fixture's first 20.
+    first_clips = write_features(tmp_path / "first.h5", ALL_NAMES[:20], FOLDS)
+    out = tmp_path / "killed"
+    code = (
+        "from genreflow.frozen import embed_features; "
+        f"embed_features({str(first_clips)!r}, {str(out)!r}, batch_size={BATCH}, device='cpu')"
+    )
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=stderr, stderr=stderr)
+    chunks = lambda: sorted((out / PARTIAL).glob("rows_*.npy"))  # noqa: E731
+    deadline = time.monotonic() + 600  # a hung child must not hang the suite
+    while len(chunks()) < 2:
+        assert process.poll() is None, f"embed ended before it was killed:\n{log.read_text()}"
+        assert time.monotonic() < deadline, "embed wrote no batches"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    done = len(chunks())
+    assert 2 <= done < 20 // BATCH
+    assert not (out / EMBEDDINGS).exists()
+
+    summary = embed_features(first_clips, out, batch_size=BATCH, device="cpu")
+    assert done * BATCH <= summary["resumed_from"] < 20
+    assert summary["base_sha256"] == _sha256(embedded / BASE)
+    assert not (out / PARTIAL).exists()
+    # The same seed in another process gives the same base, and the resumed run the same
+    # numbers as the uninterrupted one.
+    np.testing.assert_array_equal(
+        read_embeddings(out / EMBEDDINGS).embedding,
+        read_embeddings(embedded / EMBEDDINGS).embedding[:20],
+    )
+
+
+def test_rerun_of_a_finished_embed_does_nothing(features, embedded, capsys):
+    before = (embedded / EMBEDDINGS).stat().st_mtime_ns, (embedded / BASE).stat().st_mtime_ns
+    summary = embed_features(features, embedded, batch_size=BATCH, device="cpu")
+    assert summary["already_done"] is True
+    assert "nothing to do" in capsys.readouterr().err
+    after = (embedded / EMBEDDINGS).stat().st_mtime_ns, (embedded / BASE).stat().st_mtime_ns
+    assert after == before
+    # The command says the same and exits 0.
+    assert main(["embed-features", "--features", str(features), "--out", str(embedded)]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_embed_discards_a_partial_run_of_other_inputs_and_stale_temporaries(tmp_path, capsys):
+    two = write_features(tmp_path / "two.h5", ALL_NAMES[:2], FOLDS)
+    out = tmp_path / "out"
+    (out / PARTIAL).mkdir(parents=True)
+    manifest = {"features_fingerprint": "0" * 64, "pretrained": "random-init(seed=0)"}
+    (out / PARTIAL / "manifest.json").write_text(json.dumps(manifest))
+    np.save(out / PARTIAL / "rows_00000000.npy", np.zeros((2, 2048), np.float32))
+    (out / f".{BASE}.abc123.tmp").write_bytes(b"half a checkpoint")
+    summary = embed_features(two, out, batch_size=BATCH, device="cpu")
+    assert "discarding" in capsys.readouterr().err
+    assert summary["resumed_from"] == 0
+    assert not (out / f".{BASE}.abc123.tmp").exists()
+    assert read_embeddings(out / EMBEDDINGS).embedding.any()
+
+
+def test_embed_refuses_to_mix_outputs_of_another_base(features, embedded):
+    with pytest.raises(GenreflowError, match="pretrained"):
+        embed_features(features, embedded, seed=1, device="cpu")
+
+
+def test_embed_bad_inputs_are_clear_errors(tmp_path, features):
+    with pytest.raises(GenreflowError, match="not found"):
+        embed_features(tmp_path / "missing.h5", tmp_path / "out")
+    other_rate = tmp_path / "rate.h5"
+    write_features(other_rate, ALL_NAMES[:2], FOLDS)
+    with h5py.File(other_rate, "a") as hf:
+        hf.attrs["sample_rate"] = 16000
+    with pytest.raises(GenreflowError, match="16000 Hz"):
+        embed_features(other_rate, tmp_path / "out")
+    with pytest.raises(GenreflowError, match="batch size"):
+        embed_features(features, tmp_path / "out", batch_size=0)
+
+
+# --- the head ----------------------------------------------------------------------------
+def _read_predictions(path: Path) -> tuple[list[dict], np.ndarray]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows, np.array([[float(row[g]) for g in GENRES] for row in rows])
+
+
+def test_head_learns_and_writes_the_training_steps_formats(embedded, heads):
+    data = read_embeddings(embedded / EMBEDDINGS)
+    for fold, out in zip((1, 2), heads, strict=True):
+        summary = json.loads((out / SUMMARY).read_text())
+        assert summary["fold"] == fold
+        assert summary["path"] == "frozen-base"
+        # Four genres: chance is 0.25.
+        assert summary["final_heldout_accuracy"] >= 0.8
+        assert summary["train_clips"] == summary["n_train"] == CLIPS // 2
+        assert summary["heldout_clips"] == CLIPS // 2
+        for key in ("iterations", "best_heldout_accuracy", "best_iteration", "wall_seconds"):
+            assert key in summary
+        assert summary["base_sha256"] == _sha256(embedded / BASE)
+
+        with (out / METRICS).open(newline="") as f:
+            metrics = list(csv.DictReader(f))
+        assert tuple(metrics[0]) == METRICS_COLUMNS
+        assert int(metrics[-1]["iteration"]) == summary["iterations"]
+        assert float(metrics[-1]["heldout_accuracy"]) == summary["final_heldout_accuracy"]
+        # Training loss falls.
+        assert float(metrics[-1]["train_loss"]) < float(metrics[0]["train_loss"])
+
+        rows, probabilities = _read_predictions(out / PREDICTIONS)
+        with (out / PREDICTIONS).open() as f:
+            assert f.readline().strip().split(",") == ["audio_name", "fold", "genre", *GENRES]
+        expected = [name for name, k in zip(data.names, data.folds, strict=True) if k == fold]
+        assert [row["audio_name"] for row in rows] == expected
+        assert {row["fold"] for row in rows} == {str(fold)}
+        assert [row["genre"] for row in rows] == [name.split(".")[0] for name in expected]
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+        accuracy = np.mean(
+            [GENRES[p.argmax()] == row["genre"] for p, row in zip(probabilities, rows, strict=True)]
+        )
+        assert accuracy == summary["final_heldout_accuracy"]
+
+
+def test_saved_head_applied_to_raw_embeddings_gives_the_evaluated_predictions(embedded, heads):
+    data = read_embeddings(embedded / EMBEDDINGS)
+    for fold, out in zip((1, 2), heads, strict=True):
+        checkpoint = torch.load(out / HEAD, weights_only=True)
+        assert set(checkpoint["model"]) == {"fc_transfer.weight", "fc_transfer.bias"}
+        assert checkpoint["iteration"] == json.loads((out / SUMMARY).read_text())["iterations"]
+        meta = checkpoint["genreflow"]
+        assert meta["fold"] == fold
+        assert meta["genres"] == list(GENRES)
+        assert meta["base_sha256"] == _sha256(embedded / BASE)
+        assert meta["recipe"]["loss"] == "clip_nll"
+
+        # The head fits the transfer model as the seed's fc_transfer does.
+        model = TransferCnn14()
+        model.fc_transfer.load_state_dict(
+            {k.removeprefix("fc_transfer."): v for k, v in checkpoint["model"].items()}
+        )
+        raw = torch.from_numpy(data.embedding[data.folds == fold])
+        with torch.no_grad():
+            probabilities = model.head_forward(raw).exp().double().numpy()
+        _, evaluated = _read_predictions(out / PREDICTIONS)
+        np.testing.assert_allclose(probabilities, evaluated, atol=2e-5)
+
+
+def test_folding_the_standardisation_is_exact():
+    rng = np.random.default_rng(0)
+    x = rng.gamma(1.0, rng.uniform(0.01, 100, size=16), size=(50, 16))
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    weight, bias = rng.standard_normal((10, 16)), rng.standard_normal(10)
+    folded_weight, folded_bias = fold_standardisation(weight, bias, mean, scale)
+    np.testing.assert_allclose(
+        x @ folded_weight.T + folded_bias, ((x - mean) / scale) @ weight.T + bias, atol=1e-9
+    )
+
+
+def write_embeddings(path: Path, embedding, genre_index, folds, base_sha256="00" * 32) -> Path:
+    names = [f"{GENRES[g]}.{i:05d}.wav".encode() for i, g in enumerate(genre_index)]
+    with h5py.File(path, "w") as hf:
+        hf.create_dataset("audio_name", data=np.array(names))
+        hf.create_dataset("embedding", data=np.asarray(embedding, np.float32))
+        hf.create_dataset("target", data=np.eye(len(GENRES), dtype=np.float32)[genre_index])
+        hf.create_dataset("fold", data=np.asarray(folds, np.int32))
+        hf.attrs.update(
+            {"genres": list(GENRES), "base_sha256": base_sha256, "pretrained": "synthetic"}
+        )
+    return path
+
+
+def test_head_copes_with_dead_and_badly_scaled_dimensions(tmp_path):
+    # Ten classes as clusters; dimensions scaled over six orders of magnitude, and a
+    # block of dimensions that are zero on the training folds (ReLUs that never fire)
+    # but not on the held-out fold.
+    rng = np.random.default_rng(1)
+    genre_index = np.repeat(np.arange(10), 30)
+    centres = rng.standard_normal((10, 64))
+    x = centres[genre_index] + 0.7 * rng.standard_normal((300, 64))
+    x = np.maximum(x, 0) * np.logspace(-3, 3, 64)
+    folds = np.arange(300) % 10 + 1
+    x[:, :8] = np.where(folds[:, None] == 3, rng.uniform(0, 5, (300, 8)), 0.0)
+    path = write_embeddings(tmp_path / "e.h5", x, genre_index, folds)
+    summary = train_head(path, 3, tmp_path / "head")
+    assert summary["final_heldout_accuracy"] >= 0.8  # chance: 0.1
+    weight = torch.load(tmp_path / "head" / HEAD, weights_only=True)["model"]
+    assert torch.all(weight["fc_transfer.weight"][:, :8] == 0)
+
+
+def test_head_training_is_deterministic_for_a_seed(embedded, tmp_path):
+    def run(seed: int, name: str) -> dict:
+        train_head(
+            embedded / EMBEDDINGS, 1, tmp_path / name,
+            iterations=40, batch_size=8, mixup=True, eval_every=20, seed=seed,
+        )  # fmt: skip
+        return torch.load(tmp_path / name / HEAD, weights_only=True)["model"]
+
+    first, second, other = run(0, "a"), run(0, "b"), run(1, "c")
+    for key in first:
+        assert torch.equal(first[key], second[key])
+    assert (tmp_path / "a" / PREDICTIONS).read_text() == (tmp_path / "b" / PREDICTIONS).read_text()
+    assert not torch.equal(first["fc_transfer.weight"], other["fc_transfer.weight"])
+
+
+def test_head_bad_inputs_are_clear_errors(embedded, tmp_path):
+    with pytest.raises(GenreflowError, match="fold 5 holds no clips"):
+        train_head(embedded / EMBEDDINGS, 5, tmp_path / "out")
+    with pytest.raises(GenreflowError, match="not found"):
+        train_head(tmp_path / "missing.h5", 1, tmp_path / "out")
+    with pytest.raises(GenreflowError, match="iterations"):
+        train_head(embedded / EMBEDDINGS, 1, tmp_path / "out", iterations=0)
+    not_ours = tmp_path / "other.h5"
+    with h5py.File(not_ours, "w") as hf:
+        hf.create_dataset("embedding", data=np.zeros((2, 4), np.float32))
+    with pytest.raises(GenreflowError, match="missing audio_name"):
+        train_head(not_ours, 1, tmp_path / "out")
+
+
+def test_train_head_command(embedded, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["train-head", "--embeddings", str(embedded / EMBEDDINGS), "--fold", "2"]
+    assert main([*argv, "--out", str(out), "--iterations", "30", "--eval-every", "10"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / SUMMARY).read_text())
+    assert printed["iterations"] == 30
+    assert printed["config"]["lr"] == 1e-3  # left out: the recipe's default
+    assert main([*argv, "--out", str(out), "--iterations", "0"]) == 2
+
+
+# --- the ensemble ------------------------------------------------------------------------
+def test_ensemble_averages_the_heads_probabilities(features, embedded, heads):
+    ensemble = load_head_ensemble(embedded / BASE, [out / HEAD for out in heads])
+    rows = [0, 7, 20, 31]
+    with h5py.File(features, "r") as hf:
+        waveform = torch.from_numpy(int16_to_float32(hf["waveform"][rows]))
+    with torch.inference_mode():
+        probabilities = ensemble(waveform).double().numpy()
+    assert probabilities.shape == (len(rows), len(GENRES))
+
+    stored = read_embeddings(embedded / EMBEDDINGS).embedding[rows].astype(np.float64)
+    per_head = []
+    for out in heads:
+        state = torch.load(out / HEAD, weights_only=True)["model"]
+        logits = stored @ state["fc_transfer.weight"].double().numpy().T
+        logits += state["fc_transfer.bias"].double().numpy()
+        per_head.append(torch.softmax(torch.from_numpy(logits), dim=-1).numpy())
+    np.testing.assert_allclose(probabilities, np.mean(per_head, axis=0), atol=2e-5)
+    # Asking for training mode changes nothing: inference only.
+    ensemble.train()
+    assert not ensemble.base.training
+
+
+def test_ensemble_refuses_a_head_of_another_base(embedded, heads, tmp_path):
+    genre_index = np.arange(40) % 10
+    path = write_embeddings(
+        tmp_path / "e.h5", np.random.default_rng(0).random((40, 2048)), genre_index,
+        np.arange(40) % 2 + 1, base_sha256="ff" * 32,
+    )  # fmt: skip
+    train_head(path, 1, tmp_path / "foreign", iterations=5, eval_every=5)
+    with pytest.raises(GenreflowError, match="trained on embeddings of the base"):
+        load_head_ensemble(embedded / BASE, [heads[0] / HEAD, tmp_path / "foreign" / HEAD])
+    with pytest.raises(GenreflowError, match="no head"):
+        load_head_ensemble(embedded / BASE, [])
+
+
+def test_exported_fold_model_is_the_base_and_the_head_in_the_seeds_form(embedded, heads, tmp_path):
+    from genreflow.frozen import export_transfer_checkpoint
+    from genreflow.models.checkpoints import load_transfer_model
+
+    path = export_transfer_checkpoint(embedded / BASE, heads[0] / HEAD, tmp_path / "fold1.pth")
+    checkpoint = torch.load(path, weights_only=True)
+    assert {"iteration", "model", "genreflow"} <= set(checkpoint)
+    assert all(k.startswith(("base.", "fc_transfer.")) for k in checkpoint["model"])
+    model, metadata = load_transfer_model(path)
+    assert metadata["fold"] == 1 and metadata["path"] == "frozen-base"
+    data = read_embeddings(embedded / EMBEDDINGS)
+    with torch.no_grad():
+        probabilities = model.head_forward(torch.from_numpy(data.embedding[data.folds == 1]))
+    _, evaluated = _read_predictions(heads[0] / PREDICTIONS)
+    np.testing.assert_allclose(probabilities.exp().double().numpy(), evaluated, atol=2e-5)
+
+
+def test_train_head_help_states_the_recipes_defaults(capsys):
+    from genreflow.frozen import DEFAULT_RECIPE
+
+    with pytest.raises(SystemExit):
+        main(["train-head", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{DEFAULT_RECIPE['iterations']} full-batch steps" in text
+    assert DEFAULT_RECIPE["batch_size"] == 0
+    assert f"lr {DEFAULT_RECIPE['lr']}," in text
+    assert f"weight decay {DEFAULT_RECIPE['weight_decay']}," in text
+    assert ("no mixup" in text) is (not DEFAULT_RECIPE["mixup"])
+    assert f"alpha {DEFAULT_RECIPE['mixup_alpha']}" in text
+    assert f"every {DEFAULT_RECIPE['eval_every']} steps" in text
+    assert f"seed {DEFAULT_RECIPE['seed']}." in text
