@@ -12,6 +12,7 @@ def aggregate(
     folds: dsl.Input[List[dsl.Model]],
     expected_folds: List[int],
     min_folds: int,
+    clip_seconds: float,
     tracking_uri: str,
     parent_run_id: str,
     registered_model: str,
@@ -27,6 +28,7 @@ def aggregate(
         folds: the fold folders (predictions.csv, summary.json, checkpoint).
         expected_folds: the folds the pipeline ran; a missing one is named in the report.
         min_folds: fewer usable folds than this is an error; between it and all, partial.
+        clip_seconds: the clip length the models read (the ensemble's input size).
         tracking_uri: MLflow tracking URI ("" = no tracking).
         parent_run_id: the parent run that receives the aggregate and is closed here.
         registered_model: registry name for the fold ensemble ("" = log, do not register).
@@ -40,21 +42,33 @@ def aggregate(
     import shutil
 
     from genreflow.aggregate import aggregate as pool
+    from genreflow.aggregate import flat_metrics
+    from genreflow.audio import clip_samples
     from genreflow.data.genres import GENRES
     from genreflow.tracking import finish_pipeline_run, log_ensemble
 
     fold_dirs = [fold.path for fold in folds]
     summary = pool(fold_dirs, results.path, expected_folds=expected_folds, min_folds=min_folds)
     shutil.copyfile(os.path.join(results.path, "report.html"), report.path)
-    headline = summary["metrics"]
+    headline = flat_metrics(summary)
     for key, value in headline.items():
         metrics.log_metric(key, value)
-    confusion.log_confusion_matrix(list(GENRES), summary["confusion_matrix"])
+    confusion.log_confusion_matrix(list(GENRES), summary["confusion"]["matrix"])
     if tracking_uri:
+        # A frozen base is stored once beside the folds' heads; else each fold is whole.
         base = os.path.join(embeddings.path, "base.pth") if embeddings else None
-        log_ensemble(
-            tracking_uri, parent_run_id, fold_dirs, base=base, registered_name=registered_model
+        checkpoint = "head.pth" if embeddings else "last.pth"
+        usable = [d for d in fold_dirs if os.path.exists(os.path.join(d, checkpoint))]
+        model_uri = log_ensemble(
+            tracking_uri,
+            parent_run_id,
+            [os.path.join(d, checkpoint) for d in usable],
+            clip_samples=clip_samples(clip_seconds),
+            base=base,
+            registered_name=registered_model,
+            workdir=results.path + ".mlflow",
         )
+        print(f"fold ensemble logged as {model_uri}")
         finish_pipeline_run(
             tracking_uri,
             parent_run_id,

@@ -503,6 +503,31 @@ def _interval_text(interval: dict | None) -> str:
     return f"[{interval['low']:.4f}, {interval['high']:.4f}] (+- {interval['half_width']:.4f})"
 
 
+def flat_metrics(report: dict) -> dict[str, float]:
+    """The report's numbers as flat name -> value pairs: what MLflow and the KFP UI show.
+
+    Per metric: each fold's value, mean, standard deviation, min, max and both intervals
+    (None-valued entries, e.g. the sd of a single split, are left out).
+    """
+    acc = report["accuracy"]
+    metrics = {
+        "accuracy_mean": acc["mean"],
+        "accuracy_std": acc["std"],
+        "accuracy_min": acc["min"],
+        "accuracy_max": acc["max"],
+        "pooled_accuracy": report["pooled_accuracy"],
+        "macro_f1": report["macro_f1"],
+        "folds_usable": len(report["usable_folds"]),
+    }
+    for name, key in (("ci95", "corrected_ci"), ("naive_ci95", "naive_ci")):
+        if acc.get(key):
+            metrics[f"accuracy_{name}_low"] = acc[key]["low"]
+            metrics[f"accuracy_{name}_high"] = acc[key]["high"]
+    for row in report["folds"]:
+        metrics[f"fold_{row['fold']:02d}_accuracy"] = row["accuracy"]
+    return {k: float(v) for k, v in metrics.items() if v is not None}
+
+
 def headline(report: dict) -> list[str]:
     """The report's key figures as a few lines of plain text (the command prints them)."""
     acc = report["accuracy"]

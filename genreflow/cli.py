@@ -422,7 +422,10 @@ def _run_run(args: argparse.Namespace) -> int:
         overrides=_parse_overrides(args.set),
         cache=not args.no_cache,
     )
-    print(report)
+    from genreflow.aggregate import headline
+
+    print("\n".join(headline(report)))
+    print(f"report: {report['results_dir']}/report.html")
     return 0
 
 

@@ -53,7 +53,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
         experiment: str = "genreflow-gtzan",
         registered_model: str = "genreflow-gtzan-cnn14",
         profile: str = "custom",
-    ):
+    ) -> dsl.Dataset:
         parent = start_run(
             tracking_uri=tracking_uri,
             experiment=experiment,
@@ -88,6 +88,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
         closing = dict(
             expected_folds=folds,
             min_folds=min_folds,
+            clip_seconds=clip_seconds,
             tracking_uri=tracking_uri,
             parent_run_id=parent.output,
             registered_model=registered_model,
@@ -102,11 +103,12 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
                 head = train_head(embeddings=embedded.outputs["embeddings"], fold=fold, **recipe)
                 head.set_display_name("train head").set_caching_options(False)
                 head.set_retry(num_retries=FOLD_RETRIES, backoff_duration="30s")
-            aggregate(
+            frozen_report = aggregate(
                 folds=dsl.Collected(head.outputs["model"]),
                 embeddings=embedded.outputs["embeddings"],
                 **closing,
-            ).set_display_name("aggregate").set_caching_options(False)
+            )
+            frozen_report.set_display_name("aggregate").set_caching_options(False)
 
         with dsl.Else(name="fine-tune"):
             with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:
@@ -116,9 +118,11 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
                 tuned.set_display_name("fine-tune fold").set_caching_options(False)
                 tuned.set_retry(num_retries=FOLD_RETRIES, backoff_duration="60s")
                 _on_gpu(tuned, accelerator)
-            aggregate(
-                folds=dsl.Collected(tuned.outputs["model"]), **closing
-            ).set_display_name("aggregate").set_caching_options(False)
+            tuned_report = aggregate(folds=dsl.Collected(tuned.outputs["model"]), **closing)
+            tuned_report.set_display_name("aggregate").set_caching_options(False)
+
+        # The report folder of whichever branch ran (report.json, confusion.csv, ...).
+        return dsl.OneOf(frozen_report.outputs["results"], tuned_report.outputs["results"])
 
     return cross_validation
 

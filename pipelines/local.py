@@ -32,7 +32,8 @@ def run_local(
     overrides: dict | None = None,
     cache: bool = True,
 ) -> dict:
-    """Run the whole DAG locally; return the aggregate report (report.json) as a dict.
+    """Run the whole DAG locally; return the aggregate report (report.json, plus
+    `results_dir`: where it and the other report files are).
 
     Args:
         workspace: holds the synthetic source, the KFP outputs, the cache and mlflow.db.
@@ -71,6 +72,7 @@ def run_local(
         enable_caching=cache,
         cache_root=str(workspace / "kfp-cache"),
     )
-    task = build_pipeline()(**arguments)
-    results = task.outputs  # the aggregate branch that ran
-    return results
+    results = build_pipeline()(**arguments).output
+    report = json.loads((Path(results.path) / "report.json").read_text())
+    report["results_dir"] = results.path
+    return report

@@ -1,0 +1,268 @@
+"""Embeddings and genre predictions of audio files, from published or fine-tuned checkpoints.
+
+Files are read as packing reads them (decoded, mono, 32 kHz); a file is cut into
+consecutive clips of the checkpoint's clip length (the last one zero-padded, see
+genreflow.audio.load_segments), each clip goes through the model in eval mode, and the
+file's output is the mean over its clips. Several checkpoints (the ten fold models)
+form an ensemble: their per-file probabilities are averaged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from genreflow.audio import CLIP_SECONDS, SAMPLE_RATE, clip_samples, load_segments
+from genreflow.data.genres import GENRES
+from genreflow.errors import GenreflowError
+
+# Clips per forward pass: bounds memory on long files (a 30 s clip is ~4 MB of input and
+# far more in activations).
+BATCH_CLIPS = 8
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when torch sees a GPU, else the CPU; 'cuda' without one is an error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise GenreflowError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GenreflowError("--device cuda: no CUDA device is available to torch here")
+    return torch.device(name)
+
+
+def _check_files(files: Sequence[str]) -> list[str]:
+    files = [str(f) for f in files]
+    if not files:
+        raise GenreflowError("no audio files given")
+    for file in files:
+        if not Path(file).is_file():
+            raise GenreflowError(f"{file}: no such audio file")
+    return files
+
+
+def _clip_samples_for(metadata: dict, clip_seconds: float | None, checkpoint: str) -> int:
+    """The clip length to cut files into: the caller's, else the checkpoint's, else 30 s."""
+    model_config = metadata.get("model_config") or {}
+    rate = metadata.get("sample_rate", model_config.get("sample_rate", SAMPLE_RATE))
+    if int(rate) != SAMPLE_RATE:
+        raise GenreflowError(
+            f"{checkpoint}: expects {rate} Hz audio, but genreflow decodes at {SAMPLE_RATE} Hz"
+        )
+    if clip_seconds is not None:
+        return clip_samples(clip_seconds)
+    if metadata.get("clip_samples"):
+        return int(metadata["clip_samples"])
+    return clip_samples(CLIP_SECONDS)
+
+
+@torch.inference_mode()
+def _mean_over_clips(model, file: str, samples: int, device: torch.device, pick) -> np.ndarray:
+    """pick(model output) averaged over the file's consecutive clips, in float64."""
+    segments = load_segments(file, samples)
+    total = None
+    for start in range(0, len(segments), BATCH_CLIPS):
+        batch = torch.from_numpy(segments[start : start + BATCH_CLIPS]).to(device)
+        value = pick(model(batch)).double().sum(0).cpu().numpy()
+        total = value if total is None else total + value
+    return total / len(segments)
+
+
+def _embedding(output: dict) -> torch.Tensor:
+    return output["embedding"]
+
+
+def _probabilities(output: dict) -> torch.Tensor:
+    # The transfer head returns log-softmax.
+    return output["clipwise_output"].exp()
+
+
+def embed(
+    checkpoint: str,
+    files: Sequence[str],
+    *,
+    clip_seconds: float | None = None,
+    device: str = "auto",
+) -> np.ndarray:
+    """Cnn14 embeddings, one row per file in the order given.
+
+    Args:
+        checkpoint: a published PANNs checkpoint (`{'model': cnn14_state_dict}`), or a
+            fine-tuned one (ours or the seed's); a path, file://, http(s):// or gs:// URI.
+        files: audio files in any format packing reads.
+        clip_seconds: clip length files are cut into; default: the checkpoint's (ours
+            record it), else 30 s.
+        device: 'auto', 'cpu' or 'cuda'.
+
+    Returns:
+        float32 array (len(files), embedding size): 2048 for Cnn14. A file longer than
+        one clip gets the mean of its clips' embeddings.
+    """
+    from genreflow.models.checkpoints import load_model
+
+    files = _check_files(files)
+    torch_device = resolve_device(device)
+    model, metadata = load_model(checkpoint, device=torch_device)
+    samples = _clip_samples_for(metadata, clip_seconds, str(checkpoint))
+    rows = [_mean_over_clips(model, file, samples, torch_device, _embedding) for file in files]
+    return np.stack(rows).astype(np.float32)
+
+
+def predict(
+    checkpoints: Sequence[str],
+    files: Sequence[str],
+    *,
+    clip_seconds: float | None = None,
+    device: str = "auto",
+) -> list[dict]:
+    """Genre probabilities per file from one fine-tuned checkpoint or an ensemble of them.
+
+    For each checkpoint, a file's probabilities are the mean over its clips of the model's
+    softmax output; the ensemble's are the mean over checkpoints.
+
+    Args:
+        checkpoints: fine-tuned transfer checkpoints (ours or the seed's); all must name
+            the same genres.
+        files: audio files in any format packing reads.
+        clip_seconds: clip length; default: each checkpoint's own (ours record it), else 30 s.
+        device: 'auto', 'cpu' or 'cuda'.
+
+    Returns:
+        One dict per file, in order: {'file', 'genre' (the most probable),
+        'probabilities': {genre: probability}}.
+    """
+    checkpoints = [str(c) for c in checkpoints]
+    if not checkpoints:
+        raise GenreflowError("no checkpoint given")
+    files = _check_files(files)
+    torch_device = resolve_device(device)
+
+    genres: list[str] | None = None
+    total = np.zeros(0)
+    # One model in memory at a time: ten Cnn14s would hold 3 GB; decoding a file again
+    # per model costs far less than the model's forward pass.
+    for checkpoint in checkpoints:
+        model, metadata, names = _load_fine_tuned(checkpoint, torch_device)
+        if genres is None:
+            genres = names
+            total = np.zeros((len(files), len(genres)))
+        _check_same_genres(checkpoint, names, checkpoints[0], genres)
+        samples = _clip_samples_for(metadata, clip_seconds, checkpoint)
+        for i, file in enumerate(files):
+            total[i] += _mean_over_clips(model, file, samples, torch_device, _probabilities)
+        del model
+
+    probabilities = total / len(checkpoints)
+    return [
+        {
+            "file": file,
+            "genre": genres[int(np.argmax(row))],
+            "probabilities": {genre: float(p) for genre, p in zip(genres, row, strict=True)},
+        }
+        for file, row in zip(files, probabilities, strict=True)
+    ]
+
+
+def _load_fine_tuned(checkpoint: str, device: torch.device) -> tuple[nn.Module, dict, list[str]]:
+    """A fine-tuned transfer model in eval mode, its metadata and the genres it names."""
+    from genreflow.models.checkpoints import load_transfer_model
+
+    model, metadata = load_transfer_model(checkpoint, device=device)
+    # The seed's checkpoints carry no metadata; their genre order is GTZAN's, ours.
+    genres = [str(g) for g in metadata.get("genres", GENRES)]
+    classes = model.fc_transfer.out_features
+    if len(genres) != classes:
+        raise GenreflowError(
+            f"{checkpoint}: its head has {classes} classes but it names {len(genres)} genres"
+        )
+    return model, metadata, genres
+
+
+def _check_same_genres(checkpoint: str, genres: list[str], first: str, expected: list[str]):
+    if genres != expected:
+        raise GenreflowError(
+            f"{checkpoint}: genres {genres} differ from {first}'s {expected}; "
+            "an ensemble needs one genre order"
+        )
+
+
+class TransferEnsemble(nn.Module):
+    """Fine-tuned fold models as one module: waveforms -> their averaged probabilities.
+
+    Always in eval mode (no dropout, no SpecAugment), whatever the caller asks.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], metadata: Sequence[dict], genres: list[str]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.metadata = list(metadata)
+        self.genres = list(genres)
+        for param in self.parameters():
+            param.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> TransferEnsemble:
+        return super().train(False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) float32 at 32 kHz -> (batch, genres) averaged probabilities."""
+        return torch.stack([m(waveform)["clipwise_output"].exp() for m in self.models]).mean(0)
+
+
+def load_ensemble(
+    checkpoints: Sequence[str | os.PathLike],
+    *,
+    base: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The fold models as one module mapping (batch, samples) waveforms to (batch, genres)
+    probabilities, averaged over the folds; every model is held in memory (a Cnn14 is
+    330 MB), unlike `predict`, which loads one at a time.
+
+    Args:
+        checkpoints: fine-tuned transfer checkpoints; or, with `base`, the head.pth files
+            of the frozen-base path (genreflow.frozen), all trained on that base.
+        base: the frozen-base path's base.pth.
+        device: where the module lives.
+    """
+    checkpoints = [os.fspath(c) for c in checkpoints]
+    if not checkpoints:
+        raise GenreflowError("an ensemble needs at least one checkpoint")
+    if base is not None:
+        from genreflow.frozen import load_head_ensemble
+
+        return load_head_ensemble(base, checkpoints, device=device)
+    models, metadata, genres = [], [], None
+    for checkpoint in checkpoints:
+        model, meta, names = _load_fine_tuned(checkpoint, torch.device(device))
+        genres = genres or names
+        _check_same_genres(checkpoint, names, checkpoints[0], genres)
+        models.append(model)
+        metadata.append(meta)
+    return TransferEnsemble(models, metadata, genres)
+
+
+def format_table(results: list[dict]) -> str:
+    """A plain-text table: file, predicted genre, then every genre's probability."""
+    if not results:
+        return ""
+    genres = list(results[0]["probabilities"])
+    file_width = max(len("file"), *(len(r["file"]) for r in results))
+    genre_width = max(len("genre"), *(len(g) for g in genres))
+    widths = [max(len(g), 5) for g in genres]
+    header = [f"{'file':<{file_width}}", f"{'genre':<{genre_width}}"]
+    header += [f"{g:>{w}}" for g, w in zip(genres, widths, strict=True)]
+    lines = ["  ".join(header)]
+    for result in results:
+        cells = [f"{result['file']:<{file_width}}", f"{result['genre']:<{genre_width}}"]
+        cells += [
+            f"{result['probabilities'][g]:>{w}.3f}" for g, w in zip(genres, widths, strict=True)
+        ]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,685 @@
+"""One cross-validation fold: fine-tune Cnn14 on every fold but K, evaluate on fold K.
+
+Reads top to bottom like nanoGPT's train.py: config, data, model, optimiser, loop,
+evaluation, checkpoint. The defaults are the recipe of the seed
+(qiuqiangkong/panns_transfer_to_gtzan, pytorch/main.py and runme.sh): Adam with lr 1e-4,
+betas (0.9, 0.999), eps 1e-8, no weight decay, amsgrad; batch 32; mixup with alpha 1 on
+pairs of clips (the sampler draws twice the batch and the model mixes them two by two);
+the clip_nll loss; evaluation on the held-out fold every 200 iterations; 10000 iterations.
+
+What it writes to `out/`, each file atomically (temporary file, then os.replace):
+
+- `last.pth`, `best.pth`: the seed's transfer form `{'iteration', 'model'}` plus our
+  metadata under `'genreflow'`. `best.pth` is chosen on the held-out fold, so its accuracy
+  is optimistic; `predictions.csv` and `summary.json`'s final accuracy come from the final
+  model, which is what cross-validation should report.
+- `metrics.csv`: iteration, train_loss (mean since the previous evaluation),
+  heldout_accuracy, seconds (wall time since the run began, resumes included).
+- `predictions.csv`: the held-out fold, one row per clip: audio_name, fold, genre, then one
+  probability column per genre in GENRES order.
+- `summary.json`: fold, iterations, final_accuracy, best_accuracy, best_iteration,
+  n_train, n_heldout, clips_per_second (clips drawn per second of training steps,
+  forward + backward + Adam; with mixup two clips make one example), wall_seconds,
+  device, config, features (a fingerprint), genreflow_version.
+- `resume.pt`, while the run goes on: everything a resume needs (model, optimiser,
+  sampler position, every random state, metrics so far), written last at each evaluation.
+  Killed at any moment, the same command continues from it and ends exactly where an
+  uninterrupted run would (bit for bit on the CPU). summary.json marks a finished run;
+  resume.pt is removed then, and the same command does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from genreflow import __version__
+from genreflow.audio import SAMPLE_RATE
+from genreflow.data.genres import GENRES
+from genreflow.errors import GenreflowError
+from genreflow.inference import resolve_device
+
+LAST, BEST, RESUME = "last.pth", "best.pth", "resume.pt"
+METRICS, PREDICTIONS, SUMMARY = "metrics.csv", "predictions.csv", "summary.json"
+METRICS_COLUMNS = ("iteration", "train_loss", "heldout_accuracy", "seconds")
+
+# The seed's optimiser, spelled out so that it lands in every checkpoint's metadata.
+ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": True}
+LOSS = "clip_nll"
+
+
+# --- config ------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """One fold's run. Saved into every checkpoint's metadata and into summary.json."""
+
+    features: str
+    fold: int
+    out: str
+    pretrained: str | None = None
+    pretrained_sha256: str | None = None
+    freeze_base: bool = False
+    iterations: int = 10000
+    batch_size: int = 32
+    lr: float = 1e-4
+    mixup: bool = True
+    mixup_alpha: float = 1.0
+    eval_every: int = 200
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+
+
+# A resumed run must agree with the saved one on everything that changes its outputs;
+# paths and device may change, and an unfinished run may be given more iterations.
+RESULT_FIELDS = (
+    "fold",
+    "pretrained",
+    "pretrained_sha256",
+    "freeze_base",
+    "batch_size",
+    "lr",
+    "mixup",
+    "mixup_alpha",
+    "eval_every",
+    "seed",
+)
+
+
+def _check_config(config: TrainConfig) -> None:
+    positive = {
+        "--iterations": config.iterations,
+        "--eval-every": config.eval_every,
+        "--batch-size": config.batch_size,
+        "log_every": config.log_every,
+    }
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise GenreflowError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise GenreflowError(f"--lr must be a positive number, got {config.lr!r}")
+    if config.mixup and not config.mixup_alpha > 0:
+        raise GenreflowError(f"mixup_alpha must be > 0, got {config.mixup_alpha!r}")
+
+
+# --- data --------------------------------------------------------------------------------
+@dataclass
+class FoldIndex:
+    """What the HDF5 index says about one fold split."""
+
+    names: list[str]
+    targets: np.ndarray  # (N,) int label indices
+    folds: np.ndarray  # (N,) int
+    attrs: dict
+    train_rows: np.ndarray
+    heldout_rows: np.ndarray
+
+    @property
+    def clip_samples(self) -> int:
+        return int(self.attrs["clip_samples"])
+
+    def fingerprint(self) -> dict:
+        """Enough to tell that a resume reads the same features as the run it continues."""
+        return {
+            "clips": len(self.names),
+            "clip_samples": self.clip_samples,
+            "source_sha256": str(self.attrs.get("source_sha256", "")),
+        }
+
+
+def read_fold_index(features: str, fold: int) -> FoldIndex:
+    """Read the features file's index and split it; every check happens here, before training."""
+    from genreflow.features import read_index
+
+    names, targets, folds, attrs = read_index(features)
+    targets = np.asarray(targets, dtype=np.int64)
+    folds = np.asarray(folds, dtype=np.int64)
+    if int(attrs["sample_rate"]) != SAMPLE_RATE:
+        raise GenreflowError(
+            f"{features}: packed at {attrs['sample_rate']} Hz, but Cnn14 and its pretrained "
+            f"weights expect {SAMPLE_RATE} Hz; pack the dataset again"
+        )
+    present = ", ".join(map(str, sorted(set(folds.tolist())))) or "none"
+    heldout_rows = np.flatnonzero(folds == fold)
+    train_rows = np.flatnonzero(folds != fold)
+    if len(heldout_rows) == 0:
+        raise GenreflowError(f"{features}: fold {fold} has no clips (folds present: {present})")
+    if len(train_rows) == 0:
+        raise GenreflowError(f"{features}: every clip is in fold {fold}, none is left to train on")
+    return FoldIndex([str(n) for n in names], targets, folds, attrs, train_rows, heldout_rows)
+
+
+def _available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class Waveforms:
+    """The int16 clips of the given rows, read from the HDF5 file once.
+
+    They are held in memory when they take at most `max_memory_bytes` (default: half of
+    what the machine has available); otherwise one handle stays open and each batch reads
+    its rows in sorted order, which is what h5py needs for a fancy-indexed read.
+    """
+
+    def __init__(self, features: str, rows: np.ndarray, *, max_memory_bytes: int | None = None):
+        self.rows = np.unique(np.asarray(rows, dtype=np.int64))
+        self._file = h5py.File(features, "r")
+        dataset = self._file["waveform"]
+        self.clip_samples = int(dataset.shape[1])
+        if max_memory_bytes is None:
+            max_memory_bytes = _available_memory_bytes() // 2
+        needed = len(self.rows) * self.clip_samples * dataset.dtype.itemsize
+        self._memory: np.ndarray | None = None
+        self._dataset = dataset
+        if needed <= max_memory_bytes:
+            self._memory = np.empty((len(self.rows), self.clip_samples), dtype=dataset.dtype)
+            # Chunks keep the peak at one copy of the clips plus one chunk.
+            step = 64
+            for start in range(0, len(self.rows), step):
+                self._memory[start : start + step] = dataset[self.rows[start : start + step]]
+            self.close()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._memory is not None:
+            return self._memory[np.searchsorted(self.rows, rows)]
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self._dataset[unique][inverse]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._dataset = None
+
+
+class EpochSampler:
+    """The seed's training sampler: a shuffled epoch order, reshuffled when it runs out.
+
+    It has its own seeded generator and keeps its position, so a resume continues the
+    same sequence of batches. (The seed's sampler advances its pointer before reading it,
+    so its first epoch skips one clip; this one does not.)
+    """
+
+    def __init__(self, rows: np.ndarray, seed: int):
+        self.generator = np.random.default_rng(seed)
+        self.order = self.generator.permutation(np.asarray(rows, dtype=np.int64))
+        self.position = 0
+
+    def next_batch(self, size: int) -> np.ndarray:
+        batch = np.empty(size, dtype=np.int64)
+        for i in range(size):
+            if self.position >= len(self.order):
+                self.generator.shuffle(self.order)
+                self.position = 0
+            batch[i] = self.order[self.position]
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "order": torch.from_numpy(self.order.copy()),
+            "position": self.position,
+            "generator": self.generator.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = state["order"].numpy().astype(np.int64)
+        self.position = int(state["position"])
+        self.generator.bit_generator.state = state["generator"]
+
+
+def _on_device(waveforms: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int16 clips -> float32 in [-1, 1] on `device` (int16 / 32767, as packing stored them).
+
+    The int16 travels and the device divides: half the bytes over PCIe, and no float
+    copy of a batch of 30 s clips on the host.
+    """
+    return torch.from_numpy(waveforms).to(device).float().div_(32767.0)
+
+
+# --- random states -----------------------------------------------------------------------
+# Plain types and tensors only, so that resume.pt loads with torch.load(weights_only=True).
+def _random_states(mixup) -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if mixup is not None:
+        states["mixup"] = mixup.state_dict()
+    return states
+
+
+def _restore_random_states(states: dict, mixup) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(_as_tuples(states["python"]))
+    # A run moved to another machine keeps going; only its CUDA draws differ then.
+    if "cuda" in states and torch.cuda.is_available():
+        if len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+    if mixup is not None:
+        mixup.load_state_dict(states["mixup"])
+
+
+def _as_tuples(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+# --- atomic files ------------------------------------------------------------------------
+def _write_atomic(path: Path, write) -> None:
+    """Call write(binary file) on a temporary file beside path, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); outputs are shared like any other file.
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _csv_text(header, rows) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Temporary files a killed run left behind (a checkpoint is 330 MB)."""
+    if not out.is_dir():
+        return
+    names = (LAST, BEST, RESUME, METRICS, PREDICTIONS, SUMMARY)
+    for name in names:
+        for partial in out.glob(f".{name}.*.tmp"):
+            partial.unlink(missing_ok=True)
+
+
+def _publish_copy(source: Path, target: Path) -> None:
+    """Atomically make `target` a copy of `source`: a hard link where the file system
+    has them (no second 330 MB write), else a real copy."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# --- evaluation --------------------------------------------------------------------------
+@torch.inference_mode()
+def evaluate(model, waveforms: Waveforms, rows: np.ndarray, *, batch_size: int, device, amp):
+    """Per-clip genre probabilities (len(rows), len(GENRES)) of the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    probabilities = []
+    for start in range(0, len(rows), batch_size):
+        batch = _on_device(waveforms[rows[start : start + batch_size]], device)
+        with amp():
+            log_probs = model(batch)["clipwise_output"]
+        probabilities.append(log_probs.float().exp().cpu().numpy().astype(np.float64))
+    model.train(was_training)
+    return np.concatenate(probabilities)
+
+
+def _predictions_csv(index: FoldIndex, probabilities: np.ndarray) -> str:
+    rows = []
+    for row, probs in zip(index.heldout_rows, probabilities, strict=True):
+        genre = GENRES[index.targets[row]]
+        rows.append([index.names[row], int(index.folds[row]), genre, *(f"{p:.8g}" for p in probs)])
+    return _csv_text(("audio_name", "fold", "genre", *GENRES), rows)
+
+
+# --- checkpoint --------------------------------------------------------------------------
+def _metadata(config: TrainConfig, index: FoldIndex) -> dict:
+    """What a checkpoint says about itself, beside the seed's {'iteration', 'model'}."""
+    return {
+        "genres": list(GENRES),
+        "sample_rate": SAMPLE_RATE,
+        "clip_samples": index.clip_samples,
+        "fold": config.fold,
+        "config": dataclasses.asdict(config),
+        "recipe": {
+            "model": "TransferCnn14",
+            "optimizer": "Adam",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in ADAM.items()},
+            "loss": LOSS,
+        },
+        "features": index.fingerprint(),
+        "genreflow_version": __version__,
+    }
+
+
+def _check_same_run(out: Path, saved: dict, config: TrainConfig, index: FoldIndex) -> None:
+    """A run found in `out` must be this config's on the same features, or it is an error."""
+    differ = [f for f in RESULT_FIELDS if saved["config"].get(f) != getattr(config, f)]
+    if differ:
+        details = ", ".join(
+            f"{f}={saved['config'].get(f)!r} there, {getattr(config, f)!r} now" for f in differ
+        )
+        raise GenreflowError(
+            f"{out}: holds a run with other settings ({details}); rerun with the same "
+            "settings to resume, or choose another --out"
+        )
+    if saved["features"] != index.fingerprint():
+        raise GenreflowError(
+            f"{out}: holds a run on other features ({saved['features']}) than "
+            f"{config.features} ({index.fingerprint()}); choose another --out"
+        )
+
+
+def _finished_run(out: Path, config: TrainConfig, index: FoldIndex) -> dict | None:
+    """The summary of a finished run of this config in `out`, or None."""
+    path = out / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        _check_same_run(out, summary, config, index)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GenreflowError(f"{path}: unreadable summary ({exc}); choose another --out") from exc
+    if summary["iterations"] != config.iterations:
+        raise GenreflowError(
+            f"{out}: holds a run finished at iteration {summary['iterations']}; for "
+            f"--iterations {config.iterations} choose another --out (the resume state is "
+            "removed when a run finishes)"
+        )
+    return summary
+
+
+def _resume_state(out: Path, config: TrainConfig, index: FoldIndex) -> dict | None:
+    """The state saved at the last evaluation of an unfinished run in `out`, or None."""
+    path = out / RESUME
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is unusable
+        raise GenreflowError(
+            f"{path}: unreadable resume state ({exc}); delete it to start over"
+        ) from exc
+    _check_same_run(out, state, config, index)
+    if state["iteration"] >= config.iterations:
+        raise GenreflowError(
+            f"{out}: already trained to iteration {state['iteration']}, past "
+            f"--iterations {config.iterations}; choose another --out"
+        )
+    return state
+
+
+def _load_pretrained_checked(config: TrainConfig, model, index: FoldIndex) -> None:
+    """Load --pretrained into the model; a checkpoint of ours must match the features."""
+    from genreflow.models.checkpoints import load_checkpoint, load_pretrained
+
+    # Published checkpoints carry no audio metadata (Cnn14 takes any clip length); ours
+    # and fine-tuned ones say what they were trained on.
+    metadata = load_checkpoint(config.pretrained, sha256=config.pretrained_sha256).get("genreflow")
+    if isinstance(metadata, dict):
+        model_config = metadata.get("model_config") or {}
+        expected = {
+            "sample_rate": metadata.get("sample_rate", model_config.get("sample_rate")),
+            "clip_samples": metadata.get("clip_samples"),
+        }
+        have = {"sample_rate": int(index.attrs["sample_rate"]), "clip_samples": index.clip_samples}
+        for key, want in expected.items():
+            if want is not None and int(want) != have[key]:
+                raise GenreflowError(
+                    f"{config.pretrained}: was trained with {key} {want}, but "
+                    f"{config.features} has {key} {have[key]}; pack the features to match"
+                )
+    load_pretrained(model, config.pretrained, sha256=config.pretrained_sha256)
+
+
+# --- the run -----------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_fold(config: TrainConfig) -> dict:
+    """Train one fold and write its outputs to config.out; returns summary.json's content.
+
+    Rerun with the same config after an interruption, it resumes from the last
+    checkpoint; rerun after it finished, it does nothing and returns the summary.
+    """
+    from genreflow.models.checkpoints import save_checkpoint
+    from genreflow.models.cnn14 import Mixup, do_mixup
+    from genreflow.models.transfer import TransferCnn14
+
+    # Every check that can fail happens before the first step.
+    _check_config(config)
+    index = read_fold_index(config.features, config.fold)
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise GenreflowError(f"{out}: exists and is not a folder")
+    finished = _finished_run(out, config, index)
+    if finished is not None:
+        # Killed between writing summary.json and removing resume.pt: finish the job.
+        (out / RESUME).unlink(missing_ok=True)
+        _log(f"fold {config.fold}: already trained to iteration {config.iterations} in {out}")
+        return finished
+    resume = _resume_state(out, config, index)
+    _remove_partial_writes(out)
+
+    # Model: seeded so that two runs of one config start from the same weights.
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = TransferCnn14(classes_num=len(GENRES), freeze_base=config.freeze_base)
+    if index.clip_samples < model.base.min_training_samples:
+        raise GenreflowError(
+            f"{config.features}: clips of {index.clip_samples} samples are too short to train "
+            f"Cnn14 (SpecAugment needs at least {model.base.min_training_samples})"
+        )
+    if resume is None and config.pretrained:
+        _load_pretrained_checked(config, model, index)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    model.to(device)
+    model.train()
+    if device.type == "cuda":
+        # Every batch has the same shape: let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+
+    # Mixed precision on CUDA only: bf16 needs no loss scaling, and CPU fp32 keeps a
+    # resumed run bit-identical to an uninterrupted one.
+    def amp():
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # Optimiser: the seed's Adam; frozen parameters have no gradient and are left out.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, **ADAM)
+
+    # Data: the index is read; now the clips, once.
+    waveforms = Waveforms(config.features, np.concatenate([index.train_rows, index.heldout_rows]))
+    one_hot = np.eye(len(GENRES), dtype=np.float32)[index.targets]
+    sampler = EpochSampler(index.train_rows, config.seed)
+    mixup = Mixup(config.mixup_alpha, seed=config.seed + 1) if config.mixup else None
+    clips_per_step = config.batch_size * 2 if config.mixup else config.batch_size
+
+    iteration, metrics, best = 0, [], {"accuracy": -1.0, "iteration": 0}
+    seconds_before, train_seconds, clips_seen = 0.0, 0.0, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        sampler.load_state_dict(resume["sampler"])
+        _restore_random_states(resume["random"], mixup)
+        iteration, metrics, best = resume["iteration"], resume["metrics"], resume["best"]
+        seconds_before = resume["seconds"]
+        train_seconds, clips_seen = resume["train_seconds"], resume["clips"]
+        _log(f"fold {config.fold}: resuming from iteration {iteration} in {out}")
+    del resume
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = _metadata(config, index)
+    _log(
+        f"fold {config.fold}: {len(index.train_rows)} training clips, "
+        f"{len(index.heldout_rows)} held out, {index.clip_samples / SAMPLE_RATE:g} s each; "
+        f"{device.type}{' bf16 autocast' if device.type == 'cuda' else ' fp32'}; "
+        f"clips {'in memory' if waveforms.in_memory else 'read from disk per batch'}"
+    )
+
+    started = time.monotonic()
+    loss_sum, loss_count = 0.0, 0
+    rate_clock, rate_clips = time.monotonic(), 0
+    while iteration < config.iterations:
+        # One step of the seed's recipe.
+        step_start = time.monotonic()
+        rows = sampler.next_batch(clips_per_step)
+        batch = _on_device(waveforms[rows], device)
+        target = torch.from_numpy(one_hot[rows]).to(device)
+        if mixup is not None:
+            weights = mixup.get_lambda(clips_per_step).astype(np.float32)
+            mixup_lambda = torch.from_numpy(weights).to(device)
+            with amp():
+                output = model(batch, mixup_lambda)
+            target = do_mixup(target, mixup_lambda)
+        else:
+            with amp():
+                output = model(batch)
+        loss = -torch.mean(torch.sum(target * output["clipwise_output"].float(), dim=-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        iteration += 1
+        loss_value = loss.item()
+        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+        train_seconds += time.monotonic() - step_start
+        clips_seen += clips_per_step
+        rate_clips += clips_per_step
+
+        if iteration % config.log_every == 0 or iteration == config.iterations:
+            now = time.monotonic()
+            rate = rate_clips / max(now - rate_clock, 1e-9)
+            rate_clock, rate_clips = now, 0
+            _log(
+                f"fold {config.fold} iter {iteration}/{config.iterations} "
+                f"loss {loss_value:.4f} {rate:.1f} clips/s"
+            )
+        if iteration % config.eval_every != 0 and iteration != config.iterations:
+            continue
+
+        # Evaluation on the held-out fold.
+        probabilities = evaluate(
+            model,
+            waveforms,
+            index.heldout_rows,
+            batch_size=config.batch_size,
+            device=device,
+            amp=amp,
+        )
+        accuracy = float(np.mean(probabilities.argmax(1) == index.targets[index.heldout_rows]))
+        seconds = seconds_before + time.monotonic() - started
+        metrics.append(
+            {
+                "iteration": iteration,
+                "train_loss": loss_sum / loss_count,
+                "heldout_accuracy": accuracy,
+                "seconds": seconds,
+            }
+        )
+        loss_sum, loss_count = 0.0, 0
+        improved = accuracy > best["accuracy"]
+        if improved:
+            best = {"accuracy": accuracy, "iteration": iteration}
+        _log(
+            f"fold {config.fold} iter {iteration}: held-out accuracy {accuracy:.3f} "
+            f"(best {best['accuracy']:.3f} at {best['iteration']})"
+        )
+
+        # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
+        # at the end: each is written after everything it vouches for, and whatever a
+        # killed run wrote past its last commit point is rewritten identically on resume.
+        _write_text_atomic(
+            out / METRICS,
+            _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
+        )
+        save_checkpoint(out / LAST, model, iteration=iteration, metadata=metadata)
+        if improved:
+            _publish_copy(out / LAST, out / BEST)
+        if iteration < config.iterations:
+            state = {
+                "iteration": iteration,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": sampler.state_dict(),
+                "random": _random_states(mixup),
+                "metrics": metrics,
+                "best": best,
+                "seconds": seconds,
+                "train_seconds": train_seconds,
+                "clips": clips_seen,
+                "config": dataclasses.asdict(config),
+                "features": index.fingerprint(),
+            }
+            _write_atomic(out / RESUME, lambda f, state=state: torch.save(state, f))
+            del state
+            # The logged rate is of training steps, not of evaluating and checkpointing.
+            rate_clock, rate_clips = time.monotonic(), 0
+            continue
+
+        _write_text_atomic(out / PREDICTIONS, _predictions_csv(index, probabilities))
+        summary = {
+            "fold": config.fold,
+            "iterations": iteration,
+            "final_accuracy": accuracy,
+            "best_accuracy": best["accuracy"],
+            "best_iteration": best["iteration"],
+            "n_train": int(len(index.train_rows)),
+            "n_heldout": int(len(index.heldout_rows)),
+            "clips_per_second": clips_seen / train_seconds if train_seconds else 0.0,
+            "wall_seconds": seconds,
+            "device": device.type,
+            "config": dataclasses.asdict(config),
+            "features": index.fingerprint(),
+            "genreflow_version": __version__,
+        }
+        _write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        # The resume state (the model again, plus Adam's moments: 1.3 GB for a fully
+        # fine-tuned Cnn14) has no use once the run is done.
+        (out / RESUME).unlink(missing_ok=True)
+
+    waveforms.close()
+    _log(
+        f"fold {config.fold}: done, held-out accuracy {summary['final_accuracy']:.3f}, "
+        f"{summary['clips_per_second']:.1f} clips/s; outputs in {out}"
+    )
+    return summary
