@@ -21,8 +21,8 @@ def aggregate(
     metrics: dsl.Output[dsl.Metrics],
     confusion: dsl.Output[dsl.ClassificationMetrics],
     embeddings: dsl.Input[dsl.Dataset] = None,
-) -> float:
-    """Write the report, log it and the fold ensemble to MLflow; return the mean accuracy.
+) -> str:
+    """Write the report, log it and the fold ensemble to MLflow; return where `results` is.
 
     Args:
         folds: the fold folders (predictions.csv, summary.json, checkpoint).
@@ -77,4 +77,4 @@ def aggregate(
             tags={"partial": summary["partial"]},
             keep=results.path,
         )
-    return float(headline["accuracy_mean"])
+    return results.uri

@@ -232,13 +232,18 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
         description="Genre probabilities per file; several --checkpoint (the fold models) "
         "are averaged into an ensemble.",
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--checkpoint",
-        required=True,
         action="append",
         dest="checkpoints",
         metavar="CKPT",
         help="a fine-tuned checkpoint; repeat for an ensemble",
+    )
+    source.add_argument(
+        "--model",
+        metavar="URI",
+        help="a fold ensemble in MLflow: models:/NAME/VERSION or runs:/RUN_ID/model",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
     p.add_argument(
@@ -279,11 +284,14 @@ def _run_embed(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
 
-    from genreflow.inference import format_table, predict
+    from genreflow.inference import format_table, predict, predict_model
 
-    results = predict(
-        args.checkpoints, args.files, clip_seconds=args.clip_seconds, device=args.device
-    )
+    if args.model:
+        results = predict_model(args.model, args.files, device=args.device)
+    else:
+        results = predict(
+            args.checkpoints, args.files, clip_seconds=args.clip_seconds, device=args.device
+        )
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
 

@@ -158,7 +158,38 @@ def predict(
             total[i] += _mean_over_clips(model, file, samples, torch_device, _probabilities)
         del model
 
-    probabilities = total / len(checkpoints)
+    return _results(files, genres, total / len(checkpoints))
+
+
+def predict_model(model_uri: str, files: Sequence[str], *, device: str = "auto") -> list[dict]:
+    """Genre probabilities per file from a fold ensemble logged to MLflow by the pipeline.
+
+    Args:
+        model_uri: `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `runs:/RUN_ID/model`;
+            MLFLOW_TRACKING_URI says which server.
+        files: audio files in any format packing reads.
+        device: 'auto', 'cpu' or 'cuda'.
+    """
+    import mlflow.pyfunc
+
+    files = _check_files(files)
+    torch_device = resolve_device(device)
+    try:
+        logged = mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # MLflow raises many types for a missing or foreign model
+        raise GenreflowError(f"{model_uri}: cannot load the model ({exc})") from exc
+    info = logged.metadata.metadata or {}
+    if "clip_samples" not in info:
+        raise GenreflowError(f"{model_uri}: not a genreflow fold ensemble (no clip_samples)")
+    ensemble = logged.unwrap_python_model().ensemble.to(torch_device)
+    rows = [
+        _mean_over_clips(ensemble, file, int(info["clip_samples"]), torch_device, lambda p: p)
+        for file in files
+    ]
+    return _results(files, [str(g) for g in info.get("genres", GENRES)], np.stack(rows))
+
+
+def _results(files: list[str], genres: list[str], probabilities: np.ndarray) -> list[dict]:
     return [
         {
             "file": file,

@@ -290,8 +290,9 @@ def log_ensemble(
     if base is not None:
         artifacts["base"] = str(base)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, clip_samples), "waveform")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(GENRES)), "probabilities")]),
+        # Unnamed tensors: callers pass and get plain arrays, not {name: array} dicts.
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, clip_samples))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(GENRES)))]),
     )
     local = Path(workdir) / ENSEMBLE_ARTIFACT
     save_model(

@@ -53,7 +53,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
         experiment: str = "genreflow-gtzan",
         registered_model: str = "genreflow-gtzan-cnn14",
         profile: str = "custom",
-    ) -> dsl.Dataset:
+    ) -> str:
         parent = start_run(
             tracking_uri=tracking_uri,
             experiment=experiment,
@@ -121,8 +121,8 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
             tuned_report = aggregate(folds=dsl.Collected(tuned.outputs["model"]), **closing)
             tuned_report.set_display_name("aggregate").set_caching_options(False)
 
-        # The report folder of whichever branch ran (report.json, confusion.csv, ...).
-        return dsl.OneOf(frozen_report.outputs["results"], tuned_report.outputs["results"])
+        # Where the report of whichever branch ran is (report.json, report.html, ...).
+        return dsl.OneOf(frozen_report.outputs["Output"], tuned_report.outputs["Output"])
 
     return cross_validation
 

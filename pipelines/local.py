@@ -7,6 +7,7 @@ another instead of in parallel, and ignores GPU requests (with a warning).
 
 from __future__ import annotations
 
+import builtins
 import json
 import sys
 from pathlib import Path
@@ -72,7 +73,13 @@ def run_local(
         enable_caching=cache,
         cache_root=str(workspace / "kfp-cache"),
     )
-    results = build_pipeline()(**arguments).output
-    report = json.loads((Path(results.path) / "report.json").read_text())
-    report["results_dir"] = results.path
+    # kfp.local swaps builtins.print for an indenting one while a task runs and can leave
+    # it swapped; numba (librosa), imported later in this process, then fails to start.
+    original_print = builtins.print
+    try:
+        results = build_pipeline()(**arguments).output  # a local path here
+    finally:
+        builtins.print = original_print
+    report = json.loads((Path(results) / "report.json").read_text())
+    report["results_dir"] = results
     return report

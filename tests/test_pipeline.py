@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from genreflow.cli import main
 from genreflow.data.synth import make_synthetic_gtzan
 from genreflow.pipelines.local import run_local
 
@@ -91,14 +92,26 @@ def test_mlflow_parent_and_ten_folds(demo_run, mlflow_server):
         assert [m.step for m in history] == [100, 200]
 
 
-def test_registered_ensemble_predicts(demo_run, mlflow_server):
+def test_registered_ensemble_predicts(demo_run, mlflow_server, workspace, monkeypatch, capsys):
     import mlflow.pyfunc
+    import soundfile
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     client = MlflowClient(mlflow_server)
     versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
     assert len(versions) == 1
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{versions[0].version}")
+    uri = f"models:/{MODEL_NAME}/{versions[0].version}"
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 64000)
     waveforms = np.random.default_rng(0).uniform(-0.1, 0.1, (3, 64000)).astype(np.float32)
     probabilities = model.predict(waveforms)
     assert probabilities.shape == (3, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+    # `genreflow predict --model` cuts a file into the model's clips and averages them.
+    song = workspace / "song.wav"
+    soundfile.write(song, np.concatenate([waveforms[0], waveforms[1]]), 32000)
+    assert main(["predict", "--model", uri, str(song), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    expected = probabilities[:2].mean(axis=0)
+    np.testing.assert_allclose(list(result["probabilities"].values()), expected, atol=1e-4)
