@@ -34,10 +34,10 @@ install: $(BIN)/python ## create .venv and install genreflow with its test extra
 	$(BIN)/pip install --quiet -e '.[test]'
 
 lint: install ## ruff: lint and format check
-	$(BIN)/ruff check genreflow tests
-	$(BIN)/ruff format --check genreflow tests
+	$(BIN)/ruff check genreflow components pipelines tests bench docker
+	$(BIN)/ruff format --check genreflow components pipelines tests bench docker
 
-test: install ## install, then run the whole test suite
+test: lint ## install, lint, then run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 run: install ## the whole pipeline through kfp.local on the embedded default (PROFILE)

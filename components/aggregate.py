@@ -1,7 +1,5 @@
 """Pool the folds' held-out predictions into the cross-validation report; close the parent run."""
 
-from typing import List
-
 from kfp import dsl
 
 from genreflow.components.images import CPU_IMAGE
@@ -9,8 +7,8 @@ from genreflow.components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def aggregate(
-    folds: dsl.Input[List[dsl.Model]],
-    expected_folds: List[int],
+    folds: dsl.Input[list[dsl.Model]],
+    expected_folds: list[int],
     min_folds: int,
     clip_seconds: float,
     tracking_uri: str,

@@ -678,7 +678,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"genreflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_download, _add_pack, _add_train, _add_inference, _add_aggregate, _add_pipeline, _add_frozen, _add_submit):
+    for add in (
+        _add_synth,
+        _add_download,
+        _add_pack,
+        _add_train,
+        _add_inference,
+        _add_aggregate,
+        _add_pipeline,
+        _add_frozen,
+        _add_submit,
+    ):
         add(sub)
     return parser
 

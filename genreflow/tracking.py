@@ -39,7 +39,7 @@ class TrackingError(GenreflowError):
 
 
 def default_tracking_uri(workspace: str | Path = "workspace") -> str:
-    """`MLFLOW_TRACKING_URI` when set, else a sqlite file in the workspace (the embedded default)."""
+    """`MLFLOW_TRACKING_URI` when set, else workspace/mlflow.db (the embedded default)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
@@ -198,7 +198,9 @@ def log_fold(
                     metrics.append(Metric(key, float(row[key]), now, step))
         for key in ("final_accuracy", "best_accuracy", "clips_per_second", "wall_seconds"):
             if isinstance(summary.get(key), (int, float)):
-                metrics.append(Metric(key, float(summary[key]), now, int(summary.get("iterations", 0))))
+                metrics.append(
+                    Metric(key, float(summary[key]), now, int(summary.get("iterations", 0)))
+                )
         for start in range(0, len(metrics), 500):  # the REST API caps a batch at 1000 items
             client.log_batch(run_id, metrics=metrics[start : start + 500])
         for path in artifacts:

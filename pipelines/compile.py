@@ -23,7 +23,7 @@ def images(cpu: str | None = None, gpu: str | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        for container, image in zip(containers, saved):
+        for container, image in zip(containers, saved, strict=True):
             container.image = image
 
 

@@ -8,9 +8,6 @@
 5. aggregate  pool the held-out predictions, report, log and register the fold ensemble
 """
 
-
-from typing import List
-
 from kfp import dsl
 
 from genreflow.components.aggregate import aggregate
@@ -47,7 +44,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
         mixup: bool = True,
         eval_every: int = 200,
         seed: int = 0,
-        folds: List[int] = FOLDS,
+        folds: list[int] = FOLDS,
         min_folds: int = 10,
         tracking_uri: str = "",
         experiment: str = "genreflow-gtzan",

@@ -48,7 +48,10 @@ def test_pipeline_structure(tmp_path):
 
     components = doc["components"]
     iterators = [
-        t for c in components.values() if "dag" in c for t in c["dag"]["tasks"].values()
+        t
+        for c in components.values()
+        if "dag" in c
+        for t in c["dag"]["tasks"].values()
         if "parameterIterator" in t
     ]
     assert len(iterators) == 2  # one loop per branch (frozen base, fine-tune)
@@ -61,7 +64,10 @@ def test_pipeline_structure(tmp_path):
     assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert train["resources"]["accelerator"]["resourceCount"] == "1"
     retried = [
-        t for c in components.values() if "dag" in c for t in c["dag"]["tasks"].values()
+        t
+        for c in components.values()
+        if "dag" in c
+        for t in c["dag"]["tasks"].values()
         if "retryPolicy" in t
     ]
     assert {t["componentRef"]["name"] for t in retried} == {"comp-train", "comp-train-head"}
