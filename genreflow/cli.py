@@ -105,7 +105,12 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "targets and the seed's folds in one HDF5 file.",
     )
     p.add_argument("--dataset", required=True, type=Path, help="extracted GTZAN tree")
-    p.add_argument("--out", required=True, type=Path, help="HDF5 file to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE|gs://",
+        help="HDF5 file to write: a path, or gs://BUCKET/OBJECT (packed locally, then uploaded)",
+    )
     p.add_argument(
         "--clip-seconds", type=float, default=30.0, help="clip length in seconds (default 30)"
     )
@@ -152,9 +157,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "resumes from the last checkpoint; rerun when finished, it does nothing. The "
         "defaults are the seed's recipe (panns_transfer_to_gtzan).",
     )
-    p.add_argument("--features", required=True, metavar="FILE", help="packed features.h5")
+    p.add_argument(
+        "--features",
+        required=True,
+        metavar="FILE|URL|gs://",
+        help="packed features.h5: a path, http(s):// or gs:// (downloaded once, cached)",
+    )
     p.add_argument("--fold", required=True, type=int, metavar="K", help="held-out fold")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR|gs://",
+        help="output folder, or gs://BUCKET/PREFIX: trained in a local folder in the cache, "
+        "uploaded at each checkpoint and at the end",
+    )
     p.add_argument(
         "--pretrained",
         metavar="PATH|URL|gs://",
@@ -178,6 +194,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="(default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16 autocast or fp32; auto (default): bf16 where the GPU or CPU computes in "
+        "bf16 natively (CPU flags avx512_bf16, amx_bf16), else fp32",
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -199,6 +222,7 @@ def _run_train(args: argparse.Namespace) -> int:
             eval_every=args.eval_every,
             seed=args.seed,
             device=args.device,
+            precision=args.precision,
         )
     )
     print(
@@ -446,7 +470,12 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
         "and write DIR/embeddings.h5 and DIR/base.pth (the base that made them). Killed, "
         "the same command resumes; rerun when finished, it does nothing.",
     )
-    p.add_argument("--features", required=True, metavar="FILE", help="packed features.h5")
+    p.add_argument(
+        "--features",
+        required=True,
+        metavar="FILE|URL|gs://",
+        help="packed features.h5: a path, http(s):// or gs:// (downloaded once, cached)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument(
         "--pretrained",
@@ -471,7 +500,12 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
         "1000 full-batch steps (batch size 0), lr 0.001, weight decay 1.0, no mixup "
         "(alpha 1.0 when on), evaluation every 100 steps, seed 0.",
     )
-    p.add_argument("--embeddings", required=True, metavar="FILE", help="embeddings.h5")
+    p.add_argument(
+        "--embeddings",
+        required=True,
+        metavar="FILE|URL|gs://",
+        help="embeddings.h5: a path, http(s):// or gs:// (downloaded once, cached)",
+    )
     p.add_argument("--fold", required=True, type=int, metavar="K", help="held-out fold, 1..10")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--iterations", type=int, metavar="N", help="optimiser steps")

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from genreflow import __version__
+from genreflow import __version__, storage
 from genreflow.audio import (
     SAMPLE_RATE,
     AudioDecodeError,
@@ -60,7 +60,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 class PackSummary:
     """What a pack did; `str()` gives the one-line throughput report."""
 
-    path: Path
+    path: Path | str
     clips: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     per_genre: dict[str, int] = field(default_factory=dict)
@@ -100,7 +100,8 @@ def pack(
 
     Args:
         dataset: an extracted GTZAN tree in any layout genreflow.data.layout knows.
-        out: the HDF5 file to write; replaced only once the new one is complete.
+        out: the HDF5 file to write; replaced only once the new one is complete. A
+            gs://BUCKET/OBJECT is packed locally and uploaded when complete.
         clip_seconds: clip length; longer files are trimmed, shorter ones zero-padded.
         workers: decoding processes (default: the usable cores; 1 decodes in-process).
         on_error: "skip" leaves an unreadable clip out and records why; "fail" stops.
@@ -112,6 +113,19 @@ def pack(
         GenreflowError: bad arguments, a missing or empty genre (also one whose clips are
             all unreadable), or with on_error="fail" the first unreadable clip.
     """
+    if storage.local_path(out) is None:
+        with storage.output_file(out) as staging:
+            summary = pack(
+                dataset,
+                staging,
+                clip_seconds=clip_seconds,
+                workers=workers,
+                on_error=on_error,
+                source_sha256=source_sha256,
+                progress=progress,
+            )
+        summary.path = str(out)
+        return summary
     if on_error not in ON_ERROR_CHOICES:
         raise GenreflowError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}: {on_error!r}")
     if source_sha256 is None:
@@ -123,7 +137,7 @@ def pack(
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise GenreflowError(f"workers must be at least 1, got {workers}")
-    out = Path(out)
+    out = storage.local_path(out)
     if out.is_dir():
         raise GenreflowError(f"{out}: is a folder; --out names the HDF5 file to write")
 
@@ -300,6 +314,10 @@ def _decode_task(paths: list[str], n_samples: int) -> list[np.ndarray | str]:
 def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Names, genre indices, folds and attributes of a packed file, after checking it.
 
+    Args:
+        features_path: a path, file://, http(s):// or gs:// URI (remote: downloaded once
+            into the cache).
+
     Returns:
         (names, targets, folds, attrs): str names (N,), int64 genre indices (N,), int32
         folds (N,), and the attributes as plain Python values plus `skipped`, a list of
@@ -308,7 +326,7 @@ def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
     Raises:
         GenreflowError: the file is missing, not HDF5, or not a complete genreflow file.
     """
-    path = Path(features_path)
+    path = storage.input_path(features_path)
     if not path.is_file():
         raise GenreflowError(f"{path}: features file not found")
     try:

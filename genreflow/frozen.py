@@ -93,7 +93,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from genreflow import __version__
+from genreflow import __version__, storage
 from genreflow.data.genres import FOLDS, GENRES
 from genreflow.errors import GenreflowError
 
@@ -245,7 +245,7 @@ def _read_features(features: str | os.PathLike) -> _FeaturesIndex:
     from genreflow.audio import SAMPLE_RATE
     from genreflow.features import read_index
 
-    path = Path(features)
+    path = storage.input_path(features)  # gs:// and http(s):// downloaded once, to the cache
     read_index(path)  # the packed file's own checks: datasets, shapes, genres, folds
     with h5py.File(path, "r") as hf:
         names = hf["audio_name"][:]
@@ -336,7 +336,8 @@ def embed_features(
     """Push every packed clip through the Cnn14 base once and store the embeddings.
 
     Args:
-        features: a packed features.h5 (genreflow.features).
+        features: a packed features.h5 (genreflow.features): a path, file://, http(s)://
+            or gs:// URI.
         out: folder for `embeddings.h5` and `base.pth`.
         pretrained: checkpoint for the base (path, file://, http(s)://, gs://): published
             PANNs form or one of our fine-tuned checkpoints (its base is used). None: a
@@ -553,8 +554,9 @@ class EmbeddingsFile:
 
 
 def read_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
-    """Read and check an embeddings.h5 written by `embed_features`."""
-    path = Path(path)
+    """Read and check an embeddings.h5 written by `embed_features` (a path or a URI: gs://
+    and http(s):// are downloaded once, into the cache)."""
+    path = storage.input_path(path)
     if not path.is_file():
         raise GenreflowError(f"{path}: embeddings file not found")
     try:
@@ -655,7 +657,8 @@ def train_head(
     """Train the genre head on stored embeddings of folds != `fold`; evaluate on `fold`.
 
     Args:
-        embeddings: an embeddings.h5 from `embed_features`.
+        embeddings: an embeddings.h5 from `embed_features`: a path or a gs:// (http(s)://)
+            URI.
         fold: the held-out fold (1..10).
         out: folder for metrics.csv, predictions.csv, summary.json and head.pth.
         iterations: optimiser steps.

@@ -1,7 +1,10 @@
 """One way to read and write local paths, file://, http(s):// and gs:// URIs.
 
 Every step that takes a path (dataset source, pretrained weights, outputs) goes through
-here, so a user can swap a local file for a URL or a bucket by changing one argument.
+here, so a user can swap a local file for a URL or a bucket by changing one argument:
+`input_path` gives a local path to read any of them from (remote ones downloaded once into
+the cache), `output_file` and `output_folder` a local place to write that is published to
+gs:// when the writing is done.
 
 Downloads stream to ``<dest>.part`` and are renamed to ``dest`` only once the requested
 checksums hold, so a file at ``dest`` is always complete. HTTP downloads resume an
@@ -11,10 +14,12 @@ back-off; gs:// goes through google-cloud-storage, imported only when a gs:// UR
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.error
@@ -35,9 +40,10 @@ CHUNK_BYTES = 1 << 20
 HTTP_TIMEOUT_S = 60.0
 # Longest wait we accept from a server's Retry-After before trying again anyway.
 MAX_RETRY_AFTER_S = 120.0
-# Uploads to gs:// always go through the resumable protocol, in chunks of this size
-# (a multiple of 256 KiB, as the API requires).
-GCS_CHUNK_BYTES = 8 * 1024 * 1024
+# Uploads to gs:// always go through the resumable protocol, in chunks of this size (a
+# multiple of 256 KiB, as the API requires): one request per chunk, so a 330 MB checkpoint
+# takes 11 round trips, and an interrupted chunk costs at most this much to send again.
+GCS_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 # --- URIs --------------------------------------------------------------------------------
@@ -83,6 +89,15 @@ def _split_gs(uri: str) -> tuple[str, str]:
     if not bucket or not name or name.endswith("/"):
         raise GenreflowError(f"{uri}: expected gs://BUCKET/OBJECT naming one object")
     return bucket, name
+
+
+def _gs_folder(uri: str) -> str:
+    """gs://BUCKET or gs://BUCKET/PREFIX, without a trailing slash; objects go below it."""
+    bucket, _, prefix = str(uri)[len("gs://") :].partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or "//" in prefix:
+        raise GenreflowError(f"{uri}: expected gs://BUCKET or gs://BUCKET/PREFIX for a folder")
+    return f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
 
 
 def file_name_of(uri: str | Path) -> str:
@@ -451,7 +466,11 @@ def _gcs_errors(uri: str) -> Iterator[None]:
     except api_exceptions.GoogleAPICallError as exc:
         raise GenreflowError(f"{uri}: {exc}") from exc
     except DataCorruption as exc:
-        raise GenreflowError(f"{uri}: transfer checksum mismatch: {exc}") from exc
+        # The client's own message spans a dozen lines; the traceback keeps it.
+        raise GenreflowError(
+            f"{uri}: transfer checksum mismatch: the bytes that arrived differ from the "
+            "object's crc32c/md5; nothing was kept"
+        ) from exc
 
 
 class _CountingWriter:
@@ -476,13 +495,52 @@ def _fetch_gs(uri: str, part: Path, *, progress: bool) -> None:
         blob = gcs_client().bucket(bucket_name).get_blob(object_name)
         if blob is None:
             raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
-        with (
-            open(part, "wb") as out,
-            _progress_bar(blob.size, 0, object_name.rsplit("/", 1)[-1], progress) as bar,
-        ):
-            # The client retries transient errors and checks the object's own
-            # crc32c/md5 on the way ("auto"); ours (sha256/md5) are checked after.
-            blob.download_to_file(_CountingWriter(out, bar.update), checksum="auto")
+        try:
+            with (
+                open(part, "wb") as out,
+                _progress_bar(blob.size, 0, object_name.rsplit("/", 1)[-1], progress) as bar,
+            ):
+                # The client retries transient errors and checks the object's own
+                # crc32c/md5 on the way ("auto"); ours (sha256/md5) are checked after.
+                blob.download_to_file(_CountingWriter(out, bar.update), checksum="auto")
+        except BaseException:
+            part.unlink(missing_ok=True)  # gs:// downloads start over; nothing to resume
+            raise
+
+
+def _gcs_stamp(uri: str) -> dict[str, int]:
+    """The object's generation and size: what tells a cached copy from a replaced object."""
+    bucket_name, object_name = _split_gs(uri)
+    with _gcs_errors(uri):
+        blob = gcs_client().bucket(bucket_name).get_blob(object_name)
+    if blob is None:
+        raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
+    return {"generation": int(blob.generation), "size": int(blob.size)}
+
+
+def _gcs_exists(uri: str) -> bool:
+    bucket_name, object_name = _split_gs(uri)
+    with _gcs_errors(uri):
+        return gcs_client().bucket(bucket_name).get_blob(object_name) is not None
+
+
+def _upload_gs(local: Path, uri: str) -> dict[str, int]:
+    """Upload through the resumable protocol, checksum-checked; the new object's stamp."""
+    bucket_name, object_name = _split_gs(uri)
+    with _gcs_errors(uri):
+        blob = gcs_client().bucket(bucket_name).blob(object_name, chunk_size=GCS_CHUNK_BYTES)
+        # The object appears only when the last chunk is in and the server's checksum of
+        # the whole matches the client's ("auto": crc32c, else md5).
+        blob.upload_from_filename(str(local), checksum="auto")
+    return {"generation": int(blob.generation), "size": int(blob.size)}
+
+
+def _delete_gs(uri: str) -> None:
+    from google.api_core import exceptions as api_exceptions
+
+    bucket_name, object_name = _split_gs(uri)
+    with _gcs_errors(uri), contextlib.suppress(api_exceptions.NotFound):
+        gcs_client().bucket(bucket_name).blob(object_name).delete()
 
 
 # --- cache -------------------------------------------------------------------------------
@@ -492,6 +550,23 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
         return Path(cache_dir)
     env = os.environ.get("GENREFLOW_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "genreflow"
+
+
+def _cache_slot(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
+    key = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    return cache_root(cache_dir) / key / (file_name_of(uri) or "download")
+
+
+def _stamp_file(dest: Path) -> Path:
+    """Beside a cached copy of a gs:// object: the generation it was downloaded at."""
+    return dest.with_name(dest.name + ".gcs.json")
+
+
+def _read_stamp(dest: Path) -> dict | None:
+    try:
+        return json.loads(_stamp_file(dest).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def cached(
@@ -507,6 +582,9 @@ def cached(
     A local path is returned as it is, after checking the checksums when any are given.
     A remote file lands in ``<cache>/<hash of the URI>/<its file name>``: one folder per
     URI, so two files with the same name never collide, and the name stays readable.
+    Given a checksum, the copy is checked against it. A gs:// object without one (a
+    features file, say) is checked with one metadata request instead: an object replaced
+    since it was cached (a new generation) is downloaded again.
     """
     path = local_path(uri)
     if path is not None:
@@ -515,17 +593,47 @@ def cached(
         if sha256 or md5:
             verify(path, sha256=sha256, md5=md5, label=str(uri))
         return path
-    key = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
-    dest = cache_root(cache_dir) / key / (file_name_of(uri) or "download")
+    dest = _cache_slot(uri, cache_dir)
+    stamp = None
+    if _scheme(uri) == "gs" and not (sha256 or md5):
+        stamp = _gcs_stamp(str(uri))
     if dest.is_file():
-        if not (sha256 or md5):
+        if stamp is not None:
+            if _read_stamp(dest) == stamp:
+                return dest
+            print(f"{uri}: changed since {dest} was downloaded; downloading again", file=sys.stderr)
+        elif not (sha256 or md5):
             return dest  # fetch() renames into place only when complete
-        try:
-            verify(dest, sha256=sha256, md5=md5, label=str(dest))
-            return dest
-        except GenreflowError as exc:
-            print(f"{exc}; downloading again", file=sys.stderr)
-    return fetch(uri, dest, sha256=sha256, md5=md5, progress=progress)
+        else:
+            try:
+                verify(dest, sha256=sha256, md5=md5, label=str(dest))
+                return dest
+            except GenreflowError as exc:
+                print(f"{exc}; downloading again", file=sys.stderr)
+    _stamp_file(dest).unlink(missing_ok=True)
+    fetch(uri, dest, sha256=sha256, md5=md5, progress=progress)
+    if stamp is not None:
+        # The stamp read before the download: should the object have been replaced in
+        # between, the next call sees a newer generation and downloads again.
+        _stamp_file(dest).write_text(json.dumps(stamp))
+    return dest
+
+
+def input_path(
+    uri: str | Path, *, sha256: str | None = None, md5: str | None = None, progress: bool = True
+) -> Path:
+    """A local path to read ``uri`` from: how every step opens an input it is given.
+
+    A plain path or file:// URI is returned as it is, unchecked, so that the caller's own
+    "not found" message stands; http(s):// and gs:// go through `cached` (downloaded once,
+    verified, and for gs:// downloaded again when the object has been replaced).
+    """
+    path = local_path(uri)
+    if path is not None:
+        if sha256 or md5:
+            verify(path, sha256=sha256, md5=md5, label=str(uri))
+        return path
+    return cached(uri, sha256=sha256, md5=md5, progress=progress)
 
 
 # --- upload ------------------------------------------------------------------------------
@@ -543,10 +651,7 @@ def upload(local: str | Path, uri: str | Path, *, progress: bool = True) -> None
     if scheme in ("http", "https"):
         raise GenreflowError(f"{uri}: cannot upload over HTTP; use a local path or gs://")
     if scheme == "gs":
-        bucket_name, object_name = _split_gs(str(uri))
-        with _gcs_errors(str(uri)):
-            blob = gcs_client().bucket(bucket_name).blob(object_name, chunk_size=GCS_CHUNK_BYTES)
-            blob.upload_from_filename(str(local), checksum="auto")
+        _upload_gs(local, str(uri))
         return
     dest = local_path(uri)
     assert dest is not None
@@ -559,17 +664,139 @@ def upload(local: str | Path, uri: str | Path, *, progress: bool = True) -> None
     os.replace(part, dest)
 
 
+# --- writing outputs through a local stand-in ---------------------------------------------
+def _check_writable(uri: str | Path) -> None:
+    if _scheme(uri) in ("http", "https"):
+        raise GenreflowError(f"{uri}: cannot write to an http(s):// URL; use a local path or gs://")
+
+
+@contextmanager
+def output_file(uri: str | Path) -> Iterator[Path]:
+    """Where to write the file that belongs at ``uri``; it is published when the block ends.
+
+    A plain path or file:// URI gives that path itself (the writer makes its own write
+    atomic). For gs:// it gives a path in the cache: when the block ends without an
+    error, the file is uploaded (resumable, checksum-checked; the object appears only
+    when complete) and becomes the cached copy that `input_path` returns for ``uri``, so
+    reading it back on this machine downloads nothing. After an error nothing is uploaded.
+    """
+    path = local_path(uri)
+    if path is not None:
+        yield path
+        return
+    _check_writable(uri)
+    _split_gs(str(uri))  # a malformed URI fails before the work, not after it
+    dest = _cache_slot(uri)
+    staging = dest.parent / "publishing" / dest.name
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.unlink(missing_ok=True)
+    try:
+        yield staging
+        stamp = _upload_gs(staging, str(uri))
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    _stamp_file(dest).unlink(missing_ok=True)
+    os.replace(staging, dest)
+    _stamp_file(dest).write_text(json.dumps(stamp))
+
+
+class OutputFolder:
+    """A local folder that stands in for an output folder ``uri`` (a gs:// prefix).
+
+    Steps write into ``path``; `publish` uploads files to the same names under ``uri``
+    and `pull` brings one back. For a local output folder ``path`` is the folder itself
+    and ``uri`` is None: publishing does nothing and there is nothing to pull.
+    """
+
+    def __init__(self, path: Path, uri: str | None = None):
+        self.path = path
+        self.uri = uri
+
+    def uri_of(self, name: str) -> str:
+        """The object a file of this folder is published to."""
+        return f"{self.uri}/{name}"
+
+    def publish(self, *names: str) -> None:
+        """Upload these files (relative paths), in the order given."""
+        if self.uri is None:
+            return
+        for name in names:
+            upload(self.path / name, self.uri_of(name))
+
+    def pull(self, name: str) -> bool:
+        """Download ``name`` from ``uri`` into the folder; False if there is no such object."""
+        if self.uri is None or not _gcs_exists(self.uri_of(name)):
+            return False
+        fetch(self.uri_of(name), self.path / name, progress=False)
+        return True
+
+    def unpublish(self, *names: str) -> None:
+        """Delete these objects under ``uri`` where they exist."""
+        if self.uri is None:
+            return
+        for name in names:
+            _delete_gs(self.uri_of(name))
+
+    def files(self) -> list[str]:
+        """Relative paths of the folder's files, leaving out hidden ones (temporary files)."""
+        return sorted(
+            path.relative_to(self.path).as_posix()
+            for path in self.path.rglob("*")
+            if path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(self.path).parts)
+        )
+
+
+@contextmanager
+def output_folder(
+    uri: str | Path, *, commit: str | None = None, transient: tuple[str, ...] = ()
+) -> Iterator[OutputFolder]:
+    """A folder to write outputs into that are published to ``uri`` when the block ends.
+
+    A plain path or file:// URI gives that folder itself. For gs://BUCKET/PREFIX it gives
+    a working folder in the cache, ``<cache>/work/<hash of the URI>``, the same one for
+    the same URI, so a step killed on this machine finds its partial work there again.
+    When the block ends without an error, every file in it is uploaded under the prefix,
+    ``commit`` last (the file whose presence says the rest is complete); then the
+    ``transient`` names the folder no longer holds (a finished run's resume state) are
+    deleted from the bucket, and the working folder is removed. After an error nothing is
+    uploaded and the working folder stays for the next attempt.
+    """
+    path = local_path(uri)
+    if path is not None:
+        yield OutputFolder(path)
+        return
+    _check_writable(uri)
+    folder_uri = _gs_folder(str(uri))
+    work = cache_root() / "work" / hashlib.sha256(folder_uri.encode()).hexdigest()[:16]
+    work.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(work, folder_uri)
+    yield folder
+    names = folder.files()
+    if commit in names:
+        names.remove(commit)
+        names.append(commit)
+    folder.publish(*names)
+    folder.unpublish(*(name for name in transient if not (work / name).exists()))
+    shutil.rmtree(work)
+
+
 __all__ = [
+    "OutputFolder",
     "cache_root",
     "cached",
     "digests",
     "fetch",
     "file_name_of",
     "gcs_client",
+    "input_path",
     "is_remote",
     "local_path",
     "md5_of",
     "normalize_checksum",
+    "output_file",
+    "output_folder",
     "sha256_of",
     "upload",
     "verify",

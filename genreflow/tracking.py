@@ -30,6 +30,9 @@ T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "genreflow-gtzan"
 RETRY_ATTEMPTS = 4
+# What a fold's child run keeps: last.pth is the fine-tuned fold model (best.pth is chosen
+# on the held-out fold, so it is not promoted), head.pth the frozen-base path's head.
+FOLD_ARTIFACTS = ("metrics.csv", "predictions.csv", "summary.json", "last.pth", "head.pth")
 RETRY_FIRST_DELAY_SECONDS = 2.0
 PARENT_RUN_TAG = "genreflow.role"
 
@@ -159,17 +162,20 @@ def log_fold(
     fold: int,
     params: dict,
     tags: dict | None = None,
-    artifacts: Iterable[str | Path] = (),
 ) -> str:
     """Log one finished fold as a child run of the parent; return the child's id.
 
     Reads the fold's metrics.csv (iteration, train_loss, heldout_accuracy, seconds) and
-    summary.json, logs each metric with its iteration as step, and uploads `artifacts`.
+    summary.json, logs each metric with its iteration as step, and uploads the fold's
+    files (FOLD_ARTIFACTS that exist) and its confusion matrix plot.
     """
     fold_dir = Path(fold_dir)
     summary = json.loads((fold_dir / "summary.json").read_text())
     with open(fold_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    artifacts = [fold_dir / name for name in FOLD_ARTIFACTS if (fold_dir / name).exists()]
+    if (fold_dir / "predictions.csv").exists():
+        artifacts.append(_fold_confusion_png(fold_dir, fold))
 
     def log() -> str:
         from mlflow.entities import Metric
@@ -209,6 +215,15 @@ def log_fold(
         return run_id
 
     return retrying(f"logging fold {fold} to {tracking_uri}", log, keep=str(fold_dir))
+
+
+def _fold_confusion_png(fold_dir: Path, fold: int) -> Path:
+    """The fold's own confusion matrix plot, drawn by the report code on this one fold."""
+    from genreflow.aggregate import CONFUSION_PNG, aggregate
+
+    out = fold_dir.with_name(fold_dir.name + ".confusion")
+    aggregate([fold_dir], out, expected_folds=[fold], min_folds=1)
+    return out / CONFUSION_PNG
 
 
 def finish_pipeline_run(

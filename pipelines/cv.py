@@ -25,6 +25,7 @@ FOLDS = list(range(1, 11))
 ACCELERATOR = "nvidia.com/gpu"
 TRAIN_CPU, TRAIN_MEMORY = "8", "32G"
 FOLD_RETRIES = 2
+FOLD_RETRY_BACKOFF = "30s"  # doubles on each retry
 
 
 def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
@@ -99,7 +100,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
             with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:
                 head = train_head(embeddings=embedded.outputs["embeddings"], fold=fold, **recipe)
                 head.set_display_name("train head").set_caching_options(False)
-                head.set_retry(num_retries=FOLD_RETRIES, backoff_duration="30s")
+                head.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
             frozen_report = aggregate(
                 folds=dsl.Collected(head.outputs["model"]),
                 embeddings=embedded.outputs["embeddings"],
@@ -113,7 +114,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
                     features=packed.outputs["features"], fold=fold, pretrained=pretrained, **recipe
                 )
                 tuned.set_display_name("fine-tune fold").set_caching_options(False)
-                tuned.set_retry(num_retries=FOLD_RETRIES, backoff_duration="60s")
+                tuned.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
                 _on_gpu(tuned, accelerator)
             tuned_report = aggregate(folds=dsl.Collected(tuned.outputs["model"]), **closing)
             tuned_report.set_display_name("aggregate").set_caching_options(False)

@@ -6,6 +6,7 @@ trainings, the report, the MLflow runs and the registered fold ensemble).
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -115,3 +116,27 @@ def test_registered_ensemble_predicts(demo_run, mlflow_server, workspace, monkey
     (result,) = json.loads(capsys.readouterr().out)
     expected = probabilities[:2].mean(axis=0)
     np.testing.assert_allclose(list(result["probabilities"].values()), expected, atol=1e-4)
+
+
+def test_failing_fold_is_retried_then_fails_the_run(
+    demo_run, source, workspace, mlflow_server, monkeypatch, capfd
+):
+    from genreflow.pipelines import cv
+
+    monkeypatch.setattr(cv, "FOLD_RETRY_BACKOFF", "1s")
+    uri, sha256 = source
+    # Fold 11 holds no clips: the fold step fails for real, every time. Download, pack
+    # and embed come from the cache of the run above.
+    with pytest.raises(RuntimeError, match="FAILURE"):
+        run_local(
+            workspace,
+            profile="demo",
+            source=uri,
+            sha256=sha256,
+            tracking_uri=mlflow_server,
+            overrides={**OVERRIDES, "folds": [11], "min_folds": 1, "experiment": "test-fail"},
+        )
+    logs = capfd.readouterr()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", logs.out + logs.err)  # kfp.local colours names
+    assert text.count("Executing task 'train-head'") == 1 + cv.FOLD_RETRIES
+    assert "fold must be one of 1..10, got 11" in text

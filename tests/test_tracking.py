@@ -6,6 +6,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
+from genreflow.data.genres import GENRES
 from genreflow.tracking import (
     TrackingError,
     finish_pipeline_run,
@@ -23,6 +24,12 @@ def _fold_dir(path, fold, accuracy):
         writer.writerow([20, 1.0, accuracy, 2.0])
     summary = {"fold": fold, "iterations": 20, "final_accuracy": accuracy, "wall_seconds": 2.0}
     (path / "summary.json").write_text(json.dumps(summary))
+    with open(path / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["audio_name", "fold", "genre", *GENRES])
+        for genre in GENRES:
+            probabilities = [0.91 if g == genre else 0.01 for g in GENRES]
+            writer.writerow([f"{genre}.{fold:05d}.au", fold, genre, *probabilities])
     return path
 
 
@@ -44,7 +51,6 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
                 fold_dir,
                 fold=fold,
                 params={"lr": 1e-3},
-                artifacts=[fold_dir / "summary.json"],
             )
         )
     finish_pipeline_run(mlflow_server, parent, metrics={"accuracy_mean": 0.85})
@@ -65,7 +71,8 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
     assert child.data.tags["fold"] == "2"
     history = client.get_metric_history(children[1], "heldout_accuracy")
     assert [(m.step, m.value) for m in history] == [(10, 0.45), (20, 0.9)]
-    assert [a.path for a in client.list_artifacts(children[1])] == ["summary.json"]
+    logged = {a.path for a in client.list_artifacts(children[1])}
+    assert logged == {"metrics.csv", "predictions.csv", "summary.json", "confusion.png"}
 
 
 def test_unreachable_server_fails_clearly_and_keeps_outputs(tmp_path, monkeypatch):

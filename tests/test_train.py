@@ -26,7 +26,16 @@ from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
 from genreflow.models.checkpoints import load_transfer_model, save_checkpoint
 from genreflow.models.transfer import TransferCnn14
-from genreflow.train import EpochSampler, TrainConfig, Waveforms, train_fold
+from genreflow.train import (
+    EpochSampler,
+    TrainConfig,
+    Waveforms,
+    _cpu_threads_for_training,
+    cpu_has_native_bf16,
+    cpu_threads,
+    resolve_precision,
+    train_fold,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +91,14 @@ def write_features(
 
 
 # Small enough for two cores: a frozen base (only the head learns), 2 x 2 clips per step.
-RESUME_RECIPE = {"freeze_base": True, "iterations": 6, "batch_size": 2, "eval_every": 2}
+# fp32 whatever the CPU: the bit-for-bit comparisons below must mean the same on every machine.
+RESUME_RECIPE = {
+    "freeze_base": True,
+    "iterations": 6,
+    "batch_size": 2,
+    "eval_every": 2,
+    "precision": "fp32",
+}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +136,7 @@ def _cli_args(work: dict[str, Path], out: Path) -> list[str]:
         f"--iterations={r['iterations']}",
         f"--batch-size={r['batch_size']}",
         f"--eval-every={r['eval_every']}",
+        f"--precision={r['precision']}",
         "--device=cpu",
     ]
 
@@ -360,3 +377,61 @@ def test_sampler_walks_whole_epochs_and_resumes_from_its_state(tmp_path):
     np.testing.assert_array_equal(
         np.concatenate([restored.next_batch(3) for _ in range(5)]), expected
     )
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def test_precision_option_picks_native_bf16_and_trains_in_it(work, tmp_path, capsys):
+    cpu = torch.device("cpu")
+    native = cpu_has_native_bf16()
+    flags = _cpuinfo_flags()
+    if flags is not None:
+        assert native == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated if need be
+    with pytest.raises(GenreflowError, match="--precision must be one of auto, fp32, bf16"):
+        train_fold(_config(work, tmp_path / "bad", precision="fp16"))
+    args = _cli_args(work, tmp_path / "bad")
+    with pytest.raises(SystemExit) as exited:
+        main([a if not a.startswith("--precision") else "--precision=fp16" for a in args])
+    assert exited.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+
+    # The same two steps in each precision: bf16 autocast really runs (the probabilities
+    # move in their low digits) and stays close to fp32 (the weights remain fp32).
+    recipe = {"iterations": 2, "eval_every": 2}
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        summary = train_fold(_config(work, out, precision=precision, **recipe))
+        assert summary["precision"] == precision
+        assert summary["config"]["precision"] == precision
+        with (out / "predictions.csv").open(newline="") as f:
+            runs[precision] = np.array([[float(r[g]) for g in GENRES] for r in csv.DictReader(f)])
+    assert "bf16 autocast" in capsys.readouterr().err
+    assert not np.array_equal(runs["bf16"], runs["fp32"])
+    np.testing.assert_allclose(runs["bf16"], runs["fp32"], atol=0.02)
+
+
+def test_training_threads_follow_the_cpu_quota_and_are_restored(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    allowed = cpu_threads()
+    assert 1 <= allowed <= (os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(allowed + 3)
+        with _cpu_threads_for_training():
+            assert torch.get_num_threads() == allowed
+        assert torch.get_num_threads() == allowed + 3
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,291 @@
+"""gs:// through genreflow.storage, against a real GCS emulator started here on 127.0.0.1.
+
+The emulator is gcp-storage-emulator (PyPI), run as its own process with in-memory
+storage; google-cloud-storage talks to it because STORAGE_EMULATOR_HOST names it, with
+anonymous credentials (genreflow.storage.gcs_client). Everything else is the real code:
+the synthetic GTZAN tarball downloaded from gs://, features packed to gs:// and read back,
+one fold trained to gs:// and its checkpoint loaded from there, and the errors a user
+gets for a missing object, a wrong checksum and bytes damaged on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import free_port, wait_for_http
+
+from genreflow import storage
+from genreflow.cli import main
+from genreflow.data.download import count_clips, download
+from genreflow.data.genres import GENRES
+from genreflow.data.synth import make_synthetic_gtzan
+from genreflow.errors import GenreflowError
+from genreflow.features import pack, read_index
+from genreflow.models.checkpoints import load_pretrained, load_transfer_model
+from genreflow.models.transfer import TransferCnn14
+
+CLIP_SECONDS = 1.0
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> str:
+    """A gcp-storage-emulator process on 127.0.0.1; its base URL."""
+    executable = Path(sys.executable).with_name("gcp-storage-emulator")
+    if not executable.exists():
+        pytest.fail(f"{executable} not found: install the test extras (pip install -e '.[test]')")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(executable), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/", process, timeout=30)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def bucket(emulator, monkeypatch, tmp_path) -> str:
+    """A fresh bucket in the emulator, with the client pointed at it and a private cache."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "genreflow-test")
+    monkeypatch.setenv("GENREFLOW_CACHE", str(tmp_path / "cache"))
+    name = f"genreflow-{uuid.uuid4().hex[:12]}"
+    storage.gcs_client().create_bucket(name)
+    return name
+
+
+def object_names(bucket: str, prefix: str = "") -> set[str]:
+    return {blob.name for blob in storage.gcs_client().list_blobs(bucket, prefix=prefix)}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> tuple[Path, str]:
+    """The synthetic GTZAN tarball (2 clips of 1 s per genre) and its sha256."""
+    return make_synthetic_gtzan(
+        tmp_path_factory.mktemp("synth"), clips_per_genre=2, seconds=CLIP_SECONDS
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(archive, tmp_path_factory) -> Path:
+    """The tarball extracted from its local path: the reference for gs:// results."""
+    path, sha256 = archive
+    return download(path, tmp_path_factory.mktemp("local"), sha256=sha256, progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_features(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "features.h5"
+    pack(dataset, out, clip_seconds=CLIP_SECONDS, workers=1, progress=False)
+    return out
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as hf:
+        return {name: hf[name][:] for name in ("audio_name", "waveform", "target", "fold")}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- download ----------------------------------------------------------------------------
+def test_download_from_gs_verifies_and_extracts_the_same_tree(bucket, archive, dataset, tmp_path):
+    path, sha256 = archive
+    uri = f"gs://{bucket}/data/genres.tar.gz"
+    storage.upload(path, uri)
+
+    root = download(uri, tmp_path / "out", sha256=sha256, progress=False)
+
+    assert count_clips(root) == {genre: 2 for genre in GENRES}
+    assert tree(root) == tree(dataset)
+    marker = json.loads((tmp_path / "out" / ".genreflow-download.json").read_text())
+    assert (marker["source"], marker["sha256"]) == (uri, sha256)
+
+
+def test_download_with_a_wrong_checksum_names_the_object_and_extracts_nothing(
+    bucket, archive, tmp_path
+):
+    path, sha256 = archive
+    uri = f"gs://{bucket}/data/genres.tar.gz"
+    storage.upload(path, uri)
+    wrong = "0" * 64
+
+    with pytest.raises(GenreflowError) as caught:
+        download(uri, tmp_path / "out", sha256=wrong, progress=False)
+
+    message = str(caught.value)
+    assert message.startswith(f"{uri}: sha256 mismatch")
+    assert wrong in message and sha256 in message
+    assert not (tmp_path / "out" / "genres").exists()
+
+
+def test_a_missing_object_or_bucket_is_a_clear_error(bucket, tmp_path, capsys):
+    missing = f"gs://{bucket}/data/nothing-here.tar.gz"
+    with pytest.raises(GenreflowError, match=f"^{missing}: no such object or bucket"):
+        download(missing, tmp_path / "out", progress=False)
+
+    no_bucket = f"gs://{bucket}-absent/features.h5"
+    with pytest.raises(GenreflowError, match=f"^{no_bucket}: no such object or bucket"):
+        read_index(no_bucket)
+
+    # The command says the same in one line and exits 2.
+    argv = ["train", "--features", missing, "--fold", "1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert f"genreflow train: error: {missing}: no such object" in capsys.readouterr().err
+
+
+def test_bytes_damaged_in_transfer_are_caught_and_not_kept(bucket, tmp_path):
+    uri = f"gs://{bucket}/blob.bin"
+    payload = tmp_path / "blob.bin"
+    payload.write_bytes(bytes(range(256)) * 64)
+    storage.upload(payload, uri)
+    # The emulator (unlike GCS) lets the stored checksums be rewritten: the bytes it serves
+    # then disagree with the X-Goog-Hash it sends, as damaged bytes would.
+    blob = storage.gcs_client().bucket(bucket).get_blob("blob.bin")
+    blob.crc32c, blob.md5_hash = "AAAAAA==", "1B2M2Y8AsgTpgAmY7PhCfg=="
+    blob.patch()
+
+    dest = tmp_path / "copy.bin"
+    with pytest.raises(GenreflowError, match=f"^{uri}: transfer checksum mismatch"):
+        storage.fetch(uri, dest, progress=False)
+    assert not dest.exists() and not dest.with_name("copy.bin.part").exists()
+
+
+# --- features ----------------------------------------------------------------------------
+def test_pack_to_gs_reads_back_the_same_arrays(
+    bucket, dataset, local_features, tmp_path, monkeypatch, capsys
+):
+    uri = f"gs://{bucket}/features/features.h5"
+    argv = ["pack", "--dataset", str(dataset), "--out", uri]
+    argv += ["--clip-seconds", str(CLIP_SECONDS), "--workers", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert uri in capsys.readouterr().out
+    assert object_names(bucket) == {"features/features.h5"}
+
+    # Read back on "another machine": an empty cache, so the object is downloaded.
+    monkeypatch.setenv("GENREFLOW_CACHE", str(tmp_path / "other-cache"))
+    names, targets, folds, attrs = read_index(uri)
+    local_names, local_targets, local_folds, _ = read_index(local_features)
+    assert list(names) == list(local_names)
+    np.testing.assert_array_equal(targets, local_targets)
+    np.testing.assert_array_equal(folds, local_folds)
+    assert attrs["clip_seconds"] == CLIP_SECONDS
+    copy = storage.input_path(uri)
+    assert copy.is_relative_to(tmp_path / "other-cache")
+    for name, array in read_arrays(local_features).items():
+        np.testing.assert_array_equal(read_arrays(copy)[name], array, err_msg=name)
+
+    # A replaced object is noticed (a new generation) and downloaded again.
+    replacement = tmp_path / "replacement.h5"
+    replacement.write_bytes(b"packed again")
+    storage.upload(replacement, uri)
+    assert storage.input_path(uri) == copy
+    assert copy.read_bytes() == b"packed again"
+
+
+def test_embed_features_and_train_head_read_from_gs(bucket, local_features, tmp_path):
+    from genreflow.frozen import EMBEDDINGS, embed_features, train_head
+
+    features_uri = f"gs://{bucket}/features.h5"
+    storage.upload(local_features, features_uri)
+    summary = embed_features(features_uri, tmp_path / "embedded", batch_size=20, device="cpu")
+    assert summary["clips"] == 20
+
+    embeddings_uri = f"gs://{bucket}/embeddings.h5"
+    storage.upload(tmp_path / "embedded" / EMBEDDINGS, embeddings_uri)
+    result = train_head(embeddings_uri, 1, tmp_path / "head", iterations=5, eval_every=5)
+    assert result["config"]["embeddings"] == embeddings_uri
+    assert (tmp_path / "head" / "head.pth").is_file()
+
+
+# --- checkpoints -------------------------------------------------------------------------
+def test_train_to_gs_then_load_the_checkpoint_from_gs(bucket, local_features, tmp_path, capsys):
+    features_uri = f"gs://{bucket}/features.h5"
+    storage.upload(local_features, features_uri)
+    out = f"gs://{bucket}/runs/fold1"
+    argv = ["train", "--features", features_uri, "--fold", "1", "--out", out]
+    argv += ["--iterations", "1", "--batch-size", "2", "--eval-every", "1", "--device", "cpu"]
+    argv += ["--freeze-base", "--no-mixup"]  # one cheap step: what is tested is the storage
+
+    assert main(argv) == 0
+    outputs = ("best.pth", "last.pth", "metrics.csv", "predictions.csv", "summary.json")
+    assert object_names(bucket, "runs/") == {f"runs/fold1/{name}" for name in outputs}
+    client = storage.gcs_client().bucket(bucket)
+    generations = {name: client.get_blob(f"runs/fold1/{name}").generation for name in outputs}
+    assert max(generations, key=generations.get) == "summary.json"  # the commit point, last
+    assert not any((storage.cache_root() / "work").iterdir())  # the working folder is gone
+    summary = json.loads(storage.input_path(f"{out}/summary.json").read_text())
+    assert (summary["config"]["out"], summary["config"]["features"]) == (out, features_uri)
+
+    model, metadata = load_transfer_model(f"{out}/best.pth")
+    assert metadata["fold"] == 1 and metadata["config"]["out"] == out
+    again = TransferCnn14(classes_num=len(GENRES))
+    load_pretrained(again, f"{out}/best.pth")
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+    # A rerun with no local state (a pod on another node) finds the finished run in the
+    # bucket and does nothing.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already trained to iteration 1" in capsys.readouterr().err
+
+
+# --- the output folder the training step writes through ------------------------------------
+def test_output_folder_publishes_on_success_and_resumes_from_the_bucket(
+    bucket, tmp_path, monkeypatch
+):
+    uri = f"gs://{bucket}/run/"
+
+    # A first attempt checkpoints once, then dies: only what it published is in the
+    # bucket, and its working folder stays for a rerun on this machine.
+    with pytest.raises(RuntimeError), storage.output_folder(uri, commit="summary.json") as folder:
+        (folder.path / "resume.pt").write_bytes(b"state at iteration 200")
+        (folder.path / "metrics.csv").write_text("iteration\n200\n")
+        folder.publish("resume.pt")
+        raise RuntimeError("killed")
+    assert object_names(bucket) == {"run/resume.pt"}
+    assert (folder.path / "metrics.csv").is_file()
+
+    # Rescheduled on another node (another cache): pull the state, finish, publish.
+    monkeypatch.setenv("GENREFLOW_CACHE", str(tmp_path / "node2"))
+    with storage.output_folder(uri, commit="summary.json", transient=("resume.pt",)) as elsewhere:
+        assert elsewhere.path != folder.path
+        assert not elsewhere.pull("summary.json")
+        assert elsewhere.pull("resume.pt")
+        assert (elsewhere.path / "resume.pt").read_bytes() == b"state at iteration 200"
+        (elsewhere.path / "resume.pt").unlink()
+        (elsewhere.path / "sub").mkdir()
+        (elsewhere.path / "sub" / "table.csv").write_text("a\n")
+        (elsewhere.path / ".summary.json.123.tmp").write_text("a temporary file")
+        (elsewhere.path / "summary.json").write_text("{}")
+    assert object_names(bucket) == {"run/summary.json", "run/sub/table.csv"}
+    assert not elsewhere.path.exists()
+
+    with pytest.raises(GenreflowError, match="cannot write to an http"):
+        with storage.output_folder("https://example.org/run"):
+            pass
