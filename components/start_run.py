@@ -12,6 +12,7 @@ def start_run(
     pipeline_run: str,
     profile: str,
     source: str,
+    sha256: str,
     pretrained: str,
     freeze_base: bool,
     clip_seconds: float,
@@ -29,7 +30,7 @@ def start_run(
         experiment: MLflow experiment name.
         pipeline_run: the KFP run's name: the parent's name and a tag to filter on.
         profile: the recipe profile's name (demo, seed, custom), a tag.
-        source, pretrained, freeze_base, clip_seconds, iterations, batch_size, lr, mixup,
+        source, sha256, pretrained, freeze_base, clip_seconds, iterations, batch_size, lr, mixup,
             eval_every, seed: the pipeline's parameters, logged as params.
     """
     from genreflow.tracking import start_pipeline_run
@@ -57,6 +58,7 @@ def start_run(
         tags={
             "kfp.pipeline_run": pipeline_run,
             "profile": profile,
+            "data.sha256": sha256 or "unpinned",
             "model": "Cnn14",
             "freeze_base": freeze_base,
             "path": path,

@@ -58,6 +58,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR):
             pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             profile=profile,
             source=source,
+            sha256=sha256,
             pretrained=pretrained,
             freeze_base=freeze_base,
             clip_seconds=clip_seconds,

@@ -57,7 +57,7 @@ def test_report(demo_run):
     assert report_json["accuracy"]["mean"] == demo_run["accuracy"]["mean"]
 
 
-def test_mlflow_parent_and_ten_folds(demo_run, mlflow_server):
+def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     parents = client.search_runs(
@@ -69,6 +69,7 @@ def test_mlflow_parent_and_ten_folds(demo_run, mlflow_server):
     assert parent.data.tags["profile"] == "demo"
     assert parent.data.tags["freeze_base"] == "true"
     assert parent.data.tags["git_commit"]
+    assert parent.data.tags["data.sha256"] == source[1]
     assert parent.data.params["iterations"] == "200"
     metrics = parent.data.metrics
     assert metrics["accuracy_mean"] == pytest.approx(demo_run["accuracy"]["mean"])
