@@ -62,3 +62,10 @@ images: ## build and tag the CPU and CUDA images (docker or podman); ids and dig
 
 image-test: install ## as root: build both images with podman, run pack and a fold in the CPU one, compare with outside
 	TORCH_PIN="$(TORCH_PIN)" VENV=$(VENV) docker/image-test.sh
+
+## arguments for every benchmark script: --quick (what make bench runs, minutes) or empty for the full runs
+BENCH_ARGS ?= --quick
+.PHONY: bench
+
+bench: install ## the benchmarks in bench/ on synthetic data: each prints its figures, the seed's, and the ratios
+	set -e; for script in bench/bench_pack.py bench/bench_train_step.py bench/bench_frozen.py; do $(BIN)/python $$script $(BENCH_ARGS); done

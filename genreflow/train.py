@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import io
 import json
@@ -275,10 +276,11 @@ def _on_device(waveforms: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 # --- speed: precision, memory format, optimiser, threads ---------------------------------
-# Measured on 2 cores (bench/bench_train_step.py, Transfer_Cnn14, 5 s clips, batch 8 with
-# mixup): bf16 autocast 1.6x on an EPYC with AVX512-BF16, but about 11x slower than fp32
-# on an AVX2-only EPYC, where oneDNN emulates bf16; channels_last 0.8-1.0x on both; the
-# fused Adam step 0.3 s instead of 1.3 s for the 81 M parameters.
+# Measured on 2 cores (Transfer_Cnn14, 5 s clips, batch 8 with mixup; bench/README.md):
+# bf16 autocast made the training step 1.6x faster on an EPYC with AVX512-BF16 but more
+# than 10x slower on an AVX2-only EPYC, where oneDNN emulates bf16; channels_last gave
+# nothing on either (0.8-1.0x); the fused Adam steps the 81 M parameters in 0.06 s
+# instead of the for-loop's 0.26 s.
 _CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags, Arm Features
 
 
@@ -356,12 +358,12 @@ def prepare_for_training(model: torch.nn.Module, device: torch.device, precision
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
-    """The seed's Adam over the trainable parameters (a frozen base has none), fused:
+    """The seed's Adam over the trainable parameters (a frozen base adds none), fused:
     one kernel over every parameter instead of a dozen passes over each tensor."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         return torch.optim.Adam(trainable, lr=lr, **ADAM, fused=True)
-    except RuntimeError:  # torch before 2.4 fuses on CUDA only; the result is the same
+    except RuntimeError:  # torch before 2.4 fuses on CUDA only: the same update, slower
         return torch.optim.Adam(trainable, lr=lr, **ADAM)
 
 
@@ -413,6 +415,42 @@ def _cpu_threads_for_training():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# glibc's malloc serves every block above its mmap threshold (32 MB at most: most of Cnn14's
+# activations) with a fresh mmap and unmaps it when freed, so every step page-faults its
+# activations in again and the kernel zeroes them: a tenth of a CPU training step here
+# (bench/bench_train_step.py). During a run, freed memory stays in the heap instead and
+# the next step reuses it; the price is that the run's peak memory stays mapped until it ends.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+def _glibc():
+    """The C library, where it is glibc (whose malloc mallopt tunes); else None."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None
+        return ctypes.CDLL("libc.so.6")
+    except (AttributeError, ValueError, OSError):  # not Linux, or no glibc
+        return None
+
+
+@contextlib.contextmanager
+def _keep_freed_memory():
+    """Within it, glibc's malloc keeps freed memory for reuse instead of unmapping it."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 # --- random states -----------------------------------------------------------------------
@@ -646,7 +684,7 @@ def train_fold(config: TrainConfig) -> dict:
             _log(f"fold {config.fold}: no local state in {folder.path}; looking in {folder.uri}")
             if not folder.pull(SUMMARY) and folder.pull(RESUME):
                 folder.pull(BEST)
-        with _cpu_threads_for_training():
+        with _cpu_threads_for_training(), _keep_freed_memory():
             return _train_fold_in(config, folder.path, on_checkpoint=folder.publish)
 
 
