@@ -94,6 +94,7 @@ import torch
 from torch import Tensor, nn
 
 from genreflow import __version__, storage
+from genreflow.atomic import write_atomic, write_text_atomic
 from genreflow.data.genres import FOLDS, GENRES
 from genreflow.errors import GenreflowError
 
@@ -144,23 +145,6 @@ def _log(message: str) -> None:
 
 
 # --- atomic files ------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
-    """Call write(binary file) on a temporary file beside path, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); outputs are shared like any other file.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_h5_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(temporary path) (h5py opens files by name), then rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -175,10 +159,6 @@ def _write_h5_atomic(path: Path, write: Callable[[Path], object]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _csv_text(header: Sequence[str], rows) -> str:
@@ -432,13 +412,13 @@ def embed_features(
                 f"than the {base.min_samples} Cnn14 needs"
             )
         payload = _base_checkpoint_bytes(base)
-        _write_atomic(base_path, lambda f: f.write(payload))
+        write_atomic(base_path, lambda f: f.write(payload))
         base_sha256 = hashlib.sha256(payload).hexdigest()
         partial.mkdir()
         manifest = {**request, "base_sha256": base_sha256, "batch_size": batch_size}
         manifest["clips"] = index.clips
         # The manifest lands last: it is the commit point of a started run.
-        _write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     base.to(torch_device)
 
     starts = range(0, index.clips, batch_size)
@@ -472,7 +452,7 @@ def embed_features(
             # Rows in order: one contiguous HDF5 read per batch.
             batch = torch.from_numpy(int16_to_float32(waveform[start:stop])).to(torch_device)
             embedding = base(batch)["embedding"].float().cpu().numpy()
-            _write_atomic(chunk, lambda f, e=embedding: np.save(f, e))
+            write_atomic(chunk, lambda f, e=embedding: np.save(f, e))
             progress.update(stop - start)
     seconds = time.monotonic() - started
     computed = index.clips - resumed_from
@@ -831,12 +811,12 @@ def _train_head(
         },
         "genreflow": metadata,
     }
-    _write_atomic(out / HEAD, lambda f: torch.save(checkpoint, f))
-    _write_text_atomic(
+    write_atomic(out / HEAD, lambda f: torch.save(checkpoint, f))
+    write_text_atomic(
         out / METRICS,
         _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
     )
-    _write_text_atomic(out / PREDICTIONS, _predictions_csv(data, heldout_rows, probabilities))
+    write_text_atomic(out / PREDICTIONS, _predictions_csv(data, heldout_rows, probabilities))
     final = metrics[-1]
     summary = {
         "fold": fold,
@@ -855,7 +835,7 @@ def _train_head(
         "config": dataclasses.asdict(config),
         "genreflow_version": __version__,
     }
-    _write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     _log(
         f"fold {fold}: done, held-out accuracy {final['heldout_accuracy']:.3f} "
         f"after {iterations} steps in {summary['wall_seconds']:.2f} s; outputs in {out}"

@@ -41,7 +41,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 
 from genreflow import __version__, storage
+from genreflow.atomic import write_atomic, write_text_atomic
 from genreflow.audio import SAMPLE_RATE
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
@@ -481,28 +481,6 @@ def _as_tuples(value):
     return value
 
 
-# --- atomic files ------------------------------------------------------------------------
-def _write_atomic(path: Path, write) -> None:
-    """Call write(binary file) on a temporary file beside path, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); outputs are shared like any other file.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def _csv_text(header, rows) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -821,7 +799,7 @@ def _train_fold_in(
         # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
         # at the end: each is written after everything it vouches for, and whatever a
         # killed run wrote past its last commit point is rewritten identically on resume.
-        _write_text_atomic(
+        write_text_atomic(
             out / METRICS,
             _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
         )
@@ -843,7 +821,7 @@ def _train_fold_in(
                 "config": dataclasses.asdict(config),
                 "features": index.fingerprint(),
             }
-            _write_atomic(out / RESUME, lambda f, state=state: torch.save(state, f))
+            write_atomic(out / RESUME, lambda f, state=state: torch.save(state, f))
             del state
             if on_checkpoint is not None:
                 on_checkpoint(*([BEST] if improved else []), RESUME)
@@ -851,7 +829,7 @@ def _train_fold_in(
             rate_clock, rate_clips = time.monotonic(), 0
             continue
 
-        _write_text_atomic(out / PREDICTIONS, _predictions_csv(index, probabilities))
+        write_text_atomic(out / PREDICTIONS, _predictions_csv(index, probabilities))
         summary = {
             "fold": config.fold,
             "iterations": iteration,
@@ -868,7 +846,7 @@ def _train_fold_in(
             "features": index.fingerprint(),
             "genreflow_version": __version__,
         }
-        _write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
         # The resume state (the model again, plus Adam's moments: 1.3 GB for a fully
         # fine-tuned Cnn14) has no use once the run is done.
         (out / RESUME).unlink(missing_ok=True)
