@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -32,41 +33,45 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 60.0) ->
     raise RuntimeError(f"{url}: server not up after {timeout:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real MLflow tracking server (sqlite backend, local artifact store); its URI."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    uri = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def serving(command: list[str], health: str, log_path: Path, *, port: int, timeout=60.0, env=None):
+    """Run a server on 127.0.0.1:port until `health` answers; yield its base URL; stop it."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{uri}/health", process)
-        yield uri
+        wait_for_http(f"{url}{health}", process, timeout=timeout)
+        yield url
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
-        log.close()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server (sqlite backend, local artifact store); its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [
+        str(mlflow),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    with serving(command, "/health", root / "server.log", port=port, env=env) as uri:
+        yield uri

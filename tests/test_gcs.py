@@ -11,7 +11,6 @@ gets for a missing object, a wrong checksum and bytes damaged on the way.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, wait_for_http
+from conftest import free_port, serving
 
 from genreflow import storage
 from genreflow.cli import main
@@ -42,24 +41,10 @@ def emulator(tmp_path_factory) -> str:
     if not executable.exists():
         pytest.fail(f"{executable} not found: install the test extras (pip install -e '.[test]')")
     port = free_port()
+    command = [str(executable), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
     log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(executable), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/", process, timeout=30)
+    with serving(command, "/", log_path, port=port, timeout=30) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
