@@ -54,12 +54,5 @@ def train(
     metrics.log_metric("heldout_accuracy", accuracy)
     model.metadata.update(fold=fold, heldout_accuracy=accuracy, path="fine-tune")
     if tracking_uri:
-        log_fold(
-            tracking_uri,
-            parent_run_id,
-            model.path,
-            fold=fold,
-            params=summary["config"],
-            tags={"path": "fine-tune"},
-        )
+        log_fold(tracking_uri, parent_run_id, model.path)
     return accuracy

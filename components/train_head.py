@@ -51,12 +51,5 @@ def train_head(
     metrics.log_metric("heldout_accuracy", accuracy)
     model.metadata.update(fold=fold, heldout_accuracy=accuracy, path="frozen-base")
     if tracking_uri:
-        log_fold(
-            tracking_uri,
-            parent_run_id,
-            model.path,
-            fold=fold,
-            params=summary["config"],
-            tags={"path": "frozen-base"},
-        )
+        log_fold(tracking_uri, parent_run_id, model.path)
     return accuracy

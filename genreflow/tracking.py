@@ -158,19 +158,18 @@ def log_fold(
     tracking_uri: str,
     parent_run_id: str,
     fold_dir: str | Path,
-    *,
-    fold: int,
-    params: dict,
-    tags: dict | None = None,
 ) -> str:
     """Log one finished fold as a child run of the parent; return the child's id.
 
-    Reads the fold's metrics.csv (iteration, train_loss, heldout_accuracy, seconds) and
-    summary.json, logs each metric with its iteration as step, and uploads the fold's
-    files (FOLD_ARTIFACTS that exist) and its confusion matrix plot.
+    Everything comes from the fold folder: summary.json gives the fold, the recipe
+    (`config`, logged as params) and the training path (a tag); metrics.csv (iteration,
+    train_loss, heldout_accuracy, seconds) gives each metric with its iteration as step;
+    the fold's files (FOLD_ARTIFACTS that exist) and its confusion plot are uploaded.
     """
     fold_dir = Path(fold_dir)
     summary = json.loads((fold_dir / "summary.json").read_text())
+    fold, params = int(summary["fold"]), summary.get("config", {})
+    tags = {"path": summary["path"]} if "path" in summary else {}
     with open(fold_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     artifacts = [fold_dir / name for name in FOLD_ARTIFACTS if (fold_dir / name).exists()]
@@ -189,7 +188,7 @@ def log_fold(
                 "mlflow.parentRunId": parent_run_id,
                 PARENT_RUN_TAG: "fold",
                 "fold": str(fold),
-                **_stringify(tags or {}),
+                **tags,
             },
         )
         run_id = run.info.run_id

@@ -832,6 +832,7 @@ def _train_fold_in(
         write_text_atomic(out / PREDICTIONS, _predictions_csv(index, probabilities))
         summary = {
             "fold": config.fold,
+            "path": "fine-tune",
             "iterations": iteration,
             "final_accuracy": accuracy,
             "best_accuracy": best["accuracy"],

@@ -27,6 +27,8 @@ import pytest
 import yaml
 from conftest import free_port, wait_for_http
 
+from genreflow.data.genres import GENRES
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yaml"
@@ -416,9 +418,18 @@ def fold_folder(folder: Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(["iteration", "train_loss", "heldout_accuracy", "seconds"])
         writer.writerows([[0, 2.30, 0.10, 0.0], [50, 1.20, 0.55, 3.1], [100, 0.80, 0.70, 6.0]])
-    summary = {"final_accuracy": 0.7, "best_accuracy": 0.7, "iterations": 100}
+    summary = {
+        "fold": 1,
+        "final_accuracy": 0.7,
+        "best_accuracy": 0.7,
+        "iterations": 100,
+        "config": {"iterations": 100},
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
-    (folder / "predictions.csv").write_text("audio_name,target,prediction\nblues.00000.au,0,0\n")
+    probabilities = ",".join(["0.91"] + ["0.01"] * (len(GENRES) - 1))
+    (folder / "predictions.csv").write_text(
+        f"audio_name,fold,genre,{','.join(GENRES)}\nblues.00000.au,1,blues,{probabilities}\n"
+    )
     return folder
 
 
@@ -487,14 +498,7 @@ def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_
                 tracking_uri, "genreflow-infra", run_name="infra-check", params={"lr": 1e-3}
             )
             folder = fold_folder(tmp_path / "fold-1")
-            child = log_fold(
-                tracking_uri,
-                parent,
-                folder,
-                fold=1,
-                params={"iterations": 100},
-                artifacts=[folder / "predictions.csv"],
-            )
+            child = log_fold(tracking_uri, parent, folder)
             finish_pipeline_run(
                 tracking_uri, parent, metrics={"accuracy_mean": 0.7}, artifacts=[folder]
             )
@@ -509,7 +513,8 @@ def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_
             assert [m.step for m in history] == [0, 50, 100]
             # Artifacts go through the server's proxy and land in its destination.
             assert child_run.info.artifact_uri.startswith("mlflow-artifacts:")
-            assert [a.path for a in client.list_artifacts(child)] == ["predictions.csv"]
+            logged = {a.path for a in client.list_artifacts(child)}
+            assert logged == {"metrics.csv", "predictions.csv", "summary.json", "confusion.png"}
             fetched = client.download_artifacts(child, "predictions.csv", str(tmp_path / "dl"))
             assert Path(fetched).read_bytes() == (folder / "predictions.csv").read_bytes()
             stored = list(artifacts.rglob("predictions.csv"))

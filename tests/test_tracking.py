@@ -22,7 +22,14 @@ def _fold_dir(path, fold, accuracy):
         writer.writerow(["iteration", "train_loss", "heldout_accuracy", "seconds"])
         writer.writerow([10, 2.0, accuracy / 2, 1.0])
         writer.writerow([20, 1.0, accuracy, 2.0])
-    summary = {"fold": fold, "iterations": 20, "final_accuracy": accuracy, "wall_seconds": 2.0}
+    summary = {
+        "fold": fold,
+        "path": "frozen-base",
+        "iterations": 20,
+        "final_accuracy": accuracy,
+        "wall_seconds": 2.0,
+        "config": {"lr": 1e-3},
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     with open(path / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -44,15 +51,7 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
     children = []
     for fold, accuracy in ((1, 0.8), (2, 0.9)):
         fold_dir = _fold_dir(tmp_path / f"fold{fold}", fold, accuracy)
-        children.append(
-            log_fold(
-                mlflow_server,
-                parent,
-                fold_dir,
-                fold=fold,
-                params={"lr": 1e-3},
-            )
-        )
+        children.append(log_fold(mlflow_server, parent, fold_dir))
     finish_pipeline_run(mlflow_server, parent, metrics={"accuracy_mean": 0.85})
 
     client = MlflowClient(mlflow_server)
@@ -69,6 +68,8 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
     assert sorted(r.info.run_id for r in found) == sorted(children)
     child = client.get_run(children[1])
     assert child.data.tags["fold"] == "2"
+    assert child.data.tags["path"] == "frozen-base"
+    assert child.data.params["lr"] == "0.001"
     history = client.get_metric_history(children[1], "heldout_accuracy")
     assert [(m.step, m.value) for m in history] == [(10, 0.45), (20, 0.9)]
     logged = {a.path for a in client.list_artifacts(children[1])}
@@ -83,7 +84,7 @@ def test_unreachable_server_fails_clearly_and_keeps_outputs(tmp_path, monkeypatc
     fold_dir = _fold_dir(tmp_path / "fold1", 1, 0.5)
     # Nothing listens on port 9 (discard) on loopback: every request is refused.
     with pytest.raises(TrackingError) as err:
-        log_fold("http://127.0.0.1:9", "0" * 32, fold_dir, fold=1, params={})
+        log_fold("http://127.0.0.1:9", "0" * 32, fold_dir)
     message = str(err.value)
     assert "logging fold 1" in message and str(fold_dir) in message
     assert (fold_dir / "summary.json").exists()
