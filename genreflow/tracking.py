@@ -1,8 +1,19 @@
 """MLflow: one parent run per pipeline run, one nested child run per fold.
 
+The run tree's life follows the pipeline's, whatever happens to the pods:
+
+- `start_pipeline_run` opens the parent (or adopts the platform's run when KFP's MLflow
+  integration set `MLFLOW_RUN_ID`) and tags it with the KFP run's id;
+- `tracked_fold` opens a fold's child run when the fold starts, retries the training
+  in-step (KFP ignores `set_retry` inside a ParallelFor on open-source backends), and ends
+  the run FINISHED, FAILED, or KILLED on SIGTERM; a fold already trained on the same inputs
+  with the same recipe is reused (copied under the new parent, tagged `reused`);
+- `close_pipeline_run`, the DAG's exit handler, closes the parent with the pipeline's
+  true final status and ends any fold run a killed pod left RUNNING.
+
 Everything goes through an explicit `MlflowClient(tracking_uri)` rather than MLflow's
-global "active run": a step that inherits `MLFLOW_RUN_ID` from its environment must not
-log into, or close, a run it does not own (mlflow/mlflow#15713, #13874).
+global "active run": a step that inherits `MLFLOW_RUN_ID` must not silently log into, or
+close, a run it does not own (mlflow/mlflow#15713, #13874).
 
 Losing the tracking server must not lose the training: every call retries with back-off,
 then fails with a `TrackingError` that says where the step's local outputs are.
@@ -10,14 +21,20 @@ then fails with a `TrackingError` that says where the step's local outputs are.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,11 +47,37 @@ T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "genreflow-gtzan"
 RETRY_ATTEMPTS = 4
-# What a fold's child run keeps: last.pth is the fine-tuned fold model (best.pth is chosen
-# on the held-out fold, so it is not promoted), head.pth the frozen-base path's head.
-FOLD_ARTIFACTS = ("metrics.csv", "predictions.csv", "summary.json", "last.pth", "head.pth")
 RETRY_FIRST_DELAY_SECONDS = 2.0
-PARENT_RUN_TAG = "genreflow.role"
+# A fold's training: a flaky node (a lost GPU, an OOM-killed loader, a storage hiccup)
+# costs one retry from the last checkpoint, not the fold. Bad input is never retried.
+FOLD_ATTEMPTS = 3
+FOLD_RETRY_FIRST_DELAY_SECONDS = 30.0
+# What a fold's child run keeps: best.pth is the selected fine-tuned fold model (chosen on
+# the validation split), head.pth the frozen-base path's head. last.pth stays in the fold
+# folder: uploading a second 330 MB checkpoint per fold buys nothing.
+FOLD_ARTIFACTS = ("metrics.csv", "predictions.csv", "summary.json", "best.pth", "head.pth")
+CHECKPOINTS = ("best.pth", "head.pth")
+SUMMARY_METRICS = (
+    "final_accuracy",
+    "valid_accuracy",
+    "best_accuracy",
+    "selected_iteration",
+    "clips_per_second",
+    "wall_seconds",
+)
+SUMMARY_TAGS = ("path", "protocol", "selection", "split_sha256", "data_sha256")
+
+ROLE_TAG = "genreflow.role"  # "pipeline" on parents, "fold" on children
+PARENT_RUN_TAG = ROLE_TAG  # the name older code and tests use
+OWNER_TAG = "genreflow.owner"  # "genreflow" on runs genreflow created, and so may close
+PIPELINE_RUN_ID_TAG = "kfp.pipeline_run_id"
+FOLD_KEY_TAG = "genreflow.fold_key"
+REUSED_FROM_TAG = "genreflow.reused_from"
+FINAL_STATE_TAG = "genreflow.final_state"
+PARENT_TAG = "mlflow.parentRunId"
+# KFP's final task states -> MLflow run statuses.
+RUN_STATUS = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED"}
+RUN_STATUS["CANCELLED"] = RUN_STATUS["CANCELED"]
 
 
 class TrackingError(GenreflowError):
@@ -49,6 +92,13 @@ def default_tracking_uri(workspace: str | Path = "workspace") -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
+def run_address(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person looks at a run: its page in the MLflow UI, or how to open one."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"
+
+
 def _client(tracking_uri: str):
     # MLflow's own HTTP retries back off for minutes; ours are bounded and say what failed.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -58,28 +108,41 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def retrying(what: str, fn: Callable[[], T], *, keep: str = "") -> T:
-    """Call fn, retrying with exponential back-off; then raise a TrackingError naming `what`."""
-    attempts, delay = RETRY_ATTEMPTS, RETRY_FIRST_DELAY_SECONDS
+def retrying(
+    what: str,
+    fn: Callable[[], T],
+    *,
+    keep: str = "",
+    attempts: int | None = None,
+    first_delay: float | None = None,
+    error: type[GenreflowError] | None = None,
+) -> T:
+    """Call fn, retrying with exponential back-off; then raise `error` (TrackingError)
+    naming `what`. A GenreflowError (bad input, a refused request) is never retried."""
+    attempts = attempts or RETRY_ATTEMPTS
+    delay = RETRY_FIRST_DELAY_SECONDS if first_delay is None else first_delay
+    error = error or TrackingError
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except GenreflowError:
             raise
-        except Exception as exc:  # MLflow raises many types for one outage
+        except Exception as exc:  # MLflow and torch raise many types for one outage
             if attempt == attempts:
                 where = f"; local outputs are intact in {keep}" if keep else ""
-                raise TrackingError(
-                    f"MLflow: {what} failed after {attempts} attempts: {exc}{where}"
-                ) from exc
+                raise error(f"{what} failed after {attempts} attempts: {exc}{where}") from exc
             print(
-                f"MLflow: {what} failed ({type(exc).__name__}); retry {attempt}/{attempts - 1}"
+                f"{what} failed ({type(exc).__name__}: {exc}); retry {attempt}/{attempts - 1}"
                 f" in {delay:.0f} s",
                 file=sys.stderr,
             )
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def _tracked(what: str, fn: Callable[[], T], keep: str = "") -> T:
+    return retrying(f"MLflow: {what}", fn, keep=keep)
 
 
 def provenance() -> dict[str, str]:
@@ -131,98 +194,119 @@ def _stringify(params: dict) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
 
 
+def _inherited_run(client, what: str):
+    """The run `MLFLOW_RUN_ID` names, or None; one that does not exist is an error."""
+    run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            raise TrackingError(
+                f"MLFLOW_RUN_ID={run_id} names no run at {client.tracking_uri} ({what})"
+            ) from exc
+        raise
+
+
+# --- the parent run ------------------------------------------------------------------------
 def start_pipeline_run(
     tracking_uri: str,
     experiment: str = DEFAULT_EXPERIMENT,
     *,
     run_name: str | None = None,
+    pipeline_run_id: str = "",
     params: dict | None = None,
     tags: dict | None = None,
 ) -> str:
-    """Open the parent run of one pipeline run and return its id (it stays RUNNING)."""
+    """Open the parent run of one pipeline run and return its id (it stays RUNNING).
+
+    Where `MLFLOW_RUN_ID` is set (KFP's MLflow integration sets it to a run per task, nested
+    under its run for the pipeline; a caller may set it to a run of its own), the pipeline
+    logs into that tree instead of opening a second one: the parent is the platform's
+    pipeline run (the task run's parent), else the caller's run itself. An adopted run is
+    never closed by genreflow; its owner closes it (the final state is left as a tag).
+    """
 
     def start() -> str:
         client = _client(tracking_uri)
-        all_tags = {PARENT_RUN_TAG: "pipeline", **provenance(), **_stringify(tags or {})}
-        run = client.create_run(
-            _experiment_id(client, experiment), run_name=run_name, tags=all_tags
-        )
-        for key, value in _stringify(params or {}).items():
-            client.log_param(run.info.run_id, key, value)
-        return run.info.run_id
-
-    return retrying(f"opening the parent run at {tracking_uri}", start)
-
-
-def log_fold(
-    tracking_uri: str,
-    parent_run_id: str,
-    fold_dir: str | Path,
-) -> str:
-    """Log one finished fold as a child run of the parent; return the child's id.
-
-    Everything comes from the fold folder: summary.json gives the fold, the recipe
-    (`config`, logged as params) and the training path (a tag); metrics.csv (iteration,
-    train_loss, heldout_accuracy, seconds) gives each metric with its iteration as step;
-    the fold's files (FOLD_ARTIFACTS that exist) and its confusion plot are uploaded.
-    """
-    fold_dir = Path(fold_dir)
-    summary = json.loads((fold_dir / "summary.json").read_text())
-    fold, params = int(summary["fold"]), summary.get("config", {})
-    tags = {"path": summary["path"]} if "path" in summary else {}
-    with open(fold_dir / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    artifacts = [fold_dir / name for name in FOLD_ARTIFACTS if (fold_dir / name).exists()]
-    if (fold_dir / "predictions.csv").exists():
-        artifacts.append(_fold_confusion_png(fold_dir, fold))
-
-    def log() -> str:
-        from mlflow.entities import Metric
-
-        client = _client(tracking_uri)
-        parent = client.get_run(parent_run_id)
-        run = client.create_run(
-            parent.info.experiment_id,
-            run_name=f"fold-{fold}",
-            tags={
-                "mlflow.parentRunId": parent_run_id,
-                PARENT_RUN_TAG: "fold",
-                "fold": str(fold),
-                **tags,
-            },
-        )
+        all_tags = {
+            ROLE_TAG: "pipeline",
+            **provenance(),
+            **_stringify(tags or {}),
+        }
+        if pipeline_run_id:
+            all_tags[PIPELINE_RUN_ID_TAG] = pipeline_run_id
+        inherited = _inherited_run(client, "the pipeline's parent run")
+        if inherited is None:
+            run = client.create_run(
+                _experiment_id(client, experiment),
+                run_name=run_name,
+                tags={**all_tags, OWNER_TAG: "genreflow"},
+            )
+        else:
+            platform_parent = inherited.data.tags.get(PARENT_TAG)
+            run = client.get_run(platform_parent) if platform_parent else inherited
+            print(
+                f"MLflow: logging into the run MLFLOW_RUN_ID leads to ({run.info.run_id}), "
+                "not opening a second run tree",
+                file=sys.stderr,
+            )
+            for key, value in all_tags.items():
+                client.set_tag(run.info.run_id, key, value)
         run_id = run.info.run_id
-        for key, value in _stringify(params).items():
-            client.log_param(run_id, key, value)
-        now = int(time.time() * 1000)
-        metrics = []
-        for row in rows:
-            step = int(row["iteration"])
-            for key in ("train_loss", "heldout_accuracy"):
-                if row.get(key) not in (None, ""):
-                    metrics.append(Metric(key, float(row[key]), now, step))
-        for key in ("final_accuracy", "best_accuracy", "clips_per_second", "wall_seconds"):
-            if isinstance(summary.get(key), (int, float)):
-                metrics.append(
-                    Metric(key, float(summary[key]), now, int(summary.get("iterations", 0)))
-                )
-        for start in range(0, len(metrics), 500):  # the REST API caps a batch at 1000 items
-            client.log_batch(run_id, metrics=metrics[start : start + 500])
-        for path in artifacts:
-            client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, "FINISHED")
+        existing = client.get_run(run_id).data.params
+        for key, value in _stringify(params or {}).items():
+            if key not in existing:  # a param, once logged, cannot change
+                client.log_param(run_id, key, value)
         return run_id
 
-    return retrying(f"logging fold {fold} to {tracking_uri}", log, keep=str(fold_dir))
+    return _tracked(f"opening the parent run at {tracking_uri}", start)
 
 
-def _fold_confusion_png(fold_dir: Path, fold: int) -> Path:
-    """The fold's own confusion matrix plot, drawn by the report code on this one fold."""
-    from genreflow.aggregate import CONFUSION_PNG, aggregate
+def find_pipeline_run(tracking_uri: str, pipeline_run_id: str):
+    """The parent run tagged with this KFP run's id, or None (tracking never started)."""
+    client = _client(tracking_uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{PIPELINE_RUN_ID_TAG}` = '{pipeline_run_id}'"
+        f" and tags.`{ROLE_TAG}` = 'pipeline'",
+    )
+    return runs[0] if runs else None
 
-    out = fold_dir.with_name(fold_dir.name + ".confusion")
-    aggregate([fold_dir], out, expected_folds=[fold], min_folds=1)
-    return out / CONFUSION_PNG
+
+def close_pipeline_run(tracking_uri: str, pipeline_run_id: str, state: str) -> str | None:
+    """The exit handler: end this KFP run's parent run with its final `state` (SUCCEEDED,
+    FAILED, CANCELED) and end any fold run still RUNNING (a pod killed without a chance to
+    say so): KILLED when the pipeline was canceled, else FAILED. Returns the parent's id.
+
+    A run genreflow adopted (MLFLOW_RUN_ID) only gets the final state as a tag.
+    """
+    status = RUN_STATUS.get(state.upper(), "FAILED")
+
+    def close() -> str | None:
+        client = _client(tracking_uri)
+        parent = find_pipeline_run(tracking_uri, pipeline_run_id)
+        if parent is None:
+            print(f"MLflow: no parent run for pipeline run {pipeline_run_id}; nothing to close")
+            return None
+        parent_id = parent.info.run_id
+        client.set_tag(parent_id, FINAL_STATE_TAG, state.upper())
+        leftover = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in leftover:
+            if run.data.tags.get(OWNER_TAG) == "genreflow":
+                fold_status = "KILLED" if status == "KILLED" else "FAILED"
+                client.set_terminated(run.info.run_id, fold_status)
+                print(f"MLflow: fold run {run.info.run_id} was still RUNNING: {fold_status}")
+        if parent.data.tags.get(OWNER_TAG) == "genreflow":
+            client.set_terminated(parent_id, status)
+        print(f"MLflow: pipeline run {pipeline_run_id} ended {state}; parent run {parent_id}")
+        return parent_id
+
+    return _tracked(f"closing the parent run of {pipeline_run_id}", close)
 
 
 def finish_pipeline_run(
@@ -232,10 +316,11 @@ def finish_pipeline_run(
     metrics: dict[str, float],
     artifacts: Iterable[str | Path] = (),
     tags: dict | None = None,
-    status: str = "FINISHED",
+    status: str | None = "FINISHED",
     keep: str = "",
 ) -> None:
-    """Log the aggregate metrics and report on the parent run, then close it with `status`."""
+    """Log the aggregate metrics and report on the parent run; close it with `status`
+    (None: leave it to the exit handler, which knows the pipeline's final state)."""
 
     def finish() -> None:
         from mlflow.entities import Metric
@@ -250,9 +335,293 @@ def finish_pipeline_run(
             client.set_tag(parent_run_id, key, value)
         for path in artifacts:
             client.log_artifact(parent_run_id, str(path))
-        client.set_terminated(parent_run_id, status)
+        if status is not None:
+            client.set_terminated(parent_run_id, status)
 
-    retrying(f"finishing the parent run {parent_run_id}", finish, keep=keep)
+    _tracked(f"finishing the parent run {parent_run_id}", finish, keep=keep)
+
+
+def report_tags(report: dict) -> dict[str, str]:
+    """The parent's tags from the aggregate report: what produced it and on which data."""
+    tags = {"partial": json.dumps(bool(report.get("partial")))}
+    for key, tag in (
+        ("protocol", "protocol"),
+        ("selection", "selection"),
+        ("data_sha256", "data.sha256"),
+        ("split_sha256", "split.sha256"),
+    ):
+        if report.get(key):
+            tags[tag] = str(report[key])
+    return tags
+
+
+# --- fold runs -----------------------------------------------------------------------------
+class Terminated(SystemExit):
+    """SIGTERM arrived (a pod being stopped): unwinds the step so its run ends KILLED."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def fold_key(inputs: Iterable[str | Path], settings: dict) -> str:
+    """What a fold's result depends on: its input files' content, its settings (fold,
+    protocol, recipe, ...) and the code's version. Equal keys give equal results."""
+    digest = hashlib.sha256()
+    for path in inputs:
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    code = {"genreflow_version": __version__, "git_commit": git_commit()}
+    digest.update(json.dumps({**settings, **code}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class FoldRun:
+    """One fold's child run while the fold step runs (see `fold_run`)."""
+
+    def __init__(self, tracking_uri: str, run, fold: int, *, owned: bool):
+        self.tracking_uri, self.fold, self.owned = tracking_uri, fold, owned
+        self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        self.logged = run.info.status == "FINISHED"  # a retried task whose run is complete
+
+    def reusable(self, key: str):
+        """A finished fold run with the same key under another parent, or None."""
+        client = _client(self.tracking_uri)
+        runs = client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+        )
+        return next((r for r in runs if r.info.run_id != self.run_id), None)
+
+    def fetch(self, source, out: Path) -> None:
+        """Put the fold folder that `source` (a reusable run) logged into `out`."""
+        origin = source.data.tags.get(REUSED_FROM_TAG, source.info.run_id)
+
+        def fetch() -> None:
+            client = _client(self.tracking_uri)
+            out.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fetch-"))
+            try:
+                for name in FOLD_ARTIFACTS:
+                    try:
+                        client.download_artifacts(origin, name, str(staging))
+                    except Exception:  # that run did not log this file (e.g. head.pth)
+                        continue
+                # summary.json last: it is what marks a fold folder complete.
+                for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
+                    os.replace(staging / name, out / name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        _tracked(f"fetching fold {self.fold} from run {origin}", fetch, keep=str(out))
+        self.reused_from = origin
+
+    def log_outputs(self, fold_dir: str | Path, *, reused_from: str = "") -> None:
+        """Log the finished fold folder: summary.json's recipe as params, its results and
+        the metrics.csv columns (iteration as step) as metrics, the fold files as artifacts."""
+        if self.logged:
+            print(f"MLflow: fold {self.fold} is already logged in run {self.run_id}")
+            return
+        fold_dir = Path(fold_dir)
+        summary = json.loads((fold_dir / "summary.json").read_text())
+        with open(fold_dir / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        tags = {k: summary[k] for k in SUMMARY_TAGS if isinstance(summary.get(k), str)}
+        if reused_from:
+            tags.update({"reused": "true", REUSED_FROM_TAG: reused_from})
+        artifacts = [fold_dir / n for n in FOLD_ARTIFACTS if (fold_dir / n).exists()]
+        if reused_from:  # the checkpoints stay where they are, in the original run
+            artifacts = [p for p in artifacts if p.name not in CHECKPOINTS]
+        if (fold_dir / "predictions.csv").exists():
+            artifacts.append(_fold_confusion_png(fold_dir, int(summary["fold"])))
+
+        def log() -> None:
+            from mlflow.entities import Metric, Param, RunTag
+
+            client = _client(self.tracking_uri)
+            now = int(time.time() * 1000)
+            existing = client.get_run(self.run_id).data.params
+            params = [
+                Param(k, v)
+                for k, v in _stringify(summary.get("config", {})).items()
+                if k not in existing
+            ]
+            metrics = []
+            for row in rows:
+                step = int(row["iteration"])
+                for key, value in row.items():
+                    if key not in ("iteration", "seconds") and value not in (None, ""):
+                        metrics.append(Metric(key, float(value), now, step))
+            final_step = int(summary.get("iterations", 0))
+            for key in SUMMARY_METRICS:
+                if isinstance(summary.get(key), (int, float)):
+                    metrics.append(Metric(key, float(summary[key]), now, final_step))
+            tag_list = [RunTag(k, v) for k, v in _stringify(tags).items()]
+            client.log_batch(self.run_id, params=params[:100], tags=tag_list)
+            for start in range(100, len(params), 100):
+                client.log_batch(self.run_id, params=params[start : start + 100])
+            for start in range(0, len(metrics), 500):  # the REST API caps a batch at 1000
+                client.log_batch(self.run_id, metrics=metrics[start : start + 500])
+            for path in artifacts:
+                client.log_artifact(self.run_id, str(path))
+
+        _tracked(f"logging fold {self.fold} to {self.tracking_uri}", log, keep=str(fold_dir))
+        self.logged = True
+
+    def end(self, status: str) -> None:
+        if self.owned:
+            _tracked(
+                f"ending fold {self.fold}'s run {status}",
+                lambda: _client(self.tracking_uri).set_terminated(self.run_id, status),
+            )
+
+
+@contextlib.contextmanager
+def fold_run(
+    tracking_uri: str, parent_run_id: str, fold: int, *, key: str = "", keep: str = ""
+) -> Iterator[FoldRun]:
+    """The fold's child run under `parent_run_id`, RUNNING while the block runs; it ends
+    FINISHED, FAILED on an exception, KILLED on SIGTERM (which then ends the process with
+    status 143).
+
+    One run per fold and parent, however often the task is retried: an unfinished run of
+    this fold is taken up again. A task run that KFP's MLflow integration opened for this
+    step (`MLFLOW_RUN_ID`, a child of the parent) is used as the fold's run, and closed by
+    the platform, not here; an inherited MLFLOW_RUN_ID outside this tree is ignored, saying
+    so.
+    """
+
+    def open_run() -> FoldRun:
+        client = _client(tracking_uri)
+        inherited = _inherited_run(client, f"fold {fold}")
+        if inherited is not None and inherited.info.run_id != parent_run_id:
+            if inherited.data.tags.get(PARENT_TAG) == parent_run_id:
+                for k, v in {ROLE_TAG: "fold", "fold": str(fold), FOLD_KEY_TAG: key}.items():
+                    client.set_tag(inherited.info.run_id, k, v)
+                return FoldRun(tracking_uri, inherited, fold, owned=False)
+            print(
+                f"MLflow: ignoring MLFLOW_RUN_ID={inherited.info.run_id}: not a run of this "
+                f"pipeline (parent {parent_run_id}); fold {fold} logs under the parent",
+                file=sys.stderr,
+            )
+        parent = client.get_run(parent_run_id)
+        earlier = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.fold = '{fold}'",
+        )
+        if earlier:  # a retried task: one run per fold
+            run = earlier[0]
+            if run.info.status != "FINISHED":
+                client.update_run(run.info.run_id, status="RUNNING")
+                attempt = int(run.data.tags.get("genreflow.attempt", "1")) + 1
+                client.set_tag(run.info.run_id, "genreflow.attempt", str(attempt))
+            return FoldRun(tracking_uri, client.get_run(run.info.run_id), fold, owned=True)
+        run = client.create_run(
+            parent.info.experiment_id,
+            run_name=f"fold-{fold}",
+            tags={
+                PARENT_TAG: parent_run_id,
+                ROLE_TAG: "fold",
+                OWNER_TAG: "genreflow",
+                "fold": str(fold),
+                FOLD_KEY_TAG: key,
+            },
+        )
+        return FoldRun(tracking_uri, run, fold, owned=True)
+
+    run = _tracked(f"opening fold {fold}'s run under {parent_run_id}", open_run, keep=keep)
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield run
+    except Terminated:
+        print(f"fold {fold}: SIGTERM; its run ends KILLED", file=sys.stderr)
+        run.end("KILLED")
+        raise
+    except BaseException:
+        run.end("FAILED")
+        raise
+    else:
+        run.end("FINISHED")
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def tracked_fold(
+    train: Callable[[], dict],
+    *,
+    out: str | Path,
+    fold: int,
+    inputs: Iterable[str | Path],
+    settings: dict,
+    tracking_uri: str,
+    parent_run_id: str,
+    reuse: bool = True,
+) -> dict:
+    """Run one fold step: train (retried in-step, resuming from its last checkpoint) or reuse
+    an identical earlier fold, log it as the parent's child run, return its summary.
+
+    Args:
+        train: trains the fold into `out` and returns summary.json's content; called again
+            after a transient failure, it resumes from the checkpoint it left in `out`.
+        out: the fold folder.
+        fold: the fold number (under the filtered protocol, the repetition).
+        inputs: the files the fold reads (their content is part of the reuse key).
+        settings: everything else the result depends on (protocol, recipe, seed, ...).
+        tracking_uri: MLflow ("" = no tracking: train only).
+        parent_run_id: the pipeline's parent run.
+        reuse: take a finished fold with the same key (same inputs, settings and code) from
+            MLflow instead of training it again.
+    """
+    out = Path(out)
+
+    def train_retrying() -> dict:
+        return retrying(
+            f"fold {fold}",
+            train,
+            attempts=FOLD_ATTEMPTS,
+            first_delay=FOLD_RETRY_FIRST_DELAY_SECONDS,
+            error=GenreflowError,
+            keep=str(out),
+        )
+
+    if not tracking_uri:
+        return train_retrying()
+    key = fold_key(inputs, {"fold": fold, **settings})
+    with fold_run(tracking_uri, parent_run_id, fold, key=key, keep=str(out)) as run:
+        source = run.reusable(key) if reuse and not run.logged else None
+        if source is not None:
+            run.fetch(source, out)
+            print(f"fold {fold}: reused from MLflow run {run.reused_from} (same inputs and recipe)")
+            run.log_outputs(out, reused_from=run.reused_from)
+        else:
+            train_retrying()
+            run.log_outputs(out)
+        return json.loads((out / "summary.json").read_text())
+
+
+def log_fold(tracking_uri: str, parent_run_id: str, fold_dir: str | Path) -> str:
+    """Log an already finished fold folder as a child run of the parent; return its id."""
+    summary = json.loads((Path(fold_dir) / "summary.json").read_text())
+    with fold_run(tracking_uri, parent_run_id, int(summary["fold"]), keep=str(fold_dir)) as run:
+        run.log_outputs(fold_dir)
+    return run.run_id
+
+
+def _fold_confusion_png(fold_dir: Path, fold: int) -> Path:
+    """The fold's own confusion matrix plot, drawn by the report code on this one fold."""
+    from genreflow.aggregate import CONFUSION_PNG, aggregate
+
+    out = fold_dir.with_name(fold_dir.name + ".confusion")
+    aggregate([fold_dir], out, expected_folds=[fold], min_folds=1)
+    return out / CONFUSION_PNG
 
 
 # --- the fold ensemble as one MLflow model -------------------------------------------------
@@ -339,4 +708,4 @@ def log_ensemble(
         )
         return f"models:/{registered_name}/{version.version}"
 
-    return retrying(f"logging the fold ensemble to {tracking_uri}", log, keep=str(local))
+    return _tracked(f"logging the fold ensemble to {tracking_uri}", log, keep=str(local))

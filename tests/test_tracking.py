@@ -86,5 +86,272 @@ def test_unreachable_server_fails_clearly_and_keeps_outputs(tmp_path, monkeypatc
     with pytest.raises(TrackingError) as err:
         log_fold("http://127.0.0.1:9", "0" * 32, fold_dir)
     message = str(err.value)
-    assert "logging fold 1" in message and str(fold_dir) in message
+    assert "fold 1" in message and str(fold_dir) in message
     assert (fold_dir / "summary.json").exists()
+
+
+# --- the run tree's lifecycle ------------------------------------------------------------
+def _runs_under(client, parent_id):
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+
+
+def _trainer(tmp_path, fold, accuracy=0.8, failures=()):
+    """A fold step's training: raises the given exceptions in turn, then writes the folder."""
+    calls = []
+
+    def train():
+        calls.append(1)
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
+        out = tmp_path / f"fold{fold}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        _fold_dir(out, fold, accuracy)
+        return json.loads((out / "summary.json").read_text())
+
+    return train, calls
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    path = tmp_path / "embeddings.h5"
+    path.write_bytes(b"the fold's input")
+    return [path]
+
+
+def _tracked(mlflow_server, parent, tmp_path, fold, train, inputs, **kwargs):
+    from genreflow.tracking import tracked_fold
+
+    return tracked_fold(
+        train,
+        out=tmp_path / f"fold{fold}",
+        fold=fold,
+        inputs=inputs,
+        settings={"lr": 1e-3, "protocol": "cv10"},
+        tracking_uri=mlflow_server,
+        parent_run_id=parent,
+        **kwargs,
+    )
+
+
+def test_caller_mlflow_run_id_becomes_the_parent_and_is_not_closed(
+    mlflow_server, tmp_path, monkeypatch, inputs
+):
+    from genreflow.tracking import close_pipeline_run
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment("test-caller-run")
+    caller = client.create_run(experiment, run_name="caller").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", caller)
+    parent = start_pipeline_run(
+        mlflow_server, "test-caller-run", pipeline_run_id="kfp-caller", params={"lr": 1e-3}
+    )
+    assert parent == caller  # no second run tree
+    train, _ = _trainer(tmp_path, 1)
+    _tracked(mlflow_server, parent, tmp_path, 1, train, inputs)
+    (child,) = _runs_under(client, caller)
+    assert child.data.tags["fold"] == "1" and child.info.status == "FINISHED"
+    assert close_pipeline_run(mlflow_server, "kfp-caller", "SUCCEEDED") == caller
+    run = client.get_run(caller)
+    assert run.info.status == "RUNNING"  # the caller's to close, not ours
+    assert run.data.tags["genreflow.final_state"] == "SUCCEEDED"
+    assert run.data.params["lr"] == "0.001"
+
+
+def test_platform_task_runs_are_used_not_duplicated(mlflow_server, tmp_path, monkeypatch, inputs):
+    """KFP's MLflow integration: a run for the pipeline, a nested run per task, and
+    MLFLOW_RUN_ID set to the task's run in each pod."""
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment("test-platform-runs")
+    platform = client.create_run(experiment, run_name="kfp-run").info.run_id
+
+    def task_run(name):
+        tags = {"mlflow.parentRunId": platform}
+        return client.create_run(experiment, run_name=name, tags=tags).info.run_id
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", task_run("start-run"))
+    parent = start_pipeline_run(mlflow_server, "ignored", pipeline_run_id="kfp-platform")
+    assert parent == platform
+    fold_task = task_run("train-head")
+    monkeypatch.setenv("MLFLOW_RUN_ID", fold_task)
+    train, _ = _trainer(tmp_path, 3)
+    _tracked(mlflow_server, parent, tmp_path, 3, train, inputs)
+    run = client.get_run(fold_task)
+    assert run.data.tags["fold"] == "3"
+    assert run.data.metrics["final_accuracy"] == pytest.approx(0.8)
+    assert run.info.status == "RUNNING"  # the platform closes its task runs
+    folds = [r for r in _runs_under(client, platform) if "fold" in r.data.tags]
+    assert [r.info.run_id for r in folds] == [fold_task]
+
+
+def test_an_unrelated_inherited_run_id_is_ignored_out_loud(
+    mlflow_server, tmp_path, monkeypatch, inputs, capfd
+):
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-unrelated", pipeline_run_id="kfp-u")
+    stranger = client.create_run(client.get_run(parent).info.experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", stranger)
+    train, _ = _trainer(tmp_path, 2)
+    _tracked(mlflow_server, parent, tmp_path, 2, train, inputs)
+    assert f"ignoring MLFLOW_RUN_ID={stranger}" in capfd.readouterr().err
+    (child,) = _runs_under(client, parent)
+    assert child.data.tags["fold"] == "2"
+    assert client.get_run(stranger).data.metrics == {}
+
+
+def test_a_failing_fold_ends_failed_and_the_exit_handler_fails_the_parent(
+    mlflow_server, tmp_path, inputs
+):
+    from genreflow.errors import GenreflowError
+    from genreflow.tracking import close_pipeline_run
+
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-fail", pipeline_run_id="kfp-fail")
+    good, _ = _trainer(tmp_path, 1)
+    _tracked(mlflow_server, parent, tmp_path, 1, good, inputs)
+    bad, calls = _trainer(tmp_path, 2, failures=[GenreflowError("features.h5: no fold 2")])
+    with pytest.raises(GenreflowError, match="no fold 2"):
+        _tracked(mlflow_server, parent, tmp_path, 2, bad, inputs)
+    assert len(calls) == 1  # bad input is not retried
+    # A fold whose pod was killed outright (SIGKILL, node lost) is left RUNNING...
+    experiment = client.get_run(parent).info.experiment_id
+    lost = client.create_run(
+        experiment,
+        tags={"mlflow.parentRunId": parent, "fold": "3", "genreflow.owner": "genreflow"},
+    ).info.run_id
+
+    assert close_pipeline_run(mlflow_server, "kfp-fail", "FAILED") == parent
+    # ...until the exit handler ends it; the finished fold stays intact.
+    status = {r.data.tags["fold"]: r.info.status for r in _runs_under(client, parent)}
+    assert status == {"1": "FINISHED", "2": "FAILED", "3": "FAILED"}
+    assert client.get_run(parent).info.status == "FAILED"
+    assert client.get_run(lost).info.status == "FAILED"
+
+
+def test_a_canceled_pipeline_ends_killed(mlflow_server):
+    from genreflow.tracking import close_pipeline_run
+
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-cancel", pipeline_run_id="kfp-cancel")
+    close_pipeline_run(mlflow_server, "kfp-cancel", "CANCELED")
+    assert client.get_run(parent).info.status == "KILLED"
+    assert close_pipeline_run(mlflow_server, "kfp-never-started", "FAILED") is None
+
+
+def test_a_transient_failure_is_retried_in_step_with_one_run(
+    mlflow_server, tmp_path, inputs, monkeypatch, capfd
+):
+    import genreflow.tracking
+
+    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-retry", pipeline_run_id="kfp-retry")
+    flaky, calls = _trainer(tmp_path, 4, failures=[OSError("node lost its disk")])
+    summary = _tracked(mlflow_server, parent, tmp_path, 4, flaky, inputs)
+    assert len(calls) == 2 and summary["final_accuracy"] == 0.8
+    assert "fold 4 failed (OSError: node lost its disk); retry 1/2" in capfd.readouterr().err
+    (child,) = _runs_under(client, parent)
+    assert child.info.status == "FINISHED"
+
+    always, calls = _trainer(tmp_path, 5, failures=[RuntimeError("CUDA error")] * 3)
+    with pytest.raises(Exception, match="fold 5 failed after 3 attempts: CUDA error"):
+        _tracked(mlflow_server, parent, tmp_path, 5, always, inputs)
+    assert len(calls) == 3
+
+
+def test_a_retried_task_takes_up_its_fold_run_again(mlflow_server, tmp_path, inputs, monkeypatch):
+    import genreflow.tracking
+
+    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-task-retry", pipeline_run_id="kfp-tr")
+    killed, _ = _trainer(tmp_path, 6, failures=[ValueError("pod evicted")] * 3)
+    with pytest.raises(Exception, match="pod evicted"):
+        _tracked(mlflow_server, parent, tmp_path, 6, killed, inputs)
+    train, _ = _trainer(tmp_path, 6)  # KFP's retry of the task
+    _tracked(mlflow_server, parent, tmp_path, 6, train, inputs)
+    (child,) = _runs_under(client, parent)
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["genreflow.attempt"] == "2"
+
+
+def test_sigterm_ends_the_fold_run_killed(mlflow_server, tmp_path, inputs):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-sigterm", pipeline_run_id="kfp-term")
+    script = f"""
+import sys, time
+from genreflow.tracking import tracked_fold
+
+def train():
+    print("training", flush=True)
+    time.sleep(120)
+
+tracked_fold(train, out={str(tmp_path / "fold7")!r}, fold=7, inputs={[str(p) for p in inputs]!r},
+             settings={{}}, tracking_uri={mlflow_server!r}, parent_run_id={parent!r})
+"""
+    step = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert step.stdout.readline().strip() == "training"
+    deadline = time.monotonic() + 60
+    while not _runs_under(client, parent) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(step.pid, signal.SIGTERM)
+    _, err = step.communicate(timeout=120)
+    assert step.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM; its run ends KILLED" in err
+    (child,) = _runs_under(client, parent)
+    assert child.info.status == "KILLED"
+
+
+def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_path, inputs):
+    client = MlflowClient(mlflow_server)
+    calls = []
+
+    def trainer(root):
+        def train():
+            calls.append(root)
+            _fold_dir(root / "fold1", 1, 0.7)
+            return json.loads((root / "fold1" / "summary.json").read_text())
+
+        root.mkdir()
+        return train
+
+    first = start_pipeline_run(mlflow_server, "test-reuse", pipeline_run_id="kfp-reuse-1")
+    _tracked(mlflow_server, first, tmp_path / "a", 1, trainer(tmp_path / "a"), inputs)
+    (original,) = _runs_under(client, first)
+
+    second = start_pipeline_run(mlflow_server, "test-reuse", pipeline_run_id="kfp-reuse-2")
+    summary = _tracked(mlflow_server, second, tmp_path / "b", 1, trainer(tmp_path / "b"), inputs)
+    assert len(calls) == 1  # not trained again
+    assert summary["final_accuracy"] == 0.7
+    for name in ("summary.json", "predictions.csv", "metrics.csv"):
+        assert (tmp_path / "b" / "fold1" / name).read_bytes() == (
+            tmp_path / "a" / "fold1" / name
+        ).read_bytes()
+    (reused,) = _runs_under(client, second)
+    assert reused.data.tags["reused"] == "true"
+    assert reused.data.tags["genreflow.reused_from"] == original.info.run_id
+    assert reused.data.metrics["final_accuracy"] == pytest.approx(0.7)
+    history = client.get_metric_history(reused.info.run_id, "heldout_accuracy")
+    assert [(m.step, m.value) for m in history] == [(10, 0.35), (20, 0.7)]
+
+    # Other inputs, or reuse turned off: trained again.
+    third = start_pipeline_run(mlflow_server, "test-reuse", pipeline_run_id="kfp-reuse-3")
+    _tracked(mlflow_server, third, tmp_path / "c", 1, trainer(tmp_path / "c"), inputs, reuse=False)
+    inputs[0].write_bytes(b"other embeddings")
+    fourth = start_pipeline_run(mlflow_server, "test-reuse", pipeline_run_id="kfp-reuse-4")
+    _tracked(mlflow_server, fourth, tmp_path / "d", 1, trainer(tmp_path / "d"), inputs)
+    assert len(calls) == 3
+    assert "reused" not in _runs_under(client, fourth)[0].data.tags
