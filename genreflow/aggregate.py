@@ -1,10 +1,21 @@
-"""Out-of-fold predictions -> the cross-validation report.
+"""Out-of-fold predictions -> the evaluation report, for either protocol.
 
 Each fold's training step leaves a folder with `predictions.csv` (columns `audio_name`,
 `fold`, `genre`, then one probability column per genre, named by the genre) and
-`summary.json` (at least `{"fold": K}`; an optional integer `n_train` gives the number of
-clips the fold's model trained on). In 10-fold cross-validation every clip is predicted
-exactly once, so the folds pool into one confusion matrix.
+`summary.json` (at least `{"fold": K}`). Optional summary keys, carried into the report:
+`n_train` (clips the fold's model trained on), `protocol` ("cv10" or "filtered"; absent
+means the run did not record it: cv10 unless the caller says otherwise), `selection`
+("validation" or "heldout": what chose the checkpoint), `split` (clip counts `train`,
+`valid`, `test`, `excluded`, `missing`, and the lists `excluded_names`, `missing_names`),
+`valid_accuracy`, `selected_iteration`, `data_sha256`, `split_sha256` and `seeds`.
+
+The two protocols pool differently:
+
+- cv10: the folds partition the data, every clip is predicted exactly once, and the folds
+  pool into one out-of-fold confusion matrix;
+- filtered: the fold number is a *repetition*: the same train/validation/test lists, the
+  seed shifted by fold - 1. Every repetition predicts the same test clips; the pooled
+  confusion matrix is the sum over the repetitions.
 
 Two kinds of trouble are told apart on purpose:
 
@@ -15,12 +26,17 @@ Two kinds of trouble are told apart on purpose:
   disagrees with the folder's summary, an unknown genre, probabilities that do not sum to
   1) is a bug upstream: a `GenreflowError` naming the file and line, never a silent skip.
 
-Fold statistics: the k fold accuracies are not independent samples, because any two folds'
-models share most of their training clips. Beside the naive t interval the report gives
-the corrected resampled t interval of Nadeau and Bengio (2003, "Inference for the
+Fold statistics (cv10): the k fold accuracies are not independent samples, because any two
+folds' models share most of their training clips. Beside the naive t interval the report
+gives the corrected resampled t interval of Nadeau and Bengio (2003, "Inference for the
 Generalization Error", Machine Learning 52:239-281), which inflates the variance of the
 mean from s^2/k to s^2 (1/k + n_test/n_train). `paired_comparison` applies the same
 correction to the per-fold differences between two runs.
+
+Statistics (filtered): no training sets overlap in that sense (every repetition trains on
+the same clips), so there is nothing for Nadeau-Bengio to correct. The t interval over the
+repetitions measures training randomness only; the interval to quote is the Wilson score
+interval of the test accuracy on n = the test set's size (Wilson 1927).
 """
 
 from __future__ import annotations
@@ -47,6 +63,13 @@ PROTOCOL_LABELS: dict[str, str] = {
     "cv10": "10-fold cross-validation (cv10)",
     "filtered": "fault-filtered split (filtered)",
 }
+DEFAULT_PROTOCOL = "cv10"
+# What chose each fold's checkpoint; "heldout" is the seed's way (it looked at test data).
+SELECTIONS = ("validation", "heldout")
+# What a fold is called in the report: cv10 folds partition the data, filtered ones repeat it.
+FOLD_NOUN = {"cv10": "fold", "filtered": "repetition"}
+SPLIT_COUNTS = ("train", "valid", "test", "excluded", "missing")
+SPLIT_NAMES = ("excluded_names", "missing_names")
 CONFIDENCE_LEVEL = 0.95
 # Probabilities written as text lose a little precision; a softmax that was rounded to six
 # decimals per column is still within this of 1.
@@ -74,6 +97,31 @@ INTERVALS_NOTE = (
     "like this, not for any single fold's model; being symmetric t intervals, they are not "
     "clipped to [0, 1]."
 )
+FILTERED_INTERVALS_NOTE = (
+    "Two 95% intervals, for two different sources of uncertainty. The Wilson score interval "
+    "is for the test accuracy: it treats the n test clips as a sample of clips like them, "
+    "with p the pooled accuracy (correct predictions over all predictions, which with "
+    "repetitions of equal size is the mean repetition accuracy) and n the test set's size, "
+    "not n times the repetitions, because repeating the training adds no test clips. It is "
+    "the one to quote: it says how far the figure could move on another test set of this "
+    "size, and it is defined even for a single repetition. The t interval over the R "
+    "repetitions, mean +- t * s / sqrt(R) on R-1 degrees of freedom, measures training "
+    "randomness only: every repetition trains on the same clips, chooses its checkpoint on "
+    "the same validation clips and predicts the same test clips; only the seed changes. The "
+    "Nadeau-Bengio correction of 10-fold cross-validation does not apply here: it accounts "
+    "for training sets that overlap from fold to fold, and this protocol does not resample "
+    "its training set at all."
+)
+
+
+def selection_label(selection: str | None, protocol: str) -> str | None:
+    """How the checkpoint was chosen, in words; None when the run did not record it."""
+    if selection is None:
+        return None
+    if selection == "validation":
+        return "checkpoint chosen on the validation split"
+    held_out = "held-out fold" if protocol == "cv10" else "held-out test split"
+    return f"checkpoint chosen on the {held_out}, as the seed did: optimistic"
 
 
 @dataclass
@@ -84,10 +132,15 @@ class _FoldPredictions:
     true_index: np.ndarray  # (n,) genre index of the true genre
     probabilities: np.ndarray  # (n, len(GENRES)), columns in GENRES order
     n_train: int | None
+    summary: dict
 
     @property
     def predicted_index(self) -> np.ndarray:
         return np.argmax(self.probabilities, axis=1)
+
+    @property
+    def summary_path(self) -> Path:
+        return self.directory / SUMMARY_FILE
 
 
 @dataclass
@@ -120,13 +173,72 @@ def _summary_fold(summary: dict, path: Path) -> int:
     return fold
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _summary_n_train(summary: dict, path: Path) -> int | None:
+    """The clips the fold's model trained on: `n_train`, else the split's `train` count."""
     n_train = summary.get("n_train")
     if n_train is None:
-        return None
-    if not isinstance(n_train, int) or isinstance(n_train, bool) or n_train <= 0:
+        split = _summary_split(summary, path)
+        n_train = split.get("train") if split else None
+        if n_train is None:
+            return None
+        if n_train == 0:
+            raise GenreflowError(f"{path}: 'split' says the fold trained on 0 clips")
+        return n_train
+    if not _is_count(n_train) or n_train == 0:
         raise GenreflowError(f"{path}: 'n_train' must be a positive integer, found {n_train!r}")
     return n_train
+
+
+def _summary_protocol(summary: dict, path: Path) -> str | None:
+    protocol = summary.get("protocol")
+    if protocol is not None and protocol not in PROTOCOL_LABELS:
+        raise GenreflowError(
+            f"{path}: unknown protocol {protocol!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
+        )
+    return protocol
+
+
+def _summary_selection(summary: dict, path: Path) -> str | None:
+    selection = summary.get("selection")
+    if selection is not None and selection not in SELECTIONS:
+        raise GenreflowError(
+            f"{path}: unknown selection {selection!r} (known: {', '.join(SELECTIONS)})"
+        )
+    return selection
+
+
+def _summary_split(summary: dict, path: Path) -> dict | None:
+    """The fold's split counts and (optional) name lists, checked; None when not recorded."""
+    split = summary.get("split")
+    if split is None:
+        return None
+    if not isinstance(split, dict):
+        raise GenreflowError(f"{path}: 'split' must be an object, found {type(split).__name__}")
+    for key in SPLIT_COUNTS:
+        if key in split and not _is_count(split[key]):
+            raise GenreflowError(
+                f"{path}: split count '{key}' must be a non-negative integer, found {split[key]!r}"
+            )
+    for key in SPLIT_NAMES:
+        names = split.get(key)
+        if names is not None and not (
+            isinstance(names, list) and all(isinstance(n, str) for n in names)
+        ):
+            raise GenreflowError(f"{path}: split '{key}' must be a list of clip names")
+    return split
+
+
+def _summary_number(summary: dict, key: str, path: Path) -> float | None:
+    value = summary.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GenreflowError(f"{path}: '{key}' must be a finite number, found {value!r}")
+    return value
 
 
 def _parse_probability(text: str, column: str, where: str) -> float:
@@ -217,7 +329,7 @@ def _read_fold(directory: Path) -> _FoldPredictions | _FailedFold:
         names, true_index, probabilities = _read_predictions(predictions_path, fold)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return _FailedFold(fold, directory, f"{predictions_path}: unreadable ({exc})")
-    return _FoldPredictions(fold, directory, names, true_index, probabilities, n_train)
+    return _FoldPredictions(fold, directory, names, true_index, probabilities, n_train, summary)
 
 
 # --- statistics --------------------------------------------------------------------------
@@ -272,6 +384,31 @@ def fold_statistics(values: list[float], test_train_ratio: float | None) -> dict
         )
     result.update(std=std, t_quantile=t_quantile, naive_ci=naive, corrected_ci=corrected)
     return result
+
+
+def wilson_interval(accuracy: float, n: int) -> dict:
+    """The Wilson score 95% interval of a proportion observed on n trials.
+
+    centre = (p + z^2 / 2n) / (1 + z^2 / n), half width =
+    z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2), with z the normal quantile. Unlike
+    p +- z sqrt(p (1 - p) / n) it stays inside [0, 1] and keeps its coverage near 0 and 1.
+    """
+    if n < 1:
+        raise GenreflowError(f"a Wilson interval needs at least one trial, got n = {n}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise GenreflowError(f"a Wilson interval needs a proportion in [0, 1], got {accuracy}")
+    z = float(stats.norm.ppf(0.5 + CONFIDENCE_LEVEL / 2))
+    shrink = 1.0 + z * z / n
+    centre = (accuracy + z * z / (2 * n)) / shrink
+    half_width = z / shrink * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    interval = _interval(centre, half_width)
+    interval.update(
+        centre=centre,
+        n=n,
+        z=z,
+        method="Wilson score interval of the test accuracy on n = the test set's size",
+    )
+    return interval
 
 
 def _test_train_ratio(
@@ -420,7 +557,8 @@ def _confused_pairs(usable: list[_FoldPredictions], confusion: np.ndarray) -> li
             "true": GENRES[t],
             "predicted": GENRES[p],
             "count": count,
-            "clips": sorted(clips[(t, p)]),
+            # a filtered run's repetitions may miss the same clip: name it once
+            "clips": sorted(set(clips[(t, p)])),
         }
         for count, t, p in cells[:TOP_CONFUSED_PAIRS]
     ]
@@ -497,9 +635,9 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _interval_text(interval: dict | None) -> str:
+def _interval_text(interval: dict | None, noun: str = "fold") -> str:
     if interval is None:
-        return "n/a (needs at least 2 folds)"
+        return f"n/a (needs at least 2 {noun}s)"
     return f"[{interval['low']:.4f}, {interval['high']:.4f}] (+- {interval['half_width']:.4f})"
 
 
@@ -507,9 +645,14 @@ def flat_metrics(report: dict) -> dict[str, float]:
     """The report's numbers as flat name -> value pairs: what MLflow and the KFP UI show.
 
     Per metric: each fold's value, mean, standard deviation, min, max and both intervals
-    (None-valued entries, e.g. the sd of a single split, are left out).
+    (None-valued entries, e.g. the sd of a single split, are left out). Both protocols use
+    the same names, so one MLflow table compares them: `accuracy_ci95_*` is the interval to
+    quote (Nadeau-Bengio for cv10, Wilson for filtered), `accuracy_naive_ci95_*` the plain t
+    interval over folds or repetitions, `fold_KK_accuracy` fold or repetition KK.
     """
     acc = report["accuracy"]
+    # reports written before the filtered protocol had no "reported_ci"
+    reported = acc.get("reported_ci", acc.get("corrected_ci"))
     metrics = {
         "accuracy_mean": acc["mean"],
         "accuracy_std": acc["std"],
@@ -519,10 +662,12 @@ def flat_metrics(report: dict) -> dict[str, float]:
         "macro_f1": report["macro_f1"],
         "folds_usable": len(report["usable_folds"]),
     }
-    for name, key in (("ci95", "corrected_ci"), ("naive_ci95", "naive_ci")):
-        if acc.get(key):
-            metrics[f"accuracy_{name}_low"] = acc[key]["low"]
-            metrics[f"accuracy_{name}_high"] = acc[key]["high"]
+    for name, interval in (("ci95", reported), ("naive_ci95", acc.get("naive_ci"))):
+        if interval:
+            metrics[f"accuracy_{name}_low"] = interval["low"]
+            metrics[f"accuracy_{name}_high"] = interval["high"]
+    # what `genreflow compare` needs for the corrected paired test (cv10 only)
+    metrics["test_train_ratio"] = acc.get("test_train_ratio")
     for row in report["folds"]:
         metrics[f"fold_{row['fold']:02d}_accuracy"] = row["accuracy"]
     return {k: float(v) for k, v in metrics.items() if v is not None}
@@ -531,27 +676,67 @@ def flat_metrics(report: dict) -> dict[str, float]:
 def headline(report: dict) -> list[str]:
     """The report's key figures as a few lines of plain text (the command prints them)."""
     acc = report["accuracy"]
+    noun = report.get("fold_noun", "fold")
     lines = [
         f"{report['protocol_label']}: {len(report['usable_folds'])} of "
-        f"{len(report['expected_folds'])} folds",
+        f"{len(report['expected_folds'])} {noun}s",
     ]
+    if report.get("selection_label"):
+        lines.append(report["selection_label"])
     if report["partial"]:
         lines.append(
-            "PARTIAL: missing fold(s) "
+            f"PARTIAL: missing {noun}(s) "
             + ", ".join(str(f) for f in report["missing_folds"])
-            + "; statistics are over the usable folds only"
+            + f"; statistics are over the usable {noun}s only"
         )
     else:
-        lines.append("complete: every expected fold is usable")
-    lines += [
+        lines.append(f"complete: every expected {noun} is usable")
+    lines.append(
         f"accuracy {_fmt(acc['mean'])} +- {_fmt(acc['std'])} (mean +- sd over {acc['k']} "
-        f"folds; min {_fmt(acc['min'])}, max {_fmt(acc['max'])})",
-        f"  95% CI, corrected (Nadeau-Bengio): {_interval_text(acc['corrected_ci'])}",
-        f"  95% CI, naive (overlap ignored):   {_interval_text(acc['naive_ci'])}",
-        f"pooled accuracy {_fmt(report['pooled_accuracy'])} over {report['n_clips']} clips; "
-        f"macro F1 {_fmt(report['macro_f1'])}",
-    ]
+        f"{noun}s; min {_fmt(acc['min'])}, max {_fmt(acc['max'])})"
+    )
+    if report.get("protocol") == "filtered":
+        lines += [
+            f"  95% CI, Wilson (test set of {report['n_clips']} clips): "
+            f"{_interval_text(acc['wilson_ci'], noun)}",
+            f"  95% CI, t over repetitions (training randomness only): "
+            f"{_interval_text(acc['naive_ci'], noun)}",
+            f"pooled accuracy {_fmt(report['pooled_accuracy'])} over {report['n_clips']} test "
+            f"clips x {acc['k']} repetition(s); macro F1 {_fmt(report['macro_f1'])}",
+        ]
+    else:
+        lines += [
+            f"  95% CI, corrected (Nadeau-Bengio): {_interval_text(acc['corrected_ci'])}",
+            f"  95% CI, naive (overlap ignored):   {_interval_text(acc['naive_ci'])}",
+            f"pooled accuracy {_fmt(report['pooled_accuracy'])} over {report['n_clips']} "
+            f"clips; macro F1 {_fmt(report['macro_f1'])}",
+        ]
+    split = report.get("split")
+    if split:  # the names (70 excluded on the real lists) are in report.json and the page
+        lines.append(_split_text(split, with_names=False))
     return lines
+
+
+def _count_text(value) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, dict):  # differs by fold
+        numbers = [v for v in value.values() if v is not None]
+        return f"{min(numbers)}-{max(numbers)}" if numbers else "?"
+    return str(value)
+
+
+def _split_text(split: dict, *, with_names: bool = True) -> str:
+    text = (
+        f"clips: train {_count_text(split['train'])}, validation {_count_text(split['valid'])}, "
+        f"test {_count_text(split['test'])}; excluded {_count_text(split['excluded'])}, "
+        f"missing {_count_text(split['missing'])}"
+    )
+    for key, label in (("excluded_names", "excluded"), ("missing_names", "missing")):
+        names = split.get(key) if with_names else None
+        if isinstance(names, list) and names:
+            text += f"; {label}: {', '.join(names)}"
+    return text
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -576,31 +761,21 @@ img { max-width: 100%; }
 """
 
 
-def _report_html(report: dict, png: bytes) -> str:
+def _intervals_html(report: dict) -> list[str]:
     esc = html.escape
     acc = report["accuracy"]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(report['protocol_label'])}: genreflow report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        # The first line a reader sees names the protocol that produced the numbers.
-        f"<h1>{esc(report['protocol_label'])}</h1>",
-    ]
-    if report["partial"]:
-        missing = ", ".join(str(f) for f in report["missing_folds"])
-        parts.append(
-            f'<p class="partial"><strong>Partial result:</strong> {len(report["usable_folds"])} '
-            f"of {len(report['expected_folds'])} folds usable; fold(s) {esc(missing)} missing. "
-            "Every statistic below is over the usable folds only.</p>"
-        )
-    parts += [
-        f'<p class="note">genre classification report, genreflow {esc(report["version"])}</p>',
-        '<p class="headline">Accuracy '
-        f"<strong>{_fmt(acc['mean'])} &plusmn; {_fmt(acc['std'])}</strong> "
-        f"(mean &plusmn; sd over {acc['k']} folds; min {_fmt(acc['min'])}, "
-        f"max {_fmt(acc['max'])})</p>",
-        "<ul>",
+    noun = report["fold_noun"]
+    if report["protocol"] == "filtered":
+        return [
+            f"<li>95% interval, Wilson (test accuracy, n = {report['n_clips']} test clips): "
+            f"<strong>{esc(_interval_text(acc['wilson_ci'], noun))}</strong></li>",
+            "<li>95% interval, t over repetitions (training randomness only): "
+            f"{esc(_interval_text(acc['naive_ci'], noun))}</li>",
+            f"<li>pooled accuracy {_fmt(report['pooled_accuracy'])} over "
+            f"{report['n_clips']} test clips &times; {acc['k']} repetition(s); "
+            f"macro F1 {_fmt(report['macro_f1'])}</li>",
+        ]
+    return [
         f"<li>95% interval, corrected (Nadeau and Bengio 2003): "
         f"<strong>{esc(_interval_text(acc['corrected_ci']))}</strong>, "
         f"n_test/n_train = {_fmt(acc['test_train_ratio'])} "
@@ -609,18 +784,76 @@ def _report_html(report: dict, png: bytes) -> str:
         f"{esc(_interval_text(acc['naive_ci']))}</li>",
         f"<li>pooled accuracy {_fmt(report['pooled_accuracy'])} over {report['n_clips']} "
         f"clips; macro F1 {_fmt(report['macro_f1'])}</li>",
+    ]
+
+
+def _provenance_html(report: dict) -> list[str]:
+    esc = html.escape
+    items = []
+    if report["split"]:
+        items.append(f"<li>{esc(_split_text(report['split']))}</li>")
+    for key, label in (("data_sha256", "data SHA-256"), ("split_sha256", "split lists SHA-256")):
+        if report[key]:
+            items.append(f"<li>{label}: <code>{esc(str(report[key]))}</code></li>")
+    if report["seeds"]:
+        seeds = "; ".join(f"{fold}: {json.dumps(v)}" for fold, v in report["seeds"].items())
+        items.append(f"<li>seeds by {report['fold_noun']}: {esc(seeds)}</li>")
+    if not report["selection"]:
+        items.append("<li>checkpoint selection: not recorded by the folds</li>")
+    if not items:
+        return []
+    return ["<h2>Data and provenance</h2>", "<ul>", *items, "</ul>"]
+
+
+def _report_html(report: dict, png: bytes) -> str:
+    esc = html.escape
+    acc = report["accuracy"]
+    noun = report["fold_noun"]
+    # The first line a reader sees names the protocol that produced the numbers, and what
+    # chose the checkpoints when the folds recorded it.
+    first_line = report["protocol_label"]
+    if report["selection_label"]:
+        first_line += f"; {report['selection_label']}"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(report['protocol_label'])}: genreflow report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{esc(first_line)}</h1>",
+    ]
+    if report["partial"]:
+        missing = ", ".join(str(f) for f in report["missing_folds"])
+        parts.append(
+            f'<p class="partial"><strong>Partial result:</strong> {len(report["usable_folds"])} '
+            f"of {len(report['expected_folds'])} {noun}s usable; {noun}(s) {esc(missing)} "
+            f"missing. Every statistic below is over the usable {noun}s only.</p>"
+        )
+    parts += [
+        f'<p class="note">genre classification report, genreflow {esc(report["version"])}</p>',
+        '<p class="headline">Accuracy '
+        f"<strong>{_fmt(acc['mean'])} &plusmn; {_fmt(acc['std'])}</strong> "
+        f"(mean &plusmn; sd over {acc['k']} {noun}s; min {_fmt(acc['min'])}, "
+        f"max {_fmt(acc['max'])})</p>",
+        "<ul>",
+        *_intervals_html(report),
         "</ul>",
         f'<p class="note">{esc(report["intervals_note"])}</p>',
-        "<h2>Per fold</h2>",
-        _table(
-            ["fold", "clips", "correct", "accuracy", "folder"],
-            [
-                [f["fold"], f["n_clips"], f["n_correct"], _fmt(f["accuracy"]), f["dir"]]
-                for f in report["folds"]
-            ],
-        ),
-        "<h2>Failed or missing folds</h2>",
+        *_provenance_html(report),
+        f"<h2>Per {noun}</h2>",
     ]
+    header = [noun, "clips", "correct", "accuracy"]
+    with_valid = any(f["valid_accuracy"] is not None for f in report["folds"])
+    with_iteration = any(f["selected_iteration"] is not None for f in report["folds"])
+    header += ["validation accuracy"] * with_valid + ["selected iteration"] * with_iteration
+    rows = []
+    for f in report["folds"]:
+        row = [f["fold"], f["n_clips"], f["n_correct"], _fmt(f["accuracy"])]
+        if with_valid:
+            row.append(_fmt(f["valid_accuracy"]))
+        if with_iteration:
+            row.append("n/a" if f["selected_iteration"] is None else f["selected_iteration"])
+        rows.append([*row, f["dir"]])
+    parts += [_table([*header, "folder"], rows), f"<h2>Failed or missing {noun}s</h2>"]
     if report["missing_folds"] or report["failed_folds"]:
         parts.append(
             "<p>Missing: "
@@ -630,7 +863,7 @@ def _report_html(report: dict, png: bytes) -> str:
         if report["failed_folds"]:
             parts.append(
                 _table(
-                    ["fold", "folder", "reason"],
+                    [noun, "folder", "reason"],
                     [
                         ["?" if f["fold"] is None else f["fold"], f["dir"], f["reason"]]
                         for f in report["failed_folds"]
@@ -638,9 +871,15 @@ def _report_html(report: dict, png: bytes) -> str:
                 )
             )
     else:
-        parts.append("<p>None: every expected fold is usable.</p>")
+        parts.append(f"<p>None: every expected {noun} is usable.</p>")
     parts += [
         "<h2>Per genre</h2>",
+        (
+            f'<p class="note">Support counts predictions: each test clip once per '
+            f"repetition ({report['accuracy']['k']}).</p>"
+            if report["protocol"] == "filtered"
+            else ""
+        ),
         _table(
             ["genre", "precision", "recall", "F1", "support"],
             [
@@ -651,7 +890,8 @@ def _report_html(report: dict, png: bytes) -> str:
         ),
         f"<p>macro F1 {_fmt(report['macro_f1'])}</p>",
         "<h2>Pooled confusion matrix</h2>",
-        '<p class="note">Rows: true genre; columns: predicted genre.</p>',
+        f'<p class="note">Rows: true genre; columns: predicted genre. Pooled over '
+        f"{esc(report['confusion']['pooled_over'])}.</p>",
         f'<img alt="pooled confusion matrix" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode("ascii")}">',
         _table(
@@ -680,36 +920,172 @@ def _report_html(report: dict, png: bytes) -> str:
 
 
 # --- the step ----------------------------------------------------------------------------
+def _read_usable(
+    fold_dirs: list[str | Path], expected: list[int]
+) -> tuple[dict[int, _FoldPredictions], list[_FailedFold]]:
+    usable: dict[int, _FoldPredictions] = {}
+    failed: list[_FailedFold] = []
+    for raw in fold_dirs:
+        result = _read_fold(Path(raw))
+        if isinstance(result, _FailedFold):
+            failed.append(result)
+            continue
+        if result.fold not in expected:
+            raise GenreflowError(
+                f"{result.summary_path}: fold {result.fold} is not one of the "
+                f"expected folds {expected}"
+            )
+        if result.fold in usable:
+            raise GenreflowError(
+                f"fold {result.fold} given twice: {usable[result.fold].directory} and "
+                f"{result.directory}"
+            )
+        usable[result.fold] = result
+    return usable, failed
+
+
+def _agreed(folds: list[_FoldPredictions], what: str, value_of) -> object:
+    """The one value every fold gives for `what`; an error naming two folders that differ."""
+    first = folds[0]
+    first_value = value_of(first)
+    for fold in folds[1:]:
+        value = value_of(fold)
+        if value != first_value:
+            raise GenreflowError(
+                f"the folds disagree on {what}: {first.summary_path} says {first_value!r}, "
+                f"{fold.summary_path} says {value!r}; the folds of one run must share it"
+            )
+    return first_value
+
+
+def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> str:
+    """The protocol the folds' summaries record (absent = cv10), checked against the caller's.
+
+    When no summary records one (runs from before the key existed), the caller's word is
+    taken, and cv10 without it.
+    """
+    if requested is not None and requested not in PROTOCOL_LABELS:
+        raise GenreflowError(
+            f"unknown protocol {requested!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
+        )
+    stated = [f for f in folds if _summary_protocol(f.summary, f.summary_path) is not None]
+    if not stated:
+        return requested or DEFAULT_PROTOCOL
+    protocol = _agreed(
+        folds,
+        "the protocol",
+        lambda f: _summary_protocol(f.summary, f.summary_path) or DEFAULT_PROTOCOL,
+    )
+    if requested is not None and requested != protocol:
+        raise GenreflowError(
+            f"asked to aggregate protocol {requested!r}, but {stated[0].summary_path} "
+            f"records protocol {protocol!r}"
+        )
+    return str(protocol)
+
+
+def _check_cv10_clips(folds: list[_FoldPredictions]) -> None:
+    """Cross-validation predicts each clip exactly once across the folds."""
+    clip_home: dict[str, _FoldPredictions] = {}
+    for fold in folds:
+        for name in fold.audio_names:
+            other = clip_home.get(name)
+            if other is not None:
+                raise GenreflowError(
+                    f"{fold.directory / PREDICTIONS_FILE}: clip {name} is also predicted in "
+                    f"{other.directory / PREDICTIONS_FILE} (fold {other.fold}); "
+                    "cross-validation predicts each clip exactly once"
+                )
+            clip_home[name] = fold
+
+
+def _check_filtered_clips(folds: list[_FoldPredictions]) -> None:
+    """Every repetition predicts the same test clips, with the same true genre."""
+    reference = folds[0]
+    truth = dict(zip(reference.audio_names, reference.true_index.tolist(), strict=True))
+    for fold in folds[1:]:
+        names = set(fold.audio_names)
+        extra = sorted(names - truth.keys())
+        lacking = sorted(truth.keys() - names)
+        if extra or lacking:
+            raise GenreflowError(
+                f"{fold.directory / PREDICTIONS_FILE}: repetition {fold.fold} predicts a "
+                f"different set of clips than repetition {reference.fold} "
+                f"({reference.directory / PREDICTIONS_FILE}): {len(extra)} extra "
+                f"{_some(extra)}, {len(lacking)} lacking {_some(lacking)}; every repetition "
+                "of the filtered protocol predicts the same test list"
+            )
+        for name, true in zip(fold.audio_names, fold.true_index.tolist(), strict=True):
+            if truth[name] != true:
+                raise GenreflowError(
+                    f"{fold.directory / PREDICTIONS_FILE}: clip {name} is {GENRES[true]} in "
+                    f"repetition {fold.fold} but {GENRES[truth[name]]} in repetition "
+                    f"{reference.fold}"
+                )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "(none)"
+    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+    return "(" + ", ".join(names[:shown]) + more + ")"
+
+
+def _split_report(folds: list[_FoldPredictions]) -> dict | None:
+    """The split's counts and names: one value where the folds agree, else per fold.
+
+    None when no fold recorded its split.
+    """
+    splits = {f.fold: _summary_split(f.summary, f.summary_path) for f in folds}
+    if all(split is None for split in splits.values()):
+        return None
+    result: dict = {}
+    for key in (*SPLIT_COUNTS, *SPLIT_NAMES):
+        values = {fold: (split or {}).get(key) for fold, split in splits.items()}
+        distinct = {json.dumps(v, sort_keys=True) for v in values.values()}
+        # cv10 folds train on different clips, so their counts may differ: keep each fold's
+        result[key] = (
+            next(iter(values.values()))
+            if len(distinct) == 1
+            else {str(fold): value for fold, value in values.items()}
+        )
+    return result
+
+
 def aggregate(
     fold_dirs: list[str | Path],
     out: str | Path,
     *,
     expected_folds: list[int] = list(range(1, 11)),  # noqa: B006 (never mutated)
     min_folds: int = 10,
-    protocol: str = "cv10",
+    protocol: str | None = None,
     train_fraction: float | None = None,
 ) -> dict:
-    """Pool the folds' held-out predictions into the cross-validation report.
+    """Pool the folds' (or repetitions') test predictions into the evaluation report.
 
     Args:
         fold_dirs: one folder per fold, as the training step leaves it.
         out: folder for report.json, report.html, confusion.csv, confusion.png and
             per_genre.csv (created if needed; each file replaced atomically).
-        expected_folds: the folds the run was meant to have.
+        expected_folds: the folds (repetitions, under "filtered") the run was meant to have.
         min_folds: the fewest usable folds that still give a (partial) result.
-        protocol: the evaluation protocol that produced the folds (see PROTOCOL_LABELS).
-        train_fraction: n_train / (n_train + n_test) of a fold for the interval correction;
-            None derives n_test / n_train from the fold sizes (or from `n_train` in each
-            summary.json when every usable fold has it).
+        protocol: the evaluation protocol (see PROTOCOL_LABELS); None takes it from the
+            folds' summary.json, where a summary without one counts as cv10. Given, it must
+            agree with what the summaries record.
+        train_fraction: cv10 only: n_train / (n_train + n_test) of a fold for the interval
+            correction; None derives n_test / n_train from the fold sizes (or from `n_train`
+            or the split's `train` count in each summary.json when every usable fold has it).
 
     Returns:
         The report, as written to report.json.
 
     Raises:
-        GenreflowError: fewer than `min_folds` usable folds (naming the missing ones), or a
-            fold whose files break the contract (naming the file and line).
+        GenreflowError: fewer than `min_folds` usable folds (naming the missing ones), folds
+            that disagree on the protocol, the selection or the data and split checksums
+            (naming two of their folders), or a fold whose files break the contract (naming
+            the file and line).
     """
-    if protocol not in PROTOCOL_LABELS:
+    if protocol is not None and protocol not in PROTOCOL_LABELS:
         raise GenreflowError(
             f"unknown protocol {protocol!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
         )
@@ -723,34 +1099,17 @@ def aggregate(
     if not fold_dirs:
         raise GenreflowError("no fold folders given")
 
-    usable: dict[int, _FoldPredictions] = {}
-    failed: list[_FailedFold] = []
-    clip_home: dict[str, tuple[Path, int]] = {}
-    for raw in fold_dirs:
-        result = _read_fold(Path(raw))
-        if isinstance(result, _FailedFold):
-            failed.append(result)
-            continue
-        if result.fold not in expected:
-            raise GenreflowError(
-                f"{result.directory / SUMMARY_FILE}: fold {result.fold} is not one of the "
-                f"expected folds {expected}"
-            )
-        if result.fold in usable:
-            raise GenreflowError(
-                f"fold {result.fold} given twice: {usable[result.fold].directory} and "
-                f"{result.directory}"
-            )
-        for name in result.audio_names:
-            if name in clip_home:
-                other_dir, other_fold = clip_home[name]
-                raise GenreflowError(
-                    f"{result.directory / PREDICTIONS_FILE}: clip {name} is also predicted in "
-                    f"{other_dir / PREDICTIONS_FILE} (fold {other_fold}); cross-validation "
-                    "predicts each clip exactly once"
-                )
-            clip_home[name] = (result.directory, result.fold)
-        usable[result.fold] = result
+    usable, failed = _read_usable(fold_dirs, expected)
+    # The clip check comes first: a clip predicted twice is a bug even when folds are missing.
+    given_order = list(usable.values())
+    if given_order:
+        protocol = _resolve_protocol(given_order, protocol)
+        if protocol == "cv10":
+            _check_cv10_clips(given_order)
+        else:
+            _check_filtered_clips(sorted(given_order, key=lambda f: f.fold))
+    protocol = protocol or DEFAULT_PROTOCOL
+    noun = FOLD_NOUN[protocol]
 
     missing = [fold for fold in expected if fold not in usable]
     if len(usable) < min_folds:
@@ -761,7 +1120,12 @@ def aggregate(
         )
 
     folds = [usable[fold] for fold in sorted(usable)]
-    ratio, ratio_source = _test_train_ratio(folds, len(expected), train_fraction)
+    selection = _agreed(
+        folds, "the checkpoint selection", lambda f: _summary_selection(f.summary, f.summary_path)
+    )
+    data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
+    split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
+
     fold_rows = []
     for fold in folds:
         n_correct = int(np.sum(fold.predicted_index == fold.true_index))
@@ -771,20 +1135,64 @@ def aggregate(
                 "n_clips": len(fold.audio_names),
                 "n_correct": n_correct,
                 "accuracy": n_correct / len(fold.audio_names),
+                "n_train": fold.n_train,
+                "valid_accuracy": _summary_number(
+                    fold.summary, "valid_accuracy", fold.summary_path
+                ),
+                "selected_iteration": _summary_number(
+                    fold.summary, "selected_iteration", fold.summary_path
+                ),
                 "dir": str(fold.directory),
             }
         )
-    accuracy = fold_statistics([row["accuracy"] for row in fold_rows], ratio)
+    values = [row["accuracy"] for row in fold_rows]
 
     confusion = np.zeros((len(GENRES), len(GENRES)), dtype=np.int64)
     for fold in folds:
         np.add.at(confusion, (fold.true_index, fold.predicted_index), 1)
     per_genre, macro_f1 = _per_genre(confusion)
-    n_clips = int(confusion.sum())
+    n_predictions = int(confusion.sum())
+    pooled_accuracy = float(np.trace(confusion)) / n_predictions
+
+    if protocol == "cv10":
+        ratio, ratio_source = _test_train_ratio(folds, len(expected), train_fraction)
+        accuracy = fold_statistics(values, ratio)
+        accuracy["wilson_ci"] = None
+        accuracy["reported_ci"] = accuracy["corrected_ci"]
+        n_clips = n_predictions
+        intervals_note = INTERVALS_NOTE
+        pooled_over = "each clip once: the folds' out-of-fold predictions"
+    else:
+        if train_fraction is not None:
+            raise GenreflowError(
+                "train_fraction applies to cv10 only: the filtered protocol trains every "
+                "repetition on the same clips, so there is no overlap to correct for"
+            )
+        ratio_source = (
+            "not used: every repetition trains on the same clips, no overlap to correct for"
+        )
+        accuracy = fold_statistics(values, None)
+        if accuracy["naive_ci"] is not None:
+            accuracy["naive_ci"]["method"] = (
+                "t interval over repetitions: mean +- t * s / sqrt(R); measures training "
+                "randomness only (every repetition trains and tests on the same clips)"
+            )
+        n_clips = len(folds[0].audio_names)
+        # the pooled proportion, but on the test set's size: repetitions add no test clips
+        accuracy["wilson_ci"] = wilson_interval(pooled_accuracy, n_clips)
+        accuracy["reported_ci"] = accuracy["wilson_ci"]
+        intervals_note = FILTERED_INTERVALS_NOTE
+        pooled_over = (
+            f"the sum over {len(folds)} repetition(s): each of the {n_clips} test clips is "
+            f"counted once per repetition"
+        )
 
     report = {
         "protocol": protocol,
         "protocol_label": PROTOCOL_LABELS[protocol],
+        "fold_noun": noun,
+        "selection": selection,
+        "selection_label": selection_label(selection, protocol),
         "version": __version__,
         "partial": bool(missing),
         "expected_folds": expected,
@@ -795,19 +1203,25 @@ def aggregate(
         ],
         "min_folds": min_folds,
         "n_clips": n_clips,
+        "n_predictions": n_predictions,
+        "split": _split_report(folds),
+        "data_sha256": data_sha256,
+        "split_sha256": split_sha256,
+        "seeds": {str(f.fold): f.summary["seeds"] for f in folds if "seeds" in f.summary},
         "genres": list(GENRES),
         "folds": fold_rows,
         "fold_accuracy": {str(row["fold"]): row["accuracy"] for row in fold_rows},
         "accuracy": accuracy,
         "test_train_ratio_source": ratio_source,
-        "intervals_note": INTERVALS_NOTE,
-        "pooled_accuracy": float(np.trace(confusion)) / n_clips,
+        "intervals_note": intervals_note,
+        "pooled_accuracy": pooled_accuracy,
         "per_genre": per_genre,
         "macro_f1": macro_f1,
         "confusion": {
             "rows": "true genre",
             "columns": "predicted genre",
             "labels": list(GENRES),
+            "pooled_over": pooled_over,
             "matrix": confusion.tolist(),
         },
         "confused_pairs": _confused_pairs(folds, confusion),
@@ -819,11 +1233,12 @@ def aggregate(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GenreflowError(f"{out_dir}: cannot create the output folder ({exc})") from exc
-    png = _confusion_png(
-        confusion,
-        f"Pooled confusion, {PROTOCOL_LABELS[protocol]}"
-        + (f" (partial: {len(usable)}/{len(expected)} folds)" if missing else ""),
-    )
+    title = f"Pooled confusion, {PROTOCOL_LABELS[protocol]}"
+    if protocol == "filtered" and len(folds) > 1:
+        title += f" (sum of {len(folds)} repetitions)"
+    if missing:
+        title += f" (partial: {len(usable)}/{len(expected)} {noun}s)"
+    png = _confusion_png(confusion, title)
     _write_atomic(
         out_dir / CONFUSION_CSV,
         _csv_text(

@@ -152,10 +152,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune Cnn14 on one cross-validation fold",
-        description="Train on every fold but K, evaluate on fold K; write last.pth, best.pth, "
-        "metrics.csv, predictions.csv and summary.json to DIR. Killed, the same command "
-        "resumes from the last checkpoint; rerun when finished, it does nothing. The "
-        "defaults are the seed's recipe (panns_transfer_to_gtzan).",
+        description="Train on the training rows, keep the checkpoint that does best on the "
+        "validation rows (best.pth), report it on the test rows; write last.pth, best.pth, "
+        "metrics.csv, predictions.csv and summary.json to DIR. --protocol cv10 (default): "
+        "fold K is the test fold and fold K+1 (10 -> 1) the validation fold; --protocol "
+        "filtered: the fault-filtered GTZAN lists. Killed, the same command resumes from "
+        "the last checkpoint; rerun when finished, it does nothing. The recipe's defaults "
+        "are the seed's (panns_transfer_to_gtzan).",
     )
     p.add_argument(
         "--features",
@@ -163,7 +166,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="FILE|URL|gs://",
         help="packed features.h5: a path, http(s):// or gs:// (downloaded once, cached)",
     )
-    p.add_argument("--fold", required=True, type=int, metavar="K", help="held-out fold")
+    p.add_argument(
+        "--fold",
+        required=True,
+        type=int,
+        metavar="K",
+        help="cv10: the test fold, 1..10; filtered: the repetition, 1, 2, ... (seed + K - 1)",
+    )
+    _add_split_options(p)
     p.add_argument(
         "--out",
         required=True,
@@ -204,6 +214,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    """--protocol and --selection, as train and train-head share them (genreflow.splits)."""
+    p.add_argument(
+        "--protocol",
+        choices=("cv10", "filtered"),
+        default="cv10",
+        help="cv10 (default): the seed's 10-fold CV; filtered: the fault-filtered split "
+        "(443 train, 197 validation, 290 test clips; the other clips are excluded)",
+    )
+    p.add_argument(
+        "--selection",
+        choices=("validation", "heldout"),
+        default="validation",
+        help="what chooses the checkpoint: validation (default; cv10: fold K+1) or "
+        "heldout (the test rows themselves, as the seed did: optimistic)",
+    )
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from genreflow.train import TrainConfig, train_fold
 
@@ -223,11 +251,14 @@ def _run_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             precision=args.precision,
+            protocol=args.protocol,
+            selection=args.selection,
         )
     )
     print(
-        f"fold {summary['fold']}: held-out accuracy {summary['final_accuracy']:.3f} after "
-        f"{summary['iterations']} iterations -> {args.out}"
+        f"fold {summary['fold']} ({summary['protocol']}): test accuracy "
+        f"{summary['final_accuracy']:.3f} of the checkpoint of iteration "
+        f"{summary['selected_iteration']} (chosen on {summary['selection']}) -> {args.out}"
     )
     return 0
 
@@ -347,8 +378,10 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--protocol",
-        default="cv10",
-        help="the evaluation protocol that produced the folds: cv10 or filtered (default: cv10)",
+        default=None,
+        choices=["cv10", "filtered"],
+        help="the evaluation protocol that produced the folds (default: what the folds' "
+        "summary.json record; cv10 where they record none); given, it must agree with them",
     )
     p.add_argument(
         "--folds",
@@ -356,13 +389,13 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(range(1, 11)),
         metavar="K",
-        help="the folds the run was meant to have (default: 1 to 10)",
+        help="the folds (repetitions, under filtered) the run was meant to have (default: 1 to 10)",
     )
     p.add_argument(
         "--train-fraction",
         type=float,
         default=None,
-        help="n_train / (n_train + n_test) of one fold for the interval correction "
+        help="cv10: n_train / (n_train + n_test) of one fold for the interval correction "
         "(default: derived from the fold sizes)",
     )
     p.set_defaults(func=_run_aggregate)
@@ -385,6 +418,62 @@ def _run_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compare -----------------------------------------------------------------------------
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare two pipeline runs from MLflow: aggregate metrics and per-fold differences",
+        description="Read two pipeline runs (MLflow parent run ids) and their fold runs; print "
+        "their aggregate metrics side by side (A, B, B - A), the per-fold differences, a test "
+        "(paired with the Nadeau-Bengio correction for cv10, Welch's for filtered "
+        "repetitions) and a one-line verdict. Exit status 0 whatever the verdict.",
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="run A's MLflow parent run id")
+    p.add_argument("run_b", metavar="RUN_B", help="run B's MLflow parent run id")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
+    )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the comparison as Markdown, fit for a CI comment",
+    )
+    p.add_argument(
+        "--metric",
+        default="final_accuracy",
+        help="the fold runs' metric to compare fold by fold (default: final_accuracy)",
+    )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=None,
+        help="cv10: n_train / (n_train + n_test) of one fold for the correction (default: "
+        "the parents' test_train_ratio metric, else (k-1)/k for k folds)",
+    )
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from genreflow.compare import compare_runs, render_text, write_markdown
+
+    result = compare_runs(
+        args.run_a,
+        args.run_b,
+        tracking_uri=args.tracking_uri,
+        metric=args.metric,
+        train_fraction=args.train_fraction,
+    )
+    print(render_text(result), end="")
+    if args.markdown is not None:
+        print(f"markdown: {write_markdown(result, args.markdown)}")
+    return 0
+
+
 # --- compile / run (the pipeline) -------------------------------------------------------
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile the KFP pipeline to IR YAML")
@@ -402,6 +491,19 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sha256", default="", help="the source archive's SHA-256")
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: workspace sqlite)")
     p.add_argument("--no-cache", action="store_true", help="rerun download/pack/embed too")
+    p.add_argument(
+        "--protocol",
+        choices=("cv10", "filtered"),
+        default=None,
+        help="cv10: the seed's 10-fold CV (default); filtered: the fault-filtered split",
+    )
+    p.add_argument(
+        "--selection",
+        choices=("validation", "heldout"),
+        default=None,
+        help="checkpoint chosen on a validation split (default) or, as the seed did, on "
+        "the held-out fold (optimistic; for comparing with the seed's numbers)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -445,19 +547,25 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def _run_run(args: argparse.Namespace) -> int:
     from genreflow.pipelines.local import run_local
 
+    overrides = _parse_overrides(args.set)
+    for key in ("protocol", "selection"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     report = run_local(
         args.workspace,
         profile=args.profile,
         source=args.source,
         sha256=args.sha256,
         tracking_uri=args.tracking_uri,
-        overrides=_parse_overrides(args.set),
+        overrides=overrides,
         cache=not args.no_cache,
     )
     from genreflow.aggregate import headline
 
     print("\n".join(headline(report)))
     print(f"report: {report['results_dir']}/report.html")
+    if report.get("mlflow_run_id"):
+        print(f"MLflow parent run: {report['mlflow_run_id']}")
     return 0
 
 
@@ -494,8 +602,10 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-head",
         help="frozen base: train the genre head of one fold on stored embeddings",
-        description="Train fc_transfer on the embeddings of every fold but --fold, evaluate "
-        "on --fold; writes metrics.csv, predictions.csv, summary.json and head.pth to --out. "
+        description="Train fc_transfer on the training rows' embeddings, keep the head that "
+        "does best on the validation rows, report it on the test rows (--protocol and "
+        "--selection as for train); writes metrics.csv, predictions.csv, summary.json and "
+        "head.pth to --out. "
         "Options left out take the recipe's defaults (genreflow.frozen.DEFAULT_RECIPE): "
         "1000 full-batch steps (batch size 0), lr 0.001, weight decay 1.0, no mixup "
         "(alpha 1.0 when on), evaluation every 100 steps, seed 0.",
@@ -506,7 +616,14 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
         metavar="FILE|URL|gs://",
         help="embeddings.h5: a path, http(s):// or gs:// (downloaded once, cached)",
     )
-    p.add_argument("--fold", required=True, type=int, metavar="K", help="held-out fold, 1..10")
+    p.add_argument(
+        "--fold",
+        required=True,
+        type=int,
+        metavar="K",
+        help="cv10: the test fold, 1..10; filtered: the repetition, 1, 2, ... (seed + K - 1)",
+    )
+    _add_split_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--iterations", type=int, metavar="N", help="optimiser steps")
     p.add_argument("--batch-size", type=int, metavar="B", help="clips per step; 0 = all")
@@ -514,7 +631,7 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay")
     p.add_argument("--mixup", action=argparse.BooleanOptionalAction, help="mixup on embeddings")
     p.add_argument("--mixup-alpha", type=float, metavar="A", help="mixup's Beta(A, A)")
-    p.add_argument("--eval-every", type=int, metavar="N", help="held-out evaluation interval")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluation interval")
     p.add_argument("--seed", type=int, metavar="S", help="seeds sampling and mixup")
     p.set_defaults(func=_run_train_head)
 
@@ -548,7 +665,14 @@ def _run_train_head(args: argparse.Namespace) -> int:
         for name in (*options, "eval_every", "seed")
         if getattr(args, name) is not None
     }
-    summary = train_head(args.embeddings, args.fold, args.out, **given)
+    summary = train_head(
+        args.embeddings,
+        args.fold,
+        args.out,
+        protocol=args.protocol,
+        selection=args.selection,
+        **given,
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -719,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_inference,
         _add_aggregate,
+        _add_compare,
         _add_pipeline,
         _add_frozen,
         _add_submit,

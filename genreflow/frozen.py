@@ -27,8 +27,10 @@ The head recipe (`DEFAULT_RECIPE`):
 - full batch (the whole training set is a few MB, and it leaves no sampling noise), AdamW
   with lr 1e-3 for 1000 steps and decoupled weight decay 1.0, the seed's clip_nll loss on
   log-softmax, a zero-initialised head (the problem is convex; zero keeps it
-  deterministic). The held-out fold is only watched, never used to pick the head: the
-  saved head is the last one;
+  deterministic). Which rows train, which choose and which are reported is
+  genreflow.splits' decision (`protocol`, `selection`, as in genreflow.train): the head is
+  evaluated every `eval_every` steps and the one with the best validation accuracy (ties:
+  the earlier) is saved and reported on the test rows;
 - afterwards the standardisation is folded into the linear layer (W' = W / std,
   b' = b - W' mean), so the saved `fc_transfer` applies to raw embeddings, exactly as the
   seed's Transfer_Cnn14 head does, and fits a `base.*` + `fc_transfer.*` checkpoint.
@@ -61,9 +63,10 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
   moment, the same command continues from the last finished batch
   (`out/embeddings.partial/`); rerun after it finished, it does nothing and says so.
 - `train_head(embeddings, fold, out)`: `metrics.csv`, `predictions.csv`, `summary.json`
-  in the formats of `genreflow.train` (plus `"path": "frozen-base"`), and `head.pth`
-  (`{'iteration', 'model': {'fc_transfer.weight', 'fc_transfer.bias'}, 'genreflow'}`).
-  It takes seconds, so it has no resume: a rerun trains again, with the same result.
+  in the formats of `genreflow.train` (`"path": "frozen-base"`), and `head.pth`, the
+  selected head (`{'iteration', 'model': {'fc_transfer.weight', 'fc_transfer.bias'},
+  'genreflow'}`, iteration = the summary's selected_iteration). It takes seconds, so it
+  has no resume: a rerun trains again, with the same result.
 - `load_head_ensemble(base, heads)`: the base and the fold heads as one module mapping
   waveforms to genre probabilities (base once, heads' probabilities averaged).
 - `export_transfer_checkpoint(base, head, out)`: one fold's model as a whole transfer
@@ -95,13 +98,21 @@ from torch import Tensor, nn
 
 from genreflow import __version__, storage
 from genreflow.atomic import write_atomic, write_text_atomic
-from genreflow.data.genres import FOLDS, GENRES
+from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.splits import (
+    DEFAULT_PROTOCOL,
+    DEFAULT_SELECTION,
+    Split,
+    check_protocol,
+    make_split,
+    split_sha256,
+)
 
 EMBEDDINGS, BASE, PARTIAL = "embeddings.h5", "base.pth", "embeddings.partial"
 HEAD = "head.pth"
 METRICS, PREDICTIONS, SUMMARY = "metrics.csv", "predictions.csv", "summary.json"
-METRICS_COLUMNS = ("iteration", "train_loss", "heldout_accuracy", "seconds")
+METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "heldout_accuracy", "seconds")
 PATH_NAME = "frozen-base"
 BASE_MODEL = "Cnn14"
 EMBEDDING_SIZE = 2048
@@ -131,12 +142,16 @@ class HeadConfig:
     mixup_alpha: float = 1.0
     eval_every: int = 100
     seed: int = 0
+    # genreflow.splits: which rows train, choose the head and are reported.
+    protocol: str = DEFAULT_PROTOCOL
+    selection: str = DEFAULT_SELECTION
 
 
+# The recipe: how a head is trained, not which data it sees.
 DEFAULT_RECIPE = {
     field.name: field.default
     for field in dataclasses.fields(HeadConfig)
-    if field.name not in ("embeddings", "fold", "out")
+    if field.name not in ("embeddings", "fold", "out", "protocol", "selection")
 }
 
 
@@ -586,8 +601,7 @@ def _check_head_config(config: HeadConfig) -> None:
         raise GenreflowError(f"batch size must be an integer, got {config.batch_size!r}")
     if config.batch_size < 0:
         raise GenreflowError(f"batch size must be 0 (full batch) or positive: {config.batch_size}")
-    if config.fold not in FOLDS:
-        raise GenreflowError(f"fold must be one of {FOLDS[0]}..{FOLDS[-1]}, got {config.fold}")
+    check_protocol(config.protocol, config.selection, config.fold)
     if not config.lr > 0:
         raise GenreflowError(f"learning rate must be positive, got {config.lr}")
     if not config.weight_decay >= 0:
@@ -612,11 +626,14 @@ def fold_standardisation(
     return folded_weight, folded_bias
 
 
-def _predictions_csv(data: EmbeddingsFile, rows: np.ndarray, probabilities: np.ndarray) -> str:
+def _predictions_csv(
+    data: EmbeddingsFile, rows: np.ndarray, probabilities: np.ndarray, fold: int
+) -> str:
+    """The test rows' probabilities; `fold` is the run's (for cv10 also the rows' own)."""
     lines = []
     for row, probs in zip(rows, probabilities, strict=True):
         genre = GENRES[data.targets[row]]
-        lines.append([data.names[row], int(data.folds[row]), genre, *(f"{p:.8g}" for p in probs)])
+        lines.append([data.names[row], fold, genre, *(f"{p:.8g}" for p in probs)])
     return _csv_text(("audio_name", "fold", "genre", *GENRES), lines)
 
 
@@ -633,21 +650,29 @@ def train_head(
     mixup_alpha: float = DEFAULT_RECIPE["mixup_alpha"],
     eval_every: int = DEFAULT_RECIPE["eval_every"],
     seed: int = DEFAULT_RECIPE["seed"],
+    protocol: str = DEFAULT_PROTOCOL,
+    selection: str = DEFAULT_SELECTION,
 ) -> dict:
-    """Train the genre head on stored embeddings of folds != `fold`; evaluate on `fold`.
+    """Train the genre head on stored embeddings of the training rows, keep the head that
+    does best on the validation rows, report it on the test rows (genreflow.splits).
 
     Args:
         embeddings: an embeddings.h5 from `embed_features`: a path or a gs:// (http(s)://)
             URI.
-        fold: the held-out fold (1..10).
+        fold: cv10: the test fold (1..10). filtered: the repetition number (>= 1), which
+            seeds the run with seed + fold - 1.
         out: folder for metrics.csv, predictions.csv, summary.json and head.pth.
         iterations: optimiser steps.
         batch_size: clips per step; 0 = all training clips (full batch).
         lr, weight_decay: AdamW's learning rate and decoupled weight decay.
         mixup, mixup_alpha: mix pairs of standardised embeddings (and their targets)
             with weights from Beta(alpha, alpha).
-        eval_every: evaluate on the held-out fold every this many steps (and at the end).
+        eval_every: evaluate on the validation and test rows every this many steps (and
+            at the end).
         seed: seeds mini-batch sampling and mixup; same seed, same result on a CPU.
+        protocol: "cv10" or "filtered" (the fault-filtered lists).
+        selection: "validation" chooses the head on rows neither trained on nor reported
+            (cv10: the next fold); "heldout" on the test rows, as the seed did.
 
     Returns:
         summary.json's content.
@@ -664,26 +689,32 @@ def train_head(
         mixup_alpha=mixup_alpha,
         eval_every=eval_every,
         seed=seed,
+        protocol=protocol,
+        selection=selection,
     )
     _check_head_config(config)
     data = read_embeddings(embeddings)
-    train_rows = np.flatnonzero(data.folds != fold)
-    heldout_rows = np.flatnonzero(data.folds == fold)
-    if not len(heldout_rows):
-        raise GenreflowError(f"{data.path}: fold {fold} holds no clips")
-    if not len(train_rows):
-        raise GenreflowError(f"{data.path}: no clips outside fold {fold} to train on")
+    split = make_split(
+        data.names,
+        data.folds,
+        protocol=protocol,
+        fold=fold,
+        selection=selection,
+        source=str(data.path),
+    )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GenreflowError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     _log(
-        f"fold {fold}: training the head on {len(train_rows)} embeddings, "
-        f"{len(heldout_rows)} held out (frozen base, {data.attrs.get('pretrained', '?')})"
+        f"fold {fold} ({protocol}): training the head on {len(split.train)} embeddings, "
+        f"choosing on {len(split.valid)} ({'test rows' if split.valid_is_test else 'validation'}),"
+        f" {len(split.test)} test clips, {len(split.excluded)} excluded "
+        f"(frozen base, {data.attrs.get('pretrained', '?')})"
     )
 
     with _one_thread():
-        return _train_head(config, data, train_rows, heldout_rows, out)
+        return _train_head(config, data, split, out)
 
 
 @contextlib.contextmanager
@@ -699,26 +730,22 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _train_head(
-    config: HeadConfig,
-    data: EmbeddingsFile,
-    train_rows: np.ndarray,
-    heldout_rows: np.ndarray,
-    out: Path,
-) -> dict:
+def _train_head(config: HeadConfig, data: EmbeddingsFile, split: Split, out: Path) -> dict:
     fold, iterations, batch_size = config.fold, config.iterations, config.batch_size
     lr, weight_decay, eval_every = config.lr, config.weight_decay, config.eval_every
     mixup, mixup_alpha = config.mixup, config.mixup_alpha
+    train_rows, valid_rows, test_rows = split.train, split.valid, split.test
     started = time.monotonic()
+    # Fitted on the training rows only: the valid and test rows shape nothing.
     mean, scale = _standardisation(data.embedding[train_rows])
     standardised = torch.from_numpy(((data.embedding - mean) / scale).astype(np.float32))
-    x_train, x_heldout = standardised[train_rows], standardised[heldout_rows]
+    x_train, x_valid, x_test = (standardised[rows] for rows in (train_rows, valid_rows, test_rows))
     one_hot = torch.eye(len(GENRES))[torch.from_numpy(data.targets)]
     y_train = one_hot[train_rows]
-    heldout_targets = data.targets[heldout_rows]
 
     # One seeded stream for mini-batches and mixup; nothing else here is random.
-    rng = np.random.default_rng(config.seed)
+    seed = split.seed(config.seed)
+    rng = np.random.default_rng(seed)
     head = nn.Linear(data.embedding.shape[1], len(GENRES))
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -728,9 +755,14 @@ def _train_head(
     full_batch = batch_size == 0 or batch_size >= len(train_rows)
     step_size = len(train_rows) if full_batch else batch_size
 
-    metrics, best = [], {"accuracy": -1.0, "iteration": 0}
+    def accuracy_on(x: Tensor, rows: np.ndarray) -> tuple[float, np.ndarray]:
+        with torch.inference_mode():
+            probabilities = torch.softmax(head(x), dim=-1).double().numpy()
+        return float(np.mean(probabilities.argmax(axis=1) == data.targets[rows])), probabilities
+
+    metrics = []
+    best = {"valid_accuracy": -1.0, "iteration": 0}
     loss_sum, loss_count, clips_seen, train_seconds = 0.0, 0, 0, 0.0
-    probabilities = None
     for iteration in range(1, iterations + 1):
         step_start = time.monotonic()
         if full_batch:
@@ -756,35 +788,50 @@ def _train_head(
         if iteration % eval_every and iteration != iterations:
             continue
 
-        with torch.inference_mode():
-            probabilities = torch.softmax(head(x_heldout), dim=-1).double().numpy()
-        accuracy = float(np.mean(probabilities.argmax(axis=1) == heldout_targets))
+        # The valid rows choose; the test rows are only watched (unless they are the same).
+        valid_accuracy, valid_probabilities = accuracy_on(x_valid, valid_rows)
+        if split.valid_is_test:
+            test_accuracy, test_probabilities = valid_accuracy, valid_probabilities
+        else:
+            test_accuracy, test_probabilities = accuracy_on(x_test, test_rows)
         metrics.append(
             {
                 "iteration": iteration,
                 "train_loss": loss_sum / loss_count,
-                "heldout_accuracy": accuracy,
+                "valid_accuracy": valid_accuracy,
+                "heldout_accuracy": test_accuracy,
                 "seconds": time.monotonic() - started,
             }
         )
         loss_sum, loss_count = 0.0, 0
-        if accuracy > best["accuracy"]:
-            best = {"accuracy": accuracy, "iteration": iteration}
+        if valid_accuracy > best["valid_accuracy"]:
+            best = {
+                "valid_accuracy": valid_accuracy,
+                "iteration": iteration,
+                "weight": head.weight.detach().clone(),
+                "bias": head.bias.detach().clone(),
+                "test_probabilities": test_probabilities,
+            }
 
-    weight, bias = fold_standardisation(
-        head.weight.detach().numpy(), head.bias.detach().numpy(), mean, scale
-    )
+    weight, bias = fold_standardisation(best["weight"].numpy(), best["bias"].numpy(), mean, scale)
+    selected = best["test_probabilities"]
+    final_accuracy = float(np.mean(selected.argmax(axis=1) == data.targets[test_rows]))
+    # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
+    peak = max(metrics, key=lambda m: m["heldout_accuracy"])
+    source_sha256 = data.attrs.get("source_sha256", "") or ""
     metadata = {
         "path": PATH_NAME,
         "genres": list(GENRES),
         "fold": fold,
+        "protocol": split.protocol,
+        "selection": split.selection,
         "base_model": BASE_MODEL,
         "base_sha256": data.attrs["base_sha256"],
         "pretrained": data.attrs.get("pretrained", ""),
         "embeddings_fingerprint": data.attrs.get("features_fingerprint", ""),
         "sample_rate": data.attrs.get("sample_rate"),
         "clip_samples": data.attrs.get("clip_samples"),
-        "source_sha256": data.attrs.get("source_sha256", ""),
+        "source_sha256": source_sha256,
         "n_train": int(len(train_rows)),
         "config": dataclasses.asdict(config),
         "recipe": {
@@ -799,12 +846,13 @@ def _train_head(
             "mixup": "embeddings" if mixup else "none",
             "mixup_alpha": mixup_alpha if mixup else None,
             "loss": LOSS,
-            "standardisation": "training folds' mean/std, folded into fc_transfer",
+            "standardisation": "training rows' mean/std, folded into fc_transfer",
+            "selection": f"best {'test' if split.valid_is_test else 'validation'} accuracy",
         },
         "genreflow_version": __version__,
     }
     checkpoint = {
-        "iteration": iterations,
+        "iteration": best["iteration"],
         "model": {
             "fc_transfer.weight": torch.from_numpy(weight.astype(np.float32)),
             "fc_transfer.bias": torch.from_numpy(bias.astype(np.float32)),
@@ -816,17 +864,24 @@ def _train_head(
         out / METRICS,
         _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
     )
-    write_text_atomic(out / PREDICTIONS, _predictions_csv(data, heldout_rows, probabilities))
-    final = metrics[-1]
+    write_text_atomic(out / PREDICTIONS, _predictions_csv(data, test_rows, selected, fold))
     summary = {
         "fold": fold,
         "path": PATH_NAME,
+        "protocol": split.protocol,
+        "selection": split.selection,
         "iterations": iterations,
-        "final_accuracy": final["heldout_accuracy"],
-        "best_accuracy": best["accuracy"],
-        "best_iteration": best["iteration"],
+        "final_accuracy": final_accuracy,
+        "valid_accuracy": best["valid_accuracy"],
+        "selected_iteration": best["iteration"],
+        "best_accuracy": peak["heldout_accuracy"],
+        "best_iteration": peak["iteration"],
         "n_train": int(len(train_rows)),
-        "n_heldout": int(len(heldout_rows)),
+        "n_heldout": int(len(test_rows)),
+        "split": split.counts(),
+        "split_sha256": split_sha256(split.protocol),
+        "data_sha256": str(source_sha256),
+        "seeds": {"config": config.seed, "sampler": seed},
         "clips_per_second": clips_seen / train_seconds if train_seconds else 0.0,
         "wall_seconds": time.monotonic() - started,
         "device": "cpu",
@@ -837,8 +892,10 @@ def _train_head(
     }
     write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     _log(
-        f"fold {fold}: done, held-out accuracy {final['heldout_accuracy']:.3f} "
-        f"after {iterations} steps in {summary['wall_seconds']:.2f} s; outputs in {out}"
+        f"fold {fold}: done, test accuracy {final_accuracy:.3f} of the head of step "
+        f"{best['iteration']} (chosen on "
+        f"{'the test rows' if split.valid_is_test else 'validation'}), {iterations} steps "
+        f"in {summary['wall_seconds']:.2f} s; outputs in {out}"
     )
     return summary
 

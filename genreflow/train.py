@@ -1,26 +1,38 @@
-"""One cross-validation fold: fine-tune Cnn14 on every fold but K, evaluate on fold K.
+"""One fold: fine-tune Cnn14 on the training rows, choose the checkpoint, report on the test rows.
 
 Reads top to bottom like nanoGPT's train.py: config, data, model, optimiser, loop,
 evaluation, checkpoint. The defaults are the recipe of the seed
 (qiuqiangkong/panns_transfer_to_gtzan, pytorch/main.py and runme.sh): Adam with lr 1e-4,
 betas (0.9, 0.999), eps 1e-8, no weight decay, amsgrad; batch 32; mixup with alpha 1 on
 pairs of clips (the sampler draws twice the batch and the model mixes them two by two);
-the clip_nll loss; evaluation on the held-out fold every 200 iterations; 10000 iterations.
+the clip_nll loss; evaluation every 200 iterations; 10000 iterations.
+
+Which rows train, which choose the checkpoint and which are reported is genreflow.splits'
+decision (`protocol`, `selection`): by default 10-fold CV with fold K reported and the
+next fold held back to choose the checkpoint on, so no test clip takes part in the
+choice. selection "heldout" chooses on fold K itself, as the seed did; protocol
+"filtered" uses the fault-filtered lists (fold = repetition, seed + fold - 1).
 
 What it writes to `out/`, each file atomically (temporary file, then os.replace):
 
 - `last.pth`, `best.pth`: the seed's transfer form `{'iteration', 'model'}` plus our
-  metadata under `'genreflow'`. `best.pth` is chosen on the held-out fold, so its accuracy
-  is optimistic; `predictions.csv` and `summary.json`'s final accuracy come from the final
-  model, which is what cross-validation should report.
+  metadata under `'genreflow'`. `best.pth` is the selected checkpoint: the best
+  validation accuracy (ties: the earlier one); `last.pth` the final model.
 - `metrics.csv`: iteration, train_loss (mean since the previous evaluation),
-  heldout_accuracy, seconds (wall time since the run began, resumes included).
-- `predictions.csv`: the held-out fold, one row per clip: audio_name, fold, genre, then one
-  probability column per genre in GENRES order.
-- `summary.json`: fold, iterations, final_accuracy, best_accuracy, best_iteration,
-  n_train, n_heldout, clips_per_second (clips drawn per second of training steps,
-  forward + backward + Adam; with mixup two clips make one example), wall_seconds,
-  device, config, features (a fingerprint), genreflow_version.
+  valid_accuracy (what chooses), heldout_accuracy (the test rows, watched only), seconds
+  (wall time since the run began, resumes included).
+- `predictions.csv`: the test rows as best.pth classifies them, one row per clip:
+  audio_name, fold (the run's fold), genre, then one probability column per genre in
+  GENRES order.
+- `summary.json`: fold, path, protocol, selection, iterations, final_accuracy (best.pth
+  on the test rows: the number to report), valid_accuracy and selected_iteration (of
+  best.pth), best_accuracy and best_iteration (the highest test accuracy seen during
+  training: the seed's optimistic number, never a result), n_train, n_heldout (test
+  rows), split (genreflow.splits.Split.counts), split_sha256, data_sha256 (the packed
+  file's source_sha256), seeds (every seed the run used), clips_per_second (clips drawn
+  per second of training steps, forward + backward + Adam; with mixup two clips make one
+  example), wall_seconds, device, precision, config, features (a fingerprint),
+  genreflow_version.
 - `resume.pt`, while the run goes on: everything a resume needs (model, optimiser,
   sampler position, every random state, metrics so far), written last at each evaluation.
   Killed at any moment, the same command continues from it and ends exactly where an
@@ -56,10 +68,18 @@ from genreflow.audio import SAMPLE_RATE
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
 from genreflow.inference import resolve_device
+from genreflow.splits import (
+    DEFAULT_PROTOCOL,
+    DEFAULT_SELECTION,
+    Split,
+    check_protocol,
+    make_split,
+    split_sha256,
+)
 
 LAST, BEST, RESUME = "last.pth", "best.pth", "resume.pt"
 METRICS, PREDICTIONS, SUMMARY = "metrics.csv", "predictions.csv", "summary.json"
-METRICS_COLUMNS = ("iteration", "train_loss", "heldout_accuracy", "seconds")
+METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "heldout_accuracy", "seconds")
 
 # The seed's optimiser, spelled out so that it lands in every checkpoint's metadata.
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": True}
@@ -90,6 +110,9 @@ class TrainConfig:
     # auto: bf16 autocast where the hardware computes in bf16 natively (CUDA with bf16,
     # CPUs with AVX512-BF16/AMX or Arm BF16), fp32 elsewhere; see resolve_precision.
     precision: str = "auto"
+    # genreflow.splits: cv10 | filtered, and validation | heldout (what chooses best.pth).
+    protocol: str = DEFAULT_PROTOCOL
+    selection: str = DEFAULT_SELECTION
 
 
 # A resumed run must agree with the saved one on everything that changes its outputs;
@@ -105,6 +128,8 @@ RESULT_FIELDS = (
     "mixup_alpha",
     "eval_every",
     "seed",
+    "protocol",
+    "selection",
 )
 
 
@@ -126,23 +151,37 @@ def _check_config(config: TrainConfig) -> None:
         raise GenreflowError(
             f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"
         )
+    check_protocol(config.protocol, config.selection, config.fold)
 
 
 # --- data --------------------------------------------------------------------------------
 @dataclass
 class FoldIndex:
-    """What the HDF5 index says about one fold split."""
+    """What the HDF5 index says, and the run's split of its rows."""
 
     names: list[str]
     targets: np.ndarray  # (N,) int label indices
     folds: np.ndarray  # (N,) int
     attrs: dict
-    train_rows: np.ndarray
-    heldout_rows: np.ndarray
+    split: Split
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return self.split.train
+
+    @property
+    def heldout_rows(self) -> np.ndarray:
+        """The reported (test) rows."""
+        return self.split.test
 
     @property
     def clip_samples(self) -> int:
         return int(self.attrs["clip_samples"])
+
+    @property
+    def data_sha256(self) -> str:
+        """The checksum of the archive the features were packed from ("" when unknown)."""
+        return str(self.attrs.get("source_sha256", "") or "")
 
     def fingerprint(self) -> dict:
         """Enough to tell that a resume reads the same features as the run it continues."""
@@ -153,8 +192,15 @@ class FoldIndex:
         }
 
 
-def read_fold_index(features: str, fold: int) -> FoldIndex:
-    """Read the features file's index and split it; every check happens here, before training."""
+def read_fold_index(
+    features: str,
+    fold: int,
+    *,
+    protocol: str = DEFAULT_PROTOCOL,
+    selection: str = DEFAULT_SELECTION,
+) -> FoldIndex:
+    """Read the features file's index and split it (genreflow.splits.make_split); every
+    check happens here, before training."""
     from genreflow.features import read_index
 
     names, targets, folds, attrs = read_index(features)
@@ -165,14 +211,11 @@ def read_fold_index(features: str, fold: int) -> FoldIndex:
             f"{features}: packed at {attrs['sample_rate']} Hz, but Cnn14 and its pretrained "
             f"weights expect {SAMPLE_RATE} Hz; pack the dataset again"
         )
-    present = ", ".join(map(str, sorted(set(folds.tolist())))) or "none"
-    heldout_rows = np.flatnonzero(folds == fold)
-    train_rows = np.flatnonzero(folds != fold)
-    if len(heldout_rows) == 0:
-        raise GenreflowError(f"{features}: fold {fold} has no clips (folds present: {present})")
-    if len(train_rows) == 0:
-        raise GenreflowError(f"{features}: every clip is in fold {fold}, none is left to train on")
-    return FoldIndex([str(n) for n in names], targets, folds, attrs, train_rows, heldout_rows)
+    names = [str(n) for n in names]
+    split = make_split(
+        names, folds, protocol=protocol, fold=fold, selection=selection, source=features
+    )
+    return FoldIndex(names, targets, folds, attrs, split)
 
 
 def _available_memory_bytes() -> int:
@@ -527,11 +570,12 @@ def evaluate(model, waveforms: Waveforms, rows: np.ndarray, *, batch_size: int, 
     return np.concatenate(probabilities)
 
 
-def _predictions_csv(index: FoldIndex, probabilities: np.ndarray) -> str:
+def _predictions_csv(index: FoldIndex, probabilities: np.ndarray, fold: int) -> str:
+    """The test rows' probabilities; `fold` is the run's (for cv10 also the rows' own)."""
     rows = []
-    for row, probs in zip(index.heldout_rows, probabilities, strict=True):
+    for row, probs in zip(index.split.test, probabilities, strict=True):
         genre = GENRES[index.targets[row]]
-        rows.append([index.names[row], int(index.folds[row]), genre, *(f"{p:.8g}" for p in probs)])
+        rows.append([index.names[row], fold, genre, *(f"{p:.8g}" for p in probs)])
     return _csv_text(("audio_name", "fold", "genre", *GENRES), rows)
 
 
@@ -678,7 +722,9 @@ def _train_fold_in(
     # Every check that can fail happens before the first step.
     _check_config(config)
     features = str(storage.input_path(config.features))
-    index = read_fold_index(features, config.fold)
+    index = read_fold_index(
+        features, config.fold, protocol=config.protocol, selection=config.selection
+    )
     device = resolve_device(config.device)
     if out.exists() and not out.is_dir():
         raise GenreflowError(f"{out}: exists and is not a folder")
@@ -692,8 +738,10 @@ def _train_fold_in(
     _remove_partial_writes(out)
 
     # Model: seeded so that two runs of one config start from the same weights.
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    split = index.split
+    seed = split.seed(config.seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
     model = TransferCnn14(classes_num=len(GENRES), freeze_base=config.freeze_base)
     if index.clip_samples < model.base.min_training_samples:
         raise GenreflowError(
@@ -709,14 +757,20 @@ def _train_fold_in(
     amp = autocast_for(device, precision)
     optimizer = make_optimizer(model, config.lr)
 
-    # Data: the index is read; now the clips, once.
-    waveforms = Waveforms(features, np.concatenate([index.train_rows, index.heldout_rows]))
+    # Data: the index is read; now the clips of the split, once.
+    waveforms = Waveforms(features, np.concatenate([split.train, split.valid, split.test]))
     one_hot = np.eye(len(GENRES), dtype=np.float32)[index.targets]
-    sampler = EpochSampler(index.train_rows, config.seed)
-    mixup = Mixup(config.mixup_alpha, seed=config.seed + 1) if config.mixup else None
+    sampler = EpochSampler(split.train, seed)
+    mixup = Mixup(config.mixup_alpha, seed=seed + 1) if config.mixup else None
+    seeds = {"config": config.seed, "torch": seed, "python": seed, "sampler": seed}
+    if mixup is not None:
+        seeds["mixup"] = seed + 1
     clips_per_step = config.batch_size * 2 if config.mixup else config.batch_size
 
-    iteration, metrics, best = 0, [], {"accuracy": -1.0, "iteration": 0}
+    # best: the selected checkpoint (best.pth), chosen on valid_accuracy; its test
+    # probabilities are kept so that the report needs no second pass over the test rows.
+    iteration, metrics = 0, []
+    best = {"valid_accuracy": -1.0, "iteration": 0, "test_probabilities": None}
     seconds_before, train_seconds, clips_seen = 0.0, 0.0, 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -729,12 +783,21 @@ def _train_fold_in(
     del resume
     out.mkdir(parents=True, exist_ok=True)
     metadata = _metadata(config, index)
+    chooser = "the test rows (selection heldout)" if split.valid_is_test else "validation"
     _log(
-        f"fold {config.fold}: {len(index.train_rows)} training clips, "
-        f"{len(index.heldout_rows)} held out, {index.clip_samples / SAMPLE_RATE:g} s each; "
+        f"fold {config.fold} ({split.protocol}): {len(split.train)} training clips, "
+        f"{len(split.valid)} to choose on ({chooser}), {len(split.test)} test clips, "
+        f"{len(split.excluded)} excluded, {len(split.missing)} missing; "
+        f"{index.clip_samples / SAMPLE_RATE:g} s each; seed {seed}; "
         f"{device.type} {'bf16 autocast' if precision == 'bf16' else 'fp32'}; "
         f"clips {'in memory' if waveforms.in_memory else 'read from disk per batch'}"
     )
+
+    def accuracy_on(rows: np.ndarray) -> tuple[float, np.ndarray]:
+        probabilities = evaluate(
+            model, waveforms, rows, batch_size=config.batch_size, device=device, amp=amp
+        )
+        return float(np.mean(probabilities.argmax(1) == index.targets[rows])), probabilities
 
     started = time.monotonic()
     loss_sum, loss_count = 0.0, 0
@@ -768,32 +831,35 @@ def _train_fold_in(
         if iteration % config.eval_every != 0 and iteration != config.iterations:
             continue
 
-        # Evaluation on the held-out fold.
-        probabilities = evaluate(
-            model,
-            waveforms,
-            index.heldout_rows,
-            batch_size=config.batch_size,
-            device=device,
-            amp=amp,
-        )
-        accuracy = float(np.mean(probabilities.argmax(1) == index.targets[index.heldout_rows]))
+        # Evaluation: the valid rows choose; the test rows are only watched (the seed
+        # printed their accuracy), unless selection "heldout" makes them the same rows.
+        valid_accuracy, valid_probabilities = accuracy_on(split.valid)
+        if split.valid_is_test:
+            test_accuracy, test_probabilities = valid_accuracy, valid_probabilities
+        else:
+            test_accuracy, test_probabilities = accuracy_on(split.test)
         seconds = seconds_before + time.monotonic() - started
         metrics.append(
             {
                 "iteration": iteration,
                 "train_loss": loss_sum / loss_count,
-                "heldout_accuracy": accuracy,
+                "valid_accuracy": valid_accuracy,
+                "heldout_accuracy": test_accuracy,
                 "seconds": seconds,
             }
         )
         loss_sum, loss_count = 0.0, 0
-        improved = accuracy > best["accuracy"]
+        improved = valid_accuracy > best["valid_accuracy"]
         if improved:
-            best = {"accuracy": accuracy, "iteration": iteration}
+            best = {
+                "valid_accuracy": valid_accuracy,
+                "iteration": iteration,
+                "test_probabilities": torch.from_numpy(test_probabilities),
+            }
         _log(
-            f"fold {config.fold} iter {iteration}: held-out accuracy {accuracy:.3f} "
-            f"(best {best['accuracy']:.3f} at {best['iteration']})"
+            f"fold {config.fold} iter {iteration}: valid accuracy {valid_accuracy:.3f} "
+            f"(best {best['valid_accuracy']:.3f} at {best['iteration']}), "
+            f"held-out accuracy {test_accuracy:.3f}"
         )
 
         # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
@@ -829,16 +895,29 @@ def _train_fold_in(
             rate_clock, rate_clips = time.monotonic(), 0
             continue
 
-        write_text_atomic(out / PREDICTIONS, _predictions_csv(index, probabilities))
+        # The report: best.pth (the selected checkpoint) on the test rows.
+        selected = best["test_probabilities"].numpy()
+        final_accuracy = float(np.mean(selected.argmax(1) == index.targets[split.test]))
+        # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
+        peak = max(metrics, key=lambda m: m["heldout_accuracy"])
+        write_text_atomic(out / PREDICTIONS, _predictions_csv(index, selected, config.fold))
         summary = {
             "fold": config.fold,
             "path": "fine-tune",
+            "protocol": split.protocol,
+            "selection": split.selection,
             "iterations": iteration,
-            "final_accuracy": accuracy,
-            "best_accuracy": best["accuracy"],
-            "best_iteration": best["iteration"],
-            "n_train": int(len(index.train_rows)),
-            "n_heldout": int(len(index.heldout_rows)),
+            "final_accuracy": final_accuracy,
+            "valid_accuracy": best["valid_accuracy"],
+            "selected_iteration": best["iteration"],
+            "best_accuracy": peak["heldout_accuracy"],
+            "best_iteration": peak["iteration"],
+            "n_train": int(len(split.train)),
+            "n_heldout": int(len(split.test)),
+            "split": split.counts(),
+            "split_sha256": split_sha256(split.protocol),
+            "data_sha256": index.data_sha256,
+            "seeds": seeds,
             "clips_per_second": clips_seen / train_seconds if train_seconds else 0.0,
             "wall_seconds": seconds,
             "device": device.type,
@@ -854,7 +933,9 @@ def _train_fold_in(
 
     waveforms.close()
     _log(
-        f"fold {config.fold}: done, held-out accuracy {summary['final_accuracy']:.3f}, "
+        f"fold {config.fold}: done, test accuracy {summary['final_accuracy']:.3f} of the "
+        f"checkpoint of iteration {summary['selected_iteration']} (chosen on "
+        f"{'the test rows' if split.valid_is_test else 'validation'}), "
         f"{summary['clips_per_second']:.1f} clips/s; outputs in {out}"
     )
     return summary

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from scipy import special
 
-from genreflow.aggregate import aggregate, paired_comparison
+from genreflow.aggregate import aggregate, flat_metrics, paired_comparison
 from genreflow.cli import main
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
@@ -439,3 +439,235 @@ def test_single_split_protocol(tmp_path: Path) -> None:
 
     with pytest.raises(GenreflowError, match="unknown protocol 'cv5'"):
         aggregate([folder], out, expected_folds=[4], min_folds=1, protocol="cv5")
+
+
+# --- the filtered protocol: repetitions of one train/validation/test split ------------------
+# Student's t_{0.975, 2} and the normal quantile z_{0.975}, from printed tables
+T975_2 = 4.302653
+Z975 = 1.959964
+# The test list: two clips of each genre, the same in every repetition.
+TEST_CLIPS = [(f"{genre}.{i:05d}.wav", genre) for genre in GENRES for i in (0, 1)]
+# Per repetition: clip -> the wrong genre it was given; every other clip is right.
+REPETITION_MISTAKES = {
+    1: {"rock.00000.wav": "metal", "disco.00001.wav": "pop"},
+    2: {"rock.00000.wav": "metal"},
+    3: {"rock.00000.wav": "metal", "disco.00001.wav": "pop", "country.00000.wav": "blues"},
+}
+FILTERED_SPLIT = {
+    "train": 443,
+    "valid": 197,
+    "test": len(TEST_CLIPS),
+    "excluded": 2,
+    "missing": 1,
+    "excluded_names": ["blues.00099.wav", "pop.00098.wav"],
+    "missing_names": ["jazz.00054.wav"],
+}
+
+
+def filtered_summary(repetition: int, **overrides) -> dict:
+    return {
+        "protocol": "filtered",
+        "selection": "validation",
+        "split": FILTERED_SPLIT,
+        "valid_accuracy": 0.8,
+        "selected_iteration": 100 * repetition,
+        "data_sha256": "d" * 64,
+        "split_sha256": "5" * 64,
+        "seeds": {"train": repetition - 1},
+        **overrides,
+    }
+
+
+def repetition_rows(repetition: int) -> list[tuple[str, str, str]]:
+    wrong = REPETITION_MISTAKES[repetition]
+    return [(name, genre, wrong.get(name, genre)) for name, genre in TEST_CLIPS]
+
+
+@pytest.fixture
+def three_repetitions(tmp_path: Path) -> list[Path]:
+    return [
+        write_fold(tmp_path / "reps", r, repetition_rows(r), **filtered_summary(r))
+        for r in (1, 2, 3)
+    ]
+
+
+def wilson_by_hand(p: float, n: int, z: float) -> tuple[float, float]:
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_filtered_repetitions(three_repetitions: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    # no protocol= given: the summaries say "filtered"
+    report = aggregate(three_repetitions, out, expected_folds=[1, 2, 3], min_folds=3)
+
+    assert report["protocol"] == "filtered"
+    assert report["selection"] == "validation"
+    assert report["split"] == FILTERED_SPLIT
+    assert report["data_sha256"] == "d" * 64 and report["split_sha256"] == "5" * 64
+    assert report["seeds"] == {"1": {"train": 0}, "2": {"train": 1}, "3": {"train": 2}}
+    assert [f["selected_iteration"] for f in report["folds"]] == [100, 200, 300]
+    # 20 test clips; 2, 1 and 3 mistakes
+    assert report["fold_accuracy"] == {"1": 18 / 20, "2": 19 / 20, "3": 17 / 20}
+    assert report["n_clips"] == 20 and report["n_predictions"] == 60
+
+    # the pooled matrix sums the repetitions: 6 predictions per genre, 3 rock->metal,
+    # 2 disco->pop, 1 country->blues
+    index = {g: i for i, g in enumerate(GENRES)}
+    expected = [[0] * 10 for _ in GENRES]
+    for g in GENRES:
+        expected[index[g]][index[g]] = 6
+    for true, predicted, count in [
+        ("rock", "metal", 3),
+        ("disco", "pop", 2),
+        ("country", "blues", 1),
+    ]:
+        expected[index[true]][index[true]] -= count
+        expected[index[true]][index[predicted]] = count
+    assert report["confusion"]["matrix"] == expected
+    assert "sum over 3 repetition" in report["confusion"]["pooled_over"]
+    assert report["pooled_accuracy"] == pytest.approx(54 / 60)
+    # a clip missed in several repetitions is named once
+    assert report["confused_pairs"][0]["clips"] == ["rock.00000.wav"]
+
+    acc = report["accuracy"]
+    values = [0.90, 0.95, 0.85]
+    mean = sum(values) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    assert acc["mean"] == pytest.approx(0.9) and acc["std"] == pytest.approx(sd)
+    assert acc["min"] == pytest.approx(0.85) and acc["max"] == pytest.approx(0.95)
+    assert acc["naive_ci"]["half_width"] == pytest.approx(T975_2 * sd / math.sqrt(3), rel=1e-6)
+    assert "training randomness" in acc["naive_ci"]["method"]
+    # no Nadeau-Bengio here: no fold-to-fold overlap of training sets to correct for
+    assert acc["corrected_ci"] is None and acc["test_train_ratio"] is None
+    # Wilson on the pooled proportion 54/60 but with n = the 20 test clips, not 60
+    low, high = wilson_by_hand(54 / 60, 20, Z975)
+    assert acc["wilson_ci"]["low"] == pytest.approx(low, abs=1e-6)
+    assert acc["wilson_ci"]["high"] == pytest.approx(high, abs=1e-6)
+    assert acc["wilson_ci"]["n"] == 20
+    wider_by_n = wilson_by_hand(54 / 60, 60, Z975)
+    assert acc["wilson_ci"]["half_width"] > (wider_by_n[1] - wider_by_n[0]) / 2
+    assert (
+        "Wilson" in report["intervals_note"] and "training randomness" in report["intervals_note"]
+    )
+
+    metrics = flat_metrics(report)
+    assert metrics["accuracy_ci95_low"] == pytest.approx(low, abs=1e-6)
+    assert metrics["accuracy_naive_ci95_high"] == pytest.approx(acc["naive_ci"]["high"])
+    assert metrics["fold_02_accuracy"] == pytest.approx(0.95)
+
+    lines = visible_lines((out / "report.html").read_text())
+    assert lines[0] == (
+        "fault-filtered split (filtered); checkpoint chosen on the validation split"
+    )
+    page = (out / "report.html").read_text()
+    assert "jazz.00054.wav" in page and "d" * 64 in page
+    on_disk = (out / "report.json").read_text()
+    assert json.loads(on_disk)["split"]["missing"] == 1
+
+
+def test_filtered_and_cv10_log_the_same_metric_names(
+    three_repetitions: list[Path], ten_folds: list[Path], tmp_path: Path
+) -> None:
+    filtered = flat_metrics(
+        aggregate(three_repetitions, tmp_path / "f", expected_folds=[1, 2, 3], min_folds=3)
+    )
+    cv10 = flat_metrics(aggregate(ten_folds, tmp_path / "c"))
+
+    def names(metrics: dict) -> set[str]:
+        return {n for n in metrics if not re.fullmatch(r"fold_\d\d_accuracy", n)}
+
+    # test_train_ratio feeds `genreflow compare`'s correction: a cv10 figure only
+    assert names(filtered) == names(cv10) - {"test_train_ratio"}
+    assert {"accuracy_ci95_low", "accuracy_naive_ci95_low", "accuracy_mean"} <= names(filtered)
+    assert cv10["test_train_ratio"] == pytest.approx(1 / 9)
+
+
+def test_mixed_protocols_is_an_error(three_repetitions: list[Path], tmp_path: Path) -> None:
+    four = {"expected_folds": [1, 2, 3, 4], "min_folds": 4}
+    three = {"expected_folds": [1, 2, 3], "min_folds": 3}
+    cv10_fold = write_fold(tmp_path / "other", 4, repetition_rows(1), protocol="cv10")
+    with pytest.raises(GenreflowError, match="disagree on the protocol") as caught:
+        aggregate([*three_repetitions, cv10_fold], tmp_path / "out", **four)
+    assert str(three_repetitions[0] / "summary.json") in str(caught.value)
+    assert str(cv10_fold / "summary.json") in str(caught.value)
+
+    # a summary without "protocol" counts as cv10 beside one that says filtered
+    (cv10_fold / "summary.json").write_text(json.dumps({"fold": 4}))
+    with pytest.raises(GenreflowError, match="disagree on the protocol"):
+        aggregate([*three_repetitions, cv10_fold], tmp_path / "out", **four)
+
+    # the caller's protocol must agree with what the folds record
+    with pytest.raises(GenreflowError, match=r"asked to aggregate protocol 'cv10'.*'filtered'"):
+        aggregate(three_repetitions, tmp_path / "out", **three, protocol="cv10")
+
+
+def test_repetition_with_other_clips_is_an_error(
+    three_repetitions: list[Path], tmp_path: Path
+) -> None:
+    rows = repetition_rows(2)
+    rows[0] = ("blues.00007.wav", "blues", "blues")  # instead of blues.00000.wav
+    folder = write_fold(tmp_path / "reps", 2, rows, **filtered_summary(2))
+    with pytest.raises(GenreflowError, match=r"repetition 2 predicts a different set") as caught:
+        aggregate(three_repetitions, tmp_path / "out", expected_folds=[1, 2, 3], min_folds=3)
+    message = str(caught.value)
+    assert str(folder / "predictions.csv") in message
+    assert "blues.00007.wav" in message and "blues.00000.wav" in message
+
+
+def test_folds_disagree_on_the_data(three_repetitions: list[Path], tmp_path: Path) -> None:
+    write_fold(
+        tmp_path / "reps", 3, repetition_rows(3), **filtered_summary(3, data_sha256="e" * 64)
+    )
+    with pytest.raises(GenreflowError, match="disagree on the data checksum") as caught:
+        aggregate(three_repetitions, tmp_path / "out", expected_folds=[1, 2, 3], min_folds=3)
+    assert str(three_repetitions[2] / "summary.json") in str(caught.value)
+
+
+def test_one_repetition_and_one_fold_have_no_spread(tmp_path: Path) -> None:
+    folder = write_fold(tmp_path / "reps", 1, repetition_rows(1), **filtered_summary(1))
+    out = tmp_path / "filtered"
+    report = aggregate([folder], out, expected_folds=[1], min_folds=1)
+    acc = report["accuracy"]
+    assert acc["std"] is None and acc["naive_ci"] is None and acc["corrected_ci"] is None
+    # the Wilson interval is about the test clips, not the repetitions: one is enough
+    low, high = wilson_by_hand(18 / 20, 20, Z975)
+    assert acc["wilson_ci"]["low"] == pytest.approx(low, abs=1e-6)
+    on_disk = (out / "report.json").read_text()
+    assert "NaN" not in on_disk and json.loads(on_disk)["accuracy"]["std"] is None
+    metrics = flat_metrics(report)
+    assert "accuracy_std" not in metrics and "accuracy_naive_ci95_low" not in metrics
+
+    cv10 = aggregate(
+        [write_fold(tmp_path / "cv", 3, standard_rows(3))],
+        tmp_path / "cv10",
+        expected_folds=[3],
+        min_folds=1,
+    )
+    acc = cv10["accuracy"]
+    assert acc["std"] is None and acc["naive_ci"] is None and acc["corrected_ci"] is None
+    assert acc["wilson_ci"] is None
+    assert not any("ci95" in name or name == "accuracy_std" for name in flat_metrics(cv10))
+    assert "NaN" not in (tmp_path / "cv10" / "report.json").read_text()
+
+
+def test_heldout_selection_is_named_first(tmp_path: Path) -> None:
+    folds = [
+        write_fold(tmp_path / "folds", k, standard_rows(k), protocol="cv10", selection="heldout")
+        for k in (1, 2)
+    ]
+    out = tmp_path / "out"
+    report = aggregate(folds, out, expected_folds=[1, 2], min_folds=2)
+    assert report["selection"] == "heldout"
+    lines = visible_lines((out / "report.html").read_text())
+    assert lines[0] == (
+        "10-fold cross-validation (cv10); checkpoint chosen on the held-out fold, "
+        "as the seed did: optimistic"
+    )
+    assert report["split"] is None and report["seeds"] == {}
+
+    # selection recorded by one fold and not by another: mixed runs, refused
+    write_fold(tmp_path / "folds", 2, standard_rows(2), protocol="cv10")
+    with pytest.raises(GenreflowError, match="disagree on the checkpoint selection"):
+        aggregate(folds, out, expected_folds=[1, 2], min_folds=2)

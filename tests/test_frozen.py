@@ -2,7 +2,9 @@
 
 A randomly initialised Cnn14 costs about 0.1 s per second of audio per clip here, so the
 clips are 1 s long and few; four genres with clearly different sounds (a low tone, a high
-tone, noise, a pulsed tone) in two folds give the head something to learn.
+tone, noise, a pulsed tone) in four folds give the head something to learn (fold K is
+tested, fold K + 1 chooses the head, the other two train it). The filtered protocol runs
+on synthetic embeddings named as GTZAN's 1000 clips, since embedding that many is slow.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from genreflow.frozen import (
     train_head,
 )
 from genreflow.models.transfer import TransferCnn14
+from genreflow.splits import clip_id, filtered_lists, split_sha256
 
 SR = 32000
 CLIP_SAMPLES = SR  # 1 s
@@ -98,8 +101,8 @@ def write_features(path: Path, names: list[str], folds: dict[str, int]) -> Path:
 
 
 ALL_NAMES = sorted(f"{g}.{k:05d}.wav" for g in USED_GENRES for k in range(PER_GENRE))
-# Two folds of 16 clips, 4 per genre: enough held-out clips to tell learning from chance.
-FOLDS = {name: row % 2 + 1 for row, name in enumerate(ALL_NAMES)}
+# Four folds of 8 clips, 2 per genre.
+FOLDS = {name: row % 4 + 1 for row, name in enumerate(ALL_NAMES)}
 
 
 @pytest.fixture(scope="module")
@@ -271,16 +274,37 @@ def test_head_learns_and_writes_the_training_steps_formats(embedded, heads):
         # Four genres: chance is 0.25.
         assert summary["final_accuracy"] >= 0.8
         assert summary["n_train"] == CLIPS // 2
-        assert summary["n_heldout"] == CLIPS // 2
+        assert summary["n_heldout"] == CLIPS // 4
         for key in ("iterations", "best_accuracy", "best_iteration", "wall_seconds"):
             assert key in summary
         assert summary["base_sha256"] == _sha256(embedded / BASE)
+        assert summary["protocol"] == "cv10" and summary["selection"] == "validation"
+        assert summary["split"]["valid"] == CLIPS // 4 and summary["split"]["excluded"] == 0
+        assert summary["split_sha256"] == split_sha256("cv10")
+        assert summary["data_sha256"] == "ab" * 32  # the packed file's source_sha256
+        assert summary["seeds"] == {"config": 0, "sampler": 0}
 
         with (out / METRICS).open(newline="") as f:
             metrics = list(csv.DictReader(f))
-        assert tuple(metrics[0]) == METRICS_COLUMNS
+        assert (
+            tuple(metrics[0])
+            == METRICS_COLUMNS
+            == (
+                "iteration",
+                "train_loss",
+                "valid_accuracy",
+                "heldout_accuracy",
+                "seconds",
+            )
+        )
         assert int(metrics[-1]["iteration"]) == summary["iterations"]
-        assert float(metrics[-1]["heldout_accuracy"]) == summary["final_accuracy"]
+        # Reported: the head chosen on validation (the first best), on the test fold.
+        valid = [float(row["valid_accuracy"]) for row in metrics]
+        chosen = metrics[int(np.argmax(valid))]
+        assert summary["selected_iteration"] == int(chosen["iteration"])
+        assert summary["valid_accuracy"] == max(valid)
+        assert float(chosen["heldout_accuracy"]) == summary["final_accuracy"]
+        assert summary["best_accuracy"] == max(float(row["heldout_accuracy"]) for row in metrics)
         # Training loss falls.
         assert float(metrics[-1]["train_loss"]) < float(metrics[0]["train_loss"])
 
@@ -303,7 +327,8 @@ def test_saved_head_applied_to_raw_embeddings_gives_the_evaluated_predictions(em
     for fold, out in zip((1, 2), heads, strict=True):
         checkpoint = torch.load(out / HEAD, weights_only=True)
         assert set(checkpoint["model"]) == {"fc_transfer.weight", "fc_transfer.bias"}
-        assert checkpoint["iteration"] == json.loads((out / SUMMARY).read_text())["iterations"]
+        summary = json.loads((out / SUMMARY).read_text())
+        assert checkpoint["iteration"] == summary["selected_iteration"]
         meta = checkpoint["genreflow"]
         assert meta["fold"] == fold
         assert meta["genres"] == list(GENRES)
@@ -333,8 +358,12 @@ def test_folding_the_standardisation_is_exact():
     )
 
 
-def write_embeddings(path: Path, embedding, genre_index, folds, base_sha256="00" * 32) -> Path:
-    names = [f"{GENRES[g]}.{i:05d}.wav".encode() for i, g in enumerate(genre_index)]
+def write_embeddings(
+    path: Path, embedding, genre_index, folds, base_sha256="00" * 32, names=None
+) -> Path:
+    if names is None:
+        names = [f"{GENRES[g]}.{i:05d}.wav" for i, g in enumerate(genre_index)]
+    names = [name.encode() for name in names]
     with h5py.File(path, "w") as hf:
         hf.create_dataset("audio_name", data=np.array(names))
         hf.create_dataset("embedding", data=np.asarray(embedding, np.float32))
@@ -376,12 +405,136 @@ def test_head_training_is_deterministic_for_a_seed(embedded, tmp_path):
     for key in first:
         assert torch.equal(first[key], second[key])
     assert (tmp_path / "a" / PREDICTIONS).read_text() == (tmp_path / "b" / PREDICTIONS).read_text()
+    assert _metrics_without_time(tmp_path / "a") == _metrics_without_time(tmp_path / "b")
     assert not torch.equal(first["fc_transfer.weight"], other["fc_transfer.weight"])
+    assert (tmp_path / "a" / PREDICTIONS).read_text() != (tmp_path / "c" / PREDICTIONS).read_text()
+    assert _metrics_without_time(tmp_path / "a") != _metrics_without_time(tmp_path / "c")
+
+
+def _metrics_without_time(out: Path) -> list[dict]:
+    with (out / METRICS).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        assert float(row.pop("seconds")) >= 0
+    return rows
+
+
+# Every GTZAN clip name, sorted, with the seed's folds; a cluster per genre, 64 dimensions.
+GTZAN_NAMES = sorted(f"{genre}.{k:05d}.wav" for genre in GENRES for k in range(100))
+
+
+def _gtzan_shaped_embeddings(path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    genre_index = np.array([GENRES.index(name.split(".")[0]) for name in GTZAN_NAMES])
+    x = rng.standard_normal((10, 64))[genre_index] + 1.5 * rng.standard_normal((1000, 64))
+    folds = np.arange(1000) % 10 + 1
+    return write_embeddings(path, np.maximum(x, 0), genre_index, folds, names=GTZAN_NAMES)
+
+
+@pytest.fixture(scope="module")
+def gtzan_shaped(tmp_path_factory) -> Path:
+    return _gtzan_shaped_embeddings(tmp_path_factory.mktemp("gtzan") / "embeddings.h5")
+
+
+FILTERED_RUN = {"protocol": "filtered", "iterations": 60, "eval_every": 10, "batch_size": 32}
+
+
+def test_head_on_the_filtered_split_trains_chooses_and_reports_on_its_lists(gtzan_shaped, tmp_path):
+    summary = train_head(gtzan_shaped, 1, tmp_path / "r1", **FILTERED_RUN)
+    lists = filtered_lists()
+    split = summary["split"]
+    assert [split[k] for k in ("train", "valid", "test", "excluded", "missing")] == [
+        443,
+        197,
+        290,
+        70,
+        0,
+    ]
+    assert "classical.00042.wav" in split["excluded_names"] and split["missing_names"] == []
+    assert summary["n_train"] == 443 and summary["n_heldout"] == 290
+    assert summary["protocol"] == "filtered" and summary["selection"] == "validation"
+    assert summary["split_sha256"] == split_sha256("filtered")
+    assert summary["data_sha256"] == ""  # these embeddings record no source checksum
+    assert summary["final_accuracy"] >= 0.5  # chance: 0.1
+
+    rows, _ = _read_predictions(tmp_path / "r1" / PREDICTIONS)
+    assert [clip_id(row["audio_name"]) for row in rows] == sorted(lists["test"])
+    assert {row["fold"] for row in rows} == {"1"}
+    with (tmp_path / "r1" / METRICS).open(newline="") as f:
+        metrics = list(csv.DictReader(f))
+    valid = [float(row["valid_accuracy"]) for row in metrics]
+    chosen = metrics[int(np.argmax(valid))]
+    assert summary["selected_iteration"] == int(chosen["iteration"])
+    assert summary["final_accuracy"] == float(chosen["heldout_accuracy"])
+    assert torch.load(tmp_path / "r1" / HEAD, weights_only=True)["iteration"] == int(
+        chosen["iteration"]
+    )
+
+    # Repetition 2 is repetition 1 with the next seed: the same numbers; seed 0's differ.
+    train_head(gtzan_shaped, 2, tmp_path / "r2", **FILTERED_RUN)
+    train_head(gtzan_shaped, 1, tmp_path / "seed1", **FILTERED_RUN, seed=1)
+    assert _metrics_without_time(tmp_path / "r2") == _metrics_without_time(tmp_path / "seed1")
+    r2, r2_probabilities = _read_predictions(tmp_path / "r2" / PREDICTIONS)
+    _, seed1_probabilities = _read_predictions(tmp_path / "seed1" / PREDICTIONS)
+    assert {row["fold"] for row in r2} == {"2"}
+    np.testing.assert_array_equal(r2_probabilities, seed1_probabilities)
+    assert _metrics_without_time(tmp_path / "r1") != _metrics_without_time(tmp_path / "r2")
+
+
+def test_no_test_clip_takes_part_in_choosing_the_head(gtzan_shaped, tmp_path):
+    """Test-list embeddings and labels replaced: the same training, the same choice, the
+    same head; only the test figures move."""
+    altered = tmp_path / "altered.h5"
+    altered.write_bytes(gtzan_shaped.read_bytes())
+    test = sorted(_rows_of(filtered_lists()["test"]))
+    with h5py.File(altered, "a") as hf:
+        hf["embedding"][test] = np.random.default_rng(9).random((len(test), 64)) * 5
+        hf["target"][test] = np.roll(hf["target"][test], 1, axis=1)
+    first = train_head(gtzan_shaped, 1, tmp_path / "a", **FILTERED_RUN)
+    second = train_head(altered, 1, tmp_path / "b", **FILTERED_RUN)
+    assert first["selected_iteration"] == second["selected_iteration"]
+    assert first["valid_accuracy"] == second["valid_accuracy"]
+    assert first["final_accuracy"] != second["final_accuracy"]
+
+    def chosen_by(out: Path) -> list[tuple[str, str, str]]:
+        return [
+            (r["iteration"], r["train_loss"], r["valid_accuracy"])
+            for r in _metrics_without_time(out)
+        ]
+
+    assert chosen_by(tmp_path / "a") == chosen_by(tmp_path / "b")
+    heads = [torch.load(tmp_path / name / HEAD, weights_only=True)["model"] for name in "ab"]
+    for key in heads[0]:
+        assert torch.equal(heads[0][key], heads[1][key])
+
+
+def _rows_of(names) -> list[int]:
+    row_of = {clip_id(name): row for row, name in enumerate(GTZAN_NAMES)}
+    return [row_of[name] for name in names]
+
+
+def test_heldout_selection_chooses_on_the_test_rows(gtzan_shaped, tmp_path):
+    summary = train_head(gtzan_shaped, 1, tmp_path / "h", **FILTERED_RUN, selection="heldout")
+    assert summary["selection"] == "heldout" and summary["split"]["valid"] == 290
+    metrics = _metrics_without_time(tmp_path / "h")
+    assert all(row["valid_accuracy"] == row["heldout_accuracy"] for row in metrics)
+    # Chosen on the test rows, the reported figure is the best one seen: optimistic.
+    assert summary["final_accuracy"] == summary["best_accuracy"]
 
 
 def test_head_bad_inputs_are_clear_errors(embedded, tmp_path):
-    with pytest.raises(GenreflowError, match="fold 5 holds no clips"):
+    with pytest.raises(
+        GenreflowError, match=r"cv10: fold 5 has no clips in .*\(folds present: 1, 2, 3, 4\)"
+    ):
         train_head(embedded / EMBEDDINGS, 5, tmp_path / "out")
+    with pytest.raises(GenreflowError, match="validation fold 5 .*after test fold 4"):
+        train_head(embedded / EMBEDDINGS, 4, tmp_path / "out")
+    with pytest.raises(GenreflowError, match="cv10: --fold must be one of 1..10"):
+        train_head(embedded / EMBEDDINGS, 0, tmp_path / "out")
+    with pytest.raises(GenreflowError, match="--protocol must be one of cv10, filtered"):
+        train_head(embedded / EMBEDDINGS, 1, tmp_path / "out", protocol="kfold")
+    with pytest.raises(GenreflowError, match="--selection must be one of validation, heldout"):
+        train_head(embedded / EMBEDDINGS, 1, tmp_path / "out", selection="best")
     with pytest.raises(GenreflowError, match="not found"):
         train_head(tmp_path / "missing.h5", 1, tmp_path / "out")
     with pytest.raises(GenreflowError, match="iterations"):
@@ -401,7 +554,10 @@ def test_train_head_command(embedded, tmp_path, capsys):
     assert printed == json.loads((out / SUMMARY).read_text())
     assert printed["iterations"] == 30
     assert printed["config"]["lr"] == 1e-3  # left out: the recipe's default
+    assert printed["protocol"] == "cv10" and printed["selection"] == "validation"
     assert main([*argv, "--out", str(out), "--iterations", "0"]) == 2
+    assert main([*argv, "--out", str(out), "--iterations", "30", "--selection", "heldout"]) == 0
+    assert json.loads(capsys.readouterr().out)["selection"] == "heldout"
 
 
 # --- the ensemble ------------------------------------------------------------------------
@@ -431,7 +587,7 @@ def test_ensemble_refuses_a_head_of_another_base(embedded, heads, tmp_path):
     genre_index = np.arange(40) % 10
     path = write_embeddings(
         tmp_path / "e.h5", np.random.default_rng(0).random((40, 2048)), genre_index,
-        np.arange(40) % 2 + 1, base_sha256="ff" * 32,
+        np.arange(40) % 3 + 1, base_sha256="ff" * 32,
     )  # fmt: skip
     train_head(path, 1, tmp_path / "foreign", iterations=5, eval_every=5)
     with pytest.raises(GenreflowError, match="trained on embeddings of the base"):

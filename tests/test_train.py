@@ -1,7 +1,9 @@
-"""One fold's training: resume equivalence, the outputs' format, bad inputs, learning.
+"""One fold's training: resume equivalence, the outputs' format, model selection, the
+filtered protocol, bad inputs, learning.
 
 Every run is real: the 80 M-parameter Cnn14, 1 s clips at 32 kHz, a handful of iterations
-on a small features file made here with h5py (two folds, a few clips per genre).
+on a small features file made here with h5py (three folds, one clip per genre and fold:
+fold 1 is the test fold, fold 2 the validation fold, fold 3 trains).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
 from genreflow.models.checkpoints import load_transfer_model, save_checkpoint
 from genreflow.models.transfer import TransferCnn14
+from genreflow.splits import clip_id, filtered_lists, split_sha256
 from genreflow.train import (
     EpochSampler,
     TrainConfig,
@@ -34,6 +37,7 @@ from genreflow.train import (
     autocast_for,
     cpu_has_native_bf16,
     cpu_threads,
+    evaluate,
     resolve_precision,
     train_fold,
 )
@@ -45,34 +49,46 @@ def write_features(
     path: Path,
     *,
     clips_per_genre_and_fold: int = 1,
-    folds: tuple[int, ...] = (1, 2),
+    folds: tuple[int, ...] = (1, 2, 3),
     seconds: float = 1.0,
     sample_rate: int = SAMPLE_RATE,
     seed: int = 0,
+    names: list[str] | None = None,
 ) -> Path:
     """A features.h5 as `genreflow pack` writes it: genre g is band-limited noise around
-    its own centre frequency, gated at its own rate, with a tone in every other genre."""
+    its own centre frequency, gated at its own rate, with a tone in every other genre.
+
+    By default clip k of a genre is `<genre>.0000k.wav` in folds[k % len(folds)]; `names`
+    gives the clips instead (sorted, folds by the seed's rule, as pack assigns them).
+    """
     rng = np.random.default_rng(seed)
     n = int(seconds * sample_rate)
     t = np.arange(n) / sample_rate
+    if names is None:
+        per_genre = clips_per_genre_and_fold * len(folds)
+        clips = [
+            (f"{genre}.{k:05d}.wav", folds[k % len(folds)])
+            for genre in GENRES
+            for k in range(per_genre)
+        ]
+    else:
+        clips = [(name, row % 10 + 1) for row, name in enumerate(sorted(names))]
+    freqs = np.fft.rfftfreq(n, 1 / sample_rate)
     names, waveforms, targets, fold_of = [], [], [], []
-    for g, genre in enumerate(GENRES):
+    for name, fold in clips:
+        g = GENRES.index(name.split(".")[0])
         centre = 150 * 2 ** (0.6 * g)
-        spectrum_mask = None
         gate_rate = (1, 2, 3, 5, 8, 13, 21, 4, 6, 10)[g]
-        for k in range(clips_per_genre_and_fold * len(folds)):
-            if spectrum_mask is None:
-                freqs = np.fft.rfftfreq(n, 1 / sample_rate)
-                spectrum_mask = (freqs > centre / 1.3) & (freqs < centre * 1.3)
-            noise = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * spectrum_mask, n)
-            noise /= np.abs(noise).max()
-            gate = 0.1 + 0.9 * (np.sin(2 * np.pi * gate_rate * t + rng.uniform(0, 6.3)) > 0)
-            tone = 0.5 * np.sin(2 * np.pi * centre * t) if g % 2 else 0.0
-            x = np.clip(0.4 * gate * (noise + tone), -1, 1)
-            names.append(f"{genre}.{k:05d}.wav")
-            waveforms.append((x * 32767).astype(np.int16))
-            targets.append(np.eye(len(GENRES), dtype=np.float32)[g])
-            fold_of.append(folds[k % len(folds)])
+        spectrum_mask = (freqs > centre / 1.3) & (freqs < centre * 1.3)
+        noise = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * spectrum_mask, n)
+        noise /= np.abs(noise).max()
+        gate = 0.1 + 0.9 * (np.sin(2 * np.pi * gate_rate * t + rng.uniform(0, 6.3)) > 0)
+        tone = 0.5 * np.sin(2 * np.pi * centre * t) if g % 2 else 0.0
+        x = np.clip(0.4 * gate * (noise + tone), -1, 1)
+        names.append(name)
+        waveforms.append((x * 32767).astype(np.int16))
+        targets.append(np.eye(len(GENRES), dtype=np.float32)[g])
+        fold_of.append(fold)
     with h5py.File(path, "w") as hf:
         hf["audio_name"] = np.array([name.encode() for name in names])
         hf["waveform"] = np.stack(waveforms)
@@ -216,7 +232,13 @@ def test_outputs_follow_the_contract(work, uninterrupted):
     ]
     with (out / "metrics.csv").open(newline="") as f:
         metrics = list(csv.DictReader(f))
-    assert list(metrics[0]) == ["iteration", "train_loss", "heldout_accuracy", "seconds"]
+    assert list(metrics[0]) == [
+        "iteration",
+        "train_loss",
+        "valid_accuracy",
+        "heldout_accuracy",
+        "seconds",
+    ]
     assert [int(row["iteration"]) for row in metrics] == [2, 4, 6]
 
     with h5py.File(work["features"]) as hf:
@@ -234,10 +256,27 @@ def test_outputs_follow_the_contract(work, uninterrupted):
     summary = json.loads((out / "summary.json").read_text())
     accuracy = np.mean([max(GENRES, key=lambda g: float(r[g])) == r["genre"] for r in rows])
     assert summary["final_accuracy"] == pytest.approx(accuracy)
-    assert summary["final_accuracy"] == float(metrics[-1]["heldout_accuracy"])
+    # The reported number is the selected checkpoint's, from its row of metrics.csv.
+    selected = next(r for r in metrics if int(r["iteration"]) == summary["selected_iteration"])
+    assert summary["final_accuracy"] == float(selected["heldout_accuracy"])
+    assert summary["valid_accuracy"] == float(selected["valid_accuracy"])
     assert summary["best_accuracy"] == max(float(r["heldout_accuracy"]) for r in metrics)
     assert summary["fold"] == 1 and summary["iterations"] == 6
+    assert summary["path"] == "fine-tune"
+    assert summary["protocol"] == "cv10" and summary["selection"] == "validation"
     assert summary["n_train"] == 10 and summary["n_heldout"] == 10
+    assert summary["split"] == {
+        "train": 10,
+        "valid": 10,
+        "test": 10,
+        "excluded": 0,
+        "missing": 0,
+        "excluded_names": [],
+        "missing_names": [],
+    }
+    assert summary["split_sha256"] == split_sha256("cv10")
+    assert summary["data_sha256"] == "0" * 64  # the packed file's source_sha256
+    assert summary["seeds"] == {"config": 0, "torch": 0, "python": 0, "sampler": 0, "mixup": 1}
     assert summary["clips_per_second"] > 0 and summary["wall_seconds"] > 0
 
     checkpoint = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -250,9 +289,67 @@ def test_outputs_follow_the_contract(work, uninterrupted):
     assert metadata["config"]["batch_size"] == 2 and metadata["config"]["lr"] == 1e-4
     assert metadata["recipe"]["amsgrad"] is True
     best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)
-    assert best["iteration"] == summary["best_iteration"]
+    assert best["iteration"] == summary["selected_iteration"]
     model, loaded_metadata = load_transfer_model(out / "last.pth")
     assert isinstance(model, TransferCnn14) and loaded_metadata["fold"] == 1
+    assert loaded_metadata["config"]["protocol"] == "cv10"
+
+
+def test_the_checkpoint_is_chosen_on_validation_and_reported_on_the_test_fold(work, uninterrupted):
+    """best.pth is the first evaluation with the highest valid_accuracy, and predictions.csv
+    is best.pth on the test fold (not the last model)."""
+    out = uninterrupted
+    with (out / "metrics.csv").open(newline="") as f:
+        metrics = list(csv.DictReader(f))
+    valid = [float(row["valid_accuracy"]) for row in metrics]
+    chosen = metrics[int(np.argmax(valid))]  # argmax: the first of equals
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selected_iteration"] == int(chosen["iteration"])
+    assert summary["final_accuracy"] == float(chosen["heldout_accuracy"])
+    assert torch.load(out / "best.pth", weights_only=True)["iteration"] == int(chosen["iteration"])
+
+    model, _ = load_transfer_model(out / "best.pth")
+    with h5py.File(work["features"]) as hf:
+        test_rows = np.flatnonzero(hf["fold"][:] == 1)
+    waveforms = Waveforms(str(work["features"]), test_rows)
+    probabilities = evaluate(
+        model,
+        waveforms,
+        test_rows,
+        batch_size=2,
+        device=torch.device("cpu"),
+        amp=autocast_for(torch.device("cpu"), "fp32"),
+    )
+    with (out / "predictions.csv").open(newline="") as f:
+        written = np.array([[float(r[g]) for g in GENRES] for r in csv.DictReader(f)])
+    np.testing.assert_allclose(written, probabilities, rtol=1e-6, atol=1e-7)
+
+
+def test_no_test_clip_takes_part_in_the_choice(work, uninterrupted, tmp_path):
+    """The same run on features whose test fold is replaced (other sounds, shuffled labels)
+    trains and chooses exactly as before: only the held-out figures change."""
+    altered = tmp_path / "altered.h5"
+    altered.write_bytes(work["features"].read_bytes())
+    with h5py.File(altered, "a") as hf:
+        test = np.flatnonzero(hf["fold"][:] == 1)
+        hf["waveform"][test] = np.random.default_rng(5).integers(
+            -3000, 3000, size=(len(test), hf["waveform"].shape[1]), dtype=np.int16
+        )
+        hf["target"][test] = np.roll(hf["target"][test], 3, axis=1)
+    out = tmp_path / "out"
+    summary = train_fold(_config(work, out, features=str(altered)))
+    reference = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["selected_iteration"] == reference["selected_iteration"]
+    assert summary["valid_accuracy"] == reference["valid_accuracy"]
+
+    def columns(path: Path) -> list[tuple[str, str, str]]:
+        rows = _metrics_without_time(path / "metrics.csv")
+        return [(r["iteration"], r["train_loss"], r["valid_accuracy"]) for r in rows]
+
+    assert columns(out) == columns(uninterrupted)
+    ours, reference_weights = _weights(out / "best.pth"), _weights(uninterrupted / "best.pth")
+    for key in reference_weights:
+        assert torch.equal(ours[key], reference_weights[key]), key
 
 
 def test_bad_inputs_fail_before_training(work, tmp_path):
@@ -260,8 +357,20 @@ def test_bad_inputs_fail_before_training(work, tmp_path):
     missing = tmp_path / "nowhere.h5"
     with pytest.raises(GenreflowError, match=f"{missing}: features file not found"):
         train_fold(_config(work, out, features=str(missing)))
-    with pytest.raises(GenreflowError, match=r"fold 5 has no clips \(folds present: 1, 2\)"):
+    with pytest.raises(
+        GenreflowError, match=r"fold 5 has no clips in .*features.h5 \(folds present: 1, 2, 3\)"
+    ):
         train_fold(_config(work, out, fold=5))
+    with pytest.raises(GenreflowError, match="validation fold 4 .*after test fold 3"):
+        train_fold(_config(work, out, fold=3))
+    with pytest.raises(GenreflowError, match="--protocol must be one of cv10, filtered"):
+        train_fold(_config(work, out, protocol="kfold"))
+    with pytest.raises(GenreflowError, match="--selection must be one of validation, heldout"):
+        train_fold(_config(work, out, selection="test"))
+    # A training-list and a validation-list clip, but none of the test list.
+    no_test = write_features(tmp_path / "no_test.h5", names=["blues.00029.wav", "blues.00000.wav"])
+    with pytest.raises(GenreflowError, match="filtered: none of the 290 test-list clips"):
+        train_fold(_config(work, out, features=str(no_test), protocol="filtered"))
     other_rate = write_features(tmp_path / "16k.h5", sample_rate=16000)
     with pytest.raises(GenreflowError, match="16000 Hz.*32000 Hz"):
         train_fold(_config(work, out, features=str(other_rate)))
@@ -280,16 +389,93 @@ def test_bad_inputs_fail_before_training(work, tmp_path):
 
 def test_cli_reports_a_bad_fold(work, tmp_path, capsys):
     args = _cli_args(work, tmp_path / "out")
+    args[2] = "--fold=5"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "fold 5 has no clips in" in err and "(folds present: 1, 2, 3)" in err
     args[2] = "--fold=11"
     assert main(args) == 2
-    assert "fold 11 has no clips (folds present: 1, 2)" in capsys.readouterr().err
+    assert "cv10: --fold must be one of 1..10, got 11" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([*args[:2], "--fold=1", *args[3:], "--selection=test"])
+    assert exited.value.code == 2 and "invalid choice: 'test'" in capsys.readouterr().err
 
 
 def test_a_resume_with_other_settings_is_refused(work, uninterrupted):
     with pytest.raises(GenreflowError, match="other settings.*seed=0 there, 1 now"):
         train_fold(_config(work, uninterrupted, seed=1))
+    with pytest.raises(GenreflowError, match="other settings.*selection='validation' there"):
+        train_fold(_config(work, uninterrupted, selection="heldout"))
     with pytest.raises(GenreflowError, match="finished at iteration 6"):
         train_fold(_config(work, uninterrupted, iterations=8))
+
+
+def _filtered_sample() -> list[str]:
+    """Clips named as in GTZAN: per genre the first two of the filtered training list, the
+    first of the validation and of the test list; and five clips that no list names."""
+    lists = filtered_lists()
+    listed = {name for names in lists.values() for name in names}
+    picked = []
+    for genre in GENRES:
+        for part, count in (("train", 2), ("valid", 1), ("test", 1)):
+            picked += [n for n in lists[part] if n.startswith(f"{genre}.")][:count]
+    every = sorted(f"{genre}.{k:05d}" for genre in GENRES for k in range(100))
+    excluded = [name for name in every if name not in listed][:5]
+    return [f"{name}.wav" for name in picked + excluded]
+
+
+def test_filtered_protocol_trains_chooses_and_reports_on_the_lists(work, tmp_path, capsys):
+    """The lists decide the rows whatever the folds say; the repetition (fold) only moves
+    the seed: repetition 2 with seed 0 is repetition 1 with seed 1, bit for bit.
+
+    (A set of the lists' full size is run through train_head in test_frozen; here the
+    80 M-parameter Cnn14 evaluates only a sample, 20 training clips, 10 + 10 evaluated.)
+    """
+    names = _filtered_sample()
+    # 0.7 s: just over the 0.63 s SpecAugment needs, to keep three runs cheap.
+    features = write_features(tmp_path / "filtered.h5", names=names, seconds=0.7)
+    recipe = {"features": str(features), "protocol": "filtered", "iterations": 2}
+    first = train_fold(_config(work, tmp_path / "r1", **recipe, fold=1, seed=0))
+    second = train_fold(_config(work, tmp_path / "r2", **recipe, fold=2, seed=0))
+    args = [a for a in _cli_args(work, tmp_path / "cli") if not a.startswith("--iterations")]
+    args = [a if not a.startswith("--features") else f"--features={features}" for a in args]
+    assert main([*args, "--iterations=2", "--protocol=filtered", "--seed=1"]) == 0
+    assert "(filtered): test accuracy" in capsys.readouterr().out
+
+    lists = filtered_lists()
+    split = second["split"]
+    assert [split[k] for k in ("train", "valid", "test", "excluded", "missing")] == [
+        20,
+        10,
+        10,
+        5,
+        930 - 40,
+    ]
+    assert split["excluded_names"] == names[-5:]
+    assert len(split["missing_names"]) == 890 and "rock.00099" in split["missing_names"]
+    assert second["protocol"] == "filtered" and second["selection"] == "validation"
+    assert second["n_train"] == 20 and second["n_heldout"] == 10
+    assert second["split_sha256"] == split_sha256("filtered") != split_sha256("cv10")
+    assert second["seeds"]["config"] == 0 and second["seeds"]["torch"] == 1
+    assert first["seeds"]["torch"] == 0
+
+    with (tmp_path / "r2" / "predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(clip_id(r["audio_name"]) for r in rows) == sorted(
+        clip_id(n) for n in names if clip_id(n) in set(lists["test"])
+    )
+    assert {r["fold"] for r in rows} == {"2"}  # the repetition, not the packed fold
+
+    # Same effective seed: the same run; another seed: another run.
+    def predictions(out: Path) -> list[list[str]]:
+        with (out / "predictions.csv").open(newline="") as f:
+            return [[v for k, v in row.items() if k != "fold"] for row in csv.DictReader(f)]
+
+    assert _metrics_without_time(tmp_path / "cli" / "metrics.csv") == _metrics_without_time(
+        tmp_path / "r2" / "metrics.csv"
+    )
+    assert predictions(tmp_path / "cli") == predictions(tmp_path / "r2")
+    assert predictions(tmp_path / "r1") != predictions(tmp_path / "r2")
 
 
 def _band_noise(rng, n: int, low: float, high: float) -> np.ndarray:
@@ -340,8 +526,12 @@ def test_full_fine_tuning_learns(tmp_path):
         mixup=False,
         eval_every=20,
         device="cpu",
+        # Two folds leave none to validate on; one evaluation, at the end, so nothing is
+        # chosen: the final model is reported either way.
+        selection="heldout",
     )
     summary = train_fold(config)
+    assert summary["selected_iteration"] == 20
     # Chance is 0.5 between the two genres present (0.1 over the ten outputs).
     assert summary["final_accuracy"] >= 0.875
     with (tmp_path / "out" / "predictions.csv").open(newline="") as f:
