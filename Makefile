@@ -7,6 +7,8 @@ VENV ?= .venv
 WORKSPACE ?= workspace
 ## the recipe `make run` uses: demo (synthetic set, minutes on a CPU) or seed (GPU, real GTZAN)
 PROFILE ?= demo
+## the evaluation protocols `make run` runs one after the other (download, pack and embed are shared)
+PROTOCOLS ?= cv10 filtered
 UI_PORT ?= 5000
 ## pytest arguments, e.g. make test PYTEST_ARGS="-k pack -x"
 PYTEST_ARGS ?=
@@ -40,8 +42,10 @@ lint: install ## ruff: lint and format check
 test: lint ## install, lint, then run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-run: install ## the whole pipeline through kfp.local on the embedded default (PROFILE)
-	$(GF) run --profile $(PROFILE) --workspace $(WORKSPACE)
+run: install ## the whole pipeline through kfp.local on the embedded default (PROFILE), each of PROTOCOLS
+	set -e; for protocol in $(PROTOCOLS); do \
+	  $(GF) run --profile $(PROFILE) --workspace $(WORKSPACE) --protocol $$protocol; \
+	done
 
 compile: install ## compile the KFP pipeline to $(WORKSPACE)/pipeline.yaml
 	$(GF) compile --out $(WORKSPACE)/pipeline.yaml

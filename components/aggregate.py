@@ -1,4 +1,4 @@
-"""Pool the folds' held-out predictions into the cross-validation report; close the parent run."""
+"""Pool the folds' test predictions into the report; log it and the fold ensemble to MLflow."""
 
 from kfp import dsl
 
@@ -28,7 +28,7 @@ def aggregate(
         min_folds: fewer usable folds than this is an error; between it and all, partial.
         clip_seconds: the clip length the models read (the ensemble's input size).
         tracking_uri: MLflow tracking URI ("" = no tracking).
-        parent_run_id: the parent run that receives the aggregate and is closed here.
+        parent_run_id: the parent run that receives the aggregate (the exit handler closes it).
         registered_model: registry name for the fold ensemble ("" = log, do not register).
         results: report.json, confusion.csv, per_genre.csv, confusion.png, report.html.
         report: the one-page HTML report, for the KFP UI.
@@ -43,7 +43,7 @@ def aggregate(
     from genreflow.aggregate import flat_metrics
     from genreflow.audio import clip_samples
     from genreflow.data.genres import GENRES
-    from genreflow.tracking import finish_pipeline_run, log_ensemble
+    from genreflow.tracking import finish_pipeline_run, log_ensemble, report_tags
 
     fold_dirs = [fold.path for fold in folds]
     summary = pool(fold_dirs, results.path, expected_folds=expected_folds, min_folds=min_folds)
@@ -55,7 +55,7 @@ def aggregate(
     if tracking_uri:
         # A frozen base is stored once beside the folds' heads; else each fold is whole.
         base = os.path.join(embeddings.path, "base.pth") if embeddings else None
-        checkpoint = "head.pth" if embeddings else "last.pth"
+        checkpoint = "head.pth" if embeddings else "best.pth"  # the selected checkpoints
         usable = [d for d in fold_dirs if os.path.exists(os.path.join(d, checkpoint))]
         model_uri = log_ensemble(
             tracking_uri,
@@ -72,7 +72,8 @@ def aggregate(
             parent_run_id,
             metrics=headline,
             artifacts=[results.path],
-            tags={"partial": summary["partial"]},
+            tags=report_tags(summary),
+            status=None,  # the exit handler closes it with the pipeline's final state
             keep=results.path,
         )
     return results.uri

@@ -1,4 +1,4 @@
-"""Fine-tune Cnn14 on one cross-validation fold (a GPU step) and log it as a child run."""
+"""Fine-tune Cnn14 on one fold (a GPU step), as a child run of the pipeline's MLflow run."""
 
 from kfp import dsl
 
@@ -9,6 +9,8 @@ from genreflow.components.images import GPU_IMAGE
 def train(
     features: dsl.Input[dsl.Dataset],
     fold: int,
+    protocol: str,
+    selection: str,
     pretrained: str,
     iterations: int,
     batch_size: int,
@@ -18,28 +20,40 @@ def train(
     seed: int,
     tracking_uri: str,
     parent_run_id: str,
+    reuse_folds: bool,
+    expected_folds: list,
+    min_folds: int,
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
 ) -> float:
-    """Train on folds != `fold`, evaluate on `fold`; return the held-out accuracy.
+    """Train on the fold's training clips, choose the checkpoint on its validation clips,
+    report on its test clips; return the test accuracy.
 
     Args:
         features: the packed HDF5 file.
-        fold: the held-out fold (1..10).
+        fold: cv10: the held-out fold (1..10); filtered: the repetition (seed + fold - 1).
+        protocol: cv10 or filtered (the fault-filtered split's lists).
+        selection: validation (an inner split chooses the checkpoint) or heldout (the
+            seed's way: the test fold does).
         pretrained: PANNs checkpoint (path, https:// or gs://); "" = random init.
         iterations, batch_size, lr, mixup, eval_every, seed: the recipe (seed's defaults).
         tracking_uri: MLflow tracking URI ("" = no tracking).
-        parent_run_id: the pipeline's parent run; this fold logs a nested child run.
+        parent_run_id: the pipeline's parent run; this fold is a nested child run.
+        reuse_folds: take an identical fold (same data, recipe and code) from MLflow.
+        expected_folds, min_folds: with min_folds below the number of folds, a fold that
+            fails for good leaves failed.json instead of failing the step (and the DAG).
         model: the fold folder: checkpoints, metrics.csv, predictions.csv, summary.json.
-        metrics: the held-out accuracy, for the KFP UI.
+        metrics: the test accuracy, for the KFP UI.
     """
-    from genreflow.tracking import log_fold
+    from genreflow.tracking import tracked_fold
     from genreflow.train import TrainConfig, train_fold
 
     config = TrainConfig(
         features=features.path,
         fold=fold,
         out=model.path,
+        protocol=protocol,
+        selection=selection,
         pretrained=pretrained or None,
         freeze_base=False,
         iterations=iterations,
@@ -49,10 +63,23 @@ def train(
         eval_every=eval_every,
         seed=seed,
     )
-    summary = train_fold(config)
+    settings = dict(path="fine-tune", protocol=protocol, selection=selection)
+    settings.update(pretrained=pretrained, iterations=iterations, batch_size=batch_size, lr=lr)
+    settings.update(mixup=mixup, eval_every=eval_every, seed=seed)
+    summary = tracked_fold(
+        lambda: train_fold(config),
+        out=model.path,
+        fold=fold,
+        inputs=[features.path],
+        settings=settings,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        reuse=reuse_folds,
+        tolerate_failure=min_folds < len(expected_folds),
+    )
+    if "failed" in summary:
+        return float("nan")
     accuracy = float(summary["final_accuracy"])
-    metrics.log_metric("heldout_accuracy", accuracy)
-    model.metadata.update(fold=fold, heldout_accuracy=accuracy, path="fine-tune")
-    if tracking_uri:
-        log_fold(tracking_uri, parent_run_id, model.path)
+    metrics.log_metric("test_accuracy", accuracy)
+    model.metadata.update(fold=fold, test_accuracy=accuracy, path="fine-tune", protocol=protocol)
     return accuracy

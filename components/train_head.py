@@ -9,6 +9,8 @@ from genreflow.components.images import CPU_IMAGE
 def train_head(
     embeddings: dsl.Input[dsl.Dataset],
     fold: int,
+    protocol: str,
+    selection: str,
     iterations: int,
     batch_size: int,
     lr: float,
@@ -17,39 +19,50 @@ def train_head(
     seed: int,
     tracking_uri: str,
     parent_run_id: str,
+    reuse_folds: bool,
+    expected_folds: list,
+    min_folds: int,
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
 ) -> float:
-    """Train the head on stored embeddings of folds != `fold`; return held-out accuracy.
+    """Train the head on stored embeddings of the fold's training clips; return its test
+    accuracy (the checkpoint chosen as `selection` says).
 
     Args:
         embeddings: the embed step's folder (embeddings.h5, base.pth).
-        fold: the held-out fold (1..10).
+        fold: cv10: the held-out fold (1..10); filtered: the repetition (seed + fold - 1).
+        protocol: cv10 or filtered; selection: validation or heldout (see `train`).
         iterations, batch_size, lr, mixup, eval_every, seed: the head's recipe.
         tracking_uri: MLflow tracking URI ("" = no tracking).
-        parent_run_id: the pipeline's parent run; this fold logs a nested child run.
+        parent_run_id: the pipeline's parent run; this fold is a nested child run.
+        reuse_folds: take an identical fold (same embeddings, recipe and code) from MLflow.
+        expected_folds, min_folds: with min_folds below the number of folds, a fold that
+            fails for good leaves failed.json instead of failing the step (and the DAG).
         model: the fold folder: head.pth, metrics.csv, predictions.csv, summary.json.
-        metrics: the held-out accuracy, for the KFP UI.
+        metrics: the test accuracy, for the KFP UI.
     """
     import os
 
     from genreflow.frozen import train_head as fit_head
-    from genreflow.tracking import log_fold
+    from genreflow.tracking import tracked_fold
 
-    summary = fit_head(
-        os.path.join(embeddings.path, "embeddings.h5"),
-        fold,
-        model.path,
-        iterations=iterations,
-        batch_size=batch_size,
-        lr=lr,
-        mixup=mixup,
-        eval_every=eval_every,
-        seed=seed,
+    embeddings_file = os.path.join(embeddings.path, "embeddings.h5")
+    recipe = dict(iterations=iterations, batch_size=batch_size, lr=lr, mixup=mixup)
+    recipe.update(eval_every=eval_every, seed=seed, protocol=protocol, selection=selection)
+    summary = tracked_fold(
+        lambda: fit_head(embeddings_file, fold, model.path, **recipe),
+        out=model.path,
+        fold=fold,
+        inputs=[embeddings_file],
+        settings=dict(path="frozen-base", **recipe),
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        reuse=reuse_folds,
+        tolerate_failure=min_folds < len(expected_folds),
     )
+    if "failed" in summary:
+        return float("nan")
     accuracy = float(summary["final_accuracy"])
-    metrics.log_metric("heldout_accuracy", accuracy)
-    model.metadata.update(fold=fold, heldout_accuracy=accuracy, path="frozen-base")
-    if tracking_uri:
-        log_fold(tracking_uri, parent_run_id, model.path)
+    metrics.log_metric("test_accuracy", accuracy)
+    model.metadata.update(fold=fold, test_accuracy=accuracy, path="frozen-base", protocol=protocol)
     return accuracy

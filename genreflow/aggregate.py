@@ -78,6 +78,7 @@ TOP_CONFUSED_PAIRS = 5
 
 PREDICTIONS_FILE = "predictions.csv"
 SUMMARY_FILE = "summary.json"
+FAILED_FILE = "failed.json"  # left by a fold step that failed while partial results were allowed
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 CONFUSION_CSV = "confusion.csv"
@@ -316,6 +317,13 @@ def _read_predictions(path: Path, fold: int) -> tuple[list[str], np.ndarray, np.
 def _read_fold(directory: Path) -> _FoldPredictions | _FailedFold:
     if not directory.is_dir():
         return _FailedFold(None, directory, f"{directory}: folder does not exist")
+    failure = directory / FAILED_FILE
+    if failure.is_file():  # the fold step failed and said why (genreflow.tracking)
+        try:
+            record = json.loads(failure.read_text())
+            return _FailedFold(int(record["fold"]), directory, f"failed: {record['error']}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return _FailedFold(None, directory, f"{failure}: unreadable ({exc})")
     summary, why = _read_summary(directory)
     if summary is None:
         return _FailedFold(None, directory, why or "summary unusable")

@@ -564,6 +564,7 @@ def tracked_fold(
     tracking_uri: str,
     parent_run_id: str,
     reuse: bool = True,
+    tolerate_failure: bool = False,
 ) -> dict:
     """Run one fold step: train (retried in-step, resuming from its last checkpoint) or reuse
     an identical earlier fold, log it as the parent's child run, return its summary.
@@ -579,8 +580,32 @@ def tracked_fold(
         parent_run_id: the pipeline's parent run.
         reuse: take a finished fold with the same key (same inputs, settings and code) from
             MLflow instead of training it again.
+        tolerate_failure: when the pipeline accepts partial results (min_folds below the
+            number of folds), a fold that still fails after its retries does not fail the
+            step, which would stop the whole DAG before aggregation (kubeflow/pipelines
+            #7330): its run ends FAILED, `out/failed.json` says why, and the aggregate
+            names it. A SIGTERM always stops the step.
+
+    Returns:
+        summary.json's content, or {"fold": fold, "failed": "..."} for a tolerated failure.
     """
     out = Path(out)
+    try:
+        return _tracked_fold(train, out, fold, inputs, settings, tracking_uri, parent_run_id, reuse)
+    except Exception as exc:
+        if not tolerate_failure:
+            raise
+        from genreflow.aggregate import FAILED_FILE
+        from genreflow.atomic import write_text_atomic
+
+        out.mkdir(parents=True, exist_ok=True)
+        error = f"{type(exc).__name__}: {exc}"
+        write_text_atomic(out / FAILED_FILE, json.dumps({"fold": fold, "error": error}) + "\n")
+        print(f"fold {fold} failed ({error}); the pipeline goes on to a partial result")
+        return {"fold": fold, "failed": error}
+
+
+def _tracked_fold(train, out, fold, inputs, settings, tracking_uri, parent_run_id, reuse):
 
     def train_retrying() -> dict:
         return retrying(

@@ -76,10 +76,20 @@ def run_local(
     # kfp.local swaps builtins.print for an indenting one while a task runs and can leave
     # it swapped; numba (librosa), imported later in this process, then fails to start.
     original_print = builtins.print
+    runs = workspace / "kfp"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
     try:
-        results = build_pipeline()(**arguments).output  # a local path here
+        build_pipeline()(**arguments)
     finally:
         builtins.print = original_print
-    report = json.loads((Path(results) / "report.json").read_text())
-    report["results_dir"] = results
+    # A pipeline returns no output from inside an exit handler: the run's outputs are
+    # read where kfp.local puts them, <pipeline root>/<run>/<task>/<output>.
+    (run,) = set(runs.iterdir()) - before
+    found = sorted(run.glob("aggregate*/results/report.json"))  # either branch's aggregate
+    if len(found) != 1:
+        raise RuntimeError(f"{run}: expected one aggregate report, found {len(found)}")
+    report = json.loads(found[0].read_text())
+    report["results_dir"] = str(found[0].parent)
+    started = json.loads((run / "start-run" / "executor_output.json").read_text())
+    report["mlflow_run_id"] = started["parameterValues"]["Output"]
     return report

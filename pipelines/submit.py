@@ -515,17 +515,19 @@ def create_run(
     run_name = run_name or time.strftime(f"{PIPELINE_NAME}-%Y%m%d-%H%M%S")
     with _kfp_calls("connecting to Kubeflow Pipelines", host, credentials):
         client = _kfp_client(host, credentials, namespace)
+    ui = (os.environ.get(UI_ENV) or host).rstrip("/")
+    # The MLflow parent run links back to the KFP run's page.
+    arguments = {"kfp_ui": ui, **arguments}
     with _kfp_calls(f"creating run {run_name!r}", host, credentials):
         result = client.create_run_from_pipeline_package(
             str(package),
-            arguments=dict(arguments),
+            arguments=arguments,
             run_name=run_name,
             experiment_name=experiment,
             namespace=namespace,
             pipeline_root=pipeline_root,
             service_account=service_account,
         )
-    ui = (os.environ.get(UI_ENV) or host).rstrip("/")
     return SubmittedRun(
         run_id=result.run_id,
         url=f"{ui}/#/runs/details/{result.run_id}",

@@ -41,10 +41,22 @@ def test_pipeline_structure(tmp_path):
     assert root["inputDefinitions"]["parameters"]["folds"]["defaultValue"] == FOLDS
     for name in ("source", "freeze_base", "pretrained", "iterations", "tracking_uri"):
         assert name in root["inputDefinitions"]["parameters"]
+    # Everything runs inside the exit handler; the handler closes the MLflow run after it,
+    # whatever it ended with.
     top = _tasks(root)
-    assert {"start-run", "download", "pack", "condition-branches-1"} <= set(top)
-    assert top["download"]["cachingOptions"].get("enableCache") is True
-    assert top["start-run"]["cachingOptions"].get("enableCache", False) is False
+    assert set(top) == {"close-run", "exit-handler-1"}
+    closing = top["close-run"]
+    assert closing["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert closing["dependentTasks"] == ["exit-handler-1"]
+    assert closing["cachingOptions"].get("enableCache", False) is False
+    guarded = _tasks(doc["components"]["comp-exit-handler-1"])
+    assert {"start-run", "download", "pack"} <= set(guarded)
+    assert any(name.startswith("condition-branches") for name in guarded)
+    assert guarded["download"]["cachingOptions"].get("enableCache") is True
+    assert guarded["start-run"]["cachingOptions"].get("enableCache", False) is False
+    for name in ("protocol", "selection", "reuse_folds", "min_folds"):
+        assert name in root["inputDefinitions"]["parameters"]
+    assert root["inputDefinitions"]["parameters"]["protocol"]["defaultValue"] == "cv10"
 
     components = doc["components"]
     iterators = [

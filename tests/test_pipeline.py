@@ -2,7 +2,8 @@
 
 A tiny synthetic set (4 clips per genre, 2 s) keeps it to minutes: every step runs its real
 code (archive over file://, decoding, HDF5, a random Cnn14 embedding every clip, ten head
-trainings, the report, the MLflow runs and the registered fold ensemble).
+trainings, the report, the MLflow runs and the registered fold ensemble). The fault-filtered
+protocol runs on a set with the real lists' file names (1 s clips).
 """
 
 import json
@@ -57,15 +58,36 @@ def test_report(demo_run):
     assert report_json["accuracy"]["mean"] == demo_run["accuracy"]["mean"]
 
 
+def _parents(client, experiment_name):
+    experiment = client.get_experiment_by_name(experiment_name)
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`genreflow.role` = 'pipeline'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def _children(client, parent):
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+
+
 def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    parents = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`genreflow.role` = 'pipeline'"
-    )
+    parents = _parents(client, EXPERIMENT)
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.status == "FINISHED"
+    assert parent.info.run_id == demo_run["mlflow_run_id"]
+    assert parent.info.status == "FINISHED"  # closed by the exit handler
+    assert parent.data.tags["genreflow.final_state"] == "SUCCEEDED"
+    assert parent.data.tags["kfp.pipeline_run_id"]
+    assert parent.data.tags["protocol"] == "cv10"
+    assert parent.data.tags["selection"] == "validation"
+    assert parent.data.tags["split.sha256"]
+    assert "ghcr.io/genreflow/genreflow:" in parent.data.tags["images"]
     assert parent.data.tags["profile"] == "demo"
     assert parent.data.tags["freeze_base"] == "true"
     assert parent.data.tags["git_commit"]
@@ -74,18 +96,20 @@ def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
     metrics = parent.data.metrics
     assert metrics["accuracy_mean"] == pytest.approx(demo_run["accuracy"]["mean"])
     assert metrics["accuracy_ci95_low"] <= metrics["accuracy_mean"] <= metrics["accuracy_ci95_high"]
+    assert parent.data.params["seed"] == "0"
+    for tag in ("git_commit", "genreflow_version", "version.torch", "version.mlflow"):
+        assert parent.data.tags[tag]
     assert {f"fold_{k:02d}_accuracy" for k in range(1, 11)} <= set(metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert {"results/report.html", "results/confusion.csv", "results/confusion.png"} <= artifacts
 
-    children = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-    )
+    children = _children(client, parent)
+    assert experiment.experiment_id == parent.info.experiment_id
     assert sorted(int(c.data.tags["fold"]) for c in children) == list(range(1, 11))
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["path"] == "frozen-base"
+        assert "reused" not in child.data.tags
         fold = int(child.data.tags["fold"])
         assert child.data.metrics["final_accuracy"] == pytest.approx(
             metrics[f"fold_{fold:02d}_accuracy"]
@@ -119,15 +143,17 @@ def test_registered_ensemble_predicts(demo_run, mlflow_server, workspace, monkey
     np.testing.assert_allclose(list(result["probabilities"].values()), expected, atol=1e-4)
 
 
-def test_failing_fold_is_retried_then_fails_the_run(
+def test_failing_fold_is_retried_then_fails_the_parent(
     demo_run, source, workspace, mlflow_server, monkeypatch, capfd
 ):
     from genreflow.pipelines import cv
 
     monkeypatch.setattr(cv, "FOLD_RETRY_BACKOFF", "1s")
     uri, sha256 = source
-    # Fold 11 holds no clips: the fold step fails for real, every time. Download, pack
-    # and embed come from the cache of the run above.
+    # Fold 11 holds no clips: the fold step fails for real, every time (bad input is not
+    # retried in-step; KFP retries the task); min_folds = all folds: no partial result.
+    # Download, pack and embed come from the KFP cache of the run above; fold 1 from
+    # MLflow (the same fold, reused).
     with pytest.raises(RuntimeError, match="FAILURE"):
         run_local(
             workspace,
@@ -135,9 +161,178 @@ def test_failing_fold_is_retried_then_fails_the_run(
             source=uri,
             sha256=sha256,
             tracking_uri=mlflow_server,
-            overrides={**OVERRIDES, "folds": [11], "min_folds": 1, "experiment": "test-fail"},
+            overrides={**OVERRIDES, "folds": [1, 11], "min_folds": 2, "experiment": "test-fail"},
         )
     logs = capfd.readouterr()
     text = re.sub(r"\x1b\[[0-9;]*m", "", logs.out + logs.err)  # kfp.local colours names
-    assert text.count("Executing task 'train-head'") == 1 + cv.FOLD_RETRIES
+    assert text.count("Executing task 'train-head'") == 1 + 1 + cv.FOLD_RETRIES
     assert "fold must be one of 1..10, got 11" in text
+    assert "Executing task 'close-run'" in text
+
+    client = MlflowClient(mlflow_server)
+    (parent,) = _parents(client, "test-fail")
+    assert parent.info.status == "FAILED"  # the exit handler saw the pipeline fail
+    assert parent.data.tags["genreflow.final_state"] == "FAILED"
+    status = {c.data.tags["fold"]: c.info.status for c in _children(client, parent)}
+    assert status == {"1": "FINISHED", "11": "FAILED"}  # one run per fold, retries included
+
+
+def test_rerun_reuses_the_ten_folds_under_its_new_parent(
+    demo_run, source, workspace, mlflow_server
+):
+    uri, sha256 = source
+    rerun = run_local(
+        workspace,
+        profile="demo",
+        source=uri,
+        sha256=sha256,
+        tracking_uri=mlflow_server,
+        overrides={**OVERRIDES, "experiment": EXPERIMENT, "registered_model": ""},
+    )
+    assert rerun["accuracy"] == demo_run["accuracy"]
+    client = MlflowClient(mlflow_server)
+    first, second = _parents(client, EXPERIMENT)[:2]
+    assert second.info.run_id == rerun["mlflow_run_id"] != first.info.run_id
+    originals = {c.data.tags["fold"]: c for c in _children(client, first)}
+    reused = {c.data.tags["fold"]: c for c in _children(client, second)}
+    assert sorted(reused, key=int) == [str(k) for k in range(1, 11)]
+    for fold, child in reused.items():
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["reused"] == "true"
+        assert child.data.tags["genreflow.reused_from"] == originals[fold].info.run_id
+        assert (
+            child.data.metrics["final_accuracy"] == originals[fold].data.metrics["final_accuracy"]
+        )
+
+
+def test_same_seed_same_metrics_when_everything_is_recomputed(
+    demo_run, source, tmp_path, mlflow_server
+):
+    """Reproducibility on CPU: a fresh workspace, no KFP cache, no fold reuse."""
+    uri, sha256 = source
+    again = run_local(
+        tmp_path,
+        profile="demo",
+        source=uri,
+        sha256=sha256,
+        tracking_uri=mlflow_server,
+        cache=False,
+        overrides={**OVERRIDES, "experiment": "test-repeat", "reuse_folds": False},
+    )
+    assert again["accuracy"] == demo_run["accuracy"]
+
+    def results(report):  # each fold's figures, without where its folder was
+        return [{k: v for k, v in row.items() if k != "dir"} for row in report["folds"]]
+
+    assert results(again) == results(demo_run)
+    assert again["confusion"] == demo_run["confusion"]
+    client = MlflowClient(mlflow_server)
+    (parent,) = _parents(client, "test-repeat")
+    assert all("reused" not in c.data.tags for c in _children(client, parent))
+
+
+def test_caller_mlflow_run_id_is_the_parent(
+    demo_run, source, workspace, mlflow_server, monkeypatch
+):
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    caller = client.create_run(experiment, run_name="ci-job").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", caller)  # kfp.local's tasks inherit it
+    uri, sha256 = source
+    report = run_local(
+        workspace,
+        profile="demo",
+        source=uri,
+        sha256=sha256,
+        tracking_uri=mlflow_server,
+        overrides={**OVERRIDES, "experiment": EXPERIMENT, "registered_model": ""},
+    )
+    assert report["mlflow_run_id"] == caller
+    parent = client.get_run(caller)
+    assert parent.info.status == "RUNNING"  # the caller's run: the caller closes it
+    assert parent.data.tags["genreflow.final_state"] == "SUCCEEDED"
+    assert parent.data.metrics["accuracy_mean"] == pytest.approx(demo_run["accuracy"]["mean"])
+    folds = sorted(int(c.data.tags["fold"]) for c in _children(client, parent))
+    assert folds == list(range(1, 11))
+
+
+@pytest.fixture(scope="module")
+def filtered_source(tmp_path_factory):
+    from genreflow.splits import filtered_lists
+
+    lists = filtered_lists()
+    listed = [f"{name}.au" for part in ("train", "valid", "test") for name in lists[part]]
+    # Plus two clips in no list: excluded and counted.
+    names = listed + ["blues.00100.au", "rock.00100.au"]
+    archive, sha256 = make_synthetic_gtzan(
+        tmp_path_factory.mktemp("filtered-source"), names=names, seconds=1.0, seed=5
+    )
+    return archive.as_uri(), sha256
+
+
+def test_filtered_protocol_end_to_end(filtered_source, tmp_path, mlflow_server):
+    uri, sha256 = filtered_source
+    report = run_local(
+        tmp_path,
+        profile="demo",
+        source=uri,
+        sha256=sha256,
+        tracking_uri=mlflow_server,
+        overrides={
+            "clip_seconds": 1.0,
+            "iterations": 200,
+            "eval_every": 100,
+            "folds": [1, 2, 3],
+            "min_folds": 3,
+            "protocol": "filtered",
+            "experiment": "test-filtered",
+            "registered_model": "",
+        },
+    )
+    assert report["protocol"] == "filtered"
+    assert report["split"]["test"] == 290
+    assert report["split"]["excluded"] == 2
+    assert report["usable_folds"] == [1, 2, 3]
+    html = open(f"{report['results_dir']}/report.html").read()
+    assert "fault-filtered split" in html.split("</h1>")[0] or "fault-filtered" in html[:2000]
+    client = MlflowClient(mlflow_server)
+    (parent,) = _parents(client, "test-filtered")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["protocol"] == "filtered"
+    assert parent.data.metrics["accuracy_mean"] == pytest.approx(report["accuracy"]["mean"])
+    children = _children(client, parent)
+    assert sorted(int(c.data.tags["fold"]) for c in children) == [1, 2, 3]
+    assert {c.data.tags["protocol"] for c in children} == {"filtered"}
+
+
+def test_a_failed_fold_above_min_folds_gives_a_partial_result(
+    demo_run, source, workspace, mlflow_server
+):
+    """kubeflow/pipelines#7330: one failed loop iteration fails the whole DAG before the
+    aggregate. With min_folds below the number of folds the fold step records its failure
+    instead, and the aggregate reports the usable folds, marked partial."""
+    uri, sha256 = source
+    report = run_local(
+        workspace,
+        profile="demo",
+        source=uri,
+        sha256=sha256,
+        tracking_uri=mlflow_server,
+        overrides={
+            **OVERRIDES,
+            "folds": [1, 2, 11],
+            "min_folds": 2,
+            "experiment": "test-partial",
+            "registered_model": "",
+        },
+    )
+    assert report["partial"] is True
+    assert report["usable_folds"] == [1, 2]
+    (failed,) = report["failed_folds"]
+    assert failed["fold"] == 11 and "fold must be one of 1..10, got 11" in failed["reason"]
+    client = MlflowClient(mlflow_server)
+    (parent,) = _parents(client, "test-partial")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["partial"] == "true"
+    status = {c.data.tags["fold"]: c.info.status for c in _children(client, parent)}
+    assert status == {"1": "FINISHED", "2": "FINISHED", "11": "FAILED"}

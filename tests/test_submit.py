@@ -275,8 +275,9 @@ def test_gpu_placement_matches_kfp_kubernetes(tmp_path):
     def reference(features: str):
         task = train(
             features=dsl.importer(artifact_uri=features, artifact_class=dsl.Dataset).output,
-            fold=1, pretrained="", iterations=1, batch_size=1, lr=0.1, mixup=False,
-            eval_every=1, seed=0, tracking_uri="", parent_run_id="",
+            fold=1, protocol="cv10", selection="validation", pretrained="", iterations=1,
+            batch_size=1, lr=0.1, mixup=False, eval_every=1, seed=0, tracking_uri="",
+            parent_run_id="", reuse_folds=False,
         )  # fmt: skip
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         kubernetes.add_node_selector(task, "cloud.google.com/gke-accelerator", "nvidia-l4")
@@ -381,6 +382,7 @@ def test_new_backend_gets_the_run_the_user_asked_for(environment, capsys, tmp_pa
         "source": SOURCE,
         "folds": [1, 2],
         "tracking_uri": "http://mlflow.genreflow.svc.cluster.local:5000",
+        "kfp_ui": kfp.url,  # the MLflow parent run links back to the KFP run
     }
     sent = run["pipeline_spec"]
     assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "genreflow-cv"

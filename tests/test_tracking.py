@@ -355,3 +355,31 @@ def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_
     _tracked(mlflow_server, fourth, tmp_path / "d", 1, trainer(tmp_path / "d"), inputs)
     assert len(calls) == 3
     assert "reused" not in _runs_under(client, fourth)[0].data.tags
+
+
+def test_a_tolerated_failure_is_recorded_not_raised(mlflow_server, tmp_path, inputs, monkeypatch):
+    import genreflow.tracking
+    from genreflow.aggregate import aggregate
+
+    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-tolerated", pipeline_run_id="kfp-tol")
+    good, _ = _trainer(tmp_path, 1)
+    _tracked(mlflow_server, parent, tmp_path, 1, good, inputs, tolerate_failure=True)
+    broken, calls = _trainer(tmp_path, 2, failures=[RuntimeError("CUDA error")] * 3)
+    summary = _tracked(mlflow_server, parent, tmp_path, 2, broken, inputs, tolerate_failure=True)
+    assert len(calls) == 3 and "CUDA error" in summary["failed"]
+    record = json.loads((tmp_path / "fold2" / "failed.json").read_text())
+    assert record["fold"] == 2 and "CUDA error" in record["error"]
+    status = {r.data.tags["fold"]: r.info.status for r in _runs_under(client, parent)}
+    assert status == {"1": "FINISHED", "2": "FAILED"}
+    # The aggregate names the failed fold and why.
+    report = aggregate(
+        [tmp_path / "fold1", tmp_path / "fold2"],
+        tmp_path / "report",
+        expected_folds=[1, 2],
+        min_folds=1,
+    )
+    assert report["partial"] is True
+    (failed,) = report["failed_folds"]
+    assert failed["fold"] == 2 and "CUDA error" in failed["reason"]

@@ -1,0 +1,24 @@
+"""The pipeline's exit handler: close the MLflow parent run with the pipeline's true status."""
+
+from kfp import dsl
+
+from genreflow.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def close_run(tracking_uri: str, pipeline_run_id: str, status: dsl.PipelineTaskFinalStatus):
+    """End the parent run FINISHED, FAILED or KILLED (canceled), whatever the DAG did.
+
+    Runs after everything else, even when a step failed or the run was terminated; a fold
+    run a killed pod left RUNNING ends too.
+
+    Args:
+        tracking_uri: MLflow tracking URI ("" = no tracking).
+        pipeline_run_id: the KFP run's id, which the parent run carries as a tag.
+        status: the final state of the steps this handler guards (set by KFP).
+    """
+    from genreflow.tracking import close_pipeline_run
+
+    print(f"pipeline run {pipeline_run_id}: {status.state} {status.error_message or ''}")
+    if tracking_uri:
+        close_pipeline_run(tracking_uri, pipeline_run_id, status.state)
