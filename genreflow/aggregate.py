@@ -795,9 +795,27 @@ def _intervals_html(report: dict) -> list[str]:
     ]
 
 
+def _reproducibility(folds) -> str:
+    """What a rerun with the same seed will give, by the devices the folds trained on."""
+    devices = sorted({str(f.summary.get("device", "cpu")).split(":")[0] for f in folds})
+    if devices == ["cpu"]:
+        return (
+            "trained on CPU: a rerun with the same seed, data and versions gives the same "
+            "numbers, bit for bit"
+        )
+    return (
+        f"trained on {', '.join(devices)}: a rerun with the same seed is not bit-identical "
+        "(cuDNN chooses convolution algorithms per run and some GPU kernels accumulate in a "
+        "nondeterministic order); expect each fold to move by a few clips, which is the "
+        "fold-to-fold noise genreflow compare tests differences against"
+    )
+
+
 def _provenance_html(report: dict) -> list[str]:
     esc = html.escape
     items = []
+    if report.get("reproducibility"):
+        items.append(f"<li>reproducibility: {esc(report['reproducibility'])}</li>")
     if report["split"]:
         items.append(f"<li>{esc(_split_text(report['split']))}</li>")
     for key, label in (("data_sha256", "data SHA-256"), ("split_sha256", "split lists SHA-256")):
@@ -1216,6 +1234,7 @@ def aggregate(
         "data_sha256": data_sha256,
         "split_sha256": split_sha256,
         "seeds": {str(f.fold): f.summary["seeds"] for f in folds if "seeds" in f.summary},
+        "reproducibility": _reproducibility(folds),
         "genres": list(GENRES),
         "folds": fold_rows,
         "fold_accuracy": {str(row["fold"]): row["accuracy"] for row in fold_rows},

@@ -671,3 +671,21 @@ def test_heldout_selection_is_named_first(tmp_path: Path) -> None:
     write_fold(tmp_path / "folds", 2, standard_rows(2), protocol="cv10")
     with pytest.raises(GenreflowError, match="disagree on the checkpoint selection"):
         aggregate(folds, out, expected_folds=[1, 2], min_folds=2)
+
+
+def test_the_report_says_what_a_rerun_gives(tmp_path: Path) -> None:
+    """CPU folds rerun bit for bit; GPU folds do not, and the report says so."""
+    cpu = [
+        write_fold(tmp_path / "cpu", r, repetition_rows(r), **filtered_summary(r, device="cpu"))
+        for r in (1, 2)
+    ]
+    report = aggregate(cpu, tmp_path / "cpu-report", expected_folds=[1, 2], min_folds=2)
+    assert "bit for bit" in report["reproducibility"]
+    gpu = [
+        write_fold(tmp_path / "gpu", r, repetition_rows(r), **filtered_summary(r, device="cuda"))
+        for r in (1, 2)
+    ]
+    report = aggregate(gpu, tmp_path / "gpu-report", expected_folds=[1, 2], min_folds=2)
+    assert report["reproducibility"].startswith("trained on cuda: a rerun with the same seed")
+    page = (tmp_path / "gpu-report" / "report.html").read_text()
+    assert "not bit-identical" in page
