@@ -25,7 +25,8 @@ def aggregate(
     Args:
         folds: the fold folders (predictions.csv, summary.json, checkpoint).
         expected_folds: the folds the pipeline ran; a missing one is named in the report.
-        min_folds: fewer usable folds than this is an error; between it and all, partial.
+        min_folds: fewer usable folds than this (0 = all) is an error; between it and
+            all, a partial result.
         clip_seconds: the clip length the models read (the ensemble's input size).
         tracking_uri: MLflow tracking URI ("" = no tracking).
         parent_run_id: the parent run that receives the aggregate (the exit handler closes it).
@@ -46,7 +47,8 @@ def aggregate(
     from genreflow.tracking import finish_pipeline_run, log_ensemble, report_tags
 
     fold_dirs = [fold.path for fold in folds]
-    summary = pool(fold_dirs, results.path, expected_folds=expected_folds, min_folds=min_folds)
+    needed = min_folds or len(expected_folds)
+    summary = pool(fold_dirs, results.path, expected_folds=expected_folds, min_folds=needed)
     shutil.copyfile(os.path.join(results.path, "report.html"), report.path)
     headline = flat_metrics(summary)
     for key, value in headline.items():

@@ -40,8 +40,9 @@ def train(
         tracking_uri: MLflow tracking URI ("" = no tracking).
         parent_run_id: the pipeline's parent run; this fold is a nested child run.
         reuse_folds: take an identical fold (same data, recipe and code) from MLflow.
-        expected_folds, min_folds: with min_folds below the number of folds, a fold that
-            fails for good leaves failed.json instead of failing the step (and the DAG).
+        expected_folds, min_folds: with min_folds (0 = all) below the number of folds, a
+            fold that fails for good leaves failed.json instead of failing the step (and
+            so the DAG).
         model: the fold folder: checkpoints, metrics.csv, predictions.csv, summary.json.
         metrics: the test accuracy, for the KFP UI.
     """
@@ -75,7 +76,7 @@ def train(
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
         reuse=reuse_folds,
-        tolerate_failure=min_folds < len(expected_folds),
+        tolerate_failure=0 < min_folds < len(expected_folds),
     )
     if "failed" in summary:
         return float("nan")

@@ -57,6 +57,7 @@ def test_pipeline_structure(tmp_path):
     for name in ("protocol", "selection", "reuse_folds", "min_folds"):
         assert name in root["inputDefinitions"]["parameters"]
     assert root["inputDefinitions"]["parameters"]["protocol"]["defaultValue"] == "cv10"
+    assert root["inputDefinitions"]["parameters"]["min_folds"]["defaultValue"] == 0  # all
 
     components = doc["components"]
     iterators = [

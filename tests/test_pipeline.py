@@ -158,13 +158,12 @@ def test_failing_fold_is_retried_then_fails_the_parent(
 
     monkeypatch.setattr(cv, "FOLD_RETRY_BACKOFF", "1s")
     # Fold 11 holds no clips: the fold step fails for real, every time (bad input is not
-    # retried in-step; KFP retries the task); min_folds = all folds: no partial result.
+    # retried in-step; KFP retries the task); min_folds left at 0, every fold: no partial
+    # result.
     # Download, pack and embed come from the KFP cache of the run above; fold 1 from
     # MLflow (the same fold, reused).
     with pytest.raises(RuntimeError, match="FAILURE"):
-        run_demo(
-            workspace, source, mlflow_server, folds=[1, 11], min_folds=2, experiment="test-fail"
-        )
+        run_demo(workspace, source, mlflow_server, folds=[1, 11], experiment="test-fail")
     logs = capfd.readouterr()
     text = re.sub(r"\x1b\[[0-9;]*m", "", logs.out + logs.err)  # kfp.local colours names
     assert text.count("Executing task 'train-head'") == 1 + 1 + cv.FOLD_RETRIES
@@ -256,7 +255,6 @@ def test_filtered_protocol_end_to_end(filtered_source, tmp_path, mlflow_server):
         mlflow_server,
         clip_seconds=1.0,  # the source's clips
         folds=[1, 2, 3],
-        min_folds=3,
         protocol="filtered",
         experiment="test-filtered",
         registered_model="",
