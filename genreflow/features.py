@@ -15,18 +15,19 @@ that turns out unreadable leaves a hole in its fold instead of shifting its neig
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import re
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import h5py
@@ -39,7 +40,7 @@ from genreflow.audio import (
     AudioDecodeError,
     clip_samples,
     float32_to_int16,
-    load_clip,
+    load_audio,
 )
 from genreflow.data.download import recorded_sha256
 from genreflow.data.genres import FOLDS, GENRE_INDEX, GENRES, assign_folds
@@ -49,10 +50,22 @@ from genreflow.errors import GenreflowError
 ON_ERROR_CHOICES = ("skip", "fail")
 REQUIRED_DATASETS = ("audio_name", "waveform", "target", "fold")
 REQUIRED_ATTRS = ("sample_rate", "clip_samples", "clip_seconds", "genres")
-# Clips per task sent to a worker: enough to amortise the round trip, small enough that
-# the few tasks in flight per worker stay a few tens of MB at 30 s per clip.
-CLIPS_PER_TASK = 4
+# Clips per task sent to a worker, and tasks in flight per worker: every clip in flight
+# holds a row of the shared ring (1.9 MB at 30 s), and a worker always has a task queued
+# while the writer stores the rows of the one before.
+CLIPS_PER_TASK = 2
 TASKS_IN_FLIGHT_PER_WORKER = 2
+# Where POSIX shared memory lives on Linux, and the share of its free space the ring may take.
+SHM_FOLDER = "/dev/shm"
+SHM_SHARE = 0.5
+# Bytes of output between two steps of writing it out and dropping it (see _Writeback).
+WRITEBACK_BYTES = 64 << 20
+# glibc's mallopt parameters (malloc.h) and sync_file_range's flags (fcntl.h): start
+# writing; wait for what is being written, write, and wait for that.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_SYNC_WRITE = 2
+_SYNC_WAIT_WRITE_WAIT = 1 | 2 | 4
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -103,7 +116,8 @@ def pack(
         out: the HDF5 file to write; replaced only once the new one is complete. A
             gs://BUCKET/OBJECT is packed locally and uploaded when complete.
         clip_seconds: clip length; longer files are trimmed, shorter ones zero-padded.
-        workers: decoding processes (default: the usable cores; 1 decodes in-process).
+        workers: decoding processes (default: the usable cores; 1 decodes in-process;
+            fewer where shared memory, /dev/shm, cannot hold their clips in flight).
         on_error: "skip" leaves an unreadable clip out and records why; "fail" stops.
         source_sha256: the archive's checksum, recorded so a file says what it came from;
             by default the one `genreflow download` recorded in `dataset`, if any.
@@ -150,6 +164,14 @@ def pack(
         )
     folds = assign_folds(c.name for c in clips)
     workers = min(workers, max(1, -(-len(clips) // CLIPS_PER_TASK)))
+    wanted = workers
+    workers, tasks_in_flight = _plan_workers(workers, n_samples, _shm_free_bytes())
+    if workers < wanted:
+        print(
+            f"pack: {wanted} workers' clips do not fit in half the free shared memory "
+            f"({SHM_FOLDER}); using {workers}",
+            file=sys.stderr,
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # A name that cannot be mistaken for a finished file, in the same folder so that the
@@ -162,8 +184,9 @@ def pack(
     )
     started = time.perf_counter()
     try:
+        decoding = _Decoding(clips, n_samples, workers, tasks_in_flight)
         summary = _write(
-            clips, folds, partial, n_samples, clip_seconds, workers, on_error, sha, progress
+            clips, folds, partial, n_samples, clip_seconds, decoding, on_error, sha, progress
         )
         with open(partial, "rb+") as f:  # durable before it gets the finished name
             os.fsync(f.fileno())
@@ -183,7 +206,7 @@ def _write(
     path: Path,
     n_samples: int,
     clip_seconds: float,
-    workers: int,
+    decoding: _Decoding,
     on_error: str,
     source_sha256: str,
     progress: bool,
@@ -202,10 +225,10 @@ def _write(
         bar = tqdm(
             total=len(clips), unit="clip", desc="pack", file=sys.stderr, disable=not progress
         )
-        # closing(): on an error, stop the workers now rather than when the traceback
-        # holding this frame is collected.
-        with bar, closing(_decode_all(clips, n_samples, workers)) as decoded_clips:
-            for clip, decoded in zip(clips, decoded_clips, strict=True):
+        # On an error, the with statement stops the workers now rather than when the
+        # traceback holding this frame is collected.
+        with bar, decoding, _Writeback(path) as writeback:
+            for clip, decoded in zip(clips, decoding, strict=True):
                 bar.update()
                 if isinstance(decoded, str):
                     if on_error == "fail":
@@ -213,9 +236,8 @@ def _write(
                     skipped.append((clip.name, decoded))
                     tqdm.write(f"pack: skipped {clip.path}: {decoded}", file=sys.stderr)
                     continue
-                # One row is one chunk: handing HDF5 the chunk's bytes skips its selection
-                # and conversion machinery, which costs more than the copy itself.
-                waveform.id.write_direct_chunk((len(names), 0), decoded.tobytes())
+                decoding.store(waveform, len(names), decoded)
+                writeback.wrote(n_samples * 2)
                 names.append(clip.name)
                 per_genre[clip.genre] += 1
 
@@ -259,56 +281,257 @@ def _write(
     return PackSummary(path=path, clips=n, skipped=skipped, per_genre=dict(per_genre))
 
 
-def _decode_all(clips: Sequence[Clip], n_samples: int, workers: int) -> Iterator[np.ndarray | str]:
-    """Each clip's int16 waveform, or the reason it is unreadable, in the clips' order."""
-    paths = [str(c.path) for c in clips]
-    tasks = [paths[i : i + CLIPS_PER_TASK] for i in range(0, len(paths), CLIPS_PER_TASK)]
-    if workers == 1:
-        for task in tasks:
-            yield from _decode_task(task, n_samples)
-        return
+class _Writeback:
+    """Writes a growing file to disk as it goes, and lets go of the pages written (Linux).
+
+    Two reasons. pack fsyncs the file before publishing it: without this, the kernel would
+    write the whole file during that fsync, with the cores idle (0.7 s per GB here). And
+    a pack writes what the dataset decodes to (1.9 GB for GTZAN), which the next step
+    reads once, often on another machine: dropping each stretch once it is on disk lets
+    the next rows reuse its pages, where fresh ones cost up to 2.5 ms per MB to fill on a
+    VM that hands free memory back to its host (the writer's largest cost here), and
+    leaves the rest of the page cache alone. Elsewhere it does nothing, and the final
+    fsync writes everything.
+    """
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._unsynced = 0
+        self._started = 0  # the file up to here is being written out or already is
+        self._dropped = 0  # the file up to here has been dropped from the page cache
+        self._fd = -1
+        self._sync_file_range = _libc_function("sync_file_range")
+        if not hasattr(os, "posix_fadvise"):
+            self._sync_file_range = None
+
+    def __enter__(self) -> _Writeback:
+        if self._sync_file_range is not None:
+            self._sync_file_range.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_uint,
+            ]
+            self._fd = os.open(self._path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def wrote(self, nbytes: int) -> None:
+        """Count `nbytes` more written; every WRITEBACK_BYTES, start writing what is new
+        and drop the stretch before it, which is on disk by then."""
+        self._unsynced += nbytes
+        if self._fd < 0 or self._unsynced < WRITEBACK_BYTES:
+            return
+        self._unsynced = 0
+        size = os.fstat(self._fd).st_size
+        # Both return once the disk has what they ask for, or at once; an I/O error shows
+        # in the final fsync, which is what makes the file durable.
+        self._sync_file_range(self._fd, self._started, size - self._started, _SYNC_WRITE)
+        if self._started > self._dropped:
+            length = self._started - self._dropped
+            self._sync_file_range(self._fd, self._dropped, length, _SYNC_WAIT_WRITE_WAIT)
+            os.posix_fadvise(self._fd, self._dropped, length, os.POSIX_FADV_DONTNEED)
+            self._dropped = self._started
+        self._started = size
+
+
+def _libc_function(name: str) -> Callable | None:
+    """A function of the C library (glibc, musl), or None where there is none such."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
+        return None
+
+
+class _Decoding:
+    """Decodes clips in their order into the rows of a ring buffer that the writer stores.
+
+    With more than one worker, worker processes decode into a ring in shared memory and
+    only row numbers and reasons cross the pipe: pickling every 1.9 MB clip through a pipe,
+    then unpickling and copying it in the writer, cost CPU on both ends that the decoding
+    needs. With one worker, this process decodes into a row of its own.
+
+    Iterating gives, for each clip, its row of the ring or the reason it is unreadable; the
+    row holds the clip until the next item is asked for. `store` writes a row to HDF5.
+    """
+
+    def __init__(self, clips: Sequence[Clip], n_samples: int, workers: int, tasks_in_flight: int):
+        self._paths = [str(c.path) for c in clips]
+        self._n_samples = n_samples
+        self._workers = workers
+        self._tasks_in_flight = tasks_in_flight
+        self._rows: np.ndarray | None = None
+        self._shm: shared_memory.SharedMemory | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: deque[tuple[Future, int]] = deque()
+
+    def __enter__(self) -> _Decoding:
+        if self._workers == 1:
+            self._rows = np.empty((1, self._n_samples), dtype=np.int16)
+            return self
+        slots = self._tasks_in_flight * CLIPS_PER_TASK
+        try:
+            self._shm = shared_memory.SharedMemory(create=True, size=slots * self._n_samples * 2)
+        except OSError as exc:
+            raise GenreflowError(
+                f"cannot create the decoding workers' shared memory ({SHM_FOLDER}): {exc}; "
+                "workers=1 decodes in this process without it"
+            ) from None
+        try:
+            self._rows = np.ndarray((slots, self._n_samples), np.int16, buffer=self._shm.buf)
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._workers,
+                mp_context=_worker_context(),
+                initializer=_start_worker,
+                initargs=(self._shm.name, slots, self._n_samples),
+            )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # On an error or an abandoned iteration, drop the queued work instead of decoding
+        # the rest of the dataset, and wait for the running tasks: they write to the ring.
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._rows = None
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
+
+    def store(self, dataset: h5py.Dataset, index: int, row: int) -> None:
+        """Write ring row `row` as row `index` of `dataset` (one row per chunk)."""
+        # Handing HDF5 the chunk's bytes skips its selection and conversion machinery,
+        # which costs more than the copy itself.
+        dataset.id.write_direct_chunk((index, 0), self._rows[row])
+
+    def __iter__(self) -> Iterator[int | str]:
+        if self._pool is None:
+            for path in self._paths:
+                reason = _decode_into(path, self._rows[0])
+                yield 0 if reason is None else reason
+            return
+        tasks = (
+            self._paths[i : i + CLIPS_PER_TASK] for i in range(0, len(self._paths), CLIPS_PER_TASK)
+        )
+        free = deque(range(self._tasks_in_flight))
+        try:
+            while True:
+                # A group of rows is free again once the writer has stored all its clips.
+                while free:
+                    task = next(tasks, None)
+                    if task is None:
+                        break
+                    group = free.popleft()
+                    rows = range(group * CLIPS_PER_TASK, group * CLIPS_PER_TASK + len(task))
+                    future = self._pool.submit(_decode_task, list(zip(task, rows, strict=True)))
+                    self._pending.append((future, group))
+                if not self._pending:
+                    return
+                future, group = self._pending.popleft()
+                for offset, reason in enumerate(future.result()):
+                    yield group * CLIPS_PER_TASK + offset if reason is None else reason
+                free.append(group)
+        except BrokenProcessPool as exc:
+            raise GenreflowError(
+                f"a decoding worker process died ({exc}): out of memory, shared memory "
+                "(/dev/shm) full, or a __main__ that worker processes cannot re-import (such "
+                "as code piped into python's stdin); workers=1 decodes in this process"
+            ) from None
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
     # Forking a process that already runs threads (tqdm's monitor, BLAS, torch) can
     # deadlock; a fork server preloaded with this module starts workers in milliseconds
     # after its own start (about half a second, once per process).
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
-    else:
-        context = multiprocessing.get_context("spawn")
-    # Submitting only a few tasks ahead (unlike Executor.map, which submits all) keeps the
-    # decoded audio waiting in memory bounded when writing falls behind.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: deque[Future] = deque()
-        queue = iter(tasks)
-        try:
-            for task in queue:
-                pending.append(pool.submit(_decode_task, task, n_samples))
-                if len(pending) >= workers * TASKS_IN_FLIGHT_PER_WORKER:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
-        except BrokenProcessPool as exc:
-            raise GenreflowError(
-                f"a decoding worker process died ({exc}): out of memory, or a __main__ that "
-                "worker processes cannot re-import (such as code piped into python's stdin); "
-                "workers=1 decodes in this process"
-            ) from None
-        finally:
-            # On an error or an abandoned generator, drop the queued work instead of
-            # decoding the rest of the dataset before returning.
-            for future in pending:
-                future.cancel()
+        return context
+    return multiprocessing.get_context("spawn")
 
 
-def _decode_task(paths: list[str], n_samples: int) -> list[np.ndarray | str]:
-    """Worker: decode a few clips; an unreadable one becomes its reason."""
-    out: list[np.ndarray | str] = []
-    for path in paths:
-        try:
-            out.append(float32_to_int16(load_clip(path, n_samples)))
-        except AudioDecodeError as exc:
-            out.append(exc.reason)
-    return out
+def _plan_workers(workers: int, n_samples: int, shm_free_bytes: int | None) -> tuple[int, int]:
+    """(worker processes, tasks in flight) for up to `workers`, as shared memory allows.
+
+    Every task in flight holds CLIPS_PER_TASK rows of the ring, and a worker that touches
+    a page of a full tmpfs dies of SIGBUS, so the ring takes at most SHM_SHARE of the free
+    space (a default Docker container has 64 MB in all). (1, 0): decode in this process.
+    """
+    if workers < 2:
+        return 1, 0
+    tasks = workers * TASKS_IN_FLIGHT_PER_WORKER
+    if shm_free_bytes is not None:
+        tasks = min(tasks, int(shm_free_bytes * SHM_SHARE) // (CLIPS_PER_TASK * n_samples * 2))
+    if tasks < 2:  # one worker process would decode no faster than this one
+        return 1, 0
+    return min(workers, tasks), tasks
+
+
+def _shm_free_bytes() -> int | None:
+    """Free bytes where shared memory lives, or None where that cannot be measured."""
+    try:
+        stat = os.statvfs(SHM_FOLDER)
+    except (OSError, AttributeError):  # no /dev/shm (macOS), no statvfs (Windows)
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+# The state of a worker process: the ring it decodes into.
+_worker: dict[str, object] = {}
+
+
+def _start_worker(shm_name: str, slots: int, n_samples: int) -> None:
+    """Worker initializer: map the writer's ring, and keep freed memory for the next clip."""
+    _keep_freed_memory()
+    shm = shared_memory.SharedMemory(name=shm_name)
+    _worker["shm"] = shm
+    _worker["rows"] = np.ndarray((slots, n_samples), np.int16, buffer=shm.buf)
+
+
+def _keep_freed_memory() -> None:
+    """Make glibc keep freed memory in the heap instead of handing it back to the kernel.
+
+    A clip's buffers (2.6 to 3.8 MB each) are above glibc's mmap threshold or, once that
+    has adapted, above its trim threshold, so every clip maps fresh pages and the kernel
+    zeroes them on the first touch: about a third of the decoding time on a VM where page
+    faults are dear. Decoding workers are short-lived, so holding their peak is harmless.
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:  # not glibc
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+def _decode_task(clips: list[tuple[str, int]]) -> list[str | None]:
+    """Worker: decode (path, ring row) pairs; None, or the reason a clip is unreadable."""
+    rows = _worker["rows"]
+    return [_decode_into(path, rows[row]) for path, row in clips]
+
+
+def _decode_into(path: str, row: np.ndarray) -> str | None:
+    """Decode, pad or trim and store one clip into an int16 row; None, or why it is unreadable."""
+    try:
+        audio = load_audio(path)
+    except AudioDecodeError as exc:
+        return exc.reason
+    except Exception as exc:  # not the file's fault (memory, a library bug): stop, naming it
+        raise GenreflowError(f"{path}: decoding failed: {type(exc).__name__}: {exc}") from None
+    used = min(len(audio), len(row))
+    float32_to_int16(audio[:used], out=row[:used])
+    row[used:] = 0
+    return None
 
 
 def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:

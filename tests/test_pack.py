@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import threading
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import soundfile
+import soxr
 
+from genreflow import features
 from genreflow.audio import (
     SAMPLE_RATE,
     clip_samples,
@@ -19,7 +26,7 @@ from genreflow.audio import (
 from genreflow.cli import main
 from genreflow.data.genres import GENRE_INDEX, GENRES, assign_folds
 from genreflow.errors import GenreflowError
-from genreflow.features import describe, pack, read_index
+from genreflow.features import _plan_workers, describe, pack, read_index
 
 CLIP_SECONDS = 3.0
 SHA = "0123456789abcdef" * 4
@@ -292,3 +299,144 @@ def test_command_packs_and_describes(dataset, tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         main([*argv, "--on-error", "ignore"])
+
+
+def decoded_row(path, n_samples):
+    """What a row must hold: the clip decoded, padded or trimmed, in int16."""
+    x = load_audio(path)[:n_samples]
+    return float32_to_int16(np.pad(x, (0, n_samples - len(x))))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_row_is_its_clip_decoded_when_rows_are_reused(tmp_path, workers):
+    # Many more clips than the ring has rows (8), of five lengths, so that rows are reused
+    # by shorter clips that must not keep the previous one's tail; a stereo 44.1 kHz .wav.
+    root = tmp_path / "dataset"
+    for g, genre in enumerate(GENRES):
+        folder = root / genre
+        folder.mkdir(parents=True)
+        for k, seconds in enumerate([1.5, 0.3, 1.2, 0.6, 0.2]):
+            write_clip(folder / f"{genre}.{k:05d}.au", seconds, 200.0 + 30 * g + 11 * k)
+    write_clip(root / "rock/rock.00009.wav", 0.4, 500.0, rate=44100, channels=2)
+    out = tmp_path / "f.h5"
+    summary = pack(root, out, clip_seconds=1.0, workers=workers, progress=False)
+    assert summary.clips == 51 and summary.workers == workers
+    n_samples = clip_samples(1.0)
+    with h5py.File(out, "r") as hf:
+        names = [n.decode() for n in hf["audio_name"][:]]
+        waveform = hf["waveform"][:]
+    paths = {p.name: p for p in root.rglob("*.*")}
+    for name, row in zip(names, waveform, strict=True):
+        np.testing.assert_array_equal(row, decoded_row(paths[name], n_samples), err_msg=name)
+
+
+def test_float32_to_int16_into_an_array():
+    x = np.array([-2.0, -1.0, -0.5, 0.0, 0.49999, 1.0, 3.0], dtype=np.float32)
+    out = np.full(7, 99, dtype=np.int16)
+    assert float32_to_int16(x, out=out) is out
+    np.testing.assert_array_equal(out, float32_to_int16(x))
+    np.testing.assert_array_equal(out, [-32767, -32767, -16383, 0, 16383, 32767, 32767])
+    with pytest.raises(ValueError, match="out must be int16"):
+        float32_to_int16(x, out=np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="out must be int16"):
+        float32_to_int16(x, out=np.zeros(6, np.int16))
+
+
+@pytest.mark.parametrize(
+    ("workers", "shm_free", "expected"),
+    [
+        (2, None, (2, 4)),  # nothing to measure: two tasks in flight per worker
+        (2, 1 << 30, (2, 4)),
+        (16, 64 << 20, (8, 8)),  # a default Docker /dev/shm: 8 tasks of 3.84 MB in 32 MB
+        (4, 24 << 20, (3, 3)),
+        (2, 7 << 20, (1, 0)),  # a single task's rows fit: decode in this process
+        (1, 1 << 30, (1, 0)),
+    ],
+)
+def test_workers_are_fewer_where_shared_memory_is_small(workers, shm_free, expected):
+    assert _plan_workers(workers, clip_samples(30.0), shm_free) == expected
+
+
+def shm_segments():
+    return set(Path("/dev/shm").glob("psm_*"))
+
+
+def grandchildren():
+    """Processes whose parent is a child of this one (pack's workers under the fork server)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {pid for pid, parent in parents.items() if parent == os.getpid()}
+    return [pid for pid, parent in parents.items() if parent in children]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(tmp_path, capsys):
+    # 60 names of 20 s files take the workers about a second: time to find one and kill it.
+    root = tmp_path / "dataset"
+    for g, genre in enumerate(GENRES):
+        folder = root / genre
+        folder.mkdir(parents=True)
+        write_clip(folder / f"{genre}.00000.au", 20.0, 300.0 + 20 * g)
+        for k in range(1, 6):
+            (folder / f"{genre}.{k:05d}.au").hardlink_to(folder / f"{genre}.00000.au")
+    segments_before = shm_segments()
+    killed: list[int] = []
+
+    def kill_a_worker():
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for pid in grandchildren():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    out = tmp_path / "out" / "f.h5"
+    try:
+        with pytest.raises(GenreflowError, match="a decoding worker process died"):
+            pack(root, out, clip_seconds=1.0, workers=2, progress=False)
+    finally:
+        killed.append(0)  # stop looking, whatever happened
+        killer.join()
+    assert list(out.parent.iterdir()) == []
+    assert shm_segments() <= segments_before
+
+    # The next pack starts new workers and succeeds.
+    summary = pack(root, out, clip_seconds=1.0, workers=2, progress=False)
+    assert summary.clips == 60 and out.is_file()
+    assert shm_segments() <= segments_before
+
+
+def test_writeback_as_it_goes_keeps_the_file_intact(dataset, tmp_path, monkeypatch):
+    # Start writeback after every row: the output is the same as with none at all.
+    plain, synced = tmp_path / "plain.h5", tmp_path / "synced.h5"
+    pack(dataset, plain, clip_seconds=1.0, workers=2, progress=False)
+    monkeypatch.setattr(features, "WRITEBACK_BYTES", 1)
+    pack(dataset, synced, clip_seconds=1.0, workers=2, progress=False)
+    data_plain, _ = datasets_and_attrs(plain)
+    data_synced, _ = datasets_and_attrs(synced)
+    for name in data_plain:
+        np.testing.assert_array_equal(data_plain[name], data_synced[name], err_msg=name)
+
+
+@pytest.mark.parametrize(("suffix", "channels"), [(".au", 1), (".wav", 2)])
+def test_16_bit_pcm_decodes_to_the_floats_libsndfile_gives(tmp_path, suffix, channels):
+    # pack's decoder reads 16-bit PCM as integers and scales them itself: every value,
+    # the extremes included, must come out as libsndfile's float conversion has it.
+    rng = np.random.default_rng(3)
+    samples = rng.integers(-32768, 32768, size=(22050, channels), dtype=np.int16)
+    samples[:2] = [[-32768] * channels, [32767] * channels]
+    path = tmp_path / f"pop.00001{suffix}"
+    soundfile.write(path, samples, 22050, subtype="PCM_16")
+    floats = soundfile.read(path, dtype="float32", always_2d=True)[0]
+    assert soundfile.info(path).subtype == "PCM_16" and floats.min() == -1.0
+    mono = floats[:, 0] if channels == 1 else floats.mean(axis=1, dtype=np.float32)
+    expected = soxr.resample(np.ascontiguousarray(mono), 22050, SAMPLE_RATE, quality="HQ")
+    np.testing.assert_array_equal(load_audio(path), expected)
