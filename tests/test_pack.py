@@ -361,8 +361,9 @@ def shm_segments():
     return set(Path("/dev/shm").glob("psm_*"))
 
 
-def grandchildren():
-    """Processes whose parent is a child of this one (pack's workers under the fork server)."""
+def pack_workers():
+    """pack's worker processes: the children of this process's multiprocessing fork server.
+    (Only those: the session's MLflow server is a child of this process too, with workers.)"""
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -370,8 +371,15 @@ def grandchildren():
         except OSError:  # the process ended meanwhile
             continue
         parents[int(stat.parent.name)] = int(fields[1])
-    children = {pid for pid, parent in parents.items() if parent == os.getpid()}
-    return [pid for pid, parent in parents.items() if parent in children]
+
+    def is_fork_server(pid: int) -> bool:
+        try:
+            return b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    servers = {p for p, parent in parents.items() if parent == os.getpid() and is_fork_server(p)}
+    return [pid for pid, parent in parents.items() if parent in servers]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
@@ -390,7 +398,7 @@ def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(tmp_path, c
     def kill_a_worker():
         deadline = time.monotonic() + 30
         while not killed and time.monotonic() < deadline:
-            for pid in grandchildren():
+            for pid in pack_workers():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 break
