@@ -68,7 +68,6 @@ SUMMARY_METRICS = (
 SUMMARY_TAGS = ("path", "protocol", "selection", "split_sha256", "data_sha256")
 
 ROLE_TAG = "genreflow.role"  # "pipeline" on parents, "fold" on children
-PARENT_RUN_TAG = ROLE_TAG  # the name older code and tests use
 OWNER_TAG = "genreflow.owner"  # "genreflow" on runs genreflow created, and so may close
 PIPELINE_RUN_ID_TAG = "kfp.pipeline_run_id"
 FOLD_KEY_TAG = "genreflow.fold_key"
@@ -76,8 +75,12 @@ REUSED_FROM_TAG = "genreflow.reused_from"
 FINAL_STATE_TAG = "genreflow.final_state"
 PARENT_TAG = "mlflow.parentRunId"
 # KFP's final task states -> MLflow run statuses.
-RUN_STATUS = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED"}
-RUN_STATUS["CANCELLED"] = RUN_STATUS["CANCELED"]
+RUN_STATUS = {
+    "SUCCEEDED": "FINISHED",
+    "FAILED": "FAILED",
+    "CANCELED": "KILLED",
+    "CANCELLED": "KILLED",
+}
 
 
 class TrackingError(GenreflowError):
