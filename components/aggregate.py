@@ -58,7 +58,8 @@ def aggregate(
         # A frozen base is stored once beside the folds' heads; else each fold is whole.
         base = os.path.join(embeddings.path, "base.pth") if embeddings else None
         checkpoint = "head.pth" if embeddings else "best.pth"  # the selected checkpoints
-        usable = [d for d in fold_dirs if os.path.exists(os.path.join(d, checkpoint))]
+        # The folds the report used: a failed fold may still hold a checkpoint.
+        usable = [row["dir"] for row in summary["folds"]]
         model_uri = log_ensemble(
             tracking_uri,
             parent_run_id,

@@ -24,9 +24,9 @@ def train_head(
     min_folds: int,
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
-) -> float:
-    """Train the head on stored embeddings of the fold's training clips; return its test
-    accuracy (the checkpoint chosen as `selection` says).
+):
+    """Train the head on stored embeddings of the fold's training clips; its test accuracy
+    (of the checkpoint chosen as `selection` says) lands in `metrics`.
 
     Args:
         embeddings: the embed step's folder (embeddings.h5, base.pth).
@@ -61,9 +61,9 @@ def train_head(
         reuse=reuse_folds,
         tolerate_failure=0 < min_folds < len(expected_folds),
     )
-    if "failed" in summary:
-        return float("nan")
+    if "failed" in summary:  # tolerated (min_folds): failed.json says why
+        model.metadata.update(fold=fold, failed=summary["failed"])
+        return
     accuracy = float(summary["final_accuracy"])
     metrics.log_metric("test_accuracy", accuracy)
     model.metadata.update(fold=fold, test_accuracy=accuracy, path="frozen-base", protocol=protocol)
-    return accuracy

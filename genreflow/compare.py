@@ -42,6 +42,8 @@ from genreflow.errors import GenreflowError
 DEFAULT_METRIC = "final_accuracy"
 PARENT_TAG = "mlflow.parentRunId"
 FOLD_TAG = "fold"
+# Pairing folds means the same clips in the same folds: the same data and the same split.
+CHECKSUM_TAGS = ("data.sha256", "split.sha256")
 # The aggregate metrics first, in the order a reader wants them; any others follow by name.
 METRIC_ORDER = (
     "accuracy_mean",
@@ -75,6 +77,7 @@ class PipelineRun:
     scores: dict[int, float]  # fold -> the compared metric
     unscored: dict[int, str] = field(default_factory=dict)  # fold -> its run's status
     notes: list[str] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # data.sha256, split.sha256
 
     @property
     def label(self) -> str:
@@ -161,9 +164,13 @@ def read_pipeline_run(
         selection=_recorded(parent, "selection"),
         metrics=dict(parent.data.metrics),
         scores={},
+        checksums={k: parent.data.tags.get(k, "") for k in CHECKSUM_TAGS},
     )
     for fold in sorted(folds):
-        scored = [c for c in folds[fold] if metric in c.data.metrics]
+        # A fold run that did not finish may have logged a metric on its way: not a score.
+        scored = [
+            c for c in folds[fold] if metric in c.data.metrics and c.info.status == "FINISHED"
+        ]
         if not scored:
             run.unscored[fold] = ", ".join(sorted({c.info.status for c in folds[fold]}))
             continue
@@ -181,6 +188,19 @@ def read_pipeline_run(
 
 
 # --- comparing ---------------------------------------------------------------------------
+def _checksum_notes(a: PipelineRun, b: PipelineRun) -> list[str]:
+    """Say so where the two runs did not see the same data or split (or did not record it)."""
+    notes = []
+    for tag in CHECKSUM_TAGS:
+        value_a, value_b = a.checksums.get(tag, ""), b.checksums.get(tag, "")
+        if value_a and value_b and value_a != value_b:
+            notes.append(
+                f"the runs record different {tag} ({value_a[:12]}... vs {value_b[:12]}...): "
+                "fold K of one is not fold K of the other, so the per-fold pairing is suspect"
+            )
+    return notes
+
+
 def _aggregate_rows(a: PipelineRun, b: PipelineRun) -> list[dict]:
     names = set(a.metrics) | set(b.metrics)
     names = {n for n in names if not n.startswith(PER_FOLD_METRIC_PREFIX)}
@@ -328,7 +348,7 @@ def compare_runs(
         ],
         "only_in_a": sorted(set(a.scores) - set(b.scores)),
         "only_in_b": sorted(set(b.scores) - set(a.scores)),
-        "notes": a.notes + b.notes,
+        "notes": a.notes + b.notes + _checksum_notes(a, b),
         "comparable": a.protocol == b.protocol,
         "test": None,
         "no_test": None,

@@ -328,21 +328,27 @@ class _Writeback:
             return
         self._unsynced = 0
         size = os.fstat(self._fd).st_size
-        # Both return once the disk has what they ask for, or at once; an I/O error shows
-        # in the final fsync, which is what makes the file durable.
-        self._sync_file_range(self._fd, self._started, size - self._started, _SYNC_WRITE)
+        # An I/O error is reported here, to this descriptor, and perhaps never again (the
+        # final fsync opens another one): it must stop the pack before pages are dropped.
+        self._sync(self._started, size - self._started, _SYNC_WRITE)
         if self._started > self._dropped:
             length = self._started - self._dropped
-            self._sync_file_range(self._fd, self._dropped, length, _SYNC_WAIT_WRITE_WAIT)
+            self._sync(self._dropped, length, _SYNC_WAIT_WRITE_WAIT)
             os.posix_fadvise(self._fd, self._dropped, length, os.POSIX_FADV_DONTNEED)
             self._dropped = self._started
         self._started = size
 
+    def _sync(self, offset: int, length: int, flags: int) -> None:
+        if self._sync_file_range(self._fd, offset, length, flags) != 0:
+            errno = ctypes.get_errno()
+            raise GenreflowError(f"{self._path}: writing to disk failed: {os.strerror(errno)}")
+
 
 def _libc_function(name: str) -> Callable | None:
-    """A function of the C library (glibc, musl), or None where there is none such."""
+    """A function of the C library (glibc, musl), or None where there is none such;
+    errno is kept for ctypes.get_errno."""
     try:
-        return getattr(ctypes.CDLL(None), name)
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
         return None
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -73,6 +74,8 @@ PIPELINE_RUN_ID_TAG = "kfp.pipeline_run_id"
 FOLD_KEY_TAG = "genreflow.fold_key"
 REUSED_FROM_TAG = "genreflow.reused_from"
 FINAL_STATE_TAG = "genreflow.final_state"
+LOGGED_TAG = "genreflow.logged"  # set last: a fold run whose outputs are all there
+ADOPTED_TAG = "genreflow.adopted_from"  # the MLFLOW_RUN_ID the parent was adopted through
 PARENT_TAG = "mlflow.parentRunId"
 # KFP's final task states -> MLflow run statuses.
 RUN_STATUS = {
@@ -255,6 +258,7 @@ def start_pipeline_run(
                 "not opening a second run tree",
                 file=sys.stderr,
             )
+            all_tags[ADOPTED_TAG] = inherited.info.run_id
             for key, value in all_tags.items():
                 client.set_tag(run.info.run_id, key, value)
         run_id = run.info.run_id
@@ -377,8 +381,19 @@ def fold_key(inputs: Iterable[str | Path], settings: dict) -> str:
     for path in inputs:
         with open(path, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
-    code = {"genreflow_version": __version__, "git_commit": git_commit()}
+    code = {"genreflow_version": __version__, "code_sha256": code_sha256()}
     digest.update(json.dumps({**settings, **code}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+@functools.cache
+def code_sha256() -> str:
+    """The installed genreflow package's source, hashed: a fold trained by other code
+    (a new commit, or an uncommitted edit in a working checkout) is never reused."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -387,16 +402,18 @@ class FoldRun:
 
     def __init__(self, tracking_uri: str, run, fold: int, *, owned: bool):
         self.tracking_uri, self.fold, self.owned = tracking_uri, fold, owned
-        self.run_id = run.info.run_id
+        self.this, self.run_id = run, run.info.run_id
         self.experiment_id = run.info.experiment_id
-        self.logged = run.info.status == "FINISHED"  # a retried task whose run is complete
+        # A retried task whose run already holds every output.
+        self.logged = run.data.tags.get(LOGGED_TAG) == "true"
+        self.ended = False
 
     def reusable(self, key: str):
         """A finished fold run with the same key under another parent, or None."""
         client = _client(self.tracking_uri)
         runs = client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and tags.`{LOGGED_TAG}` = 'true'",
             order_by=["attributes.start_time ASC"],
         )
         return next((r for r in runs if r.info.run_id != self.run_id), None)
@@ -407,14 +424,17 @@ class FoldRun:
 
         def fetch() -> None:
             client = _client(self.tracking_uri)
+            logged = {a.path for a in client.list_artifacts(origin)}
+            wanted = [name for name in FOLD_ARTIFACTS if name in logged]
+            if not {"summary.json", "predictions.csv", "metrics.csv"} <= set(wanted) or not (
+                set(CHECKPOINTS) & set(wanted)
+            ):
+                raise GenreflowError(f"run {origin} lacks the fold's files ({sorted(logged)})")
             out.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fetch-"))
             try:
-                for name in FOLD_ARTIFACTS:
-                    try:
-                        client.download_artifacts(origin, name, str(staging))
-                    except Exception:  # that run did not log this file (e.g. head.pth)
-                        continue
+                for name in wanted:
+                    client.download_artifacts(origin, name, str(staging))
                 # summary.json last: it is what marks a fold folder complete.
                 for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
                     os.replace(staging / name, out / name)
@@ -472,11 +492,15 @@ class FoldRun:
                 client.log_batch(self.run_id, metrics=metrics[start : start + 500])
             for path in artifacts:
                 client.log_artifact(self.run_id, str(path))
+            client.set_tag(self.run_id, LOGGED_TAG, "true")  # last: everything is there
 
         _tracked(f"logging fold {self.fold} to {self.tracking_uri}", log, keep=str(fold_dir))
         self.logged = True
 
     def end(self, status: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
         if self.owned:
             _tracked(
                 f"ending fold {self.fold}'s run {status}",
@@ -502,7 +526,11 @@ def fold_run(
     def open_run() -> FoldRun:
         client = _client(tracking_uri)
         inherited = _inherited_run(client, f"fold {fold}")
-        if inherited is not None and inherited.info.run_id != parent_run_id:
+        parent = client.get_run(parent_run_id)
+        # The run the pipeline's parent was adopted through (a caller's nested run) is
+        # every task's MLFLOW_RUN_ID under kfp.local: not a fold's own task run.
+        adopted_through = parent.data.tags.get(ADOPTED_TAG)
+        if inherited is not None and inherited.info.run_id not in (parent_run_id, adopted_through):
             if inherited.data.tags.get(PARENT_TAG) == parent_run_id:
                 for k, v in {ROLE_TAG: "fold", "fold": str(fold), FOLD_KEY_TAG: key}.items():
                     client.set_tag(inherited.info.run_id, k, v)
@@ -512,7 +540,6 @@ def fold_run(
                 f"pipeline (parent {parent_run_id}); fold {fold} logs under the parent",
                 file=sys.stderr,
             )
-        parent = client.get_run(parent_run_id)
         earlier = client.search_runs(
             [parent.info.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.fold = '{fold}'",
@@ -592,47 +619,66 @@ def tracked_fold(
     Returns:
         summary.json's content, or {"fold": fold, "failed": "..."} for a tolerated failure.
     """
+    from genreflow.aggregate import FAILED_FILE
+    from genreflow.atomic import write_text_atomic
+
     out = Path(out)
-    try:
-        return _tracked_fold(train, out, fold, inputs, settings, tracking_uri, parent_run_id, reuse)
-    except Exception as exc:
-        if not tolerate_failure:
-            raise
-        from genreflow.aggregate import FAILED_FILE
-        from genreflow.atomic import write_text_atomic
+    (out / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, in this folder
 
-        out.mkdir(parents=True, exist_ok=True)
-        error = f"{type(exc).__name__}: {exc}"
-        write_text_atomic(out / FAILED_FILE, json.dumps({"fold": fold, "error": error}) + "\n")
-        print(f"fold {fold} failed ({error}); the pipeline goes on to a partial result")
-        return {"fold": fold, "failed": error}
-
-
-def _tracked_fold(train, out, fold, inputs, settings, tracking_uri, parent_run_id, reuse):
-
-    def train_retrying() -> dict:
-        return retrying(
-            f"fold {fold}",
-            train,
-            attempts=FOLD_ATTEMPTS,
-            first_delay=FOLD_RETRY_FIRST_DELAY_SECONDS,
-            error=GenreflowError,
-            keep=str(out),
-        )
+    def train_or_record_failure() -> dict | None:
+        """Train, retrying transient failures; a failure that remains is raised, or, where
+        partial results are allowed, recorded in failed.json (None). Only training failures
+        are tolerated: a tracking server that is down fails the step, outputs intact."""
+        try:
+            return retrying(
+                f"fold {fold}",
+                train,
+                attempts=FOLD_ATTEMPTS,
+                first_delay=FOLD_RETRY_FIRST_DELAY_SECONDS,
+                error=GenreflowError,
+                keep=str(out),
+            )
+        except Exception as exc:
+            if not tolerate_failure:
+                raise
+            out.mkdir(parents=True, exist_ok=True)
+            error = f"{type(exc).__name__}: {exc}"
+            record = json.dumps({"fold": fold, "error": error}) + "\n"
+            write_text_atomic(out / FAILED_FILE, record)
+            print(f"fold {fold} failed ({error}); the pipeline goes on to a partial result")
+            return None
 
     if not tracking_uri:
-        return train_retrying()
+        summary = train_or_record_failure()
+        return summary if summary is not None else _failure(out)
     key = fold_key(inputs, {"fold": fold, **settings})
     with fold_run(tracking_uri, parent_run_id, fold, key=key, keep=str(out)) as run:
-        source = run.reusable(key) if reuse and not run.logged else None
+        if run.logged:  # a retried task: this run already holds the fold; take it back
+            run.fetch(run.this, out)
+            return json.loads((out / "summary.json").read_text())
+        source = run.reusable(key) if reuse else None
         if source is not None:
-            run.fetch(source, out)
+            try:
+                run.fetch(source, out)
+            except GenreflowError as exc:
+                print(f"fold {fold}: cannot reuse run {source.info.run_id} ({exc}); training")
+                source = None
+        if source is not None:
             print(f"fold {fold}: reused from MLflow run {run.reused_from} (same inputs and recipe)")
             run.log_outputs(out, reused_from=run.reused_from)
+        elif train_or_record_failure() is None:
+            run.end("FAILED")
+            return _failure(out)
         else:
-            train_retrying()
             run.log_outputs(out)
         return json.loads((out / "summary.json").read_text())
+
+
+def _failure(out: Path) -> dict:
+    from genreflow.aggregate import FAILED_FILE
+
+    record = json.loads((out / FAILED_FILE).read_text())
+    return {"fold": record["fold"], "failed": record["error"]}
 
 
 def log_fold(tracking_uri: str, parent_run_id: str, fold_dir: str | Path) -> str:

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from genreflow.data.genres import GENRES
@@ -31,6 +32,8 @@ def _fold_dir(path, fold, accuracy):
         "config": {"lr": 1e-3},
     }
     (path / "summary.json").write_text(json.dumps(summary))
+    # The fold's selected head (frozen-base path), as a real (tiny) torch checkpoint.
+    torch.save({"weight": torch.full((2, 2), float(fold))}, path / "head.pth")
     with open(path / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["audio_name", "fold", "genre", *GENRES])
@@ -73,7 +76,13 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
     history = client.get_metric_history(children[1], "heldout_accuracy")
     assert [(m.step, m.value) for m in history] == [(10, 0.45), (20, 0.9)]
     logged = {a.path for a in client.list_artifacts(children[1])}
-    assert logged == {"metrics.csv", "predictions.csv", "summary.json", "confusion.png"}
+    assert logged == {
+        "metrics.csv",
+        "predictions.csv",
+        "summary.json",
+        "head.pth",
+        "confusion.png",
+    }
 
 
 def test_unreachable_server_fails_clearly_and_keeps_outputs(tmp_path, monkeypatch):
@@ -336,7 +345,7 @@ def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_
     summary = _tracked(mlflow_server, second, tmp_path / "b", 1, trainer(tmp_path / "b"), inputs)
     assert len(calls) == 1  # not trained again
     assert summary["final_accuracy"] == 0.7
-    for name in ("summary.json", "predictions.csv", "metrics.csv"):
+    for name in ("summary.json", "predictions.csv", "metrics.csv", "head.pth"):
         assert (tmp_path / "b" / "fold1" / name).read_bytes() == (
             tmp_path / "a" / "fold1" / name
         ).read_bytes()
@@ -383,3 +392,35 @@ def test_a_tolerated_failure_is_recorded_not_raised(mlflow_server, tmp_path, inp
     assert report["partial"] is True
     (failed,) = report["failed_folds"]
     assert failed["fold"] == 2 and "CUDA error" in failed["reason"]
+
+
+def test_a_caller_nested_run_id_is_not_taken_for_a_fold_task_run(
+    mlflow_server, tmp_path, monkeypatch, inputs
+):
+    """A CI job inside a run of its own: the parent is adopted through that run, and every
+    kfp.local task inherits it; the folds must still get runs of their own."""
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment("test-nested-caller")
+    outer = client.create_run(experiment, run_name="ci").info.run_id
+    job = client.create_run(experiment, tags={"mlflow.parentRunId": outer}).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", job)
+    parent = start_pipeline_run(mlflow_server, "ignored", pipeline_run_id="kfp-nested")
+    assert parent == outer
+    for fold in (1, 2):
+        train, _ = _trainer(tmp_path, fold, accuracy=0.5 + fold / 10)
+        _tracked(mlflow_server, parent, tmp_path, fold, train, inputs)
+    folds = {r.data.tags["fold"]: r for r in _runs_under(client, outer) if "fold" in r.data.tags}
+    assert sorted(folds) == ["1", "2"] and job not in {r.info.run_id for r in folds.values()}
+    assert client.get_run(job).data.metrics == {}
+
+
+def test_a_retried_task_whose_fold_is_logged_does_not_train_again(mlflow_server, tmp_path, inputs):
+    import shutil
+
+    parent = start_pipeline_run(mlflow_server, "test-logged-retry", pipeline_run_id="kfp-lr")
+    train, calls = _trainer(tmp_path, 3)
+    _tracked(mlflow_server, parent, tmp_path, 3, train, inputs, reuse=False)
+    shutil.rmtree(tmp_path / "fold3")  # the task's output was lost, KFP runs the task again
+    summary = _tracked(mlflow_server, parent, tmp_path, 3, train, inputs, reuse=False)
+    assert len(calls) == 1 and summary["final_accuracy"] == 0.8
+    assert (tmp_path / "fold3" / "predictions.csv").is_file()
