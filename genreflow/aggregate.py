@@ -58,14 +58,12 @@ from scipy import stats
 from genreflow import __version__
 from genreflow.data.genres import GENRE_INDEX, GENRES
 from genreflow.errors import GenreflowError
+from genreflow.splits import DEFAULT_PROTOCOL, SELECTIONS  # "heldout": the seed's choice
 
 PROTOCOL_LABELS: dict[str, str] = {
     "cv10": "10-fold cross-validation (cv10)",
     "filtered": "fault-filtered split (filtered)",
 }
-DEFAULT_PROTOCOL = "cv10"
-# What chose each fold's checkpoint; "heldout" is the seed's way (it looked at test data).
-SELECTIONS = ("validation", "heldout")
 # What a fold is called in the report: cv10 folds partition the data, filtered ones repeat it.
 FOLD_NOUN = {"cv10": "fold", "filtered": "repetition"}
 SPLIT_COUNTS = ("train", "valid", "test", "excluded", "missing")
@@ -194,22 +192,12 @@ def _summary_n_train(summary: dict, path: Path) -> int | None:
     return n_train
 
 
-def _summary_protocol(summary: dict, path: Path) -> str | None:
-    protocol = summary.get("protocol")
-    if protocol is not None and protocol not in PROTOCOL_LABELS:
-        raise GenreflowError(
-            f"{path}: unknown protocol {protocol!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
-        )
-    return protocol
-
-
-def _summary_selection(summary: dict, path: Path) -> str | None:
-    selection = summary.get("selection")
-    if selection is not None and selection not in SELECTIONS:
-        raise GenreflowError(
-            f"{path}: unknown selection {selection!r} (known: {', '.join(SELECTIONS)})"
-        )
-    return selection
+def _summary_choice(summary: dict, path: Path, key: str, known) -> str | None:
+    """summary[key] (protocol, selection) when recorded and known; None when not recorded."""
+    value = summary.get(key)
+    if value is not None and value not in known:
+        raise GenreflowError(f"{path}: unknown {key} {value!r} (known: {', '.join(sorted(known))})")
+    return value
 
 
 def _summary_split(summary: dict, path: Path) -> dict | None:
@@ -994,13 +982,20 @@ def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> s
         raise GenreflowError(
             f"unknown protocol {requested!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
         )
-    stated = [f for f in folds if _summary_protocol(f.summary, f.summary_path) is not None]
+    stated = [
+        f
+        for f in folds
+        if _summary_choice(f.summary, f.summary_path, "protocol", PROTOCOL_LABELS) is not None
+    ]
     if not stated:
         return requested or DEFAULT_PROTOCOL
     protocol = _agreed(
         folds,
         "the protocol",
-        lambda f: _summary_protocol(f.summary, f.summary_path) or DEFAULT_PROTOCOL,
+        lambda f: (
+            _summary_choice(f.summary, f.summary_path, "protocol", PROTOCOL_LABELS)
+            or DEFAULT_PROTOCOL
+        ),
     )
     if requested is not None and requested != protocol:
         raise GenreflowError(
@@ -1147,7 +1142,9 @@ def aggregate(
 
     folds = [usable[fold] for fold in sorted(usable)]
     selection = _agreed(
-        folds, "the checkpoint selection", lambda f: _summary_selection(f.summary, f.summary_path)
+        folds,
+        "the checkpoint selection",
+        lambda f: _summary_choice(f.summary, f.summary_path, "selection", SELECTIONS),
     )
     data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
     split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
