@@ -18,6 +18,7 @@ def train(
     mixup: bool,
     eval_every: int,
     seed: int,
+    precision: str,
     tracking_uri: str,
     parent_run_id: str,
     reuse_folds: bool,
@@ -37,6 +38,7 @@ def train(
             seed's way: the test fold does).
         pretrained: PANNs checkpoint (path, https:// or gs://); "" = random init.
         iterations, batch_size, lr, mixup, eval_every, seed: the recipe (seed's defaults).
+        precision: auto (bf16 autocast where the hardware has it), fp32 or bf16.
         tracking_uri: MLflow tracking URI ("" = no tracking).
         parent_run_id: the pipeline's parent run; this fold is a nested child run.
         reuse_folds: take an identical fold (same data, recipe and code) from MLflow.
@@ -63,10 +65,11 @@ def train(
         mixup=mixup,
         eval_every=eval_every,
         seed=seed,
+        precision=precision,
     )
     settings = dict(path="fine-tune", protocol=protocol, selection=selection)
     settings.update(pretrained=pretrained, iterations=iterations, batch_size=batch_size, lr=lr)
-    settings.update(mixup=mixup, eval_every=eval_every, seed=seed)
+    settings.update(mixup=mixup, eval_every=eval_every, seed=seed, precision=precision)
     summary = tracked_fold(
         lambda: train_fold(config),
         out=model.path,

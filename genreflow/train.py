@@ -565,9 +565,16 @@ def evaluate(model, waveforms: Waveforms, rows: np.ndarray, *, batch_size: int, 
         batch = _on_device(waveforms[rows[start : start + batch_size]], device)
         with amp():
             log_probs = model(batch)["clipwise_output"]
-        probabilities.append(log_probs.float().exp().cpu().numpy().astype(np.float64))
+        probabilities.append(normalized_probabilities(log_probs))
     model.train(was_training)
     return np.concatenate(probabilities)
+
+
+def normalized_probabilities(log_probs: torch.Tensor) -> np.ndarray:
+    """float64 probabilities whose rows sum to 1 (to float64 rounding), from log-softmax
+    output in any dtype: written as text, they must pass aggregate's sum check."""
+    probabilities = log_probs.detach().double().exp().cpu().numpy()
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 def _predictions_csv(index: FoldIndex, probabilities: np.ndarray, fold: int) -> str:

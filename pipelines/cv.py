@@ -56,6 +56,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
         mixup: bool = True,
         eval_every: int = 200,
         seed: int = 0,
+        precision: str = "auto",  # fine-tune: auto (bf16 where native), fp32 or bf16
         folds: list[int] = FOLDS,
         min_folds: int = 0,  # 0: every fold must succeed
         reuse_folds: bool = True,
@@ -147,6 +148,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                         features=packed.outputs["features"],
                         fold=fold,
                         pretrained=pretrained,
+                        precision=precision,
                         **recipe,
                     )
                     tuned.set_display_name("fine-tune fold").set_caching_options(False)

@@ -9,10 +9,17 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import special
 
-from genreflow.aggregate import aggregate, flat_metrics, paired_comparison
+from genreflow.aggregate import (
+    PROBABILITY_SUM_TOLERANCE,
+    _read_predictions,
+    aggregate,
+    flat_metrics,
+    paired_comparison,
+)
 from genreflow.cli import main
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
@@ -345,6 +352,34 @@ def test_unknown_genre_and_bad_probabilities(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(GenreflowError, match=r"line 5: probabilities sum to 0\.5, not 1"):
         aggregate([folder], tmp_path / "out", expected_folds=[1], min_folds=1)
+
+
+def test_probabilities_rounded_to_bf16_are_accepted_and_renormalised(tmp_path: Path) -> None:
+    # What a fold trained under bf16 autocast wrote before its head was kept in float32:
+    # softmax values with 8 significant bits, whose rows miss 1 by up to 2**-8.
+    import torch
+
+    logits = torch.randn(200, len(GENRES), generator=torch.Generator().manual_seed(0)) * 3
+    rounded = torch.softmax(logits, dim=-1).bfloat16().double().numpy()
+    sums = rounded.sum(axis=1)
+    assert np.abs(sums - 1).max() > 1e-3  # the old tolerance refused these
+    assert np.abs(sums - 1).max() <= PROBABILITY_SUM_TOLERANCE
+    path = tmp_path / "predictions.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["audio_name", "fold", "genre", *GENRES])
+        for k, row in enumerate(rounded):
+            writer.writerow([f"blues.{k:05d}.wav", 1, "blues", *(f"{p:.8g}" for p in row)])
+    _, _, read = _read_predictions(path, 1)
+    np.testing.assert_allclose(read.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(read, rounded / sums[:, None], rtol=1e-7)
+
+    # A row further from 1 than bf16 rounding can take it is still refused.
+    off = rounded[0] * (1 - 2 * PROBABILITY_SUM_TOLERANCE)
+    with path.open("a", newline="") as handle:
+        csv.writer(handle).writerow(["blues.99999.wav", 1, "blues", *(f"{p:.8g}" for p in off)])
+    with pytest.raises(GenreflowError, match=r"line 202: probabilities sum to 0\.99"):
+        _read_predictions(path, 1)
 
 
 def test_unreadable_summary_is_a_failed_fold(ten_folds: list[Path], tmp_path: Path) -> None:

@@ -6,14 +6,17 @@ trainings, the report, the MLflow runs and the registered fold ensemble). The fa
 protocol runs on a set with the real lists' file names (1 s clips).
 """
 
+import csv
 import json
 import re
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from genreflow.cli import main
+from genreflow.data.genres import GENRES
 from genreflow.data.synth import make_synthetic_gtzan
 from genreflow.pipelines.local import run_local
 
@@ -300,3 +303,45 @@ def test_a_failed_fold_above_min_folds_gives_a_partial_result(
     assert parent.data.tags["partial"] == "true"
     status = {c.data.tags["fold"]: c.info.status for c in _children(client, parent)}
     assert status == {"1": "FINISHED", "2": "FINISHED", "11": "FAILED"}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_fine_tune_branch_end_to_end(precision, source, tmp_path, mlflow_server):
+    """The seed's own path, the whole Cnn14 fine-tuned, on a tiny recipe: `auto` is bf16
+    autocast on a CPU with native bf16 (where it once failed at the end of every fold:
+    bf16 probabilities that did not sum to 1), fp32 elsewhere."""
+    from genreflow.train import resolve_precision
+
+    experiment = f"test-fine-tune-{precision}"
+    report = run_demo(
+        tmp_path,
+        source,
+        mlflow_server,
+        freeze_base=False,
+        iterations=2,
+        batch_size=2,
+        eval_every=2,
+        folds=[1, 2],
+        precision=precision,
+        experiment=experiment,
+        registered_model="",
+    )
+    assert report["usable_folds"] == [1, 2] and report["partial"] is False
+    assert report["n_clips"] == 8  # folds 1 and 2 hold 4 clips each
+    expected = resolve_precision(precision, torch.device("cpu"))
+    summaries = sorted(tmp_path.glob("kfp/*/for-loop-*/train/model/summary.json"))
+    assert len(summaries) == 2
+    for path in summaries:
+        assert json.loads(path.read_text())["precision"] == expected
+        with (path.parent / "predictions.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        sums = np.array([sum(float(row[g]) for g in GENRES) for row in rows])
+        np.testing.assert_allclose(sums, 1.0, atol=1e-6)
+    client = MlflowClient(mlflow_server)
+    (parent,) = _parents(client, experiment)
+    assert parent.info.status == "FINISHED"
+    children = _children(client, parent)
+    assert {c.data.tags["fold"]: c.info.status for c in children} == {
+        "1": "FINISHED",
+        "2": "FINISHED",
+    }

@@ -276,8 +276,8 @@ def test_gpu_placement_matches_kfp_kubernetes(tmp_path):
         task = train(
             features=dsl.importer(artifact_uri=features, artifact_class=dsl.Dataset).output,
             fold=1, protocol="cv10", selection="validation", pretrained="", iterations=1,
-            batch_size=1, lr=0.1, mixup=False, eval_every=1, seed=0, tracking_uri="",
-            parent_run_id="", reuse_folds=False, expected_folds=[1], min_folds=0,
+            batch_size=1, lr=0.1, mixup=False, eval_every=1, seed=0, precision="auto",
+            tracking_uri="", parent_run_id="", reuse_folds=False, expected_folds=[1], min_folds=0,
         )  # fmt: skip
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         kubernetes.add_node_selector(task, "cloud.google.com/gke-accelerator", "nvidia-l4")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from genreflow.aggregate import aggregate
 from genreflow.audio import SAMPLE_RATE
 from genreflow.cli import main
 from genreflow.data.genres import GENRES
@@ -38,6 +39,7 @@ from genreflow.train import (
     cpu_has_native_bf16,
     cpu_threads,
     evaluate,
+    normalized_probabilities,
     resolve_precision,
     train_fold,
 )
@@ -634,6 +636,39 @@ def test_a_bf16_run_stays_close_to_fp32(work, tmp_path, capsys):
     assert "cpu bf16 autocast" in capsys.readouterr().err
     assert not np.array_equal(runs["bf16"], runs["fp32"])
     np.testing.assert_allclose(runs["bf16"], runs["fp32"], atol=0.02)
+    # The bf16 fold's rows sum to 1 as written, and aggregate (and so tracking) reads it.
+    np.testing.assert_allclose(runs["bf16"].sum(axis=1), 1.0, atol=1e-6)
+    report = aggregate([tmp_path / "bf16"], tmp_path / "report", expected_folds=[1], min_folds=1)
+    assert report["usable_folds"] == [1]
+
+
+def test_probabilities_are_float32_and_normalised_under_bf16_autocast(work):
+    # On any CPU (emulated bf16 where not native): the head's log-softmax leaves autocast
+    # in float32, and evaluate's rows sum to 1 as written, so aggregate accepts them.
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = TransferCnn14()
+    embedding = torch.randn(6, model.base.embedding_size)
+    with autocast_for(cpu, "bf16")():
+        assert model.fc_transfer(embedding).dtype == torch.bfloat16  # autocast is on
+        log_probs = model.head_forward(embedding)
+    assert log_probs.dtype == torch.float32
+    assert np.abs(log_probs.detach().exp().sum(-1).numpy() - 1).max() < 1e-6
+
+    # Log-probabilities that went through bf16 (what the head gave before) sum to 1 only
+    # within bf16's rounding; normalized_probabilities makes them sum to 1 all the same.
+    rounded = torch.log_softmax(model.fc_transfer(embedding) * 5, dim=-1).bfloat16()
+    assert np.abs(rounded.detach().double().exp().sum(-1).numpy() - 1).max() > 1e-4
+    probabilities = normalized_probabilities(rounded)
+    assert probabilities.dtype == np.float64
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)
+
+    waveforms = Waveforms(str(work["features"]), np.arange(3))
+    rows = np.arange(3)
+    amp = autocast_for(cpu, "bf16")
+    evaluated = evaluate(model, waveforms, rows, batch_size=2, device=cpu, amp=amp)
+    assert evaluated.shape == (3, len(GENRES)) and evaluated.dtype == np.float64
+    np.testing.assert_allclose(evaluated.sum(axis=1), 1.0, atol=1e-12)
 
 
 def test_training_threads_follow_the_cpu_quota_and_are_restored(monkeypatch):

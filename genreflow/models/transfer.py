@@ -55,9 +55,11 @@ class Transfer(nn.Module):
     def head_forward(self, embedding: Tensor) -> Tensor:
         """The new head alone: (batch, embedding_size) -> (batch, classes) log-probabilities.
 
-        With a frozen base evaluated once per clip, training needs only this.
+        With a frozen base evaluated once per clip, training needs only this. The
+        log-softmax runs in float32 whatever autocast chose for the linear layer: in bf16
+        (8 significant bits) ten probabilities summed to 0.9967, not 1.
         """
-        return torch.log_softmax(self.fc_transfer(embedding), dim=-1)
+        return torch.log_softmax(self.fc_transfer(embedding).float(), dim=-1)
 
     def forward(self, waveform: Tensor, mixup_lambda: Tensor | None = None) -> dict[str, Tensor]:
         """Args:
