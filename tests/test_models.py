@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import re
 
 import librosa
 import numpy as np
@@ -480,3 +481,29 @@ def test_transfer_model_on_cuda_with_mixed_precision(transfer):
         assert torch.isfinite(out["clipwise_output"]).all()
     finally:
         transfer.to("cpu")
+
+
+def test_a_foreign_checkpoint_is_refused_naming_the_file_and_what_it_holds(tmp_path):
+    foreign = tmp_path / "resnet.pth"
+    torch.save(
+        {"model": {"conv.weight": torch.zeros(4, 1, 3, 3), "fc.bias": torch.zeros(2)}}, foreign
+    )
+    for load in (load_model, load_transfer_model):
+        with pytest.raises(GenreflowError) as raised:
+            load(foreign)
+        message = str(raised.value)
+        if load is load_transfer_model:  # no base.* keys: named as such, with the file
+            assert str(foreign) in message and "no base.* keys" in message
+            continue
+        assert message.startswith(f"{foreign}: not a PANNs model")
+        assert "conv.weight, fc.bias" in message and "no conv_block* keys" in message
+        assert "Cnn14: conv_block1..6, 2 conv(s) each" in message
+    transfer = tmp_path / "transfer.pth"
+    torch.save(
+        {"model": {"base.conv.weight": torch.zeros(1), "fc_transfer.weight": torch.zeros(10, 4)}},
+        transfer,
+    )
+    with pytest.raises(
+        GenreflowError, match=rf"^{re.escape(str(transfer))}: not a PANNs model.*holds conv\.weight"
+    ):
+        load_transfer_model(transfer)

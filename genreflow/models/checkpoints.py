@@ -258,16 +258,28 @@ def load_pretrained(
 
 
 # --- building models from a checkpoint ---------------------------------------------------
-def infer_architecture(state: dict[str, torch.Tensor]) -> str:
-    """The `MODELS` name whose conv blocks match a base state dict's keys."""
+def infer_architecture(state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
+    """The `MODELS` name whose conv blocks match a base state dict's keys.
+
+    Raises:
+        GenreflowError: none matches; the message names `source` and what its state holds.
+    """
     blocks = {key.split(".", 1)[0] for key in state if key.startswith("conv_block")}
     convs = 2 if any(key.endswith(".conv2.weight") for key in state) else 1
     for name, cls in MODELS.items():
         wanted = {f"conv_block{i}" for i in range(1, len(cls.BLOCKS) + 1)}
         if blocks == wanted and convs == cls.BLOCK_TYPE.CONVS:
             return name
+    keys = list(state)
+    held = ", ".join(keys[:4]) + (f", ... ({len(keys)} tensors)" if len(keys) > 4 else "")
+    expected = "; ".join(
+        f"{name}: conv_block1..{len(cls.BLOCKS)}, {cls.BLOCK_TYPE.CONVS} conv(s) each"
+        for name, cls in MODELS.items()
+    )
+    found = f"conv blocks {', '.join(sorted(blocks))}" if blocks else "no conv_block* keys"
     raise GenreflowError(
-        f"unrecognised architecture: conv blocks {sorted(blocks)} match none of {', '.join(MODELS)}"
+        f"{source}: not a PANNs model this code knows: its state dict holds {held or 'nothing'} "
+        f"({found}); expected one of {expected}"
     )
 
 
@@ -304,7 +316,7 @@ def _transfer_from(checkpoint: dict, source: str) -> tuple[Transfer, dict]:
     metadata = checkpoint.get("genreflow") or {}
     base_state = {key[len("base.") :]: value for key, value in state.items() if key[:5] == "base."}
     model = build_transfer(
-        infer_architecture(base_state),
+        infer_architecture(base_state, source),
         classes_num=int(head.shape[0]),
         **_base_kwargs(base_state, metadata),
     )
@@ -354,7 +366,7 @@ def load_model(
     head = state.get("fc_audioset.weight")
     if head is not None:
         kwargs["classes_num"] = int(head.shape[0])
-    model = MODELS[infer_architecture(state)](**kwargs)
+    model = MODELS[infer_architecture(state, os.fspath(source))](**kwargs)
     _fit(model, state, source=os.fspath(source), what=type(model).__name__)
     return model.to(device).eval(), dict(metadata)
 
