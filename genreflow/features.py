@@ -19,15 +19,14 @@ import ctypes
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from multiprocessing import shared_memory
+from multiprocessing import connection, shared_memory
 from pathlib import Path
 
 import h5py
@@ -372,8 +371,8 @@ class _Decoding:
         self._tasks_in_flight = tasks_in_flight
         self._rows: np.ndarray | None = None
         self._shm: shared_memory.SharedMemory | None = None
-        self._pool: ProcessPoolExecutor | None = None
-        self._pending: deque[tuple[Future, int]] = deque()
+        self._pool: _Workers | None = None
+        self._finished = False
 
     def __enter__(self) -> _Decoding:
         if self._workers == 1:
@@ -389,25 +388,17 @@ class _Decoding:
             ) from None
         try:
             self._rows = np.ndarray((slots, self._n_samples), np.int16, buffer=self._shm.buf)
-            self._pool = ProcessPoolExecutor(
-                max_workers=self._workers,
-                mp_context=_worker_context(),
-                initializer=_start_worker,
-                initargs=(self._shm.name, slots, self._n_samples),
-            )
+            self._pool = _Workers(self._workers, (self._shm.name, slots, self._n_samples))
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        # On an error or an abandoned iteration, drop the queued work instead of decoding
-        # the rest of the dataset, and wait for the running tasks: they write to the ring.
-        for future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
+        # Workers write to the ring: they are gone before it is. After an error or an
+        # abandoned iteration they are killed, not asked, and queued work is dropped.
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close(kill=not self._finished)
             self._pool = None
         self._rows = None
         if self._shm is not None:
@@ -431,29 +422,118 @@ class _Decoding:
             self._paths[i : i + CLIPS_PER_TASK] for i in range(0, len(self._paths), CLIPS_PER_TASK)
         )
         free = deque(range(self._tasks_in_flight))
+        pending: deque[tuple[int, int]] = deque()  # (worker, group of rows), oldest first
+        while True:
+            # A group of rows is free again once the writer has stored all its clips.
+            while free:
+                task = next(tasks, None)
+                if task is None:
+                    break
+                group = free.popleft()
+                rows = range(group * CLIPS_PER_TASK, group * CLIPS_PER_TASK + len(task))
+                pending.append((self._pool.submit(list(zip(task, rows, strict=True))), group))
+            if not pending:
+                self._finished = True
+                return
+            worker, group = pending.popleft()
+            for offset, reason in enumerate(self._pool.result(worker)):
+                yield group * CLIPS_PER_TASK + offset if reason is None else reason
+            free.append(group)
+
+
+class _Workers:
+    """The decoding processes of one pack, owned by it: each takes tasks over a pipe of
+    its own and answers them in order; when any dies, every one is killed at once.
+
+    Python 3.11's ProcessPoolExecutor, when a worker was killed, could miss another and
+    wait for it forever (it starts workers on demand while tasks are submitted): a pack,
+    and the pod running it, that never ended. Here nothing waits on a worker without also
+    watching every worker's exit.
+    """
+
+    def __init__(self, count: int, initargs: tuple):
+        context = _worker_context()
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._pipes: list[connection.Connection] = []
+        self._queued = [0] * count
         try:
-            while True:
-                # A group of rows is free again once the writer has stored all its clips.
-                while free:
-                    task = next(tasks, None)
-                    if task is None:
-                        break
-                    group = free.popleft()
-                    rows = range(group * CLIPS_PER_TASK, group * CLIPS_PER_TASK + len(task))
-                    future = self._pool.submit(_decode_task, list(zip(task, rows, strict=True)))
-                    self._pending.append((future, group))
-                if not self._pending:
-                    return
-                future, group = self._pending.popleft()
-                for offset, reason in enumerate(future.result()):
-                    yield group * CLIPS_PER_TASK + offset if reason is None else reason
-                free.append(group)
-        except BrokenProcessPool as exc:
-            raise GenreflowError(
-                f"a decoding worker process died ({exc}): out of memory, shared memory "
-                "(/dev/shm) full, or a __main__ that worker processes cannot re-import (such "
-                "as code piped into python's stdin); workers=1 decodes in this process"
-            ) from None
+            for _ in range(count):
+                ours, theirs = context.Pipe()
+                process = context.Process(
+                    target=_serve, args=(theirs, *initargs), name="genreflow-pack", daemon=True
+                )
+                process.start()
+                theirs.close()
+                self._processes.append(process)
+                self._pipes.append(ours)
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    def submit(self, task: list[tuple[str, int]]) -> int:
+        """Queue `task` on the least busy worker; its number, for `result`."""
+        worker = min(range(len(self._pipes)), key=self._queued.__getitem__)
+        try:
+            self._pipes[worker].send(task)
+        except OSError:  # its end of the pipe is closed: it died
+            self._stop_on_death()
+        self._queued[worker] += 1
+        return worker
+
+    def result(self, worker: int) -> list[str | None]:
+        """The answer to the oldest task queued on `worker`."""
+        pipe = self._pipes[worker]
+        sentinels = [p.sentinel for p in self._processes]
+        ready = connection.wait([pipe, *sentinels])
+        if pipe not in ready or any(s in ready for s in sentinels):
+            self._stop_on_death()
+        try:
+            status, value = pipe.recv()
+        except (EOFError, OSError):
+            self._stop_on_death()
+        self._queued[worker] -= 1
+        if status == "error":
+            self.close(kill=True)
+            raise GenreflowError(value)
+        return value
+
+    def _stop_on_death(self) -> None:
+        dead = [p for p in self._processes if p.exitcode is not None]
+        self.close(kill=True)
+        how = ", ".join(_exit_description(p.exitcode) for p in dead) or "its pipe closed"
+        raise GenreflowError(
+            f"a decoding worker process died ({how}): out of memory, shared memory "
+            f"({SHM_FOLDER}) full, or a __main__ that worker processes cannot re-import (such "
+            "as code piped into python's stdin); workers=1 decodes in this process"
+        )
+
+    def close(self, *, kill: bool) -> None:
+        """End every worker: asked to (their work done), or killed; reaped either way."""
+        for pipe in self._pipes:
+            if not kill:
+                try:
+                    pipe.send(None)
+                except OSError:
+                    pass
+        for process in self._processes:
+            if kill:
+                process.kill()
+            process.join(timeout=None if kill else 10)
+            if process.exitcode is None:  # did not stop when asked
+                process.kill()
+                process.join()
+        for pipe in self._pipes:
+            pipe.close()
+        self._processes, self._pipes = [], []
+
+
+def _exit_description(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -518,6 +598,24 @@ def _keep_freed_memory() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+def _serve(pipe: connection.Connection, shm_name: str, slots: int, n_samples: int) -> None:
+    """A worker process: answer tasks from the pipe in order until told to stop (None) or
+    the pack is gone (the pipe closed)."""
+    _start_worker(shm_name, slots, n_samples)
+    while True:
+        try:
+            task = pipe.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            reply = ("ok", _decode_task(task))
+        except Exception as exc:  # noqa: BLE001 (sent to the writer, which raises it)
+            reply = ("error", str(exc) if isinstance(exc, GenreflowError) else repr(exc))
+        pipe.send(reply)
 
 
 def _decode_task(clips: list[tuple[str, int]]) -> list[str | None]:

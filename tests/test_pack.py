@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import signal
 import threading
 import time
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import h5py
@@ -382,44 +384,135 @@ def pack_workers():
     return [pid for pid, parent in parents.items() if parent in servers]
 
 
+@pytest.fixture
+def watchdog():
+    """A hang fails the test session within a minute, with every thread's traceback,
+    instead of holding CI until its time is up."""
+    faulthandler.dump_traceback_later(60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def ring():
+    """The shared memory _Workers' processes decode into: 8 rows of 1 s."""
+    n_samples = clip_samples(1.0)
+    shm = shared_memory.SharedMemory(create=True, size=8 * n_samples * 2)
+    yield (shm.name, 8, n_samples)
+    shm.close()
+    shm.unlink()
+
+
+# What happens to the two workers (pids p) before the writer submits a task to each, and
+# after worker 1 has answered its task, while the writer waits for worker 0's answer.
+SIGSTOP, SIGKILL = signal.SIGSTOP, signal.SIGKILL
+DEATHS = {
+    # worker 0 dies before any task was sent: the writer is still submitting
+    "before any task": ([(0, SIGKILL)], []),
+    # worker 0 is stuck on its task; worker 1, done and idle, dies
+    "the idle one, while the other works": ([(0, SIGSTOP)], [(1, SIGKILL)]),
+    # worker 0 dies on its task; worker 1, idle, is the survivor that must not be left
+    "the busy one, while the other idles": ([(0, SIGSTOP)], [(0, SIGKILL)]),
+    "both at once, both idle": ([], [(0, SIGKILL), (1, SIGKILL)]),
+}
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
-def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(tmp_path, capsys):
-    # 60 names of 20 s files take the workers about a second: time to find one and kill it.
+@pytest.mark.parametrize("case", list(DEATHS))
+def test_a_worker_death_ends_every_worker_whatever_the_others_do(case, dataset, ring, watchdog):
+    # Python 3.11's ProcessPoolExecutor could miss a surviving worker and wait for it
+    # forever (1 run in 20). Each state is set up exactly, ten times over.
+    clips = sorted(str(p) for p in dataset.rglob("*.au"))
+    before, after = DEATHS[case]
+    for _ in range(10):
+        pool = features._Workers(2, ring)
+        try:
+            assert len(pack_workers()) == 2
+            pids = [p.pid for p in pool._processes]
+            with pytest.raises(GenreflowError, match="a decoding worker process died"):
+                for worker, sig in before:
+                    os.kill(pids[worker], sig)
+                # The first task goes to worker 0, the second to worker 1.
+                first = pool.submit([(clips[0], 0), (clips[1], 1)])
+                second = pool.submit([(clips[2], 2)])
+                assert (first, second) == (0, 1)
+                assert pool.result(second) == [None]
+                for worker, sig in after:
+                    os.kill(pids[worker], sig)
+                for worker, _ in after:  # dead by now, whatever it had answered before
+                    pool._processes[worker].join(timeout=10)
+                pool.result(first)
+            # Every worker killed and reaped, the survivor included.
+            assert pack_workers() == []
+        finally:
+            pool.close(kill=True)
+
+
+def test_a_worker_error_is_raised_and_ends_every_worker(dataset, ring, watchdog, tmp_path):
+    pool = features._Workers(2, ring)
+    clip = str(next(dataset.rglob("*.au")))
+    try:
+        assert pool.result(pool.submit([(clip, 0)])) == [None]
+        pool.submit([(clip, 99)])  # a row outside the ring: an IndexError in the worker
+        with pytest.raises(GenreflowError, match="IndexError"):
+            pool.result(0)
+        assert pack_workers() == []
+    finally:
+        pool.close(kill=True)
+
+
+# Seconds after pack's workers appear: at once (tasks still being submitted), early, mid-way
+# through the ring's first turns, and later; one worker, or every worker at once.
+KILL_AFTER = (0.0, 0.002, 0.01, 0.05, 0.15, 0.4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(tmp_path, watchdog):
+    # 200 names of 20 s files keep two workers busy for seconds: every kill lands mid-pack.
     root = tmp_path / "dataset"
     for g, genre in enumerate(GENRES):
         folder = root / genre
         folder.mkdir(parents=True)
         write_clip(folder / f"{genre}.00000.au", 20.0, 300.0 + 20 * g)
-        for k in range(1, 6):
+        for k in range(1, 20):
             (folder / f"{genre}.{k:05d}.au").hardlink_to(folder / f"{genre}.00000.au")
     segments_before = shm_segments()
-    killed: list[int] = []
-
-    def kill_a_worker():
-        deadline = time.monotonic() + 30
-        while not killed and time.monotonic() < deadline:
-            for pid in pack_workers():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                break
-            time.sleep(0.002)
-
-    killer = threading.Thread(target=kill_a_worker)
-    killer.start()
     out = tmp_path / "out" / "f.h5"
-    try:
-        with pytest.raises(GenreflowError, match="a decoding worker process died"):
-            pack(root, out, clip_seconds=1.0, workers=2, progress=False)
-    finally:
-        killed.append(0)  # stop looking, whatever happened
-        killer.join()
-    assert list(out.parent.iterdir()) == []
-    assert shm_segments() <= segments_before
+    for repetition in range(2 * len(KILL_AFTER)):
+        delay = KILL_AFTER[repetition % len(KILL_AFTER)]
+        every_worker = repetition >= len(KILL_AFTER)
+        killed: list[int] = []
+        stop = threading.Event()
+
+        def kill(delay=delay, every_worker=every_worker, killed=killed, stop=stop):
+            while not stop.is_set():
+                found = pack_workers()
+                if found:
+                    time.sleep(delay)
+                    for pid in found if every_worker else found[:1]:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    return
+                time.sleep(0.001)
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        try:
+            with pytest.raises(GenreflowError, match="a decoding worker process died"):
+                pack(root, out, clip_seconds=1.0, workers=2, progress=False)
+        finally:
+            stop.set()
+            killer.join()
+        assert killed, f"repetition {repetition}: no worker was killed"
+        assert pack_workers() == [], f"repetition {repetition}: a worker outlived the pack"
+        assert list(out.parent.iterdir()) == []
+        assert shm_segments() <= segments_before
 
     # The next pack starts new workers and succeeds.
     summary = pack(root, out, clip_seconds=1.0, workers=2, progress=False)
-    assert summary.clips == 60 and out.is_file()
+    assert summary.clips == 200 and out.is_file()
     assert shm_segments() <= segments_before
+    assert pack_workers() == []
 
 
 def test_writeback_as_it_goes_keeps_the_file_intact(dataset, tmp_path, monkeypatch):
