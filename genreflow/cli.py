@@ -54,7 +54,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         seed=args.seed,
         workers=workers,
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     print(f"sha256  {sha256}  {archive}")
     return 0

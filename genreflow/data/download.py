@@ -90,7 +90,7 @@ def download(
         md5: expected MD5 of the archive. For the official release URL a known MD5 is
             built in; for any other source without a checksum, the archive's SHA-256 is
             printed so that it can be pinned.
-        progress: show progress bars on stderr.
+        progress: report progress on stderr (a bar on a terminal, else a line at intervals).
 
     Returns:
         The folder that holds the genre folders (``out/genres`` for the original release,
