@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from genreflow import __version__
-from genreflow.errors import GenreflowError
+from genreflow.errors import ChecksumMismatch, GenreflowError
 
 REMOTE_SCHEMES = frozenset({"http", "https", "gs"})
 CHUNK_BYTES = 1 << 20
@@ -150,7 +150,7 @@ def verify(
     """Check a file against the given checksums; return its sha256 and md5.
 
     Raises:
-        GenreflowError: naming ``label`` (the URL, or the path by default), the expected
+        ChecksumMismatch: naming ``label`` (the URL, or the path by default), the expected
             and the actual hash, when a checksum does not match.
     """
     expected = {
@@ -160,7 +160,7 @@ def verify(
     actual = digests(path)
     for algorithm, want in expected.items():
         if want is not None and actual[algorithm] != want:
-            raise GenreflowError(
+            raise ChecksumMismatch(
                 f"{label or path}: {algorithm} mismatch: expected {want}, got {actual[algorithm]}"
             )
     return actual
