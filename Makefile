@@ -13,9 +13,13 @@ FILTERED_REPETITIONS ?= [1]
 UI_PORT ?= 5000
 ## pytest arguments, e.g. make test PYTEST_ARGS="-k pack -x"
 PYTEST_ARGS ?=
-# The local CPU wheel: installed first so that the project's torch range is already met
-# (a bare `torch` requirement would pull a multi-GB CUDA build).
+# torch is installed first, so that the project's torch range is already met: this release,
+# from this index. A bare `torch` from PyPI is a multi-GB CUDA build on Linux, so the default
+# is PyTorch's CPU wheel index; the CPU image (make images) and CI take it from here too.
+# Empty: pip's own index (a GPU machine, a private mirror). An index that does not answer
+# within 5 s is left out with a line saying so (docker/torch_index.py).
 TORCH_PIN ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 BIN := $(VENV)/bin
 GF := $(BIN)/genreflow
@@ -33,7 +37,7 @@ $(BIN)/python:
 
 install: $(BIN)/python ## create .venv and install genreflow with its test extras
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),$$($(BIN)/python docker/torch_index.py --pip-option '$(TORCH_INDEX)') )"$(TORCH_PIN)"
 	$(BIN)/pip install --quiet -e '.[test]'
 
 lint: install ## ruff: lint and format check
@@ -63,10 +67,10 @@ IMAGE_BUILD_ARGS ?=
 .PHONY: images image-test
 
 images: ## build and tag the CPU and CUDA images (docker or podman); ids and digests -> $(WORKSPACE)/images.json
-	docker/build.sh --out $(WORKSPACE)/images.json $(IMAGE_BUILD_ARGS)
+	TORCH_INDEX="$(TORCH_INDEX)" docker/build.sh --out $(WORKSPACE)/images.json $(IMAGE_BUILD_ARGS)
 
 image-test: install ## as root: build both images with podman, run pack and a fold in the CPU one, compare with outside
-	TORCH_PIN="$(TORCH_PIN)" VENV=$(VENV) docker/image-test.sh
+	TORCH_PIN="$(TORCH_PIN)" TORCH_INDEX="$(TORCH_INDEX)" VENV=$(VENV) docker/image-test.sh
 
 ## arguments for every benchmark script: --quick (what make bench runs, minutes) or empty for the full runs
 BENCH_ARGS ?= --quick

@@ -11,7 +11,8 @@ def download(source: str, sha256: str, md5: str, dataset: dsl.Output[dsl.Dataset
 
     Args:
         source: https://, http://, gs://, file:// or a path; an archive or an extracted tree.
-        sha256: expected SHA-256 of the archive ("" = none; known URLs have one built in).
+        sha256: expected SHA-256 of the archive ("" = none; known URLs have one built in;
+            "original": a copy of genres.tar.gz, checked against the original's checksums).
         md5: expected MD5 of the archive ("" = none).
         dataset: the extracted tree, in any layout `genreflow pack` reads.
     """

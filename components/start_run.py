@@ -44,6 +44,7 @@ def start_run(
             eval_every, seed: the pipeline's parameters, logged as params.
         mlflow_run: where the parent run is (Markdown, shown in the KFP UI).
     """
+    from genreflow.data.download import expected_checksums
     from genreflow.tracking import _client, run_address, start_pipeline_run
 
     if not tracking_uri:
@@ -79,7 +80,8 @@ def start_run(
             "profile": profile,
             "protocol": protocol,
             "selection": selection,
-            "data.sha256": sha256 or "unpinned",
+            # The checksum itself where it is known ("original", an official URL).
+            "data.sha256": expected_checksums(source, sha256 or None)[0] or "unpinned",
             "model": "Cnn14",
             "freeze_base": freeze_base,
             "path": path,

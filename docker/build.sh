@@ -8,6 +8,8 @@
 # and <registry>/genreflow-cuda:<version>) and the same repositories tagged with the commit.
 # --push pushes every tag and records the registry's digest, the reference to compile with.
 # ENGINE=docker|podman picks the tool; IMAGE_REGISTRY=host/org replaces the registry part.
+# TORCH_INDEX (make images passes the Makefile's; unset: read from the Makefile) is where the
+# CPU image's torch comes from; empty: pip's own index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +26,11 @@ while (($#)); do
 done
 
 die() { echo "build.sh: $*" >&2; exit 1; }
+
+# The CPU image's torch index: set in one place, the Makefile (TORCH_INDEX ?= ...).
+if [[ -z ${TORCH_INDEX+set} ]]; then
+  TORCH_INDEX=$(sed -n 's/^TORCH_INDEX ?= *//p' Makefile)
+fi
 
 if [[ -z ${ENGINE:-} ]]; then
   # A docker client without a running daemon is common (it is the case here): ask the daemon.
@@ -67,14 +74,16 @@ mkdir -p "$(dirname "$out")"
 records=$(mktemp -d)
 trap 'rm -rf "$records"' EXIT
 
-build() {  # build KIND DOCKERFILE IMAGE
+build() {  # build KIND DOCKERFILE IMAGE [BUILD FLAGS...]
   local kind=$1 dockerfile=$2 image=$3 repo=${3%:*}
+  shift 3
   local tags=("$image" "$repo:$commit_tag")
   local start=$SECONDS
   echo "== $kind: $ENGINE build -f $dockerfile (${tags[*]})"
+  # The extra flags come last: a --build-arg there wins over the same one before it.
   "$ENGINE" build -f "$dockerfile" \
     --build-arg VERSION="$version" --build-arg GIT_COMMIT="$commit" \
-    --build-arg SOURCE="$source_url" \
+    --build-arg SOURCE="$source_url" "$@" \
     "${tags[@]/#/--tag=}" --iidfile "$records/$kind.id" "${extra[@]}" .
   local digest=""
   if ((push)); then
@@ -101,7 +110,7 @@ build() {  # build KIND DOCKERFILE IMAGE
   echo "== $kind: built in $((SECONDS - start)) s: $(cat "$records/$kind.id")${digest:+ digest $digest}"
 }
 
-build cpu docker/Dockerfile.cpu "$cpu_image"
+build cpu docker/Dockerfile.cpu "$cpu_image" --build-arg TORCH_INDEX="$TORCH_INDEX"
 build gpu docker/Dockerfile.cuda "$gpu_image"
 
 python3 - "$records" "$out" "$ENGINE" "$version" "$commit" "$push" <<'PY'

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 STATE=${IMAGE_TEST_DIR:-/var/tmp/genreflow-image-test}
 VENV=$(realpath "${VENV:-.venv}")
 TORCH_PIN=${TORCH_PIN:?set TORCH_PIN to the exact CPU torch release (make image-test passes it)}
+TORCH_INDEX=${TORCH_INDEX-$(sed -n 's/^TORCH_INDEX ?= *//p' Makefile)}
 BASE_IMAGE=localhost/base:ci
 PY=$VENV/bin/python
 GENREFLOW=$VENV/bin/genreflow
@@ -124,13 +125,17 @@ build_images() {
   local flags=(--isolation chroot --network host --pull=never
     --build-arg "BASE=$BASE_IMAGE" --build-arg "TORCH_PIN=$TORCH_PIN"
     -v "$STATE/pip.conf:/etc/pip.conf:ro")
-  local kind value
+  local kind value host_index="" torch_index
   while read -r kind value; do
     case $kind in
       mount) flags+=(-v "$value:$value:ro") ;;
-      index) flags+=(--build-arg "TORCH_INDEX=$value") ;;
+      index) host_index=$value ;;
     esac
   done < <("$PY" docker/image_check.py pip-config "$STATE/pip.conf")
+  # torch from the Makefile's TORCH_INDEX where it answers (the CPU build on any machine),
+  # else from the host's own index, as `make install` does: here, local CPU wheels.
+  torch_index=$("$PY" docker/torch_index.py "${TORCH_INDEX:-}")
+  flags+=(--build-arg "TORCH_INDEX=${torch_index:-$host_index}")
   ENGINE=podman docker/build.sh --out "$STATE/images.json" -- "${flags[@]}"
   cpu_image=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["cpu"]["id"])' "$STATE/images.json")
   gpu_image=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["gpu"]["id"])' "$STATE/images.json")

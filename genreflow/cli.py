@@ -11,9 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from genreflow import __version__
 from genreflow.errors import GenreflowError
+from genreflow.pipelines.profiles import PROFILES
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, what is wrong and where to look, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # --- synth -------------------------------------------------------------------------------
@@ -54,7 +63,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         seed=args.seed,
         workers=workers,
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     print(f"sha256  {sha256}  {archive}")
     return 0
@@ -78,7 +87,11 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, type=Path, help="folder that receives the extracted tree"
     )
-    p.add_argument("--sha256", help="expected SHA-256 of the archive (hex)")
+    p.add_argument(
+        "--sha256",
+        help="expected SHA-256 of the archive (hex), or 'original': a copy of the original "
+        "genres.tar.gz, checked against the original's checksums (built in)",
+    )
     p.add_argument("--md5", help="expected MD5 of the archive (hex; built in for the official URL)")
     p.set_defaults(func=_run_download)
 
@@ -485,10 +498,23 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_compile)
 
     p = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
-    p.add_argument("--profile", default="demo", help="demo (synthetic, minutes) or seed")
+    p.add_argument(
+        "--profile",
+        default="demo",
+        choices=sorted(PROFILES),
+        help="demo (default: a synthetic set, minutes on a CPU) or seed (real GTZAN, a GPU job)",
+    )
     p.add_argument("--workspace", type=Path, default=Path("workspace"))
-    p.add_argument("--source", default=None, help="dataset archive, URL or folder")
-    p.add_argument("--sha256", default="", help="the source archive's SHA-256")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="dataset archive, URL or folder (the seed profile needs one; README: Real data)",
+    )
+    p.add_argument(
+        "--sha256",
+        default="",
+        help="the source archive's SHA-256, or 'original' for a copy of genres.tar.gz",
+    )
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: workspace sqlite)")
     p.add_argument("--no-cache", action="store_true", help="rerun download/pack/embed too")
     p.add_argument(
@@ -706,6 +732,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-name", help="the run's name (default: genreflow-cv-DATE-TIME)")
     p.add_argument(
         "--profile",
+        choices=sorted(PROFILES),
         help="start from a named recipe (seed, demo) before the --param values; the demo's "
         "synthetic set exists only locally, so give --param source=... with it",
     )
@@ -765,7 +792,6 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from genreflow.pipelines.profiles import PROFILES
     from genreflow.pipelines.submit import (
         SubmitError,
         parse_node_selector,
@@ -777,8 +803,6 @@ def _run_submit(args: argparse.Namespace) -> int:
 
     arguments: dict = {}
     if args.profile:
-        if args.profile not in PROFILES:
-            raise SubmitError(f"--profile {args.profile}: known profiles: {', '.join(PROFILES)}")
         arguments.update(PROFILES[args.profile], profile=args.profile)
     arguments.update(parse_params(args.param))
 
@@ -830,7 +854,7 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 # -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="genreflow",
         description="Fine-tune PANNs Cnn14 on GTZAN: every pipeline step as a subcommand.",
     )
@@ -852,13 +876,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to do about the file-system errors a path argument commonly meets.
+_OS_ERROR_HINTS = {
+    FileNotFoundError: "check the path",
+    PermissionError: "choose a path you may use, or change its permissions",
+    IsADirectoryError: "give a file there, not a folder",
+    NotADirectoryError: "a part of that path is a file, not a folder",
+    FileExistsError: "remove it or choose another path",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: the path, what is wrong and, where known, what to do."""
+    if exc.filename is None:
+        return str(exc)
+    where = str(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    line = f"{where}: {exc.strerror or exc}"
+    hint = next((h for kind, h in _OS_ERROR_HINTS.items() if isinstance(exc, kind)), None)
+    return f"{line} ({hint})" if hint else line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (GenreflowError, FileNotFoundError) as exc:
-        print(f"genreflow {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except GenreflowError as exc:
+        message = str(exc)
+    except OSError as exc:  # a path argument the system refused: the user's to fix
+        message = os_error_line(exc)
+    print(f"genreflow {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

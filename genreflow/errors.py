@@ -3,3 +3,7 @@
 
 class GenreflowError(Exception):
     """Bad input or a failed check: the message names the file and the problem."""
+
+
+class ChecksumMismatch(GenreflowError):
+    """A file's checksum is not the one expected."""

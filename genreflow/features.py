@@ -221,9 +221,9 @@ def _write(
             dtype=np.int16,
             chunks=(1, n_samples),
         )
-        bar = tqdm(
-            total=len(clips), unit="clip", desc="pack", file=sys.stderr, disable=not progress
-        )
+        from genreflow.progress import progress_bar
+
+        bar = progress_bar(len(clips), desc="pack", unit="clip", enabled=progress)
         # On an error, the with statement stops the workers now rather than when the
         # traceback holding this frame is collected.
         with bar, decoding, _Writeback(path) as writeback:

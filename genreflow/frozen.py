@@ -446,16 +446,13 @@ def embed_features(
         f"{torch_device.type}, batch {batch_size}"
     )
 
-    from tqdm import tqdm
-
     from genreflow.audio import int16_to_float32
+    from genreflow.progress import progress_bar
 
     started = time.monotonic()
     with (
         h5py.File(index.path, "r") as hf,
-        tqdm(
-            total=index.clips, initial=resumed_from, unit="clip", desc="embed", file=sys.stderr
-        ) as progress,
+        progress_bar(index.clips, desc="embed", unit="clip", initial=resumed_from) as progress,
         torch.inference_mode(),
     ):
         waveform = hf["waveform"]

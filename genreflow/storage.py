@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from genreflow import __version__
-from genreflow.errors import GenreflowError
+from genreflow.errors import ChecksumMismatch, GenreflowError
 
 REMOTE_SCHEMES = frozenset({"http", "https", "gs"})
 CHUNK_BYTES = 1 << 20
@@ -150,7 +150,7 @@ def verify(
     """Check a file against the given checksums; return its sha256 and md5.
 
     Raises:
-        GenreflowError: naming ``label`` (the URL, or the path by default), the expected
+        ChecksumMismatch: naming ``label`` (the URL, or the path by default), the expected
             and the actual hash, when a checksum does not match.
     """
     expected = {
@@ -160,7 +160,7 @@ def verify(
     actual = digests(path)
     for algorithm, want in expected.items():
         if want is not None and actual[algorithm] != want:
-            raise GenreflowError(
+            raise ChecksumMismatch(
                 f"{label or path}: {algorithm} mismatch: expected {want}, got {actual[algorithm]}"
             )
     return actual
@@ -169,18 +169,10 @@ def verify(
 # --- progress ----------------------------------------------------------------------------
 @contextmanager
 def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> Iterator:
-    from tqdm import tqdm
+    from genreflow.progress import progress_bar
 
-    bar = tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        disable=not enabled,
-        leave=False,
+    bar = progress_bar(
+        total, desc=desc, unit="B", unit_scale=True, initial=initial, enabled=enabled, leave=False
     )
     try:
         yield bar
@@ -215,7 +207,7 @@ def fetch(
         dest: where the verified file ends up; its folder is created.
         sha256: expected SHA-256 (hex); checked before ``dest`` is written.
         md5: expected MD5 (hex); checked before ``dest`` is written.
-        progress: show a progress bar on stderr.
+        progress: report progress on stderr (a bar on a terminal, else a line at intervals).
         retries: how many times a transient HTTP failure (dropped connection, timeout,
             5xx, 429) is retried; a retry after the transfer made progress is free.
         backoff_s: the first retry's delay; each further retry doubles it.

@@ -68,6 +68,7 @@ from genreflow.audio import SAMPLE_RATE
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
 from genreflow.inference import resolve_device
+from genreflow.progress import format_duration
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
     DEFAULT_SELECTION,
@@ -806,7 +807,7 @@ def _train_fold_in(
         )
         return float(np.mean(probabilities.argmax(1) == index.targets[rows])), probabilities
 
-    started = time.monotonic()
+    started, started_at = time.monotonic(), iteration
     loss_sum, loss_count = 0.0, 0
     rate_clock, rate_clips = time.monotonic(), 0
     while iteration < config.iterations:
@@ -831,9 +832,11 @@ def _train_fold_in(
             now = time.monotonic()
             rate = rate_clips / max(now - rate_clock, 1e-9)
             rate_clock, rate_clips = now, 0
+            # Evaluations included: the wall time per iteration so far, times those left.
+            left = (now - started) / (iteration - started_at) * (config.iterations - iteration)
             _log(
                 f"fold {config.fold} iter {iteration}/{config.iterations} "
-                f"loss {loss_value:.4f} {rate:.1f} clips/s"
+                f"loss {loss_value:.4f} {rate:.1f} clips/s, {format_duration(left)} left"
             )
         if iteration % config.eval_every != 0 and iteration != config.iterations:
             continue

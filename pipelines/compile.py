@@ -9,6 +9,7 @@ from pathlib import Path
 from kfp import compiler
 
 from genreflow.components.images import CPU_IMAGE, GPU_IMAGE
+from genreflow.errors import GenreflowError
 from genreflow.pipelines.cv import ACCELERATOR, COMPONENTS, build_pipeline
 
 
@@ -37,6 +38,9 @@ def compile_pipeline(
 ) -> Path:
     """Write the pipeline's IR YAML to `out` and return its path."""
     out = Path(out)
+    if out.suffix not in (".yaml", ".yml"):
+        # The compiler picks the format by the suffix and raises a ValueError for any other.
+        raise GenreflowError(f"{out}: the compiled pipeline is YAML; name a file ending in .yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     with images(cpu=image_cpu, gpu=image_gpu):
         pipeline = build_pipeline(parallelism=parallelism, accelerator=accelerator)

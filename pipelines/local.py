@@ -39,24 +39,34 @@ def run_local(
     Args:
         workspace: holds the synthetic source, the KFP outputs, the cache and mlflow.db.
         profile: a name in PROFILES (demo, seed).
-        source: the dataset; default for the demo profile: a synthetic set made here.
-        sha256: the source archive's checksum ("" = none, or the synthetic set's own).
+        source: the dataset; default for the demo profile: a synthetic set made here; the
+            seed profile has none (it names the sources that work instead).
+        sha256: the source archive's checksum ("" = none, or the synthetic set's own;
+            "original": a copy of genres.tar.gz, checked against the original's).
         tracking_uri: MLflow; default MLFLOW_TRACKING_URI or workspace/mlflow.db.
         overrides: pipeline arguments that replace the profile's (e.g. folds, iterations).
         cache: reuse unchanged download/pack/embed results from earlier runs.
     """
+    from genreflow.data.download import sources_hint
+    from genreflow.errors import GenreflowError
+
+    if profile not in PROFILES:
+        raise GenreflowError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    if source is None and profile != "demo":
+        # No default: the official address is dead, and each copy has its own checksum.
+        raise GenreflowError(
+            f"profile {profile} needs --source, the real GTZAN: {sources_hint()} "
+            "(README.md, Real data)"
+        )
+
     from kfp import local
 
     from genreflow.pipelines.cv import build_pipeline
     from genreflow.tracking import default_tracking_uri
 
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     workspace = Path(workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     if source is None:
-        if profile != "demo":
-            raise ValueError(f"profile {profile!r} needs --source (the GTZAN archive or folder)")
         source, sha256 = demo_source(workspace)
     arguments = {
         **PROFILES[profile],

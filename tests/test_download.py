@@ -19,15 +19,18 @@ import soundfile as sf
 
 from genreflow.cli import main
 from genreflow.data.download import (
+    HF_COPY_URL,
     KNOWN_CHECKSUMS,
     MARKER_NAME,
     OFFICIAL_URL,
+    ORIGINAL_CHECKSUMS,
     count_clips,
     download,
     expected_checksums,
 )
 from genreflow.data.genres import GENRES
-from genreflow.errors import GenreflowError
+from genreflow.errors import ChecksumMismatch, GenreflowError
+from genreflow.features import describe, pack
 
 CLIPS_PER_GENRE = 2
 SAMPLE_RATE = 22050
@@ -131,9 +134,18 @@ def test_checksum_mismatch_extracts_nothing(au_archive, tmp_path, algorithm):
     assert _listing(out) == []
 
 
-def test_builtin_checksum_for_the_official_release():
-    assert expected_checksums(OFFICIAL_URL) == (None, "5b3d6dddb579ab49814ab86dba69e7c7")
+def test_builtin_checksums_of_the_original_release():
+    # torchaudio's (sha256) and mirdata's (md5) for the original genres.tar.gz.
+    assert ORIGINAL_CHECKSUMS == {
+        "sha256": "24347e0223d2ba798e0a558c4c172d9d4a19c00bb7963fe055d183dadb4ef2c6",
+        "md5": "5b3d6dddb579ab49814ab86dba69e7c7",
+    }
+    both = (ORIGINAL_CHECKSUMS["sha256"], ORIGINAL_CHECKSUMS["md5"])
+    assert expected_checksums(OFFICIAL_URL) == both
     assert KNOWN_CHECKSUMS[OFFICIAL_URL]["md5"] == "5b3d6dddb579ab49814ab86dba69e7c7"
+    # "original" stands for them, for a copy from any source, in either option.
+    assert expected_checksums(HF_COPY_URL, sha256="original") == both
+    assert expected_checksums("/data/copy.tgz", md5=" Original ") == both
     # A checksum the user gives wins over the built-in one.
     assert expected_checksums(OFFICIAL_URL, sha256="a" * 64) == ("a" * 64, None)
     assert expected_checksums("https://example.org/genres.tar.gz") == (None, None)
@@ -394,3 +406,84 @@ def test_cli_prints_root_and_counts(au_archive, tmp_path, capsys):
     assert "md5 mismatch" in capsys.readouterr().err
     assert main([*argv, "--md5", "xyz"]) == 2
     assert "32 hexadecimal digits" in capsys.readouterr().err
+
+
+# --- the sources users have: a copy of the original archive, the Kaggle zip ---------------
+@pytest.fixture
+def original_is(monkeypatch):
+    """Make an archive of ours stand in for the original release (its checksums built in)."""
+
+    def stand_in(archive: Path) -> None:
+        monkeypatch.setitem(ORIGINAL_CHECKSUMS, "sha256", sha256_of(archive))
+        monkeypatch.setitem(
+            ORIGINAL_CHECKSUMS, "md5", hashlib.md5(archive.read_bytes()).hexdigest()
+        )
+
+    return stand_in
+
+
+def _packed(root: Path, out: Path):
+    return pack(root, out, clip_seconds=0.1, workers=1, progress=False)
+
+
+def test_a_copy_of_the_original_from_another_host_is_verified_and_packs(
+    au_archive, http_server, original_is, tmp_path, capsys
+):
+    original_is(au_archive)
+    # Re-hosted where the Hub keeps it; the address says nothing, the checksums do.
+    path = "/datasets/marsyas/gtzan/resolve/main/data/genres.tar.gz"
+    http_server.files[path] = au_archive.read_bytes()
+    out = tmp_path / "dataset"
+    argv = ["download", "--source", http_server.url(path), "--out", str(out)]
+    assert main([*argv, "--sha256", "original"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["total", str(10 * CLIPS_PER_GENRE)]
+    summary = _packed(out / "genres", tmp_path / "features.h5")
+    assert summary.clips == 10 * CLIPS_PER_GENRE and summary.skipped == []
+
+    # Without a checksum it is still recognised, and said so.
+    download(au_archive, tmp_path / "again", progress=False)
+    assert "the original genres.tar.gz (its checksums)" in capsys.readouterr().err
+
+
+def test_an_archive_that_is_not_the_original_is_refused(
+    au_archive, au_tree, original_is, tmp_path, capsys
+):
+    original_is(au_archive)
+    other = make_tar(tmp_path / "genres.tar.gz", au_tree, [_tar_member("genres/extra.txt")])
+    out = tmp_path / "out"
+    with pytest.raises(ChecksumMismatch, match="not a copy of the original genres.tar.gz"):
+        download(other, out, sha256="original", progress=False)
+    assert _listing(out) == []
+    argv = ["download", "--source", str(other), "--out", str(out), "--sha256", "original"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sha256 mismatch" in err and "pin its own --sha256" in err
+
+
+def make_kaggle_zip(base: Path) -> Path:
+    """The Kaggle copy's layout: Data/genres_original/<genre>/*.wav beside images and CSVs,
+    with jazz.00054.wav unreadable, as in the real one."""
+    data = base / "Data"
+    make_tree(data, folder="genres_original", suffix=".wav")
+    (data / "genres_original" / "jazz" / "jazz.00054.wav").write_bytes(b"\x00" * 4096)
+    for genre in GENRES:
+        (data / "images_original" / genre).mkdir(parents=True)
+        (data / "images_original" / genre / f"{genre}00000.png").write_bytes(b"\x89PNG\r\n")
+    (data / "features_30_sec.csv").write_text("filename,length,label\n")
+    (data / "features_3_sec.csv").write_text("filename,length,label\n")
+    return make_zip(base / "archive.zip", data)
+
+
+def test_the_kaggle_zip_packs_as_it_comes_and_names_its_corrupt_clip(tmp_path, capsys):
+    archive = make_kaggle_zip(tmp_path / "kaggle")
+    out = tmp_path / "dataset"
+    root = download(archive, out, sha256=sha256_of(archive), progress=False)
+    assert root == out / "Data" / "genres_original"
+    counts = count_clips(root)
+    assert counts == {g: CLIPS_PER_GENRE + (g == "jazz") for g in GENRES}
+
+    summary = _packed(root, tmp_path / "features.h5")
+    assert summary.clips == 10 * CLIPS_PER_GENRE
+    assert [name for name, _ in summary.skipped] == ["jazz.00054.wav"]
+    assert "skipped" in capsys.readouterr().err
+    assert "jazz.00054.wav" in describe(tmp_path / "features.h5")

@@ -26,18 +26,49 @@ from pathlib import Path, PurePosixPath
 from genreflow import __version__, storage
 from genreflow.data.genres import GENRES
 from genreflow.data.layout import AUDIO_SUFFIXES, find_dataset_root
-from genreflow.errors import GenreflowError
+from genreflow.errors import ChecksumMismatch, GenreflowError
 
-# The original release (the Marsyas download of genres.tar.gz). Its MD5 is the one
-# torchaudio's GTZAN dataset module (torchaudio/datasets/gtzan.py, _CHECKSUMS) and mirdata's
-# gtzan_genre loader list for this URL. The https:// form names the same file on the
-# same host.
-OFFICIAL_URL = "http://opihi.cs.uvic.ca/sound/genres.tar.gz"
-_OFFICIAL_MD5 = "5b3d6dddb579ab49814ab86dba69e7c7"
-KNOWN_CHECKSUMS: dict[str, dict[str, str]] = {
-    OFFICIAL_URL: {"md5": _OFFICIAL_MD5},
-    "https://opihi.cs.uvic.ca/sound/genres.tar.gz": {"md5": _OFFICIAL_MD5},
+# The original release, genres.tar.gz (about 1.2 GB). Its official address has been dead
+# since 2022 (pytorch/audio#2763, mir-dataset-loaders/mirdata#549 and #659), but copies of
+# the archive are still about, so its checksums identify it wherever it comes from: the
+# SHA-256 is the one torchaudio's GTZAN module carries for it (pytorch/audio,
+# torchaudio/datasets/gtzan.py, _CHECKSUMS), the MD5 the one mirdata's loader lists
+# (mirdata/datasets/gtzan_genre.py, REMOTES["all"]).
+ORIGINAL_ARCHIVE = "genres.tar.gz"
+ORIGINAL_CHECKSUMS = {
+    "sha256": "24347e0223d2ba798e0a558c4c172d9d4a19c00bb7963fe055d183dadb4ef2c6",
+    "md5": "5b3d6dddb579ab49814ab86dba69e7c7",
 }
+# Given as the checksum (--sha256 original), it stands for ORIGINAL_CHECKSUMS: the archive,
+# from any source, must be a byte-for-byte copy of the original release.
+ORIGINAL = "original"
+OFFICIAL_URL = "http://opihi.cs.uvic.ca/sound/genres.tar.gz"
+KNOWN_CHECKSUMS: dict[str, dict[str, str]] = {
+    OFFICIAL_URL: ORIGINAL_CHECKSUMS,
+    "https://opihi.cs.uvic.ca/sound/genres.tar.gz": ORIGINAL_CHECKSUMS,
+}
+
+# Where GTZAN can be had now. The Hub address is the form Hugging Face serves a dataset
+# repository's file at (/datasets/OWNER/NAME/resolve/REVISION/PATH), as public download
+# scripts use it for this file; it was not reachable from where this was written, so
+# whether it is byte-identical to the original is for --sha256 original to say.
+HF_COPY_URL = "https://huggingface.co/datasets/marsyas/gtzan/resolve/main/data/genres.tar.gz"
+KAGGLE_PAGE = (
+    "https://www.kaggle.com/datasets/andradaolteanu/gtzan-dataset-music-genre-classification"
+)
+SOURCES = (
+    f"a copy of the original genres.tar.gz, e.g. {HF_COPY_URL}, with --sha256 {ORIGINAL} "
+    "(checked against the original's checksums)",
+    f"the Kaggle copy's zip as downloaded ({KAGGLE_PAGE}; its unreadable "
+    "jazz.00054.wav is skipped), with --sha256 of your download",
+    "or a folder where either is already extracted",
+)
+
+
+def sources_hint() -> str:
+    """The sources above as one line, for an error message."""
+    return "; ".join(SOURCES)
+
 
 MARKER_NAME = ".genreflow-download.json"
 DOWNLOAD_DIR = ".download"
@@ -48,13 +79,22 @@ _CHUNK_BYTES = 1 << 20
 def expected_checksums(
     source: str, sha256: str | None = None, md5: str | None = None
 ) -> tuple[str | None, str | None]:
-    """The checksums to verify ``source`` against: the user's, else the built-in ones."""
+    """The checksums to verify ``source`` against: the user's, else the built-in ones.
+
+    ``original`` for either checksum stands for the original release's (ORIGINAL_CHECKSUMS).
+    """
+    if ORIGINAL in (_keyword(sha256), _keyword(md5)):
+        return ORIGINAL_CHECKSUMS["sha256"], ORIGINAL_CHECKSUMS["md5"]
     sha256 = storage.normalize_checksum(sha256, "sha256")
     md5 = storage.normalize_checksum(md5, "md5")
     if sha256 is None and md5 is None:
         known = KNOWN_CHECKSUMS.get(str(source), {})
         return known.get("sha256"), known.get("md5")
     return sha256, md5
+
+
+def _keyword(value: str | None) -> str | None:
+    return value.strip().lower() if value else None
 
 
 def count_clips(root: str | Path) -> dict[str, int]:
@@ -86,11 +126,12 @@ def download(
             archive (.tar.gz, .tgz, .tar, .zip), or a folder that is already extracted
             (validated and returned as it is; nothing is copied).
         out: the folder that receives the extracted tree.
-        sha256: expected SHA-256 of the archive.
-        md5: expected MD5 of the archive. For the official release URL a known MD5 is
-            built in; for any other source without a checksum, the archive's SHA-256 is
-            printed so that it can be pinned.
-        progress: show progress bars on stderr.
+        sha256: expected SHA-256 of the archive, or ``original``: a copy of the original
+            genres.tar.gz, checked against its built-in SHA-256 and MD5.
+        md5: expected MD5 of the archive. For the official release URL the original's
+            checksums are built in; for any other source without a checksum, the
+            archive's SHA-256 is printed so that it can be pinned.
+        progress: report progress on stderr (a bar on a terminal, else a line at intervals).
 
     Returns:
         The folder that holds the genre folders (``out/genres`` for the original release,
@@ -128,17 +169,28 @@ def download(
         return root
 
     name = storage.file_name_of(source) or "archive"
-    if path is None:
-        archive, actual = _fetch_archive(source, out, name, sha256, md5, progress)
-    else:
-        archive = path
-        actual = storage.verify(path, sha256=sha256, md5=md5, label=source)
+    try:
+        if path is None:
+            archive, actual = _fetch_archive(source, out, name, sha256, md5, progress)
+        else:
+            archive = path
+            actual = storage.verify(path, sha256=sha256, md5=md5, label=source)
+    except ChecksumMismatch as exc:
+        if sha256 != ORIGINAL_CHECKSUMS["sha256"]:
+            raise
+        raise ChecksumMismatch(
+            f"{exc}: not a copy of the original {ORIGINAL_ARCHIVE} (damaged, altered or "
+            "another archive; to use it anyway, pin its own --sha256)"
+        ) from exc
     if sha256 is None and md5 is None:
-        print(
-            f"{source}: sha256 {actual['sha256']} (no checksum given; "
-            f"pass --sha256 {actual['sha256']} to pin this archive)",
-            file=sys.stderr,
-        )
+        if actual["sha256"] == ORIGINAL_CHECKSUMS["sha256"]:
+            print(f"{source}: the original {ORIGINAL_ARCHIVE} (its checksums)", file=sys.stderr)
+        else:
+            print(
+                f"{source}: sha256 {actual['sha256']} (no checksum given; "
+                f"pass --sha256 {actual['sha256']} to pin this archive)",
+                file=sys.stderr,
+            )
 
     label = f"{source} ({name})" if path is None else source
     staging = _extract_to_staging(archive, out, label)

@@ -80,7 +80,7 @@ def make_synthetic_gtzan(
             for sets that must match a published split list; clip `jazz.00054.au` is the
             same audio whether it is made this way or as one of `clips_per_genre`.
         workers: processes that make clips (the archive is the same for any number).
-        progress: show a progress bar on stderr.
+        progress: report progress on stderr (a bar on a terminal, else a line at intervals).
 
     Returns:
         The archive's path and its sha256 (hex).
@@ -165,11 +165,9 @@ def _write_members(
     tasks = [payload for _, payload in members if isinstance(payload, tuple)]
     clips = _render(tasks, workers)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from genreflow.progress import progress_bar
 
-        bar = tqdm(total=len(tasks), unit="clip", desc="synth")
+    bar = progress_bar(len(tasks), desc="synth", unit="clip", enabled=progress)
     try:
         for path, payload in members:
             info = tarfile.TarInfo(path)
@@ -185,12 +183,11 @@ def _write_members(
             info.mode = 0o644
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-            if bar is not None and not isinstance(payload, str):
+            if not isinstance(payload, str):
                 bar.update(1)
     finally:
         clips.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def _clip_file(task: tuple[str, int, float, int]) -> bytes:
