@@ -100,6 +100,18 @@ def _gs_folder(uri: str) -> str:
     return f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
 
 
+def redacted(uri: str | Path) -> str:
+    """`uri` as it may be shown or recorded: without a user:password@ part and without a
+    query string, where signed URLs carry their signature (X-Goog-Signature, sig=...)."""
+    uri = str(uri)
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or parts.scheme == "file" and not parts.netloc:
+        return uri
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "REDACTED" if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def file_name_of(uri: str | Path) -> str:
     """The last path component of a path or URI, e.g. 'genres.tar.gz'; '' if it has none."""
     path = local_path(uri)

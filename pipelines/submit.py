@@ -29,8 +29,10 @@ from pathlib import Path
 
 import yaml
 
+from genreflow.components.images import CPU_IMAGE, GPU_IMAGE
 from genreflow.errors import GenreflowError
 from genreflow.pipelines.cv import ACCELERATOR, PIPELINE_NAME
+from genreflow.storage import redacted
 
 # dsl.Collected and the final-status exit handler need a 2.14 backend; ParallelFor's
 # parallelism needs 2.4. An older backend accepts the run and then fails it part way.
@@ -261,6 +263,97 @@ def prepare_package(
     )
     add_gpu_placement(path, gpu_node_selector, gpu_tolerations)
     return path
+
+
+# --- what a cluster run needs that a local one does not ----------------------------------
+# Kubernetes names a GPU as an extended resource (vendor domain / name); Vertex AI by its
+# own enum (google.cloud.aiplatform_v1.types.AcceleratorType): NVIDIA_L4, NVIDIA_H100_80GB...
+KUBERNETES_RESOURCE = re.compile(r"^[a-z0-9][a-z0-9.-]*\.[a-z]+/[a-z0-9][a-z0-9._-]*$")
+VERTEX_ACCELERATOR = re.compile(r"^(NVIDIA|TPU)_[A-Z0-9_]+$")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def check_accelerator(accelerator: str | None, *, vertex: bool) -> str:
+    """The accelerator name, checked against the backend's naming; KFP's default if none."""
+    if vertex:
+        if not accelerator or not VERTEX_ACCELERATOR.match(accelerator):
+            raise SubmitError(
+                f"--accelerator {accelerator or '(none)'}: Vertex AI names its GPUs by type, "
+                "e.g. --accelerator NVIDIA_L4 or NVIDIA_H100_80GB"
+            )
+        return accelerator
+    accelerator = accelerator or ACCELERATOR
+    if not KUBERNETES_RESOURCE.match(accelerator):
+        raise SubmitError(
+            f"--accelerator {accelerator}: Kubeflow Pipelines asks Kubernetes for a resource "
+            f"such as {ACCELERATOR} or amd.com/gpu (names such as NVIDIA_L4 are Vertex AI's)"
+        )
+    return accelerator
+
+
+def tracked_arguments(
+    arguments: Mapping[str, object], *, environ: Mapping[str, str], no_tracking: bool
+) -> dict:
+    """The run's arguments with the MLflow server the pods log to: --param tracking_uri, else
+    the submitter's MLFLOW_TRACKING_URI. Tracking is never off unless asked (--no-tracking),
+    and a server on this machine is refused: the pods cannot reach it."""
+    given = str(arguments.get("tracking_uri") or "")
+    if no_tracking:
+        if given:
+            raise SubmitError(f"--no-tracking and --param tracking_uri={given}: choose one")
+        return {**arguments, "tracking_uri": ""}
+    uri = given or environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise SubmitError(
+            "no MLflow server for the run: give --param tracking_uri=http://HOST:PORT (one the "
+            "pipeline's pods reach) or set MLFLOW_TRACKING_URI; --no-tracking runs untracked"
+        )
+    scheme, _, rest = uri.partition("://")
+    host = rest.split("/", 1)[0].rpartition("@")[2].rsplit(":", 1)[0].strip("[]")
+    if scheme not in ("http", "https", "databricks") or host in LOCAL_HOSTS:
+        source = "--param tracking_uri" if given else "MLFLOW_TRACKING_URI"
+        raise SubmitError(
+            f"{source}: {redacted(uri)} is on this machine; the pipeline's pods need a "
+            "server they reach, e.g. http://mlflow.genreflow.svc.cluster.local:5000"
+        )
+    return {**arguments, "tracking_uri": uri}
+
+
+def cluster_images(
+    image_cpu: str | None, image_gpu: str | None, images_file: str | Path | None
+) -> tuple[str, str]:
+    """(cpu, gpu): the references a cluster pulls, --image-cpu/--image-gpu over the pushed
+    refs of `make images`' images.json. The components' own names are placeholders that no
+    registry serves, and an image built but not pushed exists only on the machine that
+    built it: both are refused."""
+    refs: dict[str, str] = {}
+    if images_file:
+        path = Path(images_file)
+        try:
+            built = json.loads(path.read_text())
+            pushed = built["pushed"]
+            refs = {kind: built[kind]["ref"] for kind in ("cpu", "gpu")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SubmitError(
+                f"{path}: not an images file of `make images` ({type(exc).__name__}: {exc})"
+            ) from None
+        if not pushed and not (image_cpu and image_gpu):
+            raise SubmitError(
+                f"{path}: its images were built but not pushed, so no cluster can pull them; "
+                "make images IMAGE_BUILD_ARGS=--push records the registry's digests"
+            )
+    chosen = {"cpu": image_cpu or refs.get("cpu"), "gpu": image_gpu or refs.get("gpu")}
+    placeholders = {"cpu": CPU_IMAGE, "gpu": GPU_IMAGE}
+    missing = [kind for kind, ref in chosen.items() if not ref or ref == placeholders[kind]]
+    if missing:
+        kinds = " and ".join(kind.upper() for kind in missing)
+        raise SubmitError(
+            f"no image a cluster can pull for the {kinds} steps (the "
+            f"components name {', '.join(placeholders[k] for k in missing)}, which no registry "
+            "serves): push them with make images IMAGE_BUILD_ARGS=--push and pass --images "
+            "workspace/images.json, or --image-cpu/--image-gpu REF"
+        )
+    return chosen["cpu"], chosen["gpu"]
 
 
 # --- credentials and the backend's version -----------------------------------------------
@@ -587,6 +680,8 @@ def submit(
     accelerator: str | None = None,
     image_cpu: str | None = None,
     image_gpu: str | None = None,
+    images_file: str | Path | None = None,
+    no_tracking: bool = False,
     gpu_node_selector: Mapping[str, str] | None = None,
     gpu_tolerations: list[dict] | None = None,
     skip_version_check: bool = False,
@@ -601,9 +696,15 @@ def submit(
     """Compile, check and submit one run; with `wait`, follow it to its end.
 
     Returns the run; `run.succeeded` says how it ended when waited for. Raises SubmitError
-    (a GenreflowError) for anything that stops the submission, with a one-line message.
+    (a GenreflowError) for anything that stops the submission, with a one-line message:
+    among them no tracking URI (see tracked_arguments), placeholder or unpushed images (see
+    cluster_images), an accelerator named the Vertex way.
     """
     host = normalise_host(host)
+    environ = os.environ if environ is None else environ
+    arguments = tracked_arguments(arguments, environ=environ, no_tracking=no_tracking)
+    image_cpu, image_gpu = cluster_images(image_cpu, image_gpu, images_file)
+    accelerator = check_accelerator(accelerator, vertex=False)
     credentials = resolve_credentials(environ)
     with tempfile.TemporaryDirectory(prefix="genreflow-submit-") as tmp:
         package = prepare_package(
@@ -653,6 +754,9 @@ def submit_vertex(
     accelerator: str | None = None,
     image_cpu: str | None = None,
     image_gpu: str | None = None,
+    images_file: str | Path | None = None,
+    no_tracking: bool = False,
+    environ: Mapping[str, str] | None = None,
     on_created: Callable[[SubmittedRun], None] | None = None,
     wait: bool = False,
 ) -> SubmittedRun:
@@ -667,6 +771,10 @@ def submit_vertex(
         raise SubmitError(f"--vertex {project_region!r}: expected PROJECT/REGION")
     if not (pipeline_root or "").startswith("gs://"):
         raise SubmitError("Vertex AI needs --pipeline-root gs://BUCKET/PATH for the run's outputs")
+    environ = os.environ if environ is None else environ
+    arguments = tracked_arguments(arguments, environ=environ, no_tracking=no_tracking)
+    image_cpu, image_gpu = cluster_images(image_cpu, image_gpu, images_file)
+    accelerator = check_accelerator(accelerator, vertex=True)
     try:
         from google.cloud import aiplatform
     except ImportError:

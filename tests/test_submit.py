@@ -23,6 +23,7 @@ from genreflow.pipelines.submit import (
     Credentials,
     SubmitError,
     add_gpu_placement,
+    check_accelerator,
     check_arguments,
     parse_params,
     parse_toleration,
@@ -35,6 +36,9 @@ from genreflow.pipelines.submit import (
 
 TOKEN = "tok-3f9c1b7e5d2a48c6-never-shown"
 SOURCE = "gs://genreflow-data/genres.tar.gz"
+MLFLOW = "http://mlflow.genreflow.svc.cluster.local:5000"
+IMAGE_CPU = "registry.example/genreflow@sha256:" + "a" * 64
+IMAGE_GPU = "registry.example/genreflow-cuda@sha256:" + "b" * 64
 
 
 # --- a recording stand-in for the KFP REST API -------------------------------------------
@@ -139,10 +143,14 @@ def environment(monkeypatch, tmp_path):
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-such-token"))
     monkeypatch.delenv("KF_PIPELINES_UI_ENDPOINT", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # kfp reads ~/.config/kfp/context.json
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", MLFLOW)  # the submitter's, passed on to the run
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    status = main(["submit", *argv])
+    """`genreflow submit ARGV`, with pushed images unless ARGV names its own."""
+    images = [] if any(a.startswith("--image") for a in argv) else ["--image-cpu", IMAGE_CPU]
+    images += [] if any(a.startswith("--image") for a in argv) else ["--image-gpu", IMAGE_GPU]
+    status = main(["submit", *argv, *images])
     out, err = capsys.readouterr()
     assert TOKEN not in out and TOKEN not in err
     return status, out, err
@@ -359,6 +367,7 @@ def test_new_backend_gets_the_run_the_user_asked_for(environment, capsys, tmp_pa
             "--param", "folds=[1,2]",
             "--param", "tracking_uri=http://mlflow.genreflow.svc.cluster.local:5000",
             "--parallelism", "2",
+            "--image-cpu", IMAGE_CPU,
             "--image-gpu", "registry.example/genreflow-cuda@sha256:" + "c" * 64,
             "--gpu-toleration", "nvidia.com/gpu:NoSchedule",
             "--service-account", "genreflow-pipeline-runner",
@@ -483,7 +492,7 @@ def test_backend_errors_are_one_line_and_never_carry_the_token(
     with FakeKfp() as kfp:
         kfp.healthz_status, kfp.healthz_body = status_code, body
         with pytest.raises(SubmitError) as caught:
-            submit(kfp.url, {"source": SOURCE})
+            submit(kfp.url, {"source": SOURCE}, image_cpu=IMAGE_CPU, image_gpu=IMAGE_GPU)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     error: BaseException | None = caught.value
     while error is not None:  # nor anywhere in the exception chain
@@ -502,7 +511,8 @@ def test_unreachable_host_from_the_real_command(tmp_path):
     genreflow = Path(sys.executable).with_name("genreflow")
     done = subprocess.run(
         [str(genreflow), "submit", "--host", f"http://127.0.0.1:{port}",
-         "--param", f"source={SOURCE}", "--wait"],
+         "--param", f"source={SOURCE}", "--param", f"tracking_uri={MLFLOW}",
+         "--image-cpu", IMAGE_CPU, "--image-gpu", IMAGE_GPU, "--wait"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and done.stdout == ""
@@ -523,8 +533,110 @@ def test_vertex_without_its_library_says_what_to_install(environment, capsys):
         pytest.skip("google-cloud-aiplatform is installed: its absence cannot be shown")
     status, _, err = run_cli(
         capsys, "--vertex", "my-project/europe-west4", "--param", f"source={SOURCE}",
-        "--pipeline-root", "gs://genreflow-data/vertex",
+        "--pipeline-root", "gs://genreflow-data/vertex", "--accelerator", "NVIDIA_L4",
     )  # fmt: skip
     assert status == 2 and "needs google-cloud-aiplatform" in err
     status, _, err = run_cli(capsys, "--vertex", "my-project", "--param", f"source={SOURCE}")
     assert status == 2 and "expected PROJECT/REGION" in err
+
+
+# --- nothing silently off ----------------------------------------------------------------
+def test_no_tracking_uri_is_refused_unless_asked(environment, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with FakeKfp() as kfp:
+        status, out, err = run_cli(capsys, "--host", kfp.url, "--param", f"source={SOURCE}")
+        assert status == 2 and out == "" and err.count("\n") == 1
+        assert "no MLflow server for the run" in err and "--no-tracking" in err
+        assert kfp.requests == []  # refused before anything was sent
+        status, _, _ = run_cli(
+            capsys, "--host", kfp.url, "--param", f"source={SOURCE}", "--no-tracking"
+        )
+        assert status == 0
+    (created,) = kfp.calls("POST", "/apis/v2beta1/runs")
+    assert created["body"]["runtime_config"]["parameters"]["tracking_uri"] == ""
+
+
+def test_the_submitters_tracking_uri_is_passed_on(environment, capsys):
+    with FakeKfp() as kfp:
+        status, _, _ = run_cli(capsys, "--host", kfp.url, "--param", f"source={SOURCE}")
+    assert status == 0
+    (created,) = kfp.calls("POST", "/apis/v2beta1/runs")
+    assert created["body"]["runtime_config"]["parameters"]["tracking_uri"] == MLFLOW
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///home/me/mlflow.db",
+        "http://127.0.0.1:5000",
+        "http://admin:s3cret@localhost:5000",
+        "./mlruns",
+    ],
+)
+def test_a_tracking_server_on_this_machine_is_refused(environment, capsys, uri):
+    status, out, err = run_cli(
+        capsys, "--host", "http://127.0.0.1:9", "--param", f"source={SOURCE}",
+        "--param", f"tracking_uri={uri}",
+    )  # fmt: skip
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert "is on this machine; the pipeline's pods need a server they reach" in err
+    assert "s3cret" not in err
+    status, _, err = run_cli(
+        capsys, "--host", "http://127.0.0.1:9", "--param", f"source={SOURCE}",
+        "--param", f"tracking_uri={MLFLOW}", "--no-tracking",
+    )  # fmt: skip
+    assert status == 2 and "--no-tracking and --param tracking_uri" in err
+
+
+def test_placeholder_and_unpushed_images_are_refused(environment, capsys, tmp_path):
+    from genreflow.components.images import CPU_IMAGE, GPU_IMAGE
+
+    base = ["--host", "http://127.0.0.1:9", "--param", f"source={SOURCE}"]
+    status, _, err = run_cli(capsys, *base, "--image-cpu", CPU_IMAGE, "--image-gpu", GPU_IMAGE)
+    assert status == 2 and err.count("\n") == 1
+    assert (
+        f"no image a cluster can pull for the CPU and GPU steps (the components name {CPU_IMAGE}"
+        in err
+    )
+    status, _, err = run_cli(capsys, *base, "--image-cpu", IMAGE_CPU)
+    assert status == 2 and "for the GPU steps" in err and "--images workspace/images.json" in err
+
+    built = {
+        "pushed": False,
+        **{k: {"ref": f"registry.example/x-{k}:0123abcd"} for k in ("cpu", "gpu")},
+    }
+    images = tmp_path / "images.json"
+    images.write_text(json.dumps(built))
+    status, _, err = run_cli(capsys, *base, "--images", str(images))
+    assert status == 2 and "built but not pushed" in err
+    images.write_text("{")
+    status, _, err = run_cli(capsys, *base, "--images", str(images))
+    assert status == 2 and f"{images}: not an images file of `make images`" in err
+
+
+def test_pushed_images_from_make_images_are_the_ones_sent(environment, capsys, tmp_path):
+    images = tmp_path / "images.json"
+    refs = {"cpu": IMAGE_CPU, "gpu": IMAGE_GPU}
+    images.write_text(json.dumps({"pushed": True, **{k: {"ref": r} for k, r in refs.items()}}))
+    with FakeKfp() as kfp:
+        status, _, _ = run_cli(
+            capsys, "--host", kfp.url, "--param", f"source={SOURCE}", "--images", str(images)
+        )
+    assert status == 0
+    (created,) = kfp.calls("POST", "/apis/v2beta1/runs")
+    sent = created["body"]["pipeline_spec"]
+    # kfp's client sends the spec itself, or {pipeline_spec, platform_spec} when there is one
+    executors = sent.get("pipeline_spec", sent)["deploymentSpec"]["executors"]
+    assert executors["exec-train"]["container"]["image"] == IMAGE_GPU
+    assert executors["exec-pack"]["container"]["image"] == IMAGE_CPU
+
+
+def test_accelerator_names_follow_the_backend():
+    assert check_accelerator(None, vertex=False) == "nvidia.com/gpu"
+    assert check_accelerator("amd.com/gpu", vertex=False) == "amd.com/gpu"
+    assert check_accelerator("NVIDIA_H100_80GB", vertex=True) == "NVIDIA_H100_80GB"
+    with pytest.raises(SubmitError, match="NVIDIA_L4 are Vertex AI's"):
+        check_accelerator("NVIDIA_L4", vertex=False)
+    for name in (None, "nvidia.com/gpu"):
+        with pytest.raises(SubmitError, match="Vertex AI names its GPUs by type"):
+            check_accelerator(name, vertex=True)
