@@ -537,6 +537,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a pipeline argument (JSON value), e.g. --set folds=[1,2] --set lr=3e-4",
     )
+    p.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: every step in this Python environment (default); docker: every "
+        "step in its image through the Docker API at DOCKER_HOST (Docker or podman), on the "
+        "host's network",
+    )
+    p.add_argument("--image-cpu", help="--runner docker: the image of the CPU steps")
+    p.add_argument("--image-gpu", help="--runner docker: the image of the training step")
     p.set_defaults(func=_run_run)
 
 
@@ -585,6 +595,8 @@ def _run_run(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         overrides=overrides,
         cache=not args.no_cache,
+        runner=args.runner,
+        images={"cpu": args.image_cpu, "gpu": args.image_gpu},
     )
     from genreflow.aggregate import headline
 
@@ -751,6 +763,18 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-cpu", help="image for the CPU steps (a digest from make images)")
     p.add_argument("--image-gpu", help="image for the GPU steps (a digest from make images)")
     p.add_argument(
+        "--images",
+        type=Path,
+        metavar="FILE",
+        help="the pushed images of `make images IMAGE_BUILD_ARGS=--push` (workspace/images.json)",
+    )
+    p.add_argument(
+        "--no-tracking",
+        action="store_true",
+        help="submit a run that logs nothing to MLflow (otherwise --param tracking_uri or "
+        "MLFLOW_TRACKING_URI must name a server the pods reach)",
+    )
+    p.add_argument(
         "--gpu-node-selector",
         action="append",
         default=[],
@@ -819,6 +843,8 @@ def _run_submit(args: argparse.Namespace) -> int:
         accelerator=args.accelerator,
         image_cpu=args.image_cpu,
         image_gpu=args.image_gpu,
+        images_file=args.images,
+        no_tracking=args.no_tracking,
         on_created=created,
         wait=args.wait,
     )

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES
+
+RUNNERS = ("subprocess", "docker")
 
 
 def demo_source(workspace: Path) -> tuple[str, str]:
@@ -32,6 +36,8 @@ def run_local(
     tracking_uri: str | None = None,
     overrides: dict | None = None,
     cache: bool = True,
+    runner: str = "subprocess",
+    images: Mapping[str, str] | None = None,
 ) -> dict:
     """Run the whole DAG locally; return the aggregate report (report.json, plus
     `results_dir`: where it and the other report files are).
@@ -46,6 +52,12 @@ def run_local(
         tracking_uri: MLflow; default MLFLOW_TRACKING_URI or workspace/mlflow.db.
         overrides: pipeline arguments that replace the profile's (e.g. folds, iterations).
         cache: reuse unchanged download/pack/embed results from earlier runs.
+        runner: "subprocess", every step in this Python environment; or "docker", every step
+            in its image through a Docker API (DOCKER_HOST: Docker, or podman's), as the
+            image's user, on the host's network (so 127.0.0.1 is the host's servers), with
+            the pipeline root mounted at the same path.
+        images: {"cpu": ref, "gpu": ref}, the images the steps run in with runner="docker"
+            (a tag or digest present locally; default: the components' own references).
     """
     from genreflow.data.download import sources_hint
     from genreflow.errors import GenreflowError
@@ -59,8 +71,11 @@ def run_local(
             "(README.md, Real data)"
         )
 
+    if runner not in RUNNERS:
+        raise GenreflowError(f"unknown runner {runner!r}; known: {', '.join(RUNNERS)}")
     from kfp import local
 
+    from genreflow.pipelines.compile import images as pipeline_images
     from genreflow.pipelines.cv import build_pipeline
     from genreflow.tracking import default_tracking_uri
 
@@ -77,21 +92,33 @@ def run_local(
         **(overrides or {}),
     }
     print(f"genreflow run: profile {profile}, arguments {json.dumps(arguments)}", file=sys.stderr)
+    runs = workspace / "kfp"
+    runs.mkdir(exist_ok=True)
+    if runner == "docker":
+        # The images run as their own user (uid 10001), which must write the outputs that
+        # the host-side runner lays out: the root and what is made under it, for anyone.
+        runs.chmod(0o1777)
+        kfp_runner = local.DockerRunner(network_mode="host")
+    else:
+        kfp_runner = local.SubprocessRunner(use_venv=False)
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(workspace / "kfp"),
+        runner=kfp_runner,
+        pipeline_root=str(runs),
         enable_caching=cache,
         cache_root=str(workspace / "kfp-cache"),
     )
     # kfp.local swaps builtins.print for an indenting one while a task runs and can leave
     # it swapped; numba (librosa), imported later in this process, then fails to start.
     original_print = builtins.print
-    runs = workspace / "kfp"
-    before = set(runs.iterdir()) if runs.is_dir() else set()
+    before = set(runs.iterdir())
+    umask = os.umask(0o000) if runner == "docker" else None
     try:
-        build_pipeline()(**arguments)
+        with pipeline_images(**(images or {})):
+            build_pipeline()(**arguments)
     finally:
         builtins.print = original_print
+        if umask is not None:
+            os.umask(umask)
     # A pipeline returns no output from inside an exit handler: the run's outputs are
     # read where kfp.local puts them, <pipeline root>/<run>/<task>/<output>.
     (run,) = set(runs.iterdir()) - before
