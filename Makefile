@@ -64,13 +64,16 @@ clean: ## remove the workspace (outputs of make run)
 
 ## extra arguments for docker/build.sh, e.g. IMAGE_BUILD_ARGS=--push (then the digests are the registry's)
 IMAGE_BUILD_ARGS ?=
-.PHONY: images image-test
+.PHONY: images image-test dag-test
 
 images: ## build and tag the CPU and CUDA images (docker or podman); ids and digests -> $(WORKSPACE)/images.json
 	TORCH_INDEX="$(TORCH_INDEX)" docker/build.sh --out $(WORKSPACE)/images.json $(IMAGE_BUILD_ARGS)
 
 image-test: install ## as root: build both images with podman, run pack and a fold in the CPU one, compare with outside
 	TORCH_PIN="$(TORCH_PIN)" TORCH_INDEX="$(TORCH_INDEX)" VENV=$(VENV) docker/image-test.sh
+
+dag-test: image-test ## as root: the whole DAG (both branches), every step in those images via podman, equal to the subprocess run
+	$(BIN)/pytest -m containers tests/containers $(PYTEST_ARGS)
 
 ## arguments for every benchmark script: --quick (what make bench runs, minutes) or empty for the full runs
 BENCH_ARGS ?= --quick

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,35 @@ from pathlib import Path
 from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES
 
 RUNNERS = ("subprocess", "docker")
+
+
+def _wait_for_every_container() -> None:
+    """Make kfp.local's DockerRunner read each container's exit status for certain.
+
+    kfp 2.17's docker_task_handler.run_docker_container starts containers with
+    auto_remove=True and, when the container is gone before it asks how it ended, takes
+    that for success (status 0). A step that fails fast can then pass; and podman answers
+    such a late question with HTTP 500, not 404, which kfp does not catch. Here a container
+    is kept until its status is read, then removed.
+    """
+    from kfp.local import docker_task_handler
+
+    def run_container(client, image, command, volumes, **run_args) -> int:
+        image = docker_task_handler.add_latest_tag_if_not_present(image=image)
+        if not client.images.list(name=image):
+            print(f"Pulling image {image!r}")
+            client.images.pull(image)
+        container = client.containers.run(
+            image=image, command=command, detach=True, volumes=volumes, **run_args
+        )
+        try:
+            for line in container.logs(stream=True, follow=True):
+                print(line.decode(errors="replace"), end="")
+            return int(container.wait()["StatusCode"])
+        finally:
+            container.remove(force=True)
+
+    docker_task_handler.run_docker_container = run_container
 
 
 def demo_source(workspace: Path) -> tuple[str, str]:
@@ -99,6 +127,7 @@ def run_local(
         # the host-side runner lays out: the root and what is made under it, for anyone.
         runs.chmod(0o1777)
         kfp_runner = local.DockerRunner(network_mode="host")
+        _wait_for_every_container()
     else:
         kfp_runner = local.SubprocessRunner(use_venv=False)
     local.init(
@@ -111,14 +140,11 @@ def run_local(
     # it swapped; numba (librosa), imported later in this process, then fails to start.
     original_print = builtins.print
     before = set(runs.iterdir())
-    umask = os.umask(0o000) if runner == "docker" else None
     try:
         with pipeline_images(**(images or {})):
             build_pipeline()(**arguments)
     finally:
         builtins.print = original_print
-        if umask is not None:
-            os.umask(umask)
     # A pipeline returns no output from inside an exit handler: the run's outputs are
     # read where kfp.local puts them, <pipeline root>/<run>/<task>/<output>.
     (run,) = set(runs.iterdir()) - before
