@@ -19,6 +19,7 @@ import ctypes
 import multiprocessing
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -380,7 +381,9 @@ class _Decoding:
             return self
         slots = self._tasks_in_flight * CLIPS_PER_TASK
         try:
-            self._shm = shared_memory.SharedMemory(create=True, size=slots * self._n_samples * 2)
+            self._shm = shared_memory.SharedMemory(
+                name=shm_name(), create=True, size=slots * self._n_samples * 2
+            )
         except OSError as exc:
             raise GenreflowError(
                 f"cannot create the decoding workers' shared memory ({SHM_FOLDER}): {exc}; "
@@ -534,6 +537,12 @@ def _exit_description(exitcode: int) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exit status {exitcode}"
+
+
+def shm_name(pid: int | None = None) -> str:
+    """A new name for a pack's ring in /dev/shm, that says whose it is: an operator (or a
+    test) can tell a pack's segment, and the process it belongs to, from any other."""
+    return f"genreflow-pack-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

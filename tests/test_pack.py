@@ -360,7 +360,8 @@ def test_workers_are_fewer_where_shared_memory_is_small(workers, shm_free, expec
 
 
 def shm_segments():
-    return set(Path("/dev/shm").glob("psm_*"))
+    """This process's pack rings in /dev/shm (others' may come and go meanwhile)."""
+    return set(Path("/dev/shm").glob(features.shm_name().rsplit("-", 1)[0] + "-*"))
 
 
 def pack_workers():
