@@ -40,16 +40,17 @@ def aggregate(
     import os
     import shutil
 
+    from genreflow.aggregate import REPORT_HTML, flat_metrics
     from genreflow.aggregate import aggregate as pool
-    from genreflow.aggregate import flat_metrics
     from genreflow.audio import clip_samples
     from genreflow.data.genres import GENRES
+    from genreflow.fold_result import BEST, HEAD
     from genreflow.tracking import finish_pipeline_run, log_ensemble, report_tags
 
     fold_dirs = [fold.path for fold in folds]
     needed = min_folds or len(expected_folds)
     summary = pool(fold_dirs, results.path, expected_folds=expected_folds, min_folds=needed)
-    shutil.copyfile(os.path.join(results.path, "report.html"), report.path)
+    shutil.copyfile(os.path.join(results.path, REPORT_HTML), report.path)
     headline = flat_metrics(summary)
     for key, value in headline.items():
         metrics.log_metric(key, value)
@@ -57,7 +58,7 @@ def aggregate(
     if tracking_uri:
         # A frozen base is stored once beside the folds' heads; else each fold is whole.
         base = os.path.join(embeddings.path, "base.pth") if embeddings else None
-        checkpoint = "head.pth" if embeddings else "best.pth"  # the selected checkpoints
+        checkpoint = HEAD if embeddings else BEST  # the selected checkpoints
         # The folds the report used: a failed fold may still hold a checkpoint.
         usable = [row["dir"] for row in summary["folds"]]
         model_uri = log_ensemble(

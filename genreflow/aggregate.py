@@ -49,15 +49,22 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 from genreflow import __version__
-from genreflow.data.genres import GENRE_INDEX, GENRES
+from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import (
+    SPLIT_COUNTS,
+    SPLIT_NAMES,
+    SUMMARY,
+    FailedFold,
+    FoldResult,
+    read_fold,
+)
 from genreflow.splits import DEFAULT_PROTOCOL, SELECTIONS  # "heldout": the seed's choice
 
 PROTOCOL_LABELS: dict[str, str] = {
@@ -66,20 +73,9 @@ PROTOCOL_LABELS: dict[str, str] = {
 }
 # What a fold is called in the report: cv10 folds partition the data, filtered ones repeat it.
 FOLD_NOUN = {"cv10": "fold", "filtered": "repetition"}
-SPLIT_COUNTS = ("train", "valid", "test", "excluded", "missing")
-SPLIT_NAMES = ("excluded_names", "missing_names")
 CONFIDENCE_LEVEL = 0.95
-# How far from 1 a row of probabilities may sum. genreflow writes float32 softmax output,
-# normalised in float64, as 8 significant digits; the bound is for rows that passed through
-# bf16 (8 significant bits: each value within 2**-8 of itself, so the sum within 2**-8 of 1),
-# as a fold trained under bf16 autocast before its head was kept in float32 wrote them.
-# Accepted rows are renormalised, so every later average is over distributions.
-PROBABILITY_SUM_TOLERANCE = 2.0**-8
 TOP_CONFUSED_PAIRS = 5
 
-PREDICTIONS_FILE = "predictions.csv"
-SUMMARY_FILE = "summary.json"
-FAILED_FILE = "failed.json"  # left by a fold step that failed while partial results were allowed
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 CONFUSION_CSV = "confusion.csv"
@@ -124,211 +120,6 @@ def selection_label(selection: str | None, protocol: str) -> str | None:
         return "checkpoint chosen on the validation split"
     held_out = "held-out fold" if protocol == "cv10" else "held-out test split"
     return f"checkpoint chosen on the {held_out}, as the seed did: optimistic"
-
-
-@dataclass
-class _FoldPredictions:
-    fold: int
-    directory: Path
-    audio_names: list[str]
-    true_index: np.ndarray  # (n,) genre index of the true genre
-    probabilities: np.ndarray  # (n, len(GENRES)), columns in GENRES order
-    n_train: int | None
-    summary: dict
-
-    @property
-    def predicted_index(self) -> np.ndarray:
-        return np.argmax(self.probabilities, axis=1)
-
-    @property
-    def summary_path(self) -> Path:
-        return self.directory / SUMMARY_FILE
-
-
-@dataclass
-class _FailedFold:
-    fold: int | None
-    directory: Path
-    reason: str
-
-
-# --- reading -----------------------------------------------------------------------------
-def _read_summary(directory: Path) -> tuple[dict | None, str | None]:
-    """The folder's summary, or (None, why it is unusable) when it is missing or unreadable."""
-    path = directory / SUMMARY_FILE
-    if not path.is_file():
-        return None, f"{path}: missing"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{path}: unreadable ({exc})"
-    if not isinstance(summary, dict):
-        raise GenreflowError(f"{path}: expected a JSON object, found {type(summary).__name__}")
-    return summary, None
-
-
-def _summary_fold(summary: dict, path: Path) -> int:
-    fold = summary.get("fold")
-    # bool is an int in Python; a true/false fold is a bug, not fold 1/0
-    if not isinstance(fold, int) or isinstance(fold, bool):
-        raise GenreflowError(f"{path}: 'fold' must be an integer, found {fold!r}")
-    return fold
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _summary_n_train(summary: dict, path: Path) -> int | None:
-    """The clips the fold's model trained on: `n_train`, else the split's `train` count."""
-    n_train = summary.get("n_train")
-    if n_train is None:
-        split = _summary_split(summary, path)
-        n_train = split.get("train") if split else None
-        if n_train is None:
-            return None
-        if n_train == 0:
-            raise GenreflowError(f"{path}: 'split' says the fold trained on 0 clips")
-        return n_train
-    if not _is_count(n_train) or n_train == 0:
-        raise GenreflowError(f"{path}: 'n_train' must be a positive integer, found {n_train!r}")
-    return n_train
-
-
-def _summary_choice(summary: dict, path: Path, key: str, known) -> str | None:
-    """summary[key] (protocol, selection) when recorded and known; None when not recorded."""
-    value = summary.get(key)
-    if value is not None and value not in known:
-        raise GenreflowError(f"{path}: unknown {key} {value!r} (known: {', '.join(sorted(known))})")
-    return value
-
-
-def _summary_split(summary: dict, path: Path) -> dict | None:
-    """The fold's split counts and (optional) name lists, checked; None when not recorded."""
-    split = summary.get("split")
-    if split is None:
-        return None
-    if not isinstance(split, dict):
-        raise GenreflowError(f"{path}: 'split' must be an object, found {type(split).__name__}")
-    for key in SPLIT_COUNTS:
-        if key in split and not _is_count(split[key]):
-            raise GenreflowError(
-                f"{path}: split count '{key}' must be a non-negative integer, found {split[key]!r}"
-            )
-    for key in SPLIT_NAMES:
-        names = split.get(key)
-        if names is not None and not (
-            isinstance(names, list) and all(isinstance(n, str) for n in names)
-        ):
-            raise GenreflowError(f"{path}: split '{key}' must be a list of clip names")
-    return split
-
-
-def _summary_number(summary: dict, key: str, path: Path) -> float | None:
-    value = summary.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GenreflowError(f"{path}: '{key}' must be a finite number, found {value!r}")
-    return value
-
-
-def _parse_probability(text: str, column: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise GenreflowError(f"{where}: column '{column}' is not a number: {text!r}") from None
-    if not math.isfinite(value) or value < -1e-6 or value > 1 + 1e-6:
-        raise GenreflowError(f"{where}: column '{column}' is not a probability: {text!r}")
-    return value
-
-
-def _read_predictions(path: Path, fold: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Rows of one fold's predictions.csv, validated against the contract.
-
-    Raises:
-        OSError, UnicodeDecodeError, csv.Error: the file cannot be read (a failed fold).
-        GenreflowError: the file reads but breaks the contract.
-    """
-    names: list[str] = []
-    true_index: list[int] = []
-    probabilities: list[list[float]] = []
-    seen_at: dict[str, int] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames
-        if not header:
-            raise csv.Error("the file is empty")
-        required = ["audio_name", "fold", "genre", *GENRES]
-        missing = [column for column in required if column not in header]
-        if missing:
-            raise GenreflowError(f"{path}: header lacks column(s) {', '.join(missing)}")
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            if None in row or any(value is None for value in row.values()):
-                raise GenreflowError(f"{where}: {len(header)} fields expected")
-            name = row["audio_name"].strip()
-            if not name:
-                raise GenreflowError(f"{where}: empty audio_name")
-            if name in seen_at:
-                raise GenreflowError(
-                    f"{where}: clip {name} predicted twice (first at line {seen_at[name]})"
-                )
-            seen_at[name] = reader.line_num
-            try:
-                row_fold = int(row["fold"])
-            except ValueError:
-                raise GenreflowError(f"{where}: fold {row['fold']!r} is not an integer") from None
-            if row_fold != fold:
-                raise GenreflowError(
-                    f"{where}: fold {row_fold} disagrees with the folder's {SUMMARY_FILE} "
-                    f"(fold {fold})"
-                )
-            genre = row["genre"].strip()
-            if genre not in GENRE_INDEX:
-                raise GenreflowError(
-                    f"{where}: unknown genre {genre!r} (expected one of {', '.join(GENRES)})"
-                )
-            probs = [_parse_probability(row[g], g, where) for g in GENRES]
-            total = math.fsum(probs)
-            if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
-                raise GenreflowError(f"{where}: probabilities sum to {total:.6g}, not 1")
-            names.append(name)
-            true_index.append(GENRE_INDEX[genre])
-            probabilities.append([p / total for p in probs])
-    if not names:
-        raise GenreflowError(f"{path}: holds a header but no predictions")
-    return (
-        names,
-        np.asarray(true_index, dtype=np.int64),
-        np.asarray(probabilities, dtype=np.float64).reshape(len(names), len(GENRES)),
-    )
-
-
-def _read_fold(directory: Path) -> _FoldPredictions | _FailedFold:
-    if not directory.is_dir():
-        return _FailedFold(None, directory, f"{directory}: folder does not exist")
-    failure = directory / FAILED_FILE
-    if failure.is_file():  # the fold step failed and said why (genreflow.tracking)
-        try:
-            record = json.loads(failure.read_text())
-            return _FailedFold(int(record["fold"]), directory, f"failed: {record['error']}")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return _FailedFold(None, directory, f"{failure}: unreadable ({exc})")
-    summary, why = _read_summary(directory)
-    if summary is None:
-        return _FailedFold(None, directory, why or "summary unusable")
-    summary_path = directory / SUMMARY_FILE
-    fold = _summary_fold(summary, summary_path)
-    n_train = _summary_n_train(summary, summary_path)
-    predictions_path = directory / PREDICTIONS_FILE
-    if not predictions_path.is_file():
-        return _FailedFold(fold, directory, f"{predictions_path}: missing")
-    try:
-        names, true_index, probabilities = _read_predictions(predictions_path, fold)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        return _FailedFold(fold, directory, f"{predictions_path}: unreadable ({exc})")
-    return _FoldPredictions(fold, directory, names, true_index, probabilities, n_train, summary)
 
 
 # --- statistics --------------------------------------------------------------------------
@@ -411,7 +202,7 @@ def wilson_interval(accuracy: float, n: int) -> dict:
 
 
 def _test_train_ratio(
-    usable: list[_FoldPredictions], n_expected: int, train_fraction: float | None
+    usable: list[FoldResult], n_expected: int, train_fraction: float | None
 ) -> tuple[float | None, str]:
     """n_test / n_train for the correction, and where it came from.
 
@@ -423,7 +214,7 @@ def _test_train_ratio(
     sizes = [len(f.audio_names) for f in usable]
     if all(f.n_train is not None for f in usable):
         ratios = [len(f.audio_names) / f.n_train for f in usable]
-        return float(np.mean(ratios)), f"fold sizes and n_train from {SUMMARY_FILE}"
+        return float(np.mean(ratios)), f"fold sizes and n_train from {SUMMARY}"
     if n_expected < 2:
         return None, "not derivable from a single split (pass train_fraction)"
     # A fold's model trained on every other expected fold, failed ones included, so the
@@ -535,7 +326,7 @@ def _per_genre(confusion: np.ndarray) -> tuple[list[dict], float]:
     return rows, macro_f1
 
 
-def _confused_pairs(usable: list[_FoldPredictions], confusion: np.ndarray) -> list[dict]:
+def _confused_pairs(usable: list[FoldResult], confusion: np.ndarray) -> list[dict]:
     clips: dict[tuple[int, int], list[str]] = {}
     for fold in usable:
         for name, true, predicted in zip(
@@ -939,12 +730,12 @@ def _report_html(report: dict, png: bytes) -> str:
 # --- the step ----------------------------------------------------------------------------
 def _read_usable(
     fold_dirs: list[str | Path], expected: list[int]
-) -> tuple[dict[int, _FoldPredictions], list[_FailedFold]]:
-    usable: dict[int, _FoldPredictions] = {}
-    failed: list[_FailedFold] = []
+) -> tuple[dict[int, FoldResult], list[FailedFold]]:
+    usable: dict[int, FoldResult] = {}
+    failed: list[FailedFold] = []
     for raw in fold_dirs:
-        result = _read_fold(Path(raw))
-        if isinstance(result, _FailedFold):
+        result = read_fold(Path(raw))
+        if isinstance(result, FailedFold):
             failed.append(result)
             continue
         if result.fold not in expected:
@@ -961,7 +752,7 @@ def _read_usable(
     return usable, failed
 
 
-def _agreed(folds: list[_FoldPredictions], what: str, value_of) -> object:
+def _agreed(folds: list[FoldResult], what: str, value_of) -> object:
     """The one value every fold gives for `what`; an error naming two folders that differ."""
     first = folds[0]
     first_value = value_of(first)
@@ -975,7 +766,7 @@ def _agreed(folds: list[_FoldPredictions], what: str, value_of) -> object:
     return first_value
 
 
-def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> str:
+def _resolve_protocol(folds: list[FoldResult], requested: str | None) -> str:
     """The protocol the folds' summaries record (absent = cv10), checked against the caller's.
 
     When no summary records one (runs from before the key existed), the caller's word is
@@ -985,20 +776,13 @@ def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> s
         raise GenreflowError(
             f"unknown protocol {requested!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
         )
-    stated = [
-        f
-        for f in folds
-        if _summary_choice(f.summary, f.summary_path, "protocol", PROTOCOL_LABELS) is not None
-    ]
+    stated = [f for f in folds if f.choice("protocol", PROTOCOL_LABELS) is not None]
     if not stated:
         return requested or DEFAULT_PROTOCOL
     protocol = _agreed(
         folds,
         "the protocol",
-        lambda f: (
-            _summary_choice(f.summary, f.summary_path, "protocol", PROTOCOL_LABELS)
-            or DEFAULT_PROTOCOL
-        ),
+        lambda f: f.choice("protocol", PROTOCOL_LABELS) or DEFAULT_PROTOCOL,
     )
     if requested is not None and requested != protocol:
         raise GenreflowError(
@@ -1008,22 +792,22 @@ def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> s
     return str(protocol)
 
 
-def _check_cv10_clips(folds: list[_FoldPredictions]) -> None:
+def _check_cv10_clips(folds: list[FoldResult]) -> None:
     """Cross-validation predicts each clip exactly once across the folds."""
-    clip_home: dict[str, _FoldPredictions] = {}
+    clip_home: dict[str, FoldResult] = {}
     for fold in folds:
         for name in fold.audio_names:
             other = clip_home.get(name)
             if other is not None:
                 raise GenreflowError(
-                    f"{fold.directory / PREDICTIONS_FILE}: clip {name} is also predicted in "
-                    f"{other.directory / PREDICTIONS_FILE} (fold {other.fold}); "
+                    f"{fold.predictions_path}: clip {name} is also predicted in "
+                    f"{other.predictions_path} (fold {other.fold}); "
                     "cross-validation predicts each clip exactly once"
                 )
             clip_home[name] = fold
 
 
-def _check_filtered_clips(folds: list[_FoldPredictions]) -> None:
+def _check_filtered_clips(folds: list[FoldResult]) -> None:
     """Every repetition predicts the same test clips, with the same true genre."""
     reference = folds[0]
     truth = dict(zip(reference.audio_names, reference.true_index.tolist(), strict=True))
@@ -1033,16 +817,16 @@ def _check_filtered_clips(folds: list[_FoldPredictions]) -> None:
         lacking = sorted(truth.keys() - names)
         if extra or lacking:
             raise GenreflowError(
-                f"{fold.directory / PREDICTIONS_FILE}: repetition {fold.fold} predicts a "
+                f"{fold.predictions_path}: repetition {fold.fold} predicts a "
                 f"different set of clips than repetition {reference.fold} "
-                f"({reference.directory / PREDICTIONS_FILE}): {len(extra)} extra "
+                f"({reference.predictions_path}): {len(extra)} extra "
                 f"{_some(extra)}, {len(lacking)} lacking {_some(lacking)}; every repetition "
                 "of the filtered protocol predicts the same test list"
             )
         for name, true in zip(fold.audio_names, fold.true_index.tolist(), strict=True):
             if truth[name] != true:
                 raise GenreflowError(
-                    f"{fold.directory / PREDICTIONS_FILE}: clip {name} is {GENRES[true]} in "
+                    f"{fold.predictions_path}: clip {name} is {GENRES[true]} in "
                     f"repetition {fold.fold} but {GENRES[truth[name]]} in repetition "
                     f"{reference.fold}"
                 )
@@ -1055,12 +839,12 @@ def _some(names: list[str], shown: int = 3) -> str:
     return "(" + ", ".join(names[:shown]) + more + ")"
 
 
-def _split_report(folds: list[_FoldPredictions]) -> dict | None:
+def _split_report(folds: list[FoldResult]) -> dict | None:
     """The split's counts and names: one value where the folds agree, else per fold.
 
     None when no fold recorded its split.
     """
-    splits = {f.fold: _summary_split(f.summary, f.summary_path) for f in folds}
+    splits = {f.fold: f.split() for f in folds}
     if all(split is None for split in splits.values()):
         return None
     result: dict = {}
@@ -1147,7 +931,7 @@ def aggregate(
     selection = _agreed(
         folds,
         "the checkpoint selection",
-        lambda f: _summary_choice(f.summary, f.summary_path, "selection", SELECTIONS),
+        lambda f: f.choice("selection", SELECTIONS),
     )
     data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
     split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
@@ -1162,12 +946,8 @@ def aggregate(
                 "n_correct": n_correct,
                 "accuracy": n_correct / len(fold.audio_names),
                 "n_train": fold.n_train,
-                "valid_accuracy": _summary_number(
-                    fold.summary, "valid_accuracy", fold.summary_path
-                ),
-                "selected_iteration": _summary_number(
-                    fold.summary, "selected_iteration", fold.summary_path
-                ),
+                "valid_accuracy": fold.number("valid_accuracy"),
+                "selected_iteration": fold.number("selected_iteration"),
                 "dir": str(fold.directory),
             }
         )

@@ -76,7 +76,6 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import io
@@ -100,6 +99,18 @@ from genreflow import __version__, storage
 from genreflow.atomic import write_atomic, write_text_atomic
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import (  # noqa: F401 (the fold folder's names, re-exported)
+    FROZEN_BASE,
+    HEAD,
+    METRICS,
+    METRICS_COLUMNS,
+    PREDICTIONS,
+    SUMMARY,
+    summarise,
+    write_metrics,
+    write_predictions,
+    write_summary,
+)
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
     DEFAULT_SELECTION,
@@ -110,10 +121,6 @@ from genreflow.splits import (
 )
 
 EMBEDDINGS, BASE, PARTIAL = "embeddings.h5", "base.pth", "embeddings.partial"
-HEAD = "head.pth"
-METRICS, PREDICTIONS, SUMMARY = "metrics.csv", "predictions.csv", "summary.json"
-METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "heldout_accuracy", "seconds")
-PATH_NAME = "frozen-base"
 BASE_MODEL = "Cnn14"
 EMBEDDING_SIZE = 2048
 LOSS = "clip_nll"
@@ -174,14 +181,6 @@ def _write_h5_atomic(path: Path, write: Callable[[Path], object]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _csv_text(header: Sequence[str], rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _plain(value: object) -> object:
@@ -626,17 +625,6 @@ def fold_standardisation(
     return folded_weight, folded_bias
 
 
-def _predictions_csv(
-    data: EmbeddingsFile, rows: np.ndarray, probabilities: np.ndarray, fold: int
-) -> str:
-    """The test rows' probabilities; `fold` is the run's (for cv10 also the rows' own)."""
-    lines = []
-    for row, probs in zip(rows, probabilities, strict=True):
-        genre = GENRES[data.targets[row]]
-        lines.append([data.names[row], fold, genre, *(f"{p:.8g}" for p in probs)])
-    return _csv_text(("audio_name", "fold", "genre", *GENRES), lines)
-
-
 def train_head(
     embeddings: str | os.PathLike,
     fold: int,
@@ -815,12 +803,9 @@ def _train_head(config: HeadConfig, data: EmbeddingsFile, split: Split, out: Pat
 
     weight, bias = fold_standardisation(best["weight"].numpy(), best["bias"].numpy(), mean, scale)
     selected = best["test_probabilities"]
-    final_accuracy = float(np.mean(selected.argmax(axis=1) == data.targets[test_rows]))
-    # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
-    peak = max(metrics, key=lambda m: m["heldout_accuracy"])
     source_sha256 = data.attrs.get("source_sha256", "") or ""
     metadata = {
-        "path": PATH_NAME,
+        "path": FROZEN_BASE,
         "genres": list(GENRES),
         "fold": fold,
         "protocol": split.protocol,
@@ -860,39 +845,32 @@ def _train_head(config: HeadConfig, data: EmbeddingsFile, split: Split, out: Pat
         "genreflow": metadata,
     }
     write_atomic(out / HEAD, lambda f: torch.save(checkpoint, f))
-    write_text_atomic(
-        out / METRICS,
-        _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
+    write_metrics(out, metrics)
+    write_predictions(
+        out, [data.names[row] for row in test_rows], data.targets[test_rows], selected, fold
     )
-    write_text_atomic(out / PREDICTIONS, _predictions_csv(data, test_rows, selected, fold))
-    summary = {
-        "fold": fold,
-        "path": PATH_NAME,
-        "protocol": split.protocol,
-        "selection": split.selection,
-        "iterations": iterations,
-        "final_accuracy": final_accuracy,
-        "valid_accuracy": best["valid_accuracy"],
-        "selected_iteration": best["iteration"],
-        "best_accuracy": peak["heldout_accuracy"],
-        "best_iteration": peak["iteration"],
-        "n_train": int(len(train_rows)),
-        "n_heldout": int(len(test_rows)),
-        "split": split.counts(),
-        "split_sha256": split_sha256(split.protocol),
-        "data_sha256": str(source_sha256),
-        "seeds": {"config": config.seed, "sampler": seed},
-        "clips_per_second": clips_seen / train_seconds if train_seconds else 0.0,
-        "wall_seconds": time.monotonic() - started,
-        "device": "cpu",
-        "base_sha256": data.attrs["base_sha256"],
-        "pretrained": data.attrs.get("pretrained", ""),
-        "config": dataclasses.asdict(config),
-        "genreflow_version": __version__,
-    }
-    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    summary = summarise(
+        split=split,
+        metrics=metrics,
+        best=best,
+        test_targets=data.targets[test_rows],
+        fold=fold,
+        path=FROZEN_BASE,
+        iterations=iterations,
+        split_sha256=split_sha256(split.protocol),
+        data_sha256=str(source_sha256),
+        seeds={"config": config.seed, "sampler": seed},
+        clips_per_second=clips_seen / train_seconds if train_seconds else 0.0,
+        wall_seconds=time.monotonic() - started,
+        device="cpu",
+        base_sha256=data.attrs["base_sha256"],
+        pretrained=data.attrs.get("pretrained", ""),
+        config=dataclasses.asdict(config),
+        genreflow_version=__version__,
+    )
+    summary = write_summary(out, summary)
     _log(
-        f"fold {fold}: done, test accuracy {final_accuracy:.3f} of the head of step "
+        f"fold {fold}: done, test accuracy {summary['final_accuracy']:.3f} of the head of step "
         f"{best['iteration']} (chosen on "
         f"{'the test rows' if split.valid_is_test else 'validation'}), {iterations} steps "
         f"in {summary['wall_seconds']:.2f} s; outputs in {out}"

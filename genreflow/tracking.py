@@ -22,7 +22,6 @@ then fails with a `TrackingError` that says where the step's local outputs are.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import hashlib
 import json
@@ -43,6 +42,18 @@ import mlflow.pyfunc
 
 from genreflow import __version__
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import (
+    BEST,
+    FAILED,
+    HEAD,
+    METRICS,
+    PREDICTIONS,
+    SUMMARY,
+    read_failure,
+    read_metrics,
+    read_summary,
+    write_failure,
+)
 
 T = TypeVar("T")
 
@@ -56,8 +67,8 @@ FOLD_RETRY_FIRST_DELAY_SECONDS = 30.0
 # What a fold's child run keeps: best.pth is the selected fine-tuned fold model (chosen on
 # the validation split), head.pth the frozen-base path's head. last.pth stays in the fold
 # folder: uploading a second 330 MB checkpoint per fold buys nothing.
-FOLD_ARTIFACTS = ("metrics.csv", "predictions.csv", "summary.json", "best.pth", "head.pth")
-CHECKPOINTS = ("best.pth", "head.pth")
+FOLD_ARTIFACTS = (METRICS, PREDICTIONS, SUMMARY, BEST, HEAD)
+CHECKPOINTS = (BEST, HEAD)
 SUMMARY_METRICS = (
     "final_accuracy",
     "valid_accuracy",
@@ -426,7 +437,7 @@ class FoldRun:
             client = _client(self.tracking_uri)
             logged = {a.path for a in client.list_artifacts(origin)}
             wanted = [name for name in FOLD_ARTIFACTS if name in logged]
-            if not {"summary.json", "predictions.csv", "metrics.csv"} <= set(wanted) or not (
+            if not {SUMMARY, PREDICTIONS, METRICS} <= set(wanted) or not (
                 set(CHECKPOINTS) & set(wanted)
             ):
                 raise GenreflowError(f"run {origin} lacks the fold's files ({sorted(logged)})")
@@ -436,7 +447,7 @@ class FoldRun:
                 for name in wanted:
                     client.download_artifacts(origin, name, str(staging))
                 # summary.json last: it is what marks a fold folder complete.
-                for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
+                for name in sorted(os.listdir(staging), key=lambda n: n == SUMMARY):
                     os.replace(staging / name, out / name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -451,16 +462,15 @@ class FoldRun:
             print(f"MLflow: fold {self.fold} is already logged in run {self.run_id}")
             return
         fold_dir = Path(fold_dir)
-        summary = json.loads((fold_dir / "summary.json").read_text())
-        with open(fold_dir / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        summary = read_summary(fold_dir)
+        rows = read_metrics(fold_dir)
         tags = {k: summary[k] for k in SUMMARY_TAGS if isinstance(summary.get(k), str)}
         if reused_from:
             tags.update({"reused": "true", REUSED_FROM_TAG: reused_from})
         artifacts = [fold_dir / n for n in FOLD_ARTIFACTS if (fold_dir / n).exists()]
         if reused_from:  # the checkpoints stay where they are, in the original run
             artifacts = [p for p in artifacts if p.name not in CHECKPOINTS]
-        if (fold_dir / "predictions.csv").exists():
+        if (fold_dir / PREDICTIONS).exists():
             artifacts.append(_fold_confusion_png(fold_dir, int(summary["fold"])))
 
         def log() -> None:
@@ -619,11 +629,8 @@ def tracked_fold(
     Returns:
         summary.json's content, or {"fold": fold, "failed": "..."} for a tolerated failure.
     """
-    from genreflow.aggregate import FAILED_FILE
-    from genreflow.atomic import write_text_atomic
-
     out = Path(out)
-    (out / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, in this folder
+    (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's, in this folder
 
     def train_or_record_failure() -> dict | None:
         """Train, retrying transient failures; a failure that remains is raised, or, where
@@ -641,10 +648,8 @@ def tracked_fold(
         except Exception as exc:
             if not tolerate_failure:
                 raise
-            out.mkdir(parents=True, exist_ok=True)
             error = f"{type(exc).__name__}: {exc}"
-            record = json.dumps({"fold": fold, "error": error}) + "\n"
-            write_text_atomic(out / FAILED_FILE, record)
+            write_failure(out, fold, error)
             print(f"fold {fold} failed ({error}); the pipeline goes on to a partial result")
             return None
 
@@ -655,7 +660,7 @@ def tracked_fold(
     with fold_run(tracking_uri, parent_run_id, fold, key=key, keep=str(out)) as run:
         if run.logged:  # a retried task: this run already holds the fold; take it back
             run.fetch(run.this, out)
-            return json.loads((out / "summary.json").read_text())
+            return read_summary(out)
         source = run.reusable(key) if reuse else None
         if source is not None:
             try:
@@ -671,19 +676,17 @@ def tracked_fold(
             return _failure(out)
         else:
             run.log_outputs(out)
-        return json.loads((out / "summary.json").read_text())
+        return read_summary(out)
 
 
 def _failure(out: Path) -> dict:
-    from genreflow.aggregate import FAILED_FILE
-
-    record = json.loads((out / FAILED_FILE).read_text())
+    record = read_failure(out)
     return {"fold": record["fold"], "failed": record["error"]}
 
 
 def log_fold(tracking_uri: str, parent_run_id: str, fold_dir: str | Path) -> str:
     """Log an already finished fold folder as a child run of the parent; return its id."""
-    summary = json.loads((Path(fold_dir) / "summary.json").read_text())
+    summary = read_summary(fold_dir)
     with fold_run(tracking_uri, parent_run_id, int(summary["fold"]), keep=str(fold_dir)) as run:
         run.log_outputs(fold_dir)
     return run.run_id

@@ -43,10 +43,8 @@ What it writes to `out/`, each file atomically (temporary file, then os.replace)
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
 import dataclasses
-import io
 import json
 import math
 import os
@@ -63,10 +61,21 @@ import numpy as np
 import torch
 
 from genreflow import __version__, storage
-from genreflow.atomic import write_atomic, write_text_atomic
+from genreflow.atomic import write_atomic
 from genreflow.audio import SAMPLE_RATE
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import (
+    BEST,
+    FINE_TUNE,
+    METRICS,
+    PREDICTIONS,
+    SUMMARY,
+    summarise,
+    write_metrics,
+    write_predictions,
+    write_summary,
+)
 from genreflow.inference import resolve_device
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
@@ -77,9 +86,7 @@ from genreflow.splits import (
     split_sha256,
 )
 
-LAST, BEST, RESUME = "last.pth", "best.pth", "resume.pt"
-METRICS, PREDICTIONS, SUMMARY = "metrics.csv", "predictions.csv", "summary.json"
-METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "heldout_accuracy", "seconds")
+LAST, RESUME = "last.pth", "resume.pt"
 
 # The seed's optimiser, spelled out so that it lands in every checkpoint's metadata.
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": True}
@@ -524,14 +531,6 @@ def _as_tuples(value):
     return value
 
 
-def _csv_text(header, rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _remove_partial_writes(out: Path) -> None:
     """Temporary files a killed run left behind (a checkpoint is 330 MB)."""
     if not out.is_dir():
@@ -575,15 +574,6 @@ def normalized_probabilities(log_probs: torch.Tensor) -> np.ndarray:
     output in any dtype: written as text, they must pass aggregate's sum check."""
     probabilities = log_probs.detach().double().exp().cpu().numpy()
     return probabilities / probabilities.sum(axis=1, keepdims=True)
-
-
-def _predictions_csv(index: FoldIndex, probabilities: np.ndarray, fold: int) -> str:
-    """The test rows' probabilities; `fold` is the run's (for cv10 also the rows' own)."""
-    rows = []
-    for row, probs in zip(index.split.test, probabilities, strict=True):
-        genre = GENRES[index.targets[row]]
-        rows.append([index.names[row], fold, genre, *(f"{p:.8g}" for p in probs)])
-    return _csv_text(("audio_name", "fold", "genre", *GENRES), rows)
 
 
 # --- checkpoint --------------------------------------------------------------------------
@@ -872,10 +862,7 @@ def _train_fold_in(
         # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
         # at the end: each is written after everything it vouches for, and whatever a
         # killed run wrote past its last commit point is rewritten identically on resume.
-        write_text_atomic(
-            out / METRICS,
-            _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
-        )
+        write_metrics(out, metrics)
         save_checkpoint(out / LAST, model, iteration=iteration, metadata=metadata)
         if improved:
             _publish_copy(out / LAST, out / BEST)
@@ -903,37 +890,34 @@ def _train_fold_in(
             continue
 
         # The report: best.pth (the selected checkpoint) on the test rows.
-        selected = best["test_probabilities"].numpy()
-        final_accuracy = float(np.mean(selected.argmax(1) == index.targets[split.test]))
-        # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
-        peak = max(metrics, key=lambda m: m["heldout_accuracy"])
-        write_text_atomic(out / PREDICTIONS, _predictions_csv(index, selected, config.fold))
-        summary = {
-            "fold": config.fold,
-            "path": "fine-tune",
-            "protocol": split.protocol,
-            "selection": split.selection,
-            "iterations": iteration,
-            "final_accuracy": final_accuracy,
-            "valid_accuracy": best["valid_accuracy"],
-            "selected_iteration": best["iteration"],
-            "best_accuracy": peak["heldout_accuracy"],
-            "best_iteration": peak["iteration"],
-            "n_train": int(len(split.train)),
-            "n_heldout": int(len(split.test)),
-            "split": split.counts(),
-            "split_sha256": split_sha256(split.protocol),
-            "data_sha256": index.data_sha256,
-            "seeds": seeds,
-            "clips_per_second": clips_seen / train_seconds if train_seconds else 0.0,
-            "wall_seconds": seconds,
-            "device": device.type,
-            "precision": precision,
-            "config": dataclasses.asdict(config),
-            "features": index.fingerprint(),
-            "genreflow_version": __version__,
-        }
-        write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        test = split.test
+        write_predictions(
+            out,
+            [index.names[row] for row in test],
+            index.targets[test],
+            best["test_probabilities"].numpy(),
+            config.fold,
+        )
+        summary = summarise(
+            split=split,
+            metrics=metrics,
+            best={**best, "test_probabilities": best["test_probabilities"].numpy()},
+            test_targets=index.targets[test],
+            fold=config.fold,
+            path=FINE_TUNE,
+            iterations=iteration,
+            split_sha256=split_sha256(split.protocol),
+            data_sha256=index.data_sha256,
+            seeds=seeds,
+            clips_per_second=clips_seen / train_seconds if train_seconds else 0.0,
+            wall_seconds=seconds,
+            device=device.type,
+            precision=precision,
+            config=dataclasses.asdict(config),
+            features=index.fingerprint(),
+            genreflow_version=__version__,
+        )
+        summary = write_summary(out, summary)
         # The resume state (the model again, plus Adam's moments: 1.3 GB for a fully
         # fine-tuned Cnn14) has no use once the run is done.
         (out / RESUME).unlink(missing_ok=True)

@@ -14,8 +14,6 @@ import pytest
 from scipy import special
 
 from genreflow.aggregate import (
-    PROBABILITY_SUM_TOLERANCE,
-    _read_predictions,
     aggregate,
     flat_metrics,
     paired_comparison,
@@ -23,6 +21,7 @@ from genreflow.aggregate import (
 from genreflow.cli import main
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import PROBABILITY_SUM_TOLERANCE, read_predictions
 
 # Student's t quantiles t_{0.975, dof}, from printed tables
 T975 = {1: 12.706205, 6: 2.446912, 9: 2.262157}
@@ -370,7 +369,7 @@ def test_probabilities_rounded_to_bf16_are_accepted_and_renormalised(tmp_path: P
         writer.writerow(["audio_name", "fold", "genre", *GENRES])
         for k, row in enumerate(rounded):
             writer.writerow([f"blues.{k:05d}.wav", 1, "blues", *(f"{p:.8g}" for p in row)])
-    _, _, read = _read_predictions(path, 1)
+    _, _, read = read_predictions(path, 1)
     np.testing.assert_allclose(read.sum(axis=1), 1.0, atol=1e-12)
     np.testing.assert_allclose(read, rounded / sums[:, None], rtol=1e-7)
 
@@ -379,7 +378,7 @@ def test_probabilities_rounded_to_bf16_are_accepted_and_renormalised(tmp_path: P
     with path.open("a", newline="") as handle:
         csv.writer(handle).writerow(["blues.99999.wav", 1, "blues", *(f"{p:.8g}" for p in off)])
     with pytest.raises(GenreflowError, match=r"line 202: probabilities sum to 0\.99"):
-        _read_predictions(path, 1)
+        read_predictions(path, 1)
 
 
 def test_unreadable_summary_is_a_failed_fold(ten_folds: list[Path], tmp_path: Path) -> None:
