@@ -15,6 +15,8 @@ from pathlib import Path
 from genreflow import __version__
 from genreflow.errors import GenreflowError
 
+DEVICE_HELP = "auto (default: CUDA when torch sees a GPU), cpu, cuda or cuda:N"
+
 
 # --- synth -------------------------------------------------------------------------------
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -203,7 +205,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--eval-every", type=int, default=200, metavar="N", help="evaluate and checkpoint (200)"
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="(default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
@@ -278,7 +280,7 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
     p.add_argument("--out", required=True, metavar="OUT.npy", help="where to write")
     p.add_argument("--clip-seconds", type=float, metavar="S", help=clip_help)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_run_embed)
 
     p = sub.add_parser(
@@ -305,7 +307,7 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
         "--json", action="store_true", help="print a JSON list of {file, genre, probabilities}"
     )
     p.add_argument("--clip-seconds", type=float, metavar="S", help=clip_help)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_run_predict)
 
 
@@ -593,7 +595,7 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pretrained-sha256", metavar="HEX", help="expected sha256 of --pretrained")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: 16")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of a random base (default: 0)")
     p.set_defaults(func=_run_embed_features)
 

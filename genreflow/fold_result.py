@@ -31,7 +31,7 @@ import io
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +109,57 @@ class FoldSummary:
         return {key: fields[key] for key in self._ORDER if fields[key] is not None}
 
 
-def summarise(
-    *,
-    split,
-    metrics: Sequence[dict],
-    best: dict,
-    test_targets: np.ndarray,
-    **fields,
-) -> FoldSummary:
-    """The summary of a finished run: `best` is the selected evaluation (valid_accuracy,
-    iteration, test_probabilities), `metrics` every evaluation (METRICS_COLUMNS), `split`
-    the run's genreflow.splits.Split; `fields` the rest of FoldSummary."""
+@dataclass
+class Progress:
+    """Where a run is: what the loop carries from one evaluation to the next."""
+
+    iteration: int = 0
+    metrics: list[dict] = field(default_factory=list)  # metrics.csv's rows
+    # The selected evaluation (the checkpoint kept): valid_accuracy, iteration and its
+    # test_probabilities, which the report reads without a second pass over the test rows.
+    best: dict = field(
+        default_factory=lambda: {"valid_accuracy": -1.0, "iteration": 0, "test_probabilities": None}
+    )
+    seconds: float = 0.0  # wall time of the run, resumes included
+    train_seconds: float = 0.0  # of training steps only
+    clips: int = 0  # clips drawn
+
+    def evaluate(self, split, accuracy_on, *, train_loss: float, seconds: float) -> bool:
+        """Evaluate at this iteration and record it (a metrics.csv row); True when it is
+        the new selection: the best validation accuracy, ties going to the earlier.
+
+        accuracy_on(rows) -> (accuracy, probabilities). The valid rows choose; the test
+        rows are only watched (the seed printed their accuracy), unless selection
+        "heldout" makes them the same rows.
+        """
+        valid_accuracy, valid_probabilities = accuracy_on(split.valid)
+        if split.valid_is_test:
+            test_accuracy, test_probabilities = valid_accuracy, valid_probabilities
+        else:
+            test_accuracy, test_probabilities = accuracy_on(split.test)
+        self.metrics.append(
+            {
+                "iteration": self.iteration,
+                "train_loss": train_loss,
+                "valid_accuracy": valid_accuracy,
+                "heldout_accuracy": test_accuracy,
+                "seconds": seconds,
+            }
+        )
+        improved = valid_accuracy > self.best["valid_accuracy"]
+        if improved:
+            self.best = {
+                "valid_accuracy": valid_accuracy,
+                "iteration": self.iteration,
+                "test_probabilities": test_probabilities,
+            }
+        return improved
+
+
+def summarise(*, split, progress: Progress, test_targets: np.ndarray, **fields) -> FoldSummary:
+    """The summary of a finished run: `progress` holds every evaluation and the selected
+    one, `split` is the run's genreflow.splits.Split; `fields` the rest of FoldSummary."""
+    metrics, best = progress.metrics, progress.best
     selected = np.asarray(best["test_probabilities"])
     # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
     peak = max(metrics, key=lambda m: m["heldout_accuracy"])

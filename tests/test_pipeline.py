@@ -310,7 +310,7 @@ def test_fine_tune_branch_end_to_end(precision, source, tmp_path, mlflow_server)
     """The seed's own path, the whole Cnn14 fine-tuned, on a tiny recipe: `auto` is bf16
     autocast on a CPU with native bf16 (where it once failed at the end of every fold:
     bf16 probabilities that did not sum to 1), fp32 elsewhere."""
-    from genreflow.train import resolve_precision
+    from genreflow.runtime import resolve_precision
 
     experiment = f"test-fine-tune-{precision}"
     report = run_demo(
