@@ -42,19 +42,17 @@ interval of the test accuracy on n = the test set's size (Wilson 1927).
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 from genreflow import __version__
+from genreflow.atomic import write_atomic, write_text_atomic
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import (
@@ -63,6 +61,7 @@ from genreflow.fold_result import (
     SUMMARY,
     FailedFold,
     FoldResult,
+    csv_text,
     read_fold,
 )
 from genreflow.splits import DEFAULT_PROTOCOL, SELECTIONS  # "heldout": the seed's choice
@@ -355,39 +354,8 @@ def _confused_pairs(usable: list[FoldResult], confusion: np.ndarray) -> list[dic
 
 
 # --- writing -----------------------------------------------------------------------------
-def _current_umask() -> int:
-    # os.umask can only be read by setting it; put it straight back
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see the old content or the new one, never half."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # a temporary file is private (0600); the report gets the mode a plain open() gives
-        os.chmod(handle.name, 0o666 & ~_current_umask())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-def _csv_text(rows: list[list]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
-
-
-def _confusion_png(confusion: np.ndarray, title: str) -> bytes:
+def confusion_png(confusion: np.ndarray, title: str) -> bytes:
+    """A confusion matrix (rows: true genre, columns: predicted) as a PNG image."""
     # The object API with an Agg canvas touches no pyplot global state or backend setting.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -613,6 +581,45 @@ def _provenance_html(report: dict) -> list[str]:
     return ["<h2>Data and provenance</h2>", "<ul>", *items, "</ul>"]
 
 
+def _folds_html(report: dict) -> list[str]:
+    """The per-fold table, and the failed or missing folds."""
+    esc = html.escape
+    noun = report["fold_noun"]
+    parts = []
+    header = [noun, "clips", "correct", "accuracy"]
+    with_valid = any(f["valid_accuracy"] is not None for f in report["folds"])
+    with_iteration = any(f["selected_iteration"] is not None for f in report["folds"])
+    header += ["validation accuracy"] * with_valid + ["selected iteration"] * with_iteration
+    rows = []
+    for f in report["folds"]:
+        row = [f["fold"], f["n_clips"], f["n_correct"], _fmt(f["accuracy"])]
+        if with_valid:
+            row.append(_fmt(f["valid_accuracy"]))
+        if with_iteration:
+            row.append("n/a" if f["selected_iteration"] is None else f["selected_iteration"])
+        rows.append([*row, f["dir"]])
+    parts += [_table([*header, "folder"], rows), f"<h2>Failed or missing {noun}s</h2>"]
+    if report["missing_folds"] or report["failed_folds"]:
+        parts.append(
+            "<p>Missing: "
+            + esc(", ".join(str(f) for f in report["missing_folds"]) or "none")
+            + "</p>"
+        )
+        if report["failed_folds"]:
+            parts.append(
+                _table(
+                    [noun, "folder", "reason"],
+                    [
+                        ["?" if f["fold"] is None else f["fold"], f["dir"], f["reason"]]
+                        for f in report["failed_folds"]
+                    ],
+                )
+            )
+    else:
+        parts.append(f"<p>None: every expected {noun} is usable.</p>")
+    return parts
+
+
 def _report_html(report: dict, png: bytes) -> str:
     esc = html.escape
     acc = report["accuracy"]
@@ -649,37 +656,7 @@ def _report_html(report: dict, png: bytes) -> str:
         *_provenance_html(report),
         f"<h2>Per {noun}</h2>",
     ]
-    header = [noun, "clips", "correct", "accuracy"]
-    with_valid = any(f["valid_accuracy"] is not None for f in report["folds"])
-    with_iteration = any(f["selected_iteration"] is not None for f in report["folds"])
-    header += ["validation accuracy"] * with_valid + ["selected iteration"] * with_iteration
-    rows = []
-    for f in report["folds"]:
-        row = [f["fold"], f["n_clips"], f["n_correct"], _fmt(f["accuracy"])]
-        if with_valid:
-            row.append(_fmt(f["valid_accuracy"]))
-        if with_iteration:
-            row.append("n/a" if f["selected_iteration"] is None else f["selected_iteration"])
-        rows.append([*row, f["dir"]])
-    parts += [_table([*header, "folder"], rows), f"<h2>Failed or missing {noun}s</h2>"]
-    if report["missing_folds"] or report["failed_folds"]:
-        parts.append(
-            "<p>Missing: "
-            + esc(", ".join(str(f) for f in report["missing_folds"]) or "none")
-            + "</p>"
-        )
-        if report["failed_folds"]:
-            parts.append(
-                _table(
-                    [noun, "folder", "reason"],
-                    [
-                        ["?" if f["fold"] is None else f["fold"], f["dir"], f["reason"]]
-                        for f in report["failed_folds"]
-                    ],
-                )
-            )
-    else:
-        parts.append(f"<p>None: every expected {noun} is usable.</p>")
+    parts += _folds_html(report)
     parts += [
         "<h2>Per genre</h2>",
         (
@@ -893,6 +870,33 @@ def aggregate(
             (naming two of their folders), or a fold whose files break the contract (naming
             the file and line).
     """
+    expected = _expected_folds(fold_dirs, expected_folds, min_folds, protocol)
+    usable, failed = _read_usable(fold_dirs, expected)
+    # The clip check comes first: a clip predicted twice is a bug even when folds are missing.
+    given_order = list(usable.values())
+    if given_order:
+        protocol = _resolve_protocol(given_order, protocol)
+        if protocol == "cv10":
+            _check_cv10_clips(given_order)
+        else:
+            _check_filtered_clips(sorted(given_order, key=lambda f: f.fold))
+    protocol = protocol or DEFAULT_PROTOCOL
+
+    missing = [fold for fold in expected if fold not in usable]
+    if len(usable) < min_folds:
+        reasons = "; ".join(f.reason for f in failed) or "no other reason recorded"
+        raise GenreflowError(
+            f"only {len(usable)} of {len(expected)} folds usable, {min_folds} needed: "
+            f"missing fold(s) {', '.join(str(f) for f in missing)} ({reasons})"
+        )
+    folds = [usable[fold] for fold in sorted(usable)]
+    report = _report(folds, failed, protocol, expected, min_folds, train_fraction)
+    _write_report(Path(out), report)
+    return report
+
+
+def _expected_folds(fold_dirs, expected_folds, min_folds: int, protocol: str | None) -> list[int]:
+    """The expected folds, sorted, once the arguments are checked."""
     if protocol is not None and protocol not in PROTOCOL_LABELS:
         raise GenreflowError(
             f"unknown protocol {protocol!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
@@ -906,109 +910,135 @@ def aggregate(
         )
     if not fold_dirs:
         raise GenreflowError("no fold folders given")
+    return expected
 
-    usable, failed = _read_usable(fold_dirs, expected)
-    # The clip check comes first: a clip predicted twice is a bug even when folds are missing.
-    given_order = list(usable.values())
-    if given_order:
-        protocol = _resolve_protocol(given_order, protocol)
-        if protocol == "cv10":
-            _check_cv10_clips(given_order)
-        else:
-            _check_filtered_clips(sorted(given_order, key=lambda f: f.fold))
-    protocol = protocol or DEFAULT_PROTOCOL
-    noun = FOLD_NOUN[protocol]
 
-    missing = [fold for fold in expected if fold not in usable]
-    if len(usable) < min_folds:
-        reasons = "; ".join(f.reason for f in failed) or "no other reason recorded"
-        raise GenreflowError(
-            f"only {len(usable)} of {len(expected)} folds usable, {min_folds} needed: "
-            f"missing fold(s) {', '.join(str(f) for f in missing)} ({reasons})"
-        )
-
-    folds = [usable[fold] for fold in sorted(usable)]
-    selection = _agreed(
-        folds,
-        "the checkpoint selection",
-        lambda f: f.choice("selection", SELECTIONS),
-    )
-    data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
-    split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
-
-    fold_rows = []
-    for fold in folds:
-        n_correct = int(np.sum(fold.predicted_index == fold.true_index))
-        fold_rows.append(
-            {
-                "fold": fold.fold,
-                "n_clips": len(fold.audio_names),
-                "n_correct": n_correct,
-                "accuracy": n_correct / len(fold.audio_names),
-                "n_train": fold.n_train,
-                "valid_accuracy": fold.number("valid_accuracy"),
-                "selected_iteration": fold.number("selected_iteration"),
-                "dir": str(fold.directory),
-            }
-        )
-    values = [row["accuracy"] for row in fold_rows]
-
+def confusion_matrix(folds: list[FoldResult]) -> np.ndarray:
+    """(true genre, predicted genre) counts over the folds' predictions."""
     confusion = np.zeros((len(GENRES), len(GENRES)), dtype=np.int64)
     for fold in folds:
         np.add.at(confusion, (fold.true_index, fold.predicted_index), 1)
-    per_genre, macro_f1 = _per_genre(confusion)
-    n_predictions = int(confusion.sum())
-    pooled_accuracy = float(np.trace(confusion)) / n_predictions
+    return confusion
 
+
+def fold_confusion_png(fold_dir: str | Path) -> bytes:
+    """One fold's own confusion matrix as a PNG image (what its tracking run shows).
+
+    Raises:
+        GenreflowError: the folder holds no usable fold, or its files break the contract.
+    """
+    fold = read_fold(fold_dir)
+    if isinstance(fold, FailedFold):
+        raise GenreflowError(f"no confusion matrix to draw: {fold.reason}")
+    protocol = fold.choice("protocol", PROTOCOL_LABELS) or DEFAULT_PROTOCOL
+    title = f"Confusion, {FOLD_NOUN[protocol]} {fold.fold}, {PROTOCOL_LABELS[protocol]}"
+    return confusion_png(confusion_matrix([fold]), title)
+
+
+def _fold_row(fold: FoldResult) -> dict:
+    n_correct = int(np.sum(fold.predicted_index == fold.true_index))
+    return {
+        "fold": fold.fold,
+        "n_clips": len(fold.audio_names),
+        "n_correct": n_correct,
+        "accuracy": n_correct / len(fold.audio_names),
+        "n_train": fold.n_train,
+        "valid_accuracy": fold.number("valid_accuracy"),
+        "selected_iteration": fold.number("selected_iteration"),
+        "dir": str(fold.directory),
+    }
+
+
+def _accuracy(
+    protocol: str,
+    folds: list[FoldResult],
+    values: list[float],
+    pooled_accuracy: float,
+    n_expected: int,
+    train_fraction: float | None,
+) -> dict:
+    """The accuracy statistics the protocol calls for, and how the report explains them:
+    accuracy (fold_statistics plus wilson_ci and reported_ci), test_train_ratio_source,
+    intervals_note, n_clips and pooled_over."""
     if protocol == "cv10":
-        ratio, ratio_source = _test_train_ratio(folds, len(expected), train_fraction)
+        ratio, ratio_source = _test_train_ratio(folds, n_expected, train_fraction)
         accuracy = fold_statistics(values, ratio)
         accuracy["wilson_ci"] = None
         accuracy["reported_ci"] = accuracy["corrected_ci"]
-        n_clips = n_predictions
-        intervals_note = INTERVALS_NOTE
-        pooled_over = "each clip once: the folds' out-of-fold predictions"
-    else:
-        if train_fraction is not None:
-            raise GenreflowError(
-                "train_fraction applies to cv10 only: the filtered protocol trains every "
-                "repetition on the same clips, so there is no overlap to correct for"
-            )
-        ratio_source = (
-            "not used: every repetition trains on the same clips, no overlap to correct for"
+        return {
+            "accuracy": accuracy,
+            "test_train_ratio_source": ratio_source,
+            "intervals_note": INTERVALS_NOTE,
+            "n_clips": sum(len(f.audio_names) for f in folds),
+            "pooled_over": "each clip once: the folds' out-of-fold predictions",
+        }
+    if train_fraction is not None:
+        raise GenreflowError(
+            "train_fraction applies to cv10 only: the filtered protocol trains every "
+            "repetition on the same clips, so there is no overlap to correct for"
         )
-        accuracy = fold_statistics(values, None)
-        if accuracy["naive_ci"] is not None:
-            accuracy["naive_ci"]["method"] = (
-                "t interval over repetitions: mean +- t * s / sqrt(R); measures training "
-                "randomness only (every repetition trains and tests on the same clips)"
-            )
-        n_clips = len(folds[0].audio_names)
-        # the pooled proportion, but on the test set's size: repetitions add no test clips
-        accuracy["wilson_ci"] = wilson_interval(pooled_accuracy, n_clips)
-        accuracy["reported_ci"] = accuracy["wilson_ci"]
-        intervals_note = FILTERED_INTERVALS_NOTE
-        pooled_over = (
+    accuracy = fold_statistics(values, None)
+    if accuracy["naive_ci"] is not None:
+        accuracy["naive_ci"]["method"] = (
+            "t interval over repetitions: mean +- t * s / sqrt(R); measures training "
+            "randomness only (every repetition trains and tests on the same clips)"
+        )
+    n_clips = len(folds[0].audio_names)
+    # the pooled proportion, but on the test set's size: repetitions add no test clips
+    accuracy["wilson_ci"] = wilson_interval(pooled_accuracy, n_clips)
+    accuracy["reported_ci"] = accuracy["wilson_ci"]
+    return {
+        "accuracy": accuracy,
+        "test_train_ratio_source": (
+            "not used: every repetition trains on the same clips, no overlap to correct for"
+        ),
+        "intervals_note": FILTERED_INTERVALS_NOTE,
+        "n_clips": n_clips,
+        "pooled_over": (
             f"the sum over {len(folds)} repetition(s): each of the {n_clips} test clips is "
             f"counted once per repetition"
-        )
+        ),
+    }
 
-    report = {
+
+def _report(
+    folds: list[FoldResult],
+    failed: list[FailedFold],
+    protocol: str,
+    expected: list[int],
+    min_folds: int,
+    train_fraction: float | None,
+) -> dict:
+    """report.json's content, from the usable folds (in fold order) and the failed ones."""
+    selection = _agreed(
+        folds, "the checkpoint selection", lambda f: f.choice("selection", SELECTIONS)
+    )
+    data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
+    split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
+    fold_rows = [_fold_row(fold) for fold in folds]
+    confusion = confusion_matrix(folds)
+    per_genre, macro_f1 = _per_genre(confusion)
+    n_predictions = int(confusion.sum())
+    pooled_accuracy = float(np.trace(confusion)) / n_predictions
+    values = [row["accuracy"] for row in fold_rows]
+    statistics = _accuracy(protocol, folds, values, pooled_accuracy, len(expected), train_fraction)
+    usable = [f.fold for f in folds]
+    return {
         "protocol": protocol,
         "protocol_label": PROTOCOL_LABELS[protocol],
-        "fold_noun": noun,
+        "fold_noun": FOLD_NOUN[protocol],
         "selection": selection,
         "selection_label": selection_label(selection, protocol),
         "version": __version__,
-        "partial": bool(missing),
+        "partial": len(usable) < len(expected),
         "expected_folds": expected,
-        "usable_folds": sorted(usable),
-        "missing_folds": missing,
+        "usable_folds": usable,
+        "missing_folds": [fold for fold in expected if fold not in usable],
         "failed_folds": [
             {"fold": f.fold, "dir": str(f.directory), "reason": f.reason} for f in failed
         ],
         "min_folds": min_folds,
-        "n_clips": n_clips,
+        "n_clips": statistics["n_clips"],
         "n_predictions": n_predictions,
         "split": _split_report(folds),
         "data_sha256": data_sha256,
@@ -1018,9 +1048,9 @@ def aggregate(
         "genres": list(GENRES),
         "folds": fold_rows,
         "fold_accuracy": {str(row["fold"]): row["accuracy"] for row in fold_rows},
-        "accuracy": accuracy,
-        "test_train_ratio_source": ratio_source,
-        "intervals_note": intervals_note,
+        "accuracy": statistics["accuracy"],
+        "test_train_ratio_source": statistics["test_train_ratio_source"],
+        "intervals_note": statistics["intervals_note"],
         "pooled_accuracy": pooled_accuracy,
         "per_genre": per_genre,
         "macro_f1": macro_f1,
@@ -1028,40 +1058,37 @@ def aggregate(
             "rows": "true genre",
             "columns": "predicted genre",
             "labels": list(GENRES),
-            "pooled_over": pooled_over,
+            "pooled_over": statistics["pooled_over"],
             "matrix": confusion.tolist(),
         },
         "confused_pairs": _confused_pairs(folds, confusion),
         "outputs": [REPORT_JSON, REPORT_HTML, CONFUSION_CSV, CONFUSION_PNG, PER_GENRE_CSV],
     }
 
-    out_dir = Path(out)
+
+def _write_report(out_dir: Path, report: dict) -> None:
+    """The report's files, each replaced atomically; report.json last."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GenreflowError(f"{out_dir}: cannot create the output folder ({exc})") from exc
+    protocol, usable = report["protocol"], report["usable_folds"]
     title = f"Pooled confusion, {PROTOCOL_LABELS[protocol]}"
-    if protocol == "filtered" and len(folds) > 1:
-        title += f" (sum of {len(folds)} repetitions)"
-    if missing:
-        title += f" (partial: {len(usable)}/{len(expected)} {noun}s)"
-    png = _confusion_png(confusion, title)
-    _write_atomic(
-        out_dir / CONFUSION_CSV,
-        _csv_text(
-            [["true", *GENRES]]
-            + [[genre, *row] for genre, row in zip(GENRES, confusion.tolist(), strict=True)]
-        ),
-    )
-    _write_atomic(
-        out_dir / PER_GENRE_CSV,
-        _csv_text(
-            [["genre", "precision", "recall", "f1", "support"]]
-            + [[g["genre"], g["precision"], g["recall"], g["f1"], g["support"]] for g in per_genre]
-        ),
-    )
-    _write_atomic(out_dir / CONFUSION_PNG, png)
-    _write_atomic(out_dir / REPORT_HTML, _report_html(report, png))
+    if protocol == "filtered" and len(usable) > 1:
+        title += f" (sum of {len(usable)} repetitions)"
+    if report["partial"]:
+        title += f" (partial: {len(usable)}/{len(report['expected_folds'])} {report['fold_noun']}s)"
+    matrix = report["confusion"]["matrix"]
+    png = confusion_png(np.asarray(matrix, dtype=np.int64), title)
+    confusion_rows = [[genre, *row] for genre, row in zip(GENRES, matrix, strict=True)]
+    write_text_atomic(out_dir / CONFUSION_CSV, csv_text(["true", *GENRES], confusion_rows))
+    per_genre = [
+        [g["genre"], g["precision"], g["recall"], g["f1"], g["support"]]
+        for g in report["per_genre"]
+    ]
+    header = ["genre", "precision", "recall", "f1", "support"]
+    write_text_atomic(out_dir / PER_GENRE_CSV, csv_text(header, per_genre))
+    write_atomic(out_dir / CONFUSION_PNG, lambda f: f.write(png))
+    write_text_atomic(out_dir / REPORT_HTML, _report_html(report, png))
     # report.json last: its presence means the whole report is there
-    _write_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-    return report
+    write_text_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")

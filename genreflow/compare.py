@@ -368,42 +368,46 @@ def compare_runs(
         result["verdict"] = "not comparable fold by fold (different protocols)"
         return result
 
-    if a.protocol == "cv10":
-        if len(common) < 2:
-            result["no_test"] = (
-                f"a paired test needs at least 2 folds scored in both runs, found {len(common)}"
-            )
-        else:
-            fraction, source = _train_fraction(a, b, train_fraction)
-            result["test"] = _paired(a, b, fraction, source)
-            result["test"]["design"] = (
-                "paired by fold: both runs split the data into the same folds, so each "
-                "fold's difference is one paired sample; the Nadeau-Bengio correction "
-                "widens the variance for the training sets the folds share"
-            )
-    else:
-        if len(a.scores) < 2 or len(b.scores) < 2:
-            result["no_test"] = (
-                "Welch's test needs at least 2 repetitions in each run, found "
-                f"{len(a.scores)} in A and {len(b.scores)} in B; the parents' Wilson "
-                "intervals are the only uncertainty there is"
-            )
-        else:
-            result["test"] = _welch(
-                [a.scores[f] for f in sorted(a.scores)], [b.scores[f] for f in sorted(b.scores)]
-            )
-            result["test"]["design"] = (
-                "unpaired: a filtered run's repetitions retrain on the same clips and predict "
-                "the same test clips, so repetition r of A and of B are not paired samples of "
-                "a data split; Welch's test over the repetition scores measures training "
-                "randomness only, not how the difference would hold on other test clips "
-                "(see the parents' Wilson intervals for that)"
-            )
+    result["test"], result["no_test"] = _test(a, b, common, train_fraction)
     if result["test"] is None:
         result["verdict"] = f"no test: {result['no_test']}"
     else:
         result["verdict"] = _verdict(result["test"])
     return result
+
+
+def _test(
+    a: PipelineRun, b: PipelineRun, common: list[int], train_fraction: float | None
+) -> tuple[dict | None, str | None]:
+    """(the test of B - A that the runs' protocol allows, None) or (None, why there is none)."""
+    if a.protocol == "cv10":
+        if len(common) < 2:
+            return None, (
+                f"a paired test needs at least 2 folds scored in both runs, found {len(common)}"
+            )
+        fraction, source = _train_fraction(a, b, train_fraction)
+        test = _paired(a, b, fraction, source)
+        test["design"] = (
+            "paired by fold: both runs split the data into the same folds, so each "
+            "fold's difference is one paired sample; the Nadeau-Bengio correction "
+            "widens the variance for the training sets the folds share"
+        )
+        return test, None
+    if len(a.scores) < 2 or len(b.scores) < 2:
+        return None, (
+            "Welch's test needs at least 2 repetitions in each run, found "
+            f"{len(a.scores)} in A and {len(b.scores)} in B; the parents' Wilson "
+            "intervals are the only uncertainty there is"
+        )
+    test = _welch([a.scores[f] for f in sorted(a.scores)], [b.scores[f] for f in sorted(b.scores)])
+    test["design"] = (
+        "unpaired: a filtered run's repetitions retrain on the same clips and predict "
+        "the same test clips, so repetition r of A and of B are not paired samples of "
+        "a data split; Welch's test over the repetition scores measures training "
+        "randomness only, not how the difference would hold on other test clips "
+        "(see the parents' Wilson intervals for that)"
+    )
+    return test, None
 
 
 def _run_dict(run: PipelineRun) -> dict:

@@ -41,6 +41,7 @@ from typing import TypeVar
 import mlflow.pyfunc
 
 from genreflow import __version__
+from genreflow.atomic import write_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import (
     BEST,
@@ -471,7 +472,7 @@ class FoldRun:
         if reused_from:  # the checkpoints stay where they are, in the original run
             artifacts = [p for p in artifacts if p.name not in CHECKPOINTS]
         if (fold_dir / PREDICTIONS).exists():
-            artifacts.append(_fold_confusion_png(fold_dir, int(summary["fold"])))
+            artifacts.append(_fold_confusion_png(fold_dir))
 
         def log() -> None:
             from mlflow.entities import Metric, Param, RunTag
@@ -692,12 +693,14 @@ def log_fold(tracking_uri: str, parent_run_id: str, fold_dir: str | Path) -> str
     return run.run_id
 
 
-def _fold_confusion_png(fold_dir: Path, fold: int) -> Path:
-    """The fold's own confusion matrix plot, drawn by the report code on this one fold."""
-    from genreflow.aggregate import CONFUSION_PNG, aggregate
+def _fold_confusion_png(fold_dir: Path) -> Path:
+    """The fold's own confusion matrix plot, beside the fold folder."""
+    from genreflow.aggregate import CONFUSION_PNG, fold_confusion_png
 
+    png = fold_confusion_png(fold_dir)
     out = fold_dir.with_name(fold_dir.name + ".confusion")
-    aggregate([fold_dir], out, expected_folds=[fold], min_folds=1)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / CONFUSION_PNG, lambda f: f.write(png))
     return out / CONFUSION_PNG
 
 
