@@ -214,6 +214,13 @@ def write_failure(out: Path, fold: int, error: str) -> None:
     write_text_atomic(out / FAILED, json.dumps({"fold": fold, "error": error}) + "\n")
 
 
+def folds_required(min_folds: int, expected_folds: Sequence[int]) -> int:
+    """The fewest usable folds a run accepts: `min_folds`, 0 meaning every expected fold.
+    Below all of them, partial results are allowed: a fold that fails for good records why
+    (failed.json) instead of failing its step, and so the whole DAG (kubeflow/pipelines#7330)."""
+    return min_folds or len(expected_folds)
+
+
 # --- reading -----------------------------------------------------------------------------
 def read_summary(directory: Path) -> dict:
     """summary.json of a finished fold folder (no checks: see `read_fold`)."""

@@ -110,6 +110,7 @@ from genreflow.fold_result import (  # noqa: F401 (the fold folder's names, re-e
     write_predictions,
     write_summary,
 )
+from genreflow.recipe import HeadConfig
 from genreflow.runtime import one_thread, resolve_device
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
@@ -129,29 +130,6 @@ LOSS = "clip_nll"
 # constant (a ReLU that never fires): it is not scaled, and the head learns nothing from it.
 CONSTANT_STD = 1e-6
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-
-
-@dataclass
-class HeadConfig:
-    """One fold's head training. Saved into head.pth's metadata and into summary.json.
-
-    batch_size 0 means the whole training set at every step (full batch).
-    """
-
-    embeddings: str
-    fold: int
-    out: str
-    iterations: int = 1000
-    batch_size: int = 0
-    lr: float = 1e-3
-    weight_decay: float = 1.0
-    mixup: bool = False
-    mixup_alpha: float = 1.0
-    eval_every: int = 100
-    seed: int = 0
-    # genreflow.splits: which rows train, choose the head and are reported.
-    protocol: str = DEFAULT_PROTOCOL
-    selection: str = DEFAULT_SELECTION
 
 
 # The recipe: how a head is trained, not which data it sees.

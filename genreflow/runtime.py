@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from genreflow.errors import GenreflowError
+from genreflow.recipe import PRECISIONS
 
 if TYPE_CHECKING:
     import torch
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # --- device ------------------------------------------------------------------------------

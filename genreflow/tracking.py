@@ -46,10 +46,14 @@ from genreflow.errors import GenreflowError
 from genreflow.fold_result import (
     BEST,
     FAILED,
+    FINE_TUNE,
+    FROZEN_BASE,
     HEAD,
     METRICS,
     PREDICTIONS,
+    SELECTED_CHECKPOINT,
     SUMMARY,
+    folds_required,
     read_failure,
     read_metrics,
     read_summary,
@@ -283,6 +287,58 @@ def start_pipeline_run(
     return _tracked(f"opening the parent run at {tracking_uri}", start)
 
 
+def open_pipeline_run(parameters: dict, markdown: str | Path) -> str:
+    """The pipeline's first step: open its parent run, logging the pipeline's `parameters`
+    (the recipe of the path it takes, not the other's) and tagging it; write where the run
+    is to `markdown` (KFP shows it). Returns the run's id, "" when tracking is off.
+
+    `parameters` are the start step's inputs: tracking_uri, experiment, pipeline_run (the
+    KFP run's name), pipeline_run_id, kfp_ui, images, profile, protocol, selection, source,
+    sha256, pretrained, freeze_base, clip_seconds, seed and the recipe's parameters.
+    """
+    from genreflow.recipe import other_path_parameters
+
+    p = dict(parameters)
+    tracking_uri, experiment = p.pop("tracking_uri"), p.pop("experiment")
+    if not tracking_uri:
+        print("MLflow tracking is off (no tracking URI)")
+        Path(markdown).write_text("MLflow tracking was off for this run (no tracking URI).\n")
+        return ""
+    pipeline_run, pipeline_run_id = p.pop("pipeline_run"), p.pop("pipeline_run_id")
+    kfp_ui = p.pop("kfp_ui").rstrip("/")
+    images, profile, sha256 = p.pop("images"), p.pop("profile"), p.pop("sha256")
+    for unused in other_path_parameters(p["freeze_base"]):
+        p.pop(unused, None)
+    p["pretrained"] = p["pretrained"] or "random-init"
+    tags = {
+        "kfp.pipeline_run": pipeline_run,
+        **({"kfp.run_url": f"{kfp_ui}/#/runs/details/{pipeline_run_id}"} if kfp_ui else {}),
+        "images": images,
+        "profile": profile,
+        "protocol": p["protocol"],
+        "selection": p["selection"],
+        "data.sha256": sha256 or "unpinned",
+        "model": "Cnn14",
+        "freeze_base": p["freeze_base"],
+        "path": FROZEN_BASE if p["freeze_base"] else FINE_TUNE,
+    }
+    run_id = start_pipeline_run(
+        tracking_uri,
+        experiment,
+        run_name=pipeline_run,
+        pipeline_run_id=pipeline_run_id,
+        params=p,
+        tags=tags,
+    )
+    experiment_id = _client(tracking_uri).get_run(run_id).info.experiment_id
+    address = run_address(tracking_uri, experiment_id, run_id)
+    Path(markdown).write_text(
+        f"# MLflow\n\nParent run `{run_id}` of experiment `{experiment}`: {address}\n"
+    )
+    print(f"MLflow parent run: {address}")
+    return run_id
+
+
 def find_pipeline_run(tracking_uri: str, pipeline_run_id: str):
     """The parent run tagged with this KFP run's id, or None (tracking never started)."""
     client = _client(tracking_uri)
@@ -358,6 +414,57 @@ def finish_pipeline_run(
             client.set_terminated(parent_run_id, status)
 
     _tracked(f"finishing the parent run {parent_run_id}", finish, keep=keep)
+
+
+def report_step(
+    fold_dirs: list[str],
+    results: str | Path,
+    *,
+    expected_folds: list[int],
+    min_folds: int,
+    clip_seconds: float,
+    tracking_uri: str,
+    parent_run_id: str,
+    registered_model: str,
+    base: str | Path | None = None,
+) -> dict:
+    """The pipeline's last step: the report into `results` (genreflow.aggregate), then, when
+    tracking, the fold ensemble logged (and registered as `registered_model`, unless "")
+    and the aggregate metrics and report logged on the parent run, which stays open for
+    the exit handler. `base`: the frozen base the folds' heads share. Returns the report."""
+    from genreflow.aggregate import aggregate, flat_metrics
+    from genreflow.audio import clip_samples
+
+    needed = folds_required(min_folds, expected_folds)
+    report = aggregate(fold_dirs, results, expected_folds=expected_folds, min_folds=needed)
+    if not tracking_uri:
+        return report
+    # The folds the report used (a failed fold may still hold a checkpoint), each with the
+    # checkpoint its path selects: best.pth, or head.pth beside the shared base.
+    checkpoints = [
+        Path(row["dir"]) / SELECTED_CHECKPOINT[read_summary(row["dir"]).get("path", FINE_TUNE)]
+        for row in report["folds"]
+    ]
+    model_uri = log_ensemble(
+        tracking_uri,
+        parent_run_id,
+        checkpoints,
+        clip_samples=clip_samples(clip_seconds),
+        base=base,
+        registered_name=registered_model,
+        workdir=str(results) + ".mlflow",
+    )
+    print(f"fold ensemble logged as {model_uri}")
+    finish_pipeline_run(
+        tracking_uri,
+        parent_run_id,
+        metrics=flat_metrics(report),
+        artifacts=[results],
+        tags=report_tags(report),
+        status=None,  # the exit handler closes it with the pipeline's final state
+        keep=str(results),
+    )
+    return report
 
 
 def report_tags(report: dict) -> dict[str, str]:
@@ -678,6 +785,59 @@ def tracked_fold(
         else:
             run.log_outputs(out)
         return read_summary(out)
+
+
+def fold_step(
+    config,
+    *,
+    tracking_uri: str,
+    parent_run_id: str,
+    reuse: bool,
+    min_folds: int,
+    expected_folds: list[int],
+) -> dict:
+    """The pipeline's fold step: train `config` (a TrainConfig: fine-tune the fold; a
+    HeadConfig: train its head on the frozen base's embeddings) as `tracked_fold` does,
+    failures tolerated when min_folds allows partial results. Returns the fold's summary,
+    or {"fold": K, "failed": "..."}."""
+    import dataclasses
+
+    from genreflow.recipe import HeadConfig
+
+    if isinstance(config, HeadConfig):
+        from genreflow.frozen import train_head
+
+        path, inputs = FROZEN_BASE, [config.embeddings]
+        train = functools.partial(train_head, **dataclasses.asdict(config))
+    else:
+        from genreflow.train import train_fold
+
+        path, inputs = FINE_TUNE, [config.features]
+        train = functools.partial(train_fold, config)
+    # What the fold's result depends on, beside its inputs' content and the code.
+    leave_out = ("features", "embeddings", "out", "fold", "device", "log_every")
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in leave_out}
+    return tracked_fold(
+        train,
+        out=config.out,
+        fold=config.fold,
+        inputs=inputs,
+        settings={"path": path, **settings},
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        reuse=reuse,
+        tolerate_failure=folds_required(min_folds, expected_folds) < len(expected_folds),
+    )
+
+
+def fold_step_outputs(summary: dict) -> tuple[dict, float | None]:
+    """What a fold step shows in KFP: its output's metadata, and its test accuracy (None
+    for a tolerated failure)."""
+    if "failed" in summary:  # tolerated (min_folds): failed.json says why
+        return {"fold": summary["fold"], "failed": summary["failed"]}, None
+    accuracy = float(summary["final_accuracy"])
+    metadata = {"fold": summary["fold"], "test_accuracy": accuracy, "path": summary["path"]}
+    return {**metadata, "protocol": summary["protocol"]}, accuracy
 
 
 def _failure(out: Path) -> dict:

@@ -73,6 +73,7 @@ from genreflow.fold_result import (
     write_predictions,
     write_summary,
 )
+from genreflow.recipe import TrainConfig
 from genreflow.resume import RESUME
 from genreflow.runtime import (
     PRECISIONS,
@@ -99,33 +100,7 @@ LOSS = "clip_nll"
 
 
 # --- config ------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """One fold's run. Saved into every checkpoint's metadata and into summary.json."""
-
-    features: str
-    fold: int
-    out: str
-    pretrained: str | None = None
-    pretrained_sha256: str | None = None
-    freeze_base: bool = False
-    iterations: int = 10000
-    batch_size: int = 32
-    lr: float = 1e-4
-    mixup: bool = True
-    mixup_alpha: float = 1.0
-    eval_every: int = 200
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 10
-    # auto: bf16 autocast where the hardware computes in bf16 natively (CUDA with bf16,
-    # CPUs with AVX512-BF16/AMX or Arm BF16), fp32 elsewhere; see resolve_precision.
-    precision: str = "auto"
-    # genreflow.splits: cv10 | filtered, and validation | heldout (what chooses best.pth).
-    protocol: str = DEFAULT_PROTOCOL
-    selection: str = DEFAULT_SELECTION
-
-
+# TrainConfig (genreflow.recipe) is the one plain structure a run is told everything by.
 def _check_config(config: TrainConfig) -> None:
     positive = {
         "--iterations": config.iterations,

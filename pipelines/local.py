@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES
+from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES, run_arguments
 
 
 def demo_source(workspace: Path) -> tuple[str, str]:
@@ -42,7 +42,8 @@ def run_local(
         source: the dataset; default for the demo profile: a synthetic set made here.
         sha256: the source archive's checksum ("" = none, or the synthetic set's own).
         tracking_uri: MLflow; default MLFLOW_TRACKING_URI or workspace/mlflow.db.
-        overrides: pipeline arguments that replace the profile's (e.g. folds, iterations).
+        overrides: pipeline arguments that replace the profile's (e.g. folds, iterations);
+            a recipe argument the run would not use is an error (see profiles.run_arguments).
         cache: reuse unchanged download/pack/embed results from earlier runs.
     """
     from kfp import local
@@ -58,14 +59,14 @@ def run_local(
         if profile != "demo":
             raise ValueError(f"profile {profile!r} needs --source (the GTZAN archive or folder)")
         source, sha256 = demo_source(workspace)
-    arguments = {
-        **PROFILES[profile],
+    given = {
         "source": source,
         "sha256": sha256,
         "profile": profile,
         "tracking_uri": tracking_uri or default_tracking_uri(workspace),
         **(overrides or {}),
     }
+    arguments = run_arguments(profile, given)
     print(f"genreflow run: profile {profile}, arguments {json.dumps(arguments)}", file=sys.stderr)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
