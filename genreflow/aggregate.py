@@ -130,6 +130,14 @@ def _interval(mean: float, half_width: float) -> dict:
     return {"low": mean - half_width, "high": mean + half_width, "half_width": half_width}
 
 
+def _t_interval(values: np.ndarray, mean: float, std: float) -> dict:
+    """Student's t interval of the mean of `values` (scipy's one-sample t test)."""
+    if std == 0:  # no spread: scipy's interval is undefined (nan), the hand one is a point
+        return _interval(mean, 0.0)
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE_LEVEL)
+    return {"low": float(ci.low), "high": float(ci.high), "half_width": (ci.high - ci.low) / 2}
+
+
 def fold_statistics(values: list[float], test_train_ratio: float | None) -> dict:
     """Mean, sd (ddof=1), min, max and the naive and corrected 95% t intervals of k values.
 
@@ -162,7 +170,7 @@ def fold_statistics(values: list[float], test_train_ratio: float | None) -> dict
         return result
     std = float(array.std(ddof=1))
     t_quantile = _t_quantile(k - 1)
-    naive = _interval(mean, t_quantile * std / math.sqrt(k))
+    naive = _t_interval(array, mean, std)
     naive["method"] = "naive t interval: mean +- t * s / sqrt(k); ignores overlapping training sets"
     corrected = None
     if test_train_ratio is not None:

@@ -293,11 +293,9 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-
     import numpy as np
 
+    from genreflow.atomic import write_atomic
     from genreflow.inference import embed
 
     out = Path(args.out)
@@ -306,15 +304,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     embeddings = embed(
         args.checkpoint, args.files, clip_seconds=args.clip_seconds, device=args.device
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, embeddings)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, lambda f: np.save(f, embeddings))
     print(f"{embeddings.shape[0]} x {embeddings.shape[1]} embeddings -> {out}")
     return 0
 

@@ -13,12 +13,12 @@ What this path gives up, compared with training through a frozen base:
   a slightly different embedding; here each clip has one, the eval-mode one;
 - mixup on the log-mel: the seed mixes pairs of clips before the conv blocks. Mixup of
   embeddings (`mixup=True`) is available as its replacement, but it is off by default: it
-  is not the same thing (the base is non-linear), and it did not help (below);
+  is not the same thing (the base is non-linear), and it did not help (bench/README.md);
 - the batch-norm statistics in the base: the seed's train mode updates bn running
   statistics even when the weights are frozen, so its "frozen" base drifts toward GTZAN's
   statistics; here the base is used exactly as loaded.
 
-The head recipe (`DEFAULT_RECIPE`):
+The head recipe (`genreflow.recipe.HeadConfig`, `DEFAULT_RECIPE` here):
 
 - standardise each embedding dimension by the training folds' mean and standard deviation
   (fc1 + ReLU outputs differ in scale by orders of magnitude across dimensions, which
@@ -35,24 +35,8 @@ The head recipe (`DEFAULT_RECIPE`):
   b' = b - W' mean), so the saved `fc_transfer` applies to raw embeddings, exactly as the
   seed's Transfer_Cnn14 head does, and fits a `base.*` + `fc_transfer.*` checkpoint.
 
-How it was chosen: 10-fold CV on the synthetic GTZAN-shaped set (200 clips of 5 s,
-genreflow.data.synth, embedded by a random-init Cnn14, seed 0), mean held-out accuracy
-+- std over folds and the held-out negative log-likelihood (chance: 0.10 and 2.30):
-
-    lr 1e-3, 1000 steps, weight decay 0       0.835 +- 0.074   NLL 0.607
-    lr 1e-3, 1000 steps, weight decay 1 (*)   0.835 +- 0.078   NLL 0.537
-    lr 1e-3, 1000 steps, weight decay 10      0.815 +- 0.055   NLL 0.559
-    lr 1e-3,  300 steps, weight decay 0       0.825 +- 0.072   NLL 0.557
-    lr 1e-2, 1000 steps, weight decay 0.01    0.835 +- 0.087   NLL 0.921
-    lr 1e-4, 1000 steps, weight decay 0.01    0.825 +- 0.051   NLL 0.562
-    (*) + mixup on embeddings, alpha 1        0.825 +- 0.068   NLL 0.696
-    lr 1e-2, 1000 steps, wd 0.01, mixup       0.695 +- 0.085   NLL 1.236
-
-Accuracy barely moves across the grid (one clip is 0.05 of a fold); weight decay 1 gives
-the best-calibrated probabilities, which matter when fold heads are averaged; mixup on
-embeddings made the probabilities worse and the accuracy no better, so it is off. With a
-pretrained base the embeddings are far better and the numbers will differ; the recipe's
-parts (standardise, full batch, convex head) do not depend on them.
+How it was chosen (a grid over lr, steps, weight decay and mixup on a synthetic set):
+bench/README.md, "How the head's recipe was chosen".
 
 Outputs, each written atomically (a temporary file beside it, then os.replace):
 
@@ -63,7 +47,7 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
   moment, the same command continues from the last finished batch
   (`out/embeddings.partial/`); rerun after it finished, it does nothing and says so.
 - `train_head(embeddings, fold, out)`: `metrics.csv`, `predictions.csv`, `summary.json`
-  in the formats of `genreflow.train` (`"path": "frozen-base"`), and `head.pth`, the
+  in the formats of `genreflow.fold_result` (`"path": "frozen-base"`), and `head.pth`, the
   selected head (`{'iteration', 'model': {'fc_transfer.weight', 'fc_transfer.bias'},
   'genreflow'}`, iteration = the summary's selected_iteration). It takes seconds, so it
   has no resume: a rerun trains again, with the same result.

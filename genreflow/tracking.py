@@ -40,7 +40,7 @@ from typing import TypeVar
 
 import mlflow.pyfunc
 
-from genreflow import __version__
+from genreflow import __version__, storage
 from genreflow.atomic import write_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import (
@@ -498,8 +498,7 @@ def fold_key(inputs: Iterable[str | Path], settings: dict) -> str:
     protocol, recipe, ...) and the code's version. Equal keys give equal results."""
     digest = hashlib.sha256()
     for path in inputs:
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(bytes.fromhex(storage.sha256_of(path)))
     code = {"genreflow_version": __version__, "code_sha256": code_sha256()}
     digest.update(json.dumps({**settings, **code}, sort_keys=True, default=str).encode())
     return digest.hexdigest()

@@ -138,11 +138,6 @@ class FoldIndex:
         return self.split.train
 
     @property
-    def heldout_rows(self) -> np.ndarray:
-        """The reported (test) rows."""
-        return self.split.test
-
-    @property
     def clip_samples(self) -> int:
         return int(self.attrs["clip_samples"])
 
