@@ -207,17 +207,19 @@ def train_py_frozen(features: Path, workdir: Path, measured: int) -> dict:
     from genreflow.models.checkpoints import load_pretrained
     from genreflow.models.cnn14 import Mixup
     from genreflow.models.transfer import TransferCnn14
+    from genreflow.runtime import (
+        autocast_for,
+        cpu_threads_for_training,
+        freed_memory_kept,
+        resolve_precision,
+    )
     from genreflow.train import (
         EpochSampler,
         Waveforms,
-        _cpu_threads_for_training,
-        _keep_freed_memory,
         _on_device,
-        autocast_for,
         make_optimizer,
         prepare_for_training,
         read_fold_index,
-        resolve_precision,
         training_step,
     )
 
@@ -227,7 +229,7 @@ def train_py_frozen(features: Path, workdir: Path, measured: int) -> dict:
     batch_size = 32
     drawn = 2 * batch_size
     seconds = []
-    with _cpu_threads_for_training(), _keep_freed_memory():
+    with cpu_threads_for_training(), freed_memory_kept():
         torch.manual_seed(0)
         model = TransferCnn14(classes_num=len(GENRES), freeze_base=True)
         load_pretrained(model, workdir / "embed" / "base.pth")

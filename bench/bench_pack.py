@@ -70,9 +70,10 @@ def decode_alone(paths: list[str], clip_samples: int) -> float:
 def one_core_worker() -> ProcessPoolExecutor:
     """One process started as pack starts its workers (fork server, allocator settings):
     the bench's own process keeps its defaults, which the seed's way runs under."""
-    from genreflow.features import _keep_freed_memory, _worker_context
+    from genreflow.features import _worker_context
+    from genreflow.runtime import keep_freed_memory
 
-    return ProcessPoolExecutor(1, mp_context=_worker_context(), initializer=_keep_freed_memory)
+    return ProcessPoolExecutor(1, mp_context=_worker_context(), initializer=keep_freed_memory)
 
 
 def link_more_names(root: Path, names_per_clip: int) -> None:

@@ -75,12 +75,12 @@ def serve(way: str, connection, features: str, device_name: str, batch_size: int
     """Build one way's model, optimiser and data, then time what the parent asks for."""
     import torch
 
-    from genreflow.train import _cpu_threads_for_training, _keep_freed_memory
+    from genreflow.runtime import cpu_threads_for_training, freed_memory_kept
 
     with contextlib.ExitStack() as stack:
         if way == OURS:  # what train_fold wraps a run in
-            stack.enter_context(_cpu_threads_for_training())
-            stack.enter_context(_keep_freed_memory())
+            stack.enter_context(cpu_threads_for_training())
+            stack.enter_context(freed_memory_kept())
         runs = _build(way, features, torch.device(device_name), batch_size, precision)
         connection.send({"ready": True, "precision": runs.pop("precision")})
         while (request := connection.recv()) is not None:
@@ -100,17 +100,16 @@ def _build(way: str, features: str, device, batch_size: int, precision: str) -> 
     from genreflow.data.genres import GENRES
     from genreflow.models.cnn14 import Mixup
     from genreflow.models.transfer import TransferCnn14
+    from genreflow.runtime import autocast_for, resolve_precision
     from genreflow.train import (
         ADAM,
         EpochSampler,
         Waveforms,
         _on_device,
-        autocast_for,
         evaluate,
         make_optimizer,
         prepare_for_training,
         read_fold_index,
-        resolve_precision,
         training_step,
     )
 
@@ -282,7 +281,7 @@ def compare(features: Path, device: str, args, steps: int) -> common.Table:
         f"of {args.batch_size}, reading included"
     )
     if device == "cpu":
-        from genreflow.train import cpu_has_native_bf16
+        from genreflow.runtime import cpu_has_native_bf16
 
         if precision == "fp32" and args.precision == "auto":
             table.note(

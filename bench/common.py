@@ -59,7 +59,7 @@ def machine() -> str:
     """One line: CPU, cores, native bf16, torch and the GPU."""
     import torch
 
-    from genreflow.train import cpu_has_native_bf16
+    from genreflow.runtime import cpu_has_native_bf16
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"

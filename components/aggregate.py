@@ -40,43 +40,24 @@ def aggregate(
     import os
     import shutil
 
-    from genreflow.aggregate import aggregate as pool
-    from genreflow.aggregate import flat_metrics
-    from genreflow.audio import clip_samples
+    from genreflow.aggregate import REPORT_HTML, flat_metrics
     from genreflow.data.genres import GENRES
-    from genreflow.tracking import finish_pipeline_run, log_ensemble, report_tags
+    from genreflow.frozen import BASE
+    from genreflow.tracking import report_step
 
-    fold_dirs = [fold.path for fold in folds]
-    needed = min_folds or len(expected_folds)
-    summary = pool(fold_dirs, results.path, expected_folds=expected_folds, min_folds=needed)
-    shutil.copyfile(os.path.join(results.path, "report.html"), report.path)
-    headline = flat_metrics(summary)
-    for key, value in headline.items():
+    summary = report_step(
+        [fold.path for fold in folds],
+        results.path,
+        expected_folds=expected_folds,
+        min_folds=min_folds,
+        clip_seconds=clip_seconds,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        registered_model=registered_model,
+        base=os.path.join(embeddings.path, BASE) if embeddings else None,
+    )
+    shutil.copyfile(os.path.join(results.path, REPORT_HTML), report.path)
+    for key, value in flat_metrics(summary).items():
         metrics.log_metric(key, value)
     confusion.log_confusion_matrix(list(GENRES), summary["confusion"]["matrix"])
-    if tracking_uri:
-        # A frozen base is stored once beside the folds' heads; else each fold is whole.
-        base = os.path.join(embeddings.path, "base.pth") if embeddings else None
-        checkpoint = "head.pth" if embeddings else "best.pth"  # the selected checkpoints
-        # The folds the report used: a failed fold may still hold a checkpoint.
-        usable = [row["dir"] for row in summary["folds"]]
-        model_uri = log_ensemble(
-            tracking_uri,
-            parent_run_id,
-            [os.path.join(d, checkpoint) for d in usable],
-            clip_samples=clip_samples(clip_seconds),
-            base=base,
-            registered_name=registered_model,
-            workdir=results.path + ".mlflow",
-        )
-        print(f"fold ensemble logged as {model_uri}")
-        finish_pipeline_run(
-            tracking_uri,
-            parent_run_id,
-            metrics=headline,
-            artifacts=[results.path],
-            tags=report_tags(summary),
-            status=None,  # the exit handler closes it with the pipeline's final state
-            keep=results.path,
-        )
     return results.uri

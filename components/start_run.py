@@ -21,12 +21,19 @@ def start_run(
     pretrained: str,
     freeze_base: bool,
     clip_seconds: float,
+    seed: int,
     iterations: int,
     batch_size: int,
     lr: float,
     mixup: bool,
     eval_every: int,
-    seed: int,
+    precision: str,
+    head_iterations: int,
+    head_batch_size: int,
+    head_lr: float,
+    head_weight_decay: float,
+    head_mixup: bool,
+    head_eval_every: int,
     mlflow_run: dsl.Output[dsl.Markdown],
 ) -> str:
     """Return the id of a new parent run ("" when tracking is off).
@@ -40,56 +47,13 @@ def start_run(
         images: the images the steps run in (digests where the build gave them), a tag.
         profile: the recipe profile's name (demo, seed, custom), a tag.
         protocol: cv10 or filtered; selection: validation or heldout (tags and params).
-        source, sha256, pretrained, freeze_base, clip_seconds, iterations, batch_size, lr, mixup,
-            eval_every, seed: the pipeline's parameters, logged as params.
+        source, sha256, pretrained, freeze_base, clip_seconds, seed: the pipeline's
+            parameters, logged as params.
+        iterations, batch_size, lr, mixup, eval_every, precision: the fine-tune recipe;
+            head_*: the head's (genreflow.recipe); the one the run takes is logged.
         mlflow_run: where the parent run is (Markdown, shown in the KFP UI).
     """
-    from genreflow.data.download import expected_checksums
-    from genreflow.tracking import _client, run_address, start_pipeline_run
+    parameters = {name: value for name, value in locals().items() if name != "mlflow_run"}
+    from genreflow.tracking import open_pipeline_run
 
-    if not tracking_uri:
-        print("MLflow tracking is off (no tracking URI)")
-        with open(mlflow_run.path, "w") as f:
-            f.write("MLflow tracking was off for this run (no tracking URI).\n")
-        return ""
-    path = "frozen-base" if freeze_base else "fine-tune"
-    kfp_ui = kfp_ui.rstrip("/")
-    run_id = start_pipeline_run(
-        tracking_uri,
-        experiment,
-        run_name=pipeline_run,
-        pipeline_run_id=pipeline_run_id,
-        params={
-            "protocol": protocol,
-            "selection": selection,
-            "source": source,
-            "pretrained": pretrained or "random-init",
-            "freeze_base": freeze_base,
-            "clip_seconds": clip_seconds,
-            "iterations": iterations,
-            "batch_size": batch_size,
-            "lr": lr,
-            "mixup": mixup,
-            "eval_every": eval_every,
-            "seed": seed,
-        },
-        tags={
-            "kfp.pipeline_run": pipeline_run,
-            **({"kfp.run_url": f"{kfp_ui}/#/runs/details/{pipeline_run_id}"} if kfp_ui else {}),
-            "images": images,
-            "profile": profile,
-            "protocol": protocol,
-            "selection": selection,
-            # The checksum itself where it is known ("original", an official URL).
-            "data.sha256": expected_checksums(source, sha256 or None)[0] or "unpinned",
-            "model": "Cnn14",
-            "freeze_base": freeze_base,
-            "path": path,
-        },
-    )
-    experiment_id = _client(tracking_uri).get_run(run_id).info.experiment_id
-    address = run_address(tracking_uri, experiment_id, run_id)
-    with open(mlflow_run.path, "w") as f:
-        f.write(f"# MLflow\n\nParent run `{run_id}` of experiment `{experiment}`: {address}\n")
-    print(f"MLflow parent run: {address}")
-    return run_id
+    return open_pipeline_run(parameters, mlflow_run.path)

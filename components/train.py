@@ -48,8 +48,8 @@ def train(
         model: the fold folder: checkpoints, metrics.csv, predictions.csv, summary.json.
         metrics: the test accuracy, for the KFP UI.
     """
-    from genreflow.tracking import tracked_fold
-    from genreflow.train import TrainConfig, train_fold
+    from genreflow.recipe import TrainConfig
+    from genreflow.tracking import fold_step, fold_step_outputs
 
     config = TrainConfig(
         features=features.path,
@@ -58,7 +58,6 @@ def train(
         protocol=protocol,
         selection=selection,
         pretrained=pretrained or None,
-        freeze_base=False,
         iterations=iterations,
         batch_size=batch_size,
         lr=lr,
@@ -67,23 +66,15 @@ def train(
         seed=seed,
         precision=precision,
     )
-    settings = dict(path="fine-tune", protocol=protocol, selection=selection)
-    settings.update(pretrained=pretrained, iterations=iterations, batch_size=batch_size, lr=lr)
-    settings.update(mixup=mixup, eval_every=eval_every, seed=seed, precision=precision)
-    summary = tracked_fold(
-        lambda: train_fold(config),
-        out=model.path,
-        fold=fold,
-        inputs=[features.path],
-        settings=settings,
+    summary = fold_step(
+        config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
         reuse=reuse_folds,
-        tolerate_failure=0 < min_folds < len(expected_folds),
+        min_folds=min_folds,
+        expected_folds=expected_folds,
     )
-    if "failed" in summary:  # tolerated (min_folds): failed.json says why
-        model.metadata.update(fold=fold, failed=summary["failed"])
-        return
-    accuracy = float(summary["final_accuracy"])
-    metrics.log_metric("test_accuracy", accuracy)
-    model.metadata.update(fold=fold, test_accuracy=accuracy, path="fine-tune", protocol=protocol)
+    metadata, accuracy = fold_step_outputs(summary)
+    model.metadata.update(metadata)
+    if accuracy is not None:
+        metrics.log_metric("test_accuracy", accuracy)

@@ -14,6 +14,7 @@ def train_head(
     iterations: int,
     batch_size: int,
     lr: float,
+    weight_decay: float,
     mixup: bool,
     eval_every: int,
     seed: int,
@@ -32,7 +33,8 @@ def train_head(
         embeddings: the embed step's folder (embeddings.h5, base.pth).
         fold: cv10: the held-out fold (1..10); filtered: the repetition (seed + fold - 1).
         protocol: cv10 or filtered; selection: validation or heldout (see `train`).
-        iterations, batch_size, lr, mixup, eval_every, seed: the head's recipe.
+        iterations, batch_size, lr, weight_decay, mixup, eval_every, seed: the head's
+            recipe (genreflow.recipe.HeadConfig).
         tracking_uri: MLflow tracking URI ("" = no tracking).
         parent_run_id: the pipeline's parent run; this fold is a nested child run.
         reuse_folds: take an identical fold (same embeddings, recipe and code) from MLflow.
@@ -44,26 +46,33 @@ def train_head(
     """
     import os
 
-    from genreflow.frozen import train_head as fit_head
-    from genreflow.tracking import tracked_fold
+    from genreflow.frozen import EMBEDDINGS
+    from genreflow.recipe import HeadConfig
+    from genreflow.tracking import fold_step, fold_step_outputs
 
-    embeddings_file = os.path.join(embeddings.path, "embeddings.h5")
-    recipe = dict(iterations=iterations, batch_size=batch_size, lr=lr, mixup=mixup)
-    recipe.update(eval_every=eval_every, seed=seed, protocol=protocol, selection=selection)
-    summary = tracked_fold(
-        lambda: fit_head(embeddings_file, fold, model.path, **recipe),
-        out=model.path,
+    config = HeadConfig(
+        embeddings=os.path.join(embeddings.path, EMBEDDINGS),
         fold=fold,
-        inputs=[embeddings_file],
-        settings=dict(path="frozen-base", **recipe),
+        out=model.path,
+        protocol=protocol,
+        selection=selection,
+        iterations=iterations,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        mixup=mixup,
+        eval_every=eval_every,
+        seed=seed,
+    )
+    summary = fold_step(
+        config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
         reuse=reuse_folds,
-        tolerate_failure=0 < min_folds < len(expected_folds),
+        min_folds=min_folds,
+        expected_folds=expected_folds,
     )
-    if "failed" in summary:  # tolerated (min_folds): failed.json says why
-        model.metadata.update(fold=fold, failed=summary["failed"])
-        return
-    accuracy = float(summary["final_accuracy"])
-    metrics.log_metric("test_accuracy", accuracy)
-    model.metadata.update(fold=fold, test_accuracy=accuracy, path="frozen-base", protocol=protocol)
+    metadata, accuracy = fold_step_outputs(summary)
+    model.metadata.update(metadata)
+    if accuracy is not None:
+        metrics.log_metric("test_accuracy", accuracy)

@@ -42,22 +42,28 @@ interval of the test accuracy on n = the test set's size (Wilson 1927).
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
 import math
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 from genreflow import __version__
-from genreflow.data.genres import GENRE_INDEX, GENRES
+from genreflow.atomic import write_atomic, write_text_atomic
+from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import (
+    SPLIT_COUNTS,
+    SPLIT_NAMES,
+    SUMMARY,
+    FailedFold,
+    FoldResult,
+    csv_text,
+    read_fold,
+)
 from genreflow.splits import DEFAULT_PROTOCOL, SELECTIONS  # "heldout": the seed's choice
 
 PROTOCOL_LABELS: dict[str, str] = {
@@ -66,20 +72,9 @@ PROTOCOL_LABELS: dict[str, str] = {
 }
 # What a fold is called in the report: cv10 folds partition the data, filtered ones repeat it.
 FOLD_NOUN = {"cv10": "fold", "filtered": "repetition"}
-SPLIT_COUNTS = ("train", "valid", "test", "excluded", "missing")
-SPLIT_NAMES = ("excluded_names", "missing_names")
 CONFIDENCE_LEVEL = 0.95
-# How far from 1 a row of probabilities may sum. genreflow writes float32 softmax output,
-# normalised in float64, as 8 significant digits; the bound is for rows that passed through
-# bf16 (8 significant bits: each value within 2**-8 of itself, so the sum within 2**-8 of 1),
-# as a fold trained under bf16 autocast before its head was kept in float32 wrote them.
-# Accepted rows are renormalised, so every later average is over distributions.
-PROBABILITY_SUM_TOLERANCE = 2.0**-8
 TOP_CONFUSED_PAIRS = 5
 
-PREDICTIONS_FILE = "predictions.csv"
-SUMMARY_FILE = "summary.json"
-FAILED_FILE = "failed.json"  # left by a fold step that failed while partial results were allowed
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 CONFUSION_CSV = "confusion.csv"
@@ -126,211 +121,6 @@ def selection_label(selection: str | None, protocol: str) -> str | None:
     return f"checkpoint chosen on the {held_out}, as the seed did: optimistic"
 
 
-@dataclass
-class _FoldPredictions:
-    fold: int
-    directory: Path
-    audio_names: list[str]
-    true_index: np.ndarray  # (n,) genre index of the true genre
-    probabilities: np.ndarray  # (n, len(GENRES)), columns in GENRES order
-    n_train: int | None
-    summary: dict
-
-    @property
-    def predicted_index(self) -> np.ndarray:
-        return np.argmax(self.probabilities, axis=1)
-
-    @property
-    def summary_path(self) -> Path:
-        return self.directory / SUMMARY_FILE
-
-
-@dataclass
-class _FailedFold:
-    fold: int | None
-    directory: Path
-    reason: str
-
-
-# --- reading -----------------------------------------------------------------------------
-def _read_summary(directory: Path) -> tuple[dict | None, str | None]:
-    """The folder's summary, or (None, why it is unusable) when it is missing or unreadable."""
-    path = directory / SUMMARY_FILE
-    if not path.is_file():
-        return None, f"{path}: missing"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{path}: unreadable ({exc})"
-    if not isinstance(summary, dict):
-        raise GenreflowError(f"{path}: expected a JSON object, found {type(summary).__name__}")
-    return summary, None
-
-
-def _summary_fold(summary: dict, path: Path) -> int:
-    fold = summary.get("fold")
-    # bool is an int in Python; a true/false fold is a bug, not fold 1/0
-    if not isinstance(fold, int) or isinstance(fold, bool):
-        raise GenreflowError(f"{path}: 'fold' must be an integer, found {fold!r}")
-    return fold
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _summary_n_train(summary: dict, path: Path) -> int | None:
-    """The clips the fold's model trained on: `n_train`, else the split's `train` count."""
-    n_train = summary.get("n_train")
-    if n_train is None:
-        split = _summary_split(summary, path)
-        n_train = split.get("train") if split else None
-        if n_train is None:
-            return None
-        if n_train == 0:
-            raise GenreflowError(f"{path}: 'split' says the fold trained on 0 clips")
-        return n_train
-    if not _is_count(n_train) or n_train == 0:
-        raise GenreflowError(f"{path}: 'n_train' must be a positive integer, found {n_train!r}")
-    return n_train
-
-
-def _summary_choice(summary: dict, path: Path, key: str, known) -> str | None:
-    """summary[key] (protocol, selection) when recorded and known; None when not recorded."""
-    value = summary.get(key)
-    if value is not None and value not in known:
-        raise GenreflowError(f"{path}: unknown {key} {value!r} (known: {', '.join(sorted(known))})")
-    return value
-
-
-def _summary_split(summary: dict, path: Path) -> dict | None:
-    """The fold's split counts and (optional) name lists, checked; None when not recorded."""
-    split = summary.get("split")
-    if split is None:
-        return None
-    if not isinstance(split, dict):
-        raise GenreflowError(f"{path}: 'split' must be an object, found {type(split).__name__}")
-    for key in SPLIT_COUNTS:
-        if key in split and not _is_count(split[key]):
-            raise GenreflowError(
-                f"{path}: split count '{key}' must be a non-negative integer, found {split[key]!r}"
-            )
-    for key in SPLIT_NAMES:
-        names = split.get(key)
-        if names is not None and not (
-            isinstance(names, list) and all(isinstance(n, str) for n in names)
-        ):
-            raise GenreflowError(f"{path}: split '{key}' must be a list of clip names")
-    return split
-
-
-def _summary_number(summary: dict, key: str, path: Path) -> float | None:
-    value = summary.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GenreflowError(f"{path}: '{key}' must be a finite number, found {value!r}")
-    return value
-
-
-def _parse_probability(text: str, column: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise GenreflowError(f"{where}: column '{column}' is not a number: {text!r}") from None
-    if not math.isfinite(value) or value < -1e-6 or value > 1 + 1e-6:
-        raise GenreflowError(f"{where}: column '{column}' is not a probability: {text!r}")
-    return value
-
-
-def _read_predictions(path: Path, fold: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Rows of one fold's predictions.csv, validated against the contract.
-
-    Raises:
-        OSError, UnicodeDecodeError, csv.Error: the file cannot be read (a failed fold).
-        GenreflowError: the file reads but breaks the contract.
-    """
-    names: list[str] = []
-    true_index: list[int] = []
-    probabilities: list[list[float]] = []
-    seen_at: dict[str, int] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames
-        if not header:
-            raise csv.Error("the file is empty")
-        required = ["audio_name", "fold", "genre", *GENRES]
-        missing = [column for column in required if column not in header]
-        if missing:
-            raise GenreflowError(f"{path}: header lacks column(s) {', '.join(missing)}")
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            if None in row or any(value is None for value in row.values()):
-                raise GenreflowError(f"{where}: {len(header)} fields expected")
-            name = row["audio_name"].strip()
-            if not name:
-                raise GenreflowError(f"{where}: empty audio_name")
-            if name in seen_at:
-                raise GenreflowError(
-                    f"{where}: clip {name} predicted twice (first at line {seen_at[name]})"
-                )
-            seen_at[name] = reader.line_num
-            try:
-                row_fold = int(row["fold"])
-            except ValueError:
-                raise GenreflowError(f"{where}: fold {row['fold']!r} is not an integer") from None
-            if row_fold != fold:
-                raise GenreflowError(
-                    f"{where}: fold {row_fold} disagrees with the folder's {SUMMARY_FILE} "
-                    f"(fold {fold})"
-                )
-            genre = row["genre"].strip()
-            if genre not in GENRE_INDEX:
-                raise GenreflowError(
-                    f"{where}: unknown genre {genre!r} (expected one of {', '.join(GENRES)})"
-                )
-            probs = [_parse_probability(row[g], g, where) for g in GENRES]
-            total = math.fsum(probs)
-            if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
-                raise GenreflowError(f"{where}: probabilities sum to {total:.6g}, not 1")
-            names.append(name)
-            true_index.append(GENRE_INDEX[genre])
-            probabilities.append([p / total for p in probs])
-    if not names:
-        raise GenreflowError(f"{path}: holds a header but no predictions")
-    return (
-        names,
-        np.asarray(true_index, dtype=np.int64),
-        np.asarray(probabilities, dtype=np.float64).reshape(len(names), len(GENRES)),
-    )
-
-
-def _read_fold(directory: Path) -> _FoldPredictions | _FailedFold:
-    if not directory.is_dir():
-        return _FailedFold(None, directory, f"{directory}: folder does not exist")
-    failure = directory / FAILED_FILE
-    if failure.is_file():  # the fold step failed and said why (genreflow.tracking)
-        try:
-            record = json.loads(failure.read_text())
-            return _FailedFold(int(record["fold"]), directory, f"failed: {record['error']}")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return _FailedFold(None, directory, f"{failure}: unreadable ({exc})")
-    summary, why = _read_summary(directory)
-    if summary is None:
-        return _FailedFold(None, directory, why or "summary unusable")
-    summary_path = directory / SUMMARY_FILE
-    fold = _summary_fold(summary, summary_path)
-    n_train = _summary_n_train(summary, summary_path)
-    predictions_path = directory / PREDICTIONS_FILE
-    if not predictions_path.is_file():
-        return _FailedFold(fold, directory, f"{predictions_path}: missing")
-    try:
-        names, true_index, probabilities = _read_predictions(predictions_path, fold)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        return _FailedFold(fold, directory, f"{predictions_path}: unreadable ({exc})")
-    return _FoldPredictions(fold, directory, names, true_index, probabilities, n_train, summary)
-
-
 # --- statistics --------------------------------------------------------------------------
 def _t_quantile(dof: int) -> float:
     return float(stats.t.ppf(0.5 + CONFIDENCE_LEVEL / 2, dof))
@@ -338,6 +128,14 @@ def _t_quantile(dof: int) -> float:
 
 def _interval(mean: float, half_width: float) -> dict:
     return {"low": mean - half_width, "high": mean + half_width, "half_width": half_width}
+
+
+def _t_interval(values: np.ndarray, mean: float, std: float) -> dict:
+    """Student's t interval of the mean of `values` (scipy's one-sample t test)."""
+    if std == 0:  # no spread: scipy's interval is undefined (nan), the hand one is a point
+        return _interval(mean, 0.0)
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE_LEVEL)
+    return {"low": float(ci.low), "high": float(ci.high), "half_width": (ci.high - ci.low) / 2}
 
 
 def fold_statistics(values: list[float], test_train_ratio: float | None) -> dict:
@@ -372,7 +170,7 @@ def fold_statistics(values: list[float], test_train_ratio: float | None) -> dict
         return result
     std = float(array.std(ddof=1))
     t_quantile = _t_quantile(k - 1)
-    naive = _interval(mean, t_quantile * std / math.sqrt(k))
+    naive = _t_interval(array, mean, std)
     naive["method"] = "naive t interval: mean +- t * s / sqrt(k); ignores overlapping training sets"
     corrected = None
     if test_train_ratio is not None:
@@ -411,7 +209,7 @@ def wilson_interval(accuracy: float, n: int) -> dict:
 
 
 def _test_train_ratio(
-    usable: list[_FoldPredictions], n_expected: int, train_fraction: float | None
+    usable: list[FoldResult], n_expected: int, train_fraction: float | None
 ) -> tuple[float | None, str]:
     """n_test / n_train for the correction, and where it came from.
 
@@ -423,7 +221,7 @@ def _test_train_ratio(
     sizes = [len(f.audio_names) for f in usable]
     if all(f.n_train is not None for f in usable):
         ratios = [len(f.audio_names) / f.n_train for f in usable]
-        return float(np.mean(ratios)), f"fold sizes and n_train from {SUMMARY_FILE}"
+        return float(np.mean(ratios)), f"fold sizes and n_train from {SUMMARY}"
     if n_expected < 2:
         return None, "not derivable from a single split (pass train_fraction)"
     # A fold's model trained on every other expected fold, failed ones included, so the
@@ -535,7 +333,7 @@ def _per_genre(confusion: np.ndarray) -> tuple[list[dict], float]:
     return rows, macro_f1
 
 
-def _confused_pairs(usable: list[_FoldPredictions], confusion: np.ndarray) -> list[dict]:
+def _confused_pairs(usable: list[FoldResult], confusion: np.ndarray) -> list[dict]:
     clips: dict[tuple[int, int], list[str]] = {}
     for fold in usable:
         for name, true, predicted in zip(
@@ -564,39 +362,8 @@ def _confused_pairs(usable: list[_FoldPredictions], confusion: np.ndarray) -> li
 
 
 # --- writing -----------------------------------------------------------------------------
-def _current_umask() -> int:
-    # os.umask can only be read by setting it; put it straight back
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see the old content or the new one, never half."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # a temporary file is private (0600); the report gets the mode a plain open() gives
-        os.chmod(handle.name, 0o666 & ~_current_umask())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
-def _csv_text(rows: list[list]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
-
-
-def _confusion_png(confusion: np.ndarray, title: str) -> bytes:
+def confusion_png(confusion: np.ndarray, title: str) -> bytes:
+    """A confusion matrix (rows: true genre, columns: predicted) as a PNG image."""
     # The object API with an Agg canvas touches no pyplot global state or backend setting.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -822,6 +589,45 @@ def _provenance_html(report: dict) -> list[str]:
     return ["<h2>Data and provenance</h2>", "<ul>", *items, "</ul>"]
 
 
+def _folds_html(report: dict) -> list[str]:
+    """The per-fold table, and the failed or missing folds."""
+    esc = html.escape
+    noun = report["fold_noun"]
+    parts = []
+    header = [noun, "clips", "correct", "accuracy"]
+    with_valid = any(f["valid_accuracy"] is not None for f in report["folds"])
+    with_iteration = any(f["selected_iteration"] is not None for f in report["folds"])
+    header += ["validation accuracy"] * with_valid + ["selected iteration"] * with_iteration
+    rows = []
+    for f in report["folds"]:
+        row = [f["fold"], f["n_clips"], f["n_correct"], _fmt(f["accuracy"])]
+        if with_valid:
+            row.append(_fmt(f["valid_accuracy"]))
+        if with_iteration:
+            row.append("n/a" if f["selected_iteration"] is None else f["selected_iteration"])
+        rows.append([*row, f["dir"]])
+    parts += [_table([*header, "folder"], rows), f"<h2>Failed or missing {noun}s</h2>"]
+    if report["missing_folds"] or report["failed_folds"]:
+        parts.append(
+            "<p>Missing: "
+            + esc(", ".join(str(f) for f in report["missing_folds"]) or "none")
+            + "</p>"
+        )
+        if report["failed_folds"]:
+            parts.append(
+                _table(
+                    [noun, "folder", "reason"],
+                    [
+                        ["?" if f["fold"] is None else f["fold"], f["dir"], f["reason"]]
+                        for f in report["failed_folds"]
+                    ],
+                )
+            )
+    else:
+        parts.append(f"<p>None: every expected {noun} is usable.</p>")
+    return parts
+
+
 def _report_html(report: dict, png: bytes) -> str:
     esc = html.escape
     acc = report["accuracy"]
@@ -858,37 +664,7 @@ def _report_html(report: dict, png: bytes) -> str:
         *_provenance_html(report),
         f"<h2>Per {noun}</h2>",
     ]
-    header = [noun, "clips", "correct", "accuracy"]
-    with_valid = any(f["valid_accuracy"] is not None for f in report["folds"])
-    with_iteration = any(f["selected_iteration"] is not None for f in report["folds"])
-    header += ["validation accuracy"] * with_valid + ["selected iteration"] * with_iteration
-    rows = []
-    for f in report["folds"]:
-        row = [f["fold"], f["n_clips"], f["n_correct"], _fmt(f["accuracy"])]
-        if with_valid:
-            row.append(_fmt(f["valid_accuracy"]))
-        if with_iteration:
-            row.append("n/a" if f["selected_iteration"] is None else f["selected_iteration"])
-        rows.append([*row, f["dir"]])
-    parts += [_table([*header, "folder"], rows), f"<h2>Failed or missing {noun}s</h2>"]
-    if report["missing_folds"] or report["failed_folds"]:
-        parts.append(
-            "<p>Missing: "
-            + esc(", ".join(str(f) for f in report["missing_folds"]) or "none")
-            + "</p>"
-        )
-        if report["failed_folds"]:
-            parts.append(
-                _table(
-                    [noun, "folder", "reason"],
-                    [
-                        ["?" if f["fold"] is None else f["fold"], f["dir"], f["reason"]]
-                        for f in report["failed_folds"]
-                    ],
-                )
-            )
-    else:
-        parts.append(f"<p>None: every expected {noun} is usable.</p>")
+    parts += _folds_html(report)
     parts += [
         "<h2>Per genre</h2>",
         (
@@ -939,12 +715,12 @@ def _report_html(report: dict, png: bytes) -> str:
 # --- the step ----------------------------------------------------------------------------
 def _read_usable(
     fold_dirs: list[str | Path], expected: list[int]
-) -> tuple[dict[int, _FoldPredictions], list[_FailedFold]]:
-    usable: dict[int, _FoldPredictions] = {}
-    failed: list[_FailedFold] = []
+) -> tuple[dict[int, FoldResult], list[FailedFold]]:
+    usable: dict[int, FoldResult] = {}
+    failed: list[FailedFold] = []
     for raw in fold_dirs:
-        result = _read_fold(Path(raw))
-        if isinstance(result, _FailedFold):
+        result = read_fold(Path(raw))
+        if isinstance(result, FailedFold):
             failed.append(result)
             continue
         if result.fold not in expected:
@@ -961,7 +737,7 @@ def _read_usable(
     return usable, failed
 
 
-def _agreed(folds: list[_FoldPredictions], what: str, value_of) -> object:
+def _agreed(folds: list[FoldResult], what: str, value_of) -> object:
     """The one value every fold gives for `what`; an error naming two folders that differ."""
     first = folds[0]
     first_value = value_of(first)
@@ -975,7 +751,7 @@ def _agreed(folds: list[_FoldPredictions], what: str, value_of) -> object:
     return first_value
 
 
-def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> str:
+def _resolve_protocol(folds: list[FoldResult], requested: str | None) -> str:
     """The protocol the folds' summaries record (absent = cv10), checked against the caller's.
 
     When no summary records one (runs from before the key existed), the caller's word is
@@ -985,20 +761,13 @@ def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> s
         raise GenreflowError(
             f"unknown protocol {requested!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
         )
-    stated = [
-        f
-        for f in folds
-        if _summary_choice(f.summary, f.summary_path, "protocol", PROTOCOL_LABELS) is not None
-    ]
+    stated = [f for f in folds if f.choice("protocol", PROTOCOL_LABELS) is not None]
     if not stated:
         return requested or DEFAULT_PROTOCOL
     protocol = _agreed(
         folds,
         "the protocol",
-        lambda f: (
-            _summary_choice(f.summary, f.summary_path, "protocol", PROTOCOL_LABELS)
-            or DEFAULT_PROTOCOL
-        ),
+        lambda f: f.choice("protocol", PROTOCOL_LABELS) or DEFAULT_PROTOCOL,
     )
     if requested is not None and requested != protocol:
         raise GenreflowError(
@@ -1008,22 +777,22 @@ def _resolve_protocol(folds: list[_FoldPredictions], requested: str | None) -> s
     return str(protocol)
 
 
-def _check_cv10_clips(folds: list[_FoldPredictions]) -> None:
+def _check_cv10_clips(folds: list[FoldResult]) -> None:
     """Cross-validation predicts each clip exactly once across the folds."""
-    clip_home: dict[str, _FoldPredictions] = {}
+    clip_home: dict[str, FoldResult] = {}
     for fold in folds:
         for name in fold.audio_names:
             other = clip_home.get(name)
             if other is not None:
                 raise GenreflowError(
-                    f"{fold.directory / PREDICTIONS_FILE}: clip {name} is also predicted in "
-                    f"{other.directory / PREDICTIONS_FILE} (fold {other.fold}); "
+                    f"{fold.predictions_path}: clip {name} is also predicted in "
+                    f"{other.predictions_path} (fold {other.fold}); "
                     "cross-validation predicts each clip exactly once"
                 )
             clip_home[name] = fold
 
 
-def _check_filtered_clips(folds: list[_FoldPredictions]) -> None:
+def _check_filtered_clips(folds: list[FoldResult]) -> None:
     """Every repetition predicts the same test clips, with the same true genre."""
     reference = folds[0]
     truth = dict(zip(reference.audio_names, reference.true_index.tolist(), strict=True))
@@ -1033,16 +802,16 @@ def _check_filtered_clips(folds: list[_FoldPredictions]) -> None:
         lacking = sorted(truth.keys() - names)
         if extra or lacking:
             raise GenreflowError(
-                f"{fold.directory / PREDICTIONS_FILE}: repetition {fold.fold} predicts a "
+                f"{fold.predictions_path}: repetition {fold.fold} predicts a "
                 f"different set of clips than repetition {reference.fold} "
-                f"({reference.directory / PREDICTIONS_FILE}): {len(extra)} extra "
+                f"({reference.predictions_path}): {len(extra)} extra "
                 f"{_some(extra)}, {len(lacking)} lacking {_some(lacking)}; every repetition "
                 "of the filtered protocol predicts the same test list"
             )
         for name, true in zip(fold.audio_names, fold.true_index.tolist(), strict=True):
             if truth[name] != true:
                 raise GenreflowError(
-                    f"{fold.directory / PREDICTIONS_FILE}: clip {name} is {GENRES[true]} in "
+                    f"{fold.predictions_path}: clip {name} is {GENRES[true]} in "
                     f"repetition {fold.fold} but {GENRES[truth[name]]} in repetition "
                     f"{reference.fold}"
                 )
@@ -1055,12 +824,12 @@ def _some(names: list[str], shown: int = 3) -> str:
     return "(" + ", ".join(names[:shown]) + more + ")"
 
 
-def _split_report(folds: list[_FoldPredictions]) -> dict | None:
+def _split_report(folds: list[FoldResult]) -> dict | None:
     """The split's counts and names: one value where the folds agree, else per fold.
 
     None when no fold recorded its split.
     """
-    splits = {f.fold: _summary_split(f.summary, f.summary_path) for f in folds}
+    splits = {f.fold: f.split() for f in folds}
     if all(split is None for split in splits.values()):
         return None
     result: dict = {}
@@ -1109,6 +878,33 @@ def aggregate(
             (naming two of their folders), or a fold whose files break the contract (naming
             the file and line).
     """
+    expected = _expected_folds(fold_dirs, expected_folds, min_folds, protocol)
+    usable, failed = _read_usable(fold_dirs, expected)
+    # The clip check comes first: a clip predicted twice is a bug even when folds are missing.
+    given_order = list(usable.values())
+    if given_order:
+        protocol = _resolve_protocol(given_order, protocol)
+        if protocol == "cv10":
+            _check_cv10_clips(given_order)
+        else:
+            _check_filtered_clips(sorted(given_order, key=lambda f: f.fold))
+    protocol = protocol or DEFAULT_PROTOCOL
+
+    missing = [fold for fold in expected if fold not in usable]
+    if len(usable) < min_folds:
+        reasons = "; ".join(f.reason for f in failed) or "no other reason recorded"
+        raise GenreflowError(
+            f"only {len(usable)} of {len(expected)} folds usable, {min_folds} needed: "
+            f"missing fold(s) {', '.join(str(f) for f in missing)} ({reasons})"
+        )
+    folds = [usable[fold] for fold in sorted(usable)]
+    report = _report(folds, failed, protocol, expected, min_folds, train_fraction)
+    _write_report(Path(out), report)
+    return report
+
+
+def _expected_folds(fold_dirs, expected_folds, min_folds: int, protocol: str | None) -> list[int]:
+    """The expected folds, sorted, once the arguments are checked."""
     if protocol is not None and protocol not in PROTOCOL_LABELS:
         raise GenreflowError(
             f"unknown protocol {protocol!r} (known: {', '.join(sorted(PROTOCOL_LABELS))})"
@@ -1122,113 +918,135 @@ def aggregate(
         )
     if not fold_dirs:
         raise GenreflowError("no fold folders given")
+    return expected
 
-    usable, failed = _read_usable(fold_dirs, expected)
-    # The clip check comes first: a clip predicted twice is a bug even when folds are missing.
-    given_order = list(usable.values())
-    if given_order:
-        protocol = _resolve_protocol(given_order, protocol)
-        if protocol == "cv10":
-            _check_cv10_clips(given_order)
-        else:
-            _check_filtered_clips(sorted(given_order, key=lambda f: f.fold))
-    protocol = protocol or DEFAULT_PROTOCOL
-    noun = FOLD_NOUN[protocol]
 
-    missing = [fold for fold in expected if fold not in usable]
-    if len(usable) < min_folds:
-        reasons = "; ".join(f.reason for f in failed) or "no other reason recorded"
-        raise GenreflowError(
-            f"only {len(usable)} of {len(expected)} folds usable, {min_folds} needed: "
-            f"missing fold(s) {', '.join(str(f) for f in missing)} ({reasons})"
-        )
-
-    folds = [usable[fold] for fold in sorted(usable)]
-    selection = _agreed(
-        folds,
-        "the checkpoint selection",
-        lambda f: _summary_choice(f.summary, f.summary_path, "selection", SELECTIONS),
-    )
-    data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
-    split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
-
-    fold_rows = []
-    for fold in folds:
-        n_correct = int(np.sum(fold.predicted_index == fold.true_index))
-        fold_rows.append(
-            {
-                "fold": fold.fold,
-                "n_clips": len(fold.audio_names),
-                "n_correct": n_correct,
-                "accuracy": n_correct / len(fold.audio_names),
-                "n_train": fold.n_train,
-                "valid_accuracy": _summary_number(
-                    fold.summary, "valid_accuracy", fold.summary_path
-                ),
-                "selected_iteration": _summary_number(
-                    fold.summary, "selected_iteration", fold.summary_path
-                ),
-                "dir": str(fold.directory),
-            }
-        )
-    values = [row["accuracy"] for row in fold_rows]
-
+def confusion_matrix(folds: list[FoldResult]) -> np.ndarray:
+    """(true genre, predicted genre) counts over the folds' predictions."""
     confusion = np.zeros((len(GENRES), len(GENRES)), dtype=np.int64)
     for fold in folds:
         np.add.at(confusion, (fold.true_index, fold.predicted_index), 1)
-    per_genre, macro_f1 = _per_genre(confusion)
-    n_predictions = int(confusion.sum())
-    pooled_accuracy = float(np.trace(confusion)) / n_predictions
+    return confusion
 
+
+def fold_confusion_png(fold_dir: str | Path) -> bytes:
+    """One fold's own confusion matrix as a PNG image (what its tracking run shows).
+
+    Raises:
+        GenreflowError: the folder holds no usable fold, or its files break the contract.
+    """
+    fold = read_fold(fold_dir)
+    if isinstance(fold, FailedFold):
+        raise GenreflowError(f"no confusion matrix to draw: {fold.reason}")
+    protocol = fold.choice("protocol", PROTOCOL_LABELS) or DEFAULT_PROTOCOL
+    title = f"Confusion, {FOLD_NOUN[protocol]} {fold.fold}, {PROTOCOL_LABELS[protocol]}"
+    return confusion_png(confusion_matrix([fold]), title)
+
+
+def _fold_row(fold: FoldResult) -> dict:
+    n_correct = int(np.sum(fold.predicted_index == fold.true_index))
+    return {
+        "fold": fold.fold,
+        "n_clips": len(fold.audio_names),
+        "n_correct": n_correct,
+        "accuracy": n_correct / len(fold.audio_names),
+        "n_train": fold.n_train,
+        "valid_accuracy": fold.number("valid_accuracy"),
+        "selected_iteration": fold.number("selected_iteration"),
+        "dir": str(fold.directory),
+    }
+
+
+def _accuracy(
+    protocol: str,
+    folds: list[FoldResult],
+    values: list[float],
+    pooled_accuracy: float,
+    n_expected: int,
+    train_fraction: float | None,
+) -> dict:
+    """The accuracy statistics the protocol calls for, and how the report explains them:
+    accuracy (fold_statistics plus wilson_ci and reported_ci), test_train_ratio_source,
+    intervals_note, n_clips and pooled_over."""
     if protocol == "cv10":
-        ratio, ratio_source = _test_train_ratio(folds, len(expected), train_fraction)
+        ratio, ratio_source = _test_train_ratio(folds, n_expected, train_fraction)
         accuracy = fold_statistics(values, ratio)
         accuracy["wilson_ci"] = None
         accuracy["reported_ci"] = accuracy["corrected_ci"]
-        n_clips = n_predictions
-        intervals_note = INTERVALS_NOTE
-        pooled_over = "each clip once: the folds' out-of-fold predictions"
-    else:
-        if train_fraction is not None:
-            raise GenreflowError(
-                "train_fraction applies to cv10 only: the filtered protocol trains every "
-                "repetition on the same clips, so there is no overlap to correct for"
-            )
-        ratio_source = (
-            "not used: every repetition trains on the same clips, no overlap to correct for"
+        return {
+            "accuracy": accuracy,
+            "test_train_ratio_source": ratio_source,
+            "intervals_note": INTERVALS_NOTE,
+            "n_clips": sum(len(f.audio_names) for f in folds),
+            "pooled_over": "each clip once: the folds' out-of-fold predictions",
+        }
+    if train_fraction is not None:
+        raise GenreflowError(
+            "train_fraction applies to cv10 only: the filtered protocol trains every "
+            "repetition on the same clips, so there is no overlap to correct for"
         )
-        accuracy = fold_statistics(values, None)
-        if accuracy["naive_ci"] is not None:
-            accuracy["naive_ci"]["method"] = (
-                "t interval over repetitions: mean +- t * s / sqrt(R); measures training "
-                "randomness only (every repetition trains and tests on the same clips)"
-            )
-        n_clips = len(folds[0].audio_names)
-        # the pooled proportion, but on the test set's size: repetitions add no test clips
-        accuracy["wilson_ci"] = wilson_interval(pooled_accuracy, n_clips)
-        accuracy["reported_ci"] = accuracy["wilson_ci"]
-        intervals_note = FILTERED_INTERVALS_NOTE
-        pooled_over = (
+    accuracy = fold_statistics(values, None)
+    if accuracy["naive_ci"] is not None:
+        accuracy["naive_ci"]["method"] = (
+            "t interval over repetitions: mean +- t * s / sqrt(R); measures training "
+            "randomness only (every repetition trains and tests on the same clips)"
+        )
+    n_clips = len(folds[0].audio_names)
+    # the pooled proportion, but on the test set's size: repetitions add no test clips
+    accuracy["wilson_ci"] = wilson_interval(pooled_accuracy, n_clips)
+    accuracy["reported_ci"] = accuracy["wilson_ci"]
+    return {
+        "accuracy": accuracy,
+        "test_train_ratio_source": (
+            "not used: every repetition trains on the same clips, no overlap to correct for"
+        ),
+        "intervals_note": FILTERED_INTERVALS_NOTE,
+        "n_clips": n_clips,
+        "pooled_over": (
             f"the sum over {len(folds)} repetition(s): each of the {n_clips} test clips is "
             f"counted once per repetition"
-        )
+        ),
+    }
 
-    report = {
+
+def _report(
+    folds: list[FoldResult],
+    failed: list[FailedFold],
+    protocol: str,
+    expected: list[int],
+    min_folds: int,
+    train_fraction: float | None,
+) -> dict:
+    """report.json's content, from the usable folds (in fold order) and the failed ones."""
+    selection = _agreed(
+        folds, "the checkpoint selection", lambda f: f.choice("selection", SELECTIONS)
+    )
+    data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
+    split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
+    fold_rows = [_fold_row(fold) for fold in folds]
+    confusion = confusion_matrix(folds)
+    per_genre, macro_f1 = _per_genre(confusion)
+    n_predictions = int(confusion.sum())
+    pooled_accuracy = float(np.trace(confusion)) / n_predictions
+    values = [row["accuracy"] for row in fold_rows]
+    statistics = _accuracy(protocol, folds, values, pooled_accuracy, len(expected), train_fraction)
+    usable = [f.fold for f in folds]
+    return {
         "protocol": protocol,
         "protocol_label": PROTOCOL_LABELS[protocol],
-        "fold_noun": noun,
+        "fold_noun": FOLD_NOUN[protocol],
         "selection": selection,
         "selection_label": selection_label(selection, protocol),
         "version": __version__,
-        "partial": bool(missing),
+        "partial": len(usable) < len(expected),
         "expected_folds": expected,
-        "usable_folds": sorted(usable),
-        "missing_folds": missing,
+        "usable_folds": usable,
+        "missing_folds": [fold for fold in expected if fold not in usable],
         "failed_folds": [
             {"fold": f.fold, "dir": str(f.directory), "reason": f.reason} for f in failed
         ],
         "min_folds": min_folds,
-        "n_clips": n_clips,
+        "n_clips": statistics["n_clips"],
         "n_predictions": n_predictions,
         "split": _split_report(folds),
         "data_sha256": data_sha256,
@@ -1238,9 +1056,9 @@ def aggregate(
         "genres": list(GENRES),
         "folds": fold_rows,
         "fold_accuracy": {str(row["fold"]): row["accuracy"] for row in fold_rows},
-        "accuracy": accuracy,
-        "test_train_ratio_source": ratio_source,
-        "intervals_note": intervals_note,
+        "accuracy": statistics["accuracy"],
+        "test_train_ratio_source": statistics["test_train_ratio_source"],
+        "intervals_note": statistics["intervals_note"],
         "pooled_accuracy": pooled_accuracy,
         "per_genre": per_genre,
         "macro_f1": macro_f1,
@@ -1248,40 +1066,37 @@ def aggregate(
             "rows": "true genre",
             "columns": "predicted genre",
             "labels": list(GENRES),
-            "pooled_over": pooled_over,
+            "pooled_over": statistics["pooled_over"],
             "matrix": confusion.tolist(),
         },
         "confused_pairs": _confused_pairs(folds, confusion),
         "outputs": [REPORT_JSON, REPORT_HTML, CONFUSION_CSV, CONFUSION_PNG, PER_GENRE_CSV],
     }
 
-    out_dir = Path(out)
+
+def _write_report(out_dir: Path, report: dict) -> None:
+    """The report's files, each replaced atomically; report.json last."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GenreflowError(f"{out_dir}: cannot create the output folder ({exc})") from exc
+    protocol, usable = report["protocol"], report["usable_folds"]
     title = f"Pooled confusion, {PROTOCOL_LABELS[protocol]}"
-    if protocol == "filtered" and len(folds) > 1:
-        title += f" (sum of {len(folds)} repetitions)"
-    if missing:
-        title += f" (partial: {len(usable)}/{len(expected)} {noun}s)"
-    png = _confusion_png(confusion, title)
-    _write_atomic(
-        out_dir / CONFUSION_CSV,
-        _csv_text(
-            [["true", *GENRES]]
-            + [[genre, *row] for genre, row in zip(GENRES, confusion.tolist(), strict=True)]
-        ),
-    )
-    _write_atomic(
-        out_dir / PER_GENRE_CSV,
-        _csv_text(
-            [["genre", "precision", "recall", "f1", "support"]]
-            + [[g["genre"], g["precision"], g["recall"], g["f1"], g["support"]] for g in per_genre]
-        ),
-    )
-    _write_atomic(out_dir / CONFUSION_PNG, png)
-    _write_atomic(out_dir / REPORT_HTML, _report_html(report, png))
+    if protocol == "filtered" and len(usable) > 1:
+        title += f" (sum of {len(usable)} repetitions)"
+    if report["partial"]:
+        title += f" (partial: {len(usable)}/{len(report['expected_folds'])} {report['fold_noun']}s)"
+    matrix = report["confusion"]["matrix"]
+    png = confusion_png(np.asarray(matrix, dtype=np.int64), title)
+    confusion_rows = [[genre, *row] for genre, row in zip(GENRES, matrix, strict=True)]
+    write_text_atomic(out_dir / CONFUSION_CSV, csv_text(["true", *GENRES], confusion_rows))
+    per_genre = [
+        [g["genre"], g["precision"], g["recall"], g["f1"], g["support"]]
+        for g in report["per_genre"]
+    ]
+    header = ["genre", "precision", "recall", "f1", "support"]
+    write_text_atomic(out_dir / PER_GENRE_CSV, csv_text(header, per_genre))
+    write_atomic(out_dir / CONFUSION_PNG, lambda f: f.write(png))
+    write_text_atomic(out_dir / REPORT_HTML, _report_html(report, png))
     # report.json last: its presence means the whole report is there
-    _write_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-    return report
+    write_text_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")

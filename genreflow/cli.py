@@ -2,20 +2,25 @@
 
 Each subcommand parses its arguments and calls one library function; the KFP components
 call the same functions, so a step behaves the same from the shell, from Python and in
-a pipeline. Heavy imports (torch, h5py, kfp, mlflow) happen inside the handlers so that
-`genreflow --help` stays instant.
+a pipeline. The pipeline's own subcommands (compile, run, submit) come from the pipelines
+package through the `genreflow.commands` entry point. Heavy imports (torch, h5py, kfp,
+mlflow) happen inside the handlers so that `genreflow --help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import NoReturn
 
 from genreflow import __version__
 from genreflow.errors import GenreflowError
-from genreflow.pipelines.profiles import PROFILES
+from genreflow.recipe import HeadConfig, TrainConfig, add_options, defaults, from_options
+
+COMMANDS_GROUP = "genreflow.commands"  # entry points: add_commands(subparsers)
+DEVICE_HELP = "auto (default: CUDA when torch sees a GPU), cpu, cuda or cuda:N"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,27 +208,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--freeze-base", action="store_true", help="train the new head only (no base gradients)"
     )
-    p.add_argument("--iterations", type=int, default=10000, metavar="N", help="(default 10000)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="(default 32)")
-    p.add_argument("--lr", type=float, default=1e-4, metavar="X", help="Adam's (default 1e-4)")
-    p.add_argument(
-        "--mixup",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="mixup with alpha 1 on pairs of clips (default on)",
-    )
-    p.add_argument(
-        "--eval-every", type=int, default=200, metavar="N", help="evaluate and checkpoint (200)"
-    )
+    add_options(p, TrainConfig)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="(default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="bf16 autocast or fp32; auto (default): bf16 where the GPU or CPU computes in "
-        "bf16 natively (CPU flags avx512_bf16, amx_bf16), else fp32",
-    )
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_run_train)
 
 
@@ -246,28 +233,23 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from genreflow.train import TrainConfig, train_fold
+    from genreflow.train import train_fold
 
-    summary = train_fold(
-        TrainConfig(
-            features=args.features,
-            fold=args.fold,
-            out=args.out,
-            pretrained=args.pretrained,
-            pretrained_sha256=args.pretrained_sha256,
-            freeze_base=args.freeze_base,
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            mixup=args.mixup,
-            eval_every=args.eval_every,
-            seed=args.seed,
-            device=args.device,
-            precision=args.precision,
-            protocol=args.protocol,
-            selection=args.selection,
-        )
+    config = from_options(
+        TrainConfig,
+        args,
+        features=args.features,
+        fold=args.fold,
+        out=args.out,
+        pretrained=args.pretrained,
+        pretrained_sha256=args.pretrained_sha256,
+        freeze_base=args.freeze_base,
+        seed=args.seed,
+        device=args.device,
+        protocol=args.protocol,
+        selection=args.selection,
     )
+    summary = train_fold(config)
     print(
         f"fold {summary['fold']} ({summary['protocol']}): test accuracy "
         f"{summary['final_accuracy']:.3f} of the checkpoint of iteration "
@@ -291,7 +273,7 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
     p.add_argument("--out", required=True, metavar="OUT.npy", help="where to write")
     p.add_argument("--clip-seconds", type=float, metavar="S", help=clip_help)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_run_embed)
 
     p = sub.add_parser(
@@ -318,16 +300,14 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
         "--json", action="store_true", help="print a JSON list of {file, genre, probabilities}"
     )
     p.add_argument("--clip-seconds", type=float, metavar="S", help=clip_help)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_run_predict)
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-
     import numpy as np
 
+    from genreflow.atomic import write_atomic
     from genreflow.inference import embed
 
     out = Path(args.out)
@@ -336,15 +316,7 @@ def _run_embed(args: argparse.Namespace) -> int:
     embeddings = embed(
         args.checkpoint, args.files, clip_seconds=args.clip_seconds, device=args.device
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, embeddings)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, lambda f: np.save(f, embeddings))
     print(f"{embeddings.shape[0]} x {embeddings.shape[1]} embeddings -> {out}")
     return 0
 
@@ -487,126 +459,6 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- compile / run (the pipeline) -------------------------------------------------------
-def _add_pipeline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compile", help="compile the KFP pipeline to IR YAML")
-    p.add_argument("--out", type=Path, default=Path("pipeline.yaml"), help="the YAML to write")
-    p.add_argument("--parallelism", type=int, default=10, help="folds trained at once")
-    p.add_argument("--accelerator", default=None, help="GPU type (default nvidia.com/gpu)")
-    p.add_argument("--image-cpu", default=None, help="image for the CPU steps (tag or digest)")
-    p.add_argument("--image-gpu", default=None, help="image for the GPU steps (tag or digest)")
-    p.set_defaults(func=_run_compile)
-
-    p = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
-    p.add_argument(
-        "--profile",
-        default="demo",
-        choices=sorted(PROFILES),
-        help="demo (default: a synthetic set, minutes on a CPU) or seed (real GTZAN, a GPU job)",
-    )
-    p.add_argument("--workspace", type=Path, default=Path("workspace"))
-    p.add_argument(
-        "--source",
-        default=None,
-        help="dataset archive, URL or folder (the seed profile needs one; README: Real data)",
-    )
-    p.add_argument(
-        "--sha256",
-        default="",
-        help="the source archive's SHA-256, or 'original' for a copy of genres.tar.gz",
-    )
-    p.add_argument("--tracking-uri", default=None, help="MLflow (default: workspace sqlite)")
-    p.add_argument("--no-cache", action="store_true", help="rerun download/pack/embed too")
-    p.add_argument(
-        "--protocol",
-        choices=("cv10", "filtered"),
-        default=None,
-        help="cv10: the seed's 10-fold CV (default); filtered: the fault-filtered split",
-    )
-    p.add_argument(
-        "--selection",
-        choices=("validation", "heldout"),
-        default=None,
-        help="checkpoint chosen on a validation split (default) or, as the seed did, on "
-        "the held-out fold (optimistic; for comparing with the seed's numbers)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a pipeline argument (JSON value), e.g. --set folds=[1,2] --set lr=3e-4",
-    )
-    p.add_argument(
-        "--runner",
-        choices=("subprocess", "docker"),
-        default="subprocess",
-        help="subprocess: every step in this Python environment (default); docker: every "
-        "step in its image through the Docker API at DOCKER_HOST (Docker or podman), on the "
-        "host's network",
-    )
-    p.add_argument("--image-cpu", help="--runner docker: the image of the CPU steps")
-    p.add_argument("--image-gpu", help="--runner docker: the image of the training step")
-    p.set_defaults(func=_run_run)
-
-
-def _run_compile(args: argparse.Namespace) -> int:
-    from genreflow.pipelines.compile import compile_pipeline
-    from genreflow.pipelines.cv import ACCELERATOR
-
-    out = compile_pipeline(
-        args.out,
-        parallelism=args.parallelism,
-        accelerator=args.accelerator or ACCELERATOR,
-        image_cpu=args.image_cpu,
-        image_gpu=args.image_gpu,
-    )
-    print(out)
-    return 0
-
-
-def _parse_overrides(pairs: list[str]) -> dict:
-    import json
-
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise GenreflowError(f"--set {pair}: expected KEY=VALUE")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a bare string
-    return overrides
-
-
-def _run_run(args: argparse.Namespace) -> int:
-    from genreflow.pipelines.local import run_local
-
-    overrides = _parse_overrides(args.set)
-    for key in ("protocol", "selection"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    report = run_local(
-        args.workspace,
-        profile=args.profile,
-        source=args.source,
-        sha256=args.sha256,
-        tracking_uri=args.tracking_uri,
-        overrides=overrides,
-        cache=not args.no_cache,
-        runner=args.runner,
-        images={"cpu": args.image_cpu, "gpu": args.image_gpu},
-    )
-    from genreflow.aggregate import headline
-
-    print("\n".join(headline(report)))
-    print(f"report: {report['results_dir']}/report.html")
-    if report.get("mlflow_run_id"):
-        print(f"MLflow parent run: {report['mlflow_run_id']}")
-    return 0
-
-
 # --- embed-features / train-head (the frozen-base fast path) -----------------------------
 def _add_frozen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -631,12 +483,11 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pretrained-sha256", metavar="HEX", help="expected sha256 of --pretrained")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: 16")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of a random base (default: 0)")
     p.set_defaults(func=_run_embed_features)
 
-    # Options left out take the recipe's defaults (genreflow.frozen.DEFAULT_RECIPE); they
-    # are not repeated here so that `genreflow --help` need not import torch.
+    head = defaults(HeadConfig)
     p = sub.add_parser(
         "train-head",
         help="frozen base: train the genre head of one fold on stored embeddings",
@@ -644,9 +495,11 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
         "does best on the validation rows, report it on the test rows (--protocol and "
         "--selection as for train); writes metrics.csv, predictions.csv, summary.json and "
         "head.pth to --out. "
-        "Options left out take the recipe's defaults (genreflow.frozen.DEFAULT_RECIPE): "
-        "1000 full-batch steps (batch size 0), lr 0.001, weight decay 1.0, no mixup "
-        "(alpha 1.0 when on), evaluation every 100 steps, seed 0.",
+        f"The head's recipe (genreflow.recipe.HeadConfig): {head['iterations']} full-batch "
+        f"steps (batch size {head['batch_size']}), lr {head['lr']}, weight decay "
+        f"{head['weight_decay']}, {'mixup' if head['mixup'] else 'no mixup'} (alpha "
+        f"{head['mixup_alpha']} when on), evaluation every {head['eval_every']} steps, "
+        f"seed {HeadConfig.seed}.",
     )
     p.add_argument(
         "--embeddings",
@@ -663,14 +516,8 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
     )
     _add_split_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--iterations", type=int, metavar="N", help="optimiser steps")
-    p.add_argument("--batch-size", type=int, metavar="B", help="clips per step; 0 = all")
-    p.add_argument("--lr", type=float, metavar="X", help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay")
-    p.add_argument("--mixup", action=argparse.BooleanOptionalAction, help="mixup on embeddings")
-    p.add_argument("--mixup-alpha", type=float, metavar="A", help="mixup's Beta(A, A)")
-    p.add_argument("--eval-every", type=int, metavar="N", help="evaluation interval")
-    p.add_argument("--seed", type=int, metavar="S", help="seeds sampling and mixup")
+    add_options(p, HeadConfig)
+    p.add_argument("--seed", type=int, default=HeadConfig.seed, help="seeds sampling and mixup")
     p.set_defaults(func=_run_train_head)
 
 
@@ -693,188 +540,23 @@ def _run_embed_features(args: argparse.Namespace) -> int:
 
 
 def _run_train_head(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from genreflow.frozen import train_head
 
-    options = ("iterations", "batch_size", "lr", "weight_decay", "mixup", "mixup_alpha")
-    given = {
-        name: getattr(args, name)
-        for name in (*options, "eval_every", "seed")
-        if getattr(args, name) is not None
-    }
-    summary = train_head(
-        args.embeddings,
-        args.fold,
-        args.out,
+    config = from_options(
+        HeadConfig,
+        args,
+        embeddings=args.embeddings,
+        fold=args.fold,
+        out=args.out,
+        seed=args.seed,
         protocol=args.protocol,
         selection=args.selection,
-        **given,
     )
+    summary = train_head(**dataclasses.asdict(config))
     print(json.dumps(summary, indent=2))
-    return 0
-
-
-# --- submit (a cluster) ------------------------------------------------------------------
-def _add_submit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "submit",
-        help="compile the pipeline and run it on Kubeflow Pipelines (or Vertex AI)",
-        description="Compile the pipeline, check the arguments against its parameters and the "
-        "backend's version (Kubeflow Pipelines 2.14 or later), create a run and print its "
-        "address on stdout. The token comes from KF_PIPELINES_TOKEN, or in a pod from the "
-        "projected service-account token; it is never printed. With --wait, follow the run "
-        "to its end: exit 0 if it succeeded, 1 if not, 2 for an error before that.",
-    )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument(
-        "--host",
-        help="the KFP API's address, e.g. http://localhost:8080 (a port-forward to "
-        "ml-pipeline-ui) or https://KFP.example.com/pipeline",
-    )
-    target.add_argument(
-        "--vertex",
-        metavar="PROJECT/REGION",
-        help="submit to Vertex AI Pipelines instead (needs google-cloud-aiplatform)",
-    )
-    p.add_argument("--namespace", help="your Kubeflow profile's namespace (multi-user KFP)")
-    p.add_argument(
-        "--experiment", default="genreflow", help="the KFP experiment (default: genreflow)"
-    )
-    p.add_argument("--run-name", help="the run's name (default: genreflow-cv-DATE-TIME)")
-    p.add_argument(
-        "--profile",
-        choices=sorted(PROFILES),
-        help="start from a named recipe (seed, demo) before the --param values; the demo's "
-        "synthetic set exists only locally, so give --param source=... with it",
-    )
-    p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a pipeline argument, JSON when it parses (folds=[1,2], lr=3e-4), else text; "
-        "repeat for each (source=gs://BUCKET/genres.tar.gz is required)",
-    )
-    p.add_argument("--parallelism", type=int, default=10, help="folds trained at once")
-    p.add_argument(
-        "--accelerator", help="GPU resource (default nvidia.com/gpu; Vertex: NVIDIA_L4, ...)"
-    )
-    p.add_argument("--image-cpu", help="image for the CPU steps (a digest from make images)")
-    p.add_argument("--image-gpu", help="image for the GPU steps (a digest from make images)")
-    p.add_argument(
-        "--images",
-        type=Path,
-        metavar="FILE",
-        help="the pushed images of `make images IMAGE_BUILD_ARGS=--push` (workspace/images.json)",
-    )
-    p.add_argument(
-        "--no-tracking",
-        action="store_true",
-        help="submit a run that logs nothing to MLflow (otherwise --param tracking_uri or "
-        "MLFLOW_TRACKING_URI must name a server the pods reach)",
-    )
-    p.add_argument(
-        "--gpu-node-selector",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="node label the GPU steps require, e.g. cloud.google.com/gke-accelerator=nvidia-l4",
-    )
-    p.add_argument(
-        "--gpu-toleration",
-        action="append",
-        default=[],
-        metavar="KEY[=VALUE]:EFFECT",
-        help="taint the GPU steps tolerate, e.g. nvidia.com/gpu:NoSchedule",
-    )
-    p.add_argument(
-        "--service-account",
-        help="the service account the run's pods use (infra/: genreflow-pipeline-runner)",
-    )
-    p.add_argument("--pipeline-root", help="where the run's outputs go, e.g. gs://BUCKET/kfp")
-    p.add_argument(
-        "--package-out", type=Path, metavar="FILE", help="also keep the compiled package sent"
-    )
-    p.add_argument(
-        "--skip-version-check",
-        action="store_true",
-        help="submit even when the backend does not say its version",
-    )
-    p.add_argument("--wait", action="store_true", help="follow the run to its end")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=12 * 3600,
-        metavar="S",
-        help="with --wait: give up after S seconds, leaving the run going (default: 12 h)",
-    )
-    p.add_argument(
-        "--poll-seconds", type=float, default=30.0, metavar="S", help="with --wait: poll every S"
-    )
-    p.set_defaults(func=_run_submit)
-
-
-def _run_submit(args: argparse.Namespace) -> int:
-    from genreflow.pipelines.submit import (
-        SubmitError,
-        parse_node_selector,
-        parse_params,
-        parse_toleration,
-        submit,
-        submit_vertex,
-    )
-
-    arguments: dict = {}
-    if args.profile:
-        arguments.update(PROFILES[args.profile], profile=args.profile)
-    arguments.update(parse_params(args.param))
-
-    def created(run) -> None:
-        print(run.url, flush=True)
-
-    def state(value: str) -> None:
-        print(f"genreflow submit: run {value}", file=sys.stderr, flush=True)
-
-    common = dict(
-        run_name=args.run_name,
-        service_account=args.service_account,
-        parallelism=args.parallelism,
-        accelerator=args.accelerator,
-        image_cpu=args.image_cpu,
-        image_gpu=args.image_gpu,
-        images_file=args.images,
-        no_tracking=args.no_tracking,
-        on_created=created,
-        wait=args.wait,
-    )
-    if args.vertex:
-        if args.gpu_node_selector or args.gpu_toleration:
-            raise SubmitError(
-                "--vertex places GPU steps itself: drop --gpu-node-selector/toleration"
-            )
-        run = submit_vertex(args.vertex, arguments, pipeline_root=args.pipeline_root, **common)
-    else:
-        run = submit(
-            args.host,
-            arguments,
-            namespace=args.namespace,
-            experiment=args.experiment,
-            pipeline_root=args.pipeline_root,
-            gpu_node_selector=parse_node_selector(args.gpu_node_selector),
-            gpu_tolerations=[parse_toleration(t) for t in args.gpu_toleration],
-            skip_version_check=args.skip_version_check,
-            keep_package=args.package_out,
-            timeout=args.timeout,
-            poll_seconds=args.poll_seconds,
-            on_state=state,
-            **common,
-        )
-    if args.wait and not run.succeeded:
-        detail = f" ({run.error})" if run.error else ""
-        ended = f"run {run.run_id} ended {run.state}{detail}: {run.url}"
-        print(f"genreflow submit: {ended}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -894,11 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_inference,
         _add_aggregate,
         _add_compare,
-        _add_pipeline,
         _add_frozen,
-        _add_submit,
     ):
         add(sub)
+    # Steps that live outside the library (the pipeline's compile, run and submit, from
+    # genreflow.pipelines.commands) register here through an entry point, so that the
+    # library never imports them.
+    for entry_point in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry_point.load()(sub)
     return parser
 
 

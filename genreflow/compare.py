@@ -227,34 +227,33 @@ def _train_fraction(a: PipelineRun, b: PipelineRun, given: float | None) -> tupl
 
 
 def _welch(a_scores: list[float], b_scores: list[float]) -> dict:
-    """Welch's unpaired t-test and 95% interval for mean(B) - mean(A)."""
+    """Welch's unpaired t-test and 95% interval for mean(B) - mean(A) (scipy's ttest_ind,
+    equal_var=False: the Welch-Satterthwaite degrees of freedom)."""
     a = np.asarray(a_scores, dtype=np.float64)
     b = np.asarray(b_scores, dtype=np.float64)
     n_a, n_b = len(a), len(b)
     mean = float(b.mean() - a.mean())
-    var_a, var_b = float(a.var(ddof=1)) / n_a, float(b.var(ddof=1)) / n_b
-    standard_error = math.sqrt(var_a + var_b)
+    standard_error = math.sqrt(float(a.var(ddof=1)) / n_a + float(b.var(ddof=1)) / n_b)
     if standard_error > 0:
-        # Welch-Satterthwaite degrees of freedom
-        dof = (var_a + var_b) ** 2 / (var_a**2 / (n_a - 1) + var_b**2 / (n_b - 1))
-        t_statistic = mean / standard_error
-        p_value = float(2.0 * stats.t.sf(abs(t_statistic), dof))
-    else:
+        result = stats.ttest_ind(b, a, equal_var=False)
+        t_statistic, p_value, dof = float(result.statistic), float(result.pvalue), result.df
+        interval = result.confidence_interval(CONFIDENCE_LEVEL)
+        low, high = float(interval.low), float(interval.high)
+    else:  # no spread at all: scipy's t is undefined (nan)
         dof = float(n_a + n_b - 2)
         t_statistic = 0.0 if mean == 0 else math.copysign(math.inf, mean)
         p_value = 1.0 if mean == 0 else 0.0
-    t_quantile = float(stats.t.ppf(0.5 + CONFIDENCE_LEVEL / 2, dof))
-    half = t_quantile * standard_error
+        low = high = mean
     return {
         "test": "Welch's unpaired t-test on the repetition scores, two-sided",
         "mean_difference": mean,
         "spread": math.sqrt(float(a.var(ddof=1)) + float(b.var(ddof=1))),
         "spread_label": "sd of one repetition of B minus one of A",
         "standard_error": standard_error,
-        "t_statistic": float(t_statistic),
+        "t_statistic": t_statistic,
         "dof": float(dof),
         "p_value": p_value,
-        "ci": {"low": mean - half, "high": mean + half, "half_width": half},
+        "ci": {"low": low, "high": high, "half_width": (high - low) / 2},
         "ci_label": "Welch 95% interval",
     }
 
@@ -368,42 +367,46 @@ def compare_runs(
         result["verdict"] = "not comparable fold by fold (different protocols)"
         return result
 
-    if a.protocol == "cv10":
-        if len(common) < 2:
-            result["no_test"] = (
-                f"a paired test needs at least 2 folds scored in both runs, found {len(common)}"
-            )
-        else:
-            fraction, source = _train_fraction(a, b, train_fraction)
-            result["test"] = _paired(a, b, fraction, source)
-            result["test"]["design"] = (
-                "paired by fold: both runs split the data into the same folds, so each "
-                "fold's difference is one paired sample; the Nadeau-Bengio correction "
-                "widens the variance for the training sets the folds share"
-            )
-    else:
-        if len(a.scores) < 2 or len(b.scores) < 2:
-            result["no_test"] = (
-                "Welch's test needs at least 2 repetitions in each run, found "
-                f"{len(a.scores)} in A and {len(b.scores)} in B; the parents' Wilson "
-                "intervals are the only uncertainty there is"
-            )
-        else:
-            result["test"] = _welch(
-                [a.scores[f] for f in sorted(a.scores)], [b.scores[f] for f in sorted(b.scores)]
-            )
-            result["test"]["design"] = (
-                "unpaired: a filtered run's repetitions retrain on the same clips and predict "
-                "the same test clips, so repetition r of A and of B are not paired samples of "
-                "a data split; Welch's test over the repetition scores measures training "
-                "randomness only, not how the difference would hold on other test clips "
-                "(see the parents' Wilson intervals for that)"
-            )
+    result["test"], result["no_test"] = _test(a, b, common, train_fraction)
     if result["test"] is None:
         result["verdict"] = f"no test: {result['no_test']}"
     else:
         result["verdict"] = _verdict(result["test"])
     return result
+
+
+def _test(
+    a: PipelineRun, b: PipelineRun, common: list[int], train_fraction: float | None
+) -> tuple[dict | None, str | None]:
+    """(the test of B - A that the runs' protocol allows, None) or (None, why there is none)."""
+    if a.protocol == "cv10":
+        if len(common) < 2:
+            return None, (
+                f"a paired test needs at least 2 folds scored in both runs, found {len(common)}"
+            )
+        fraction, source = _train_fraction(a, b, train_fraction)
+        test = _paired(a, b, fraction, source)
+        test["design"] = (
+            "paired by fold: both runs split the data into the same folds, so each "
+            "fold's difference is one paired sample; the Nadeau-Bengio correction "
+            "widens the variance for the training sets the folds share"
+        )
+        return test, None
+    if len(a.scores) < 2 or len(b.scores) < 2:
+        return None, (
+            "Welch's test needs at least 2 repetitions in each run, found "
+            f"{len(a.scores)} in A and {len(b.scores)} in B; the parents' Wilson "
+            "intervals are the only uncertainty there is"
+        )
+    test = _welch([a.scores[f] for f in sorted(a.scores)], [b.scores[f] for f in sorted(b.scores)])
+    test["design"] = (
+        "unpaired: a filtered run's repetitions retrain on the same clips and predict "
+        "the same test clips, so repetition r of A and of B are not paired samples of "
+        "a data split; Welch's test over the repetition scores measures training "
+        "randomness only, not how the difference would hold on other test clips "
+        "(see the parents' Wilson intervals for that)"
+    )
+    return test, None
 
 
 def _run_dict(run: PipelineRun) -> dict:

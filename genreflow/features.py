@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing import connection, shared_memory
@@ -46,6 +46,7 @@ from genreflow.data.download import recorded_sha256
 from genreflow.data.genres import FOLDS, GENRE_INDEX, GENRES, assign_folds
 from genreflow.data.layout import Clip, list_clips
 from genreflow.errors import GenreflowError
+from genreflow.runtime import keep_freed_memory, libc_function
 
 ON_ERROR_CHOICES = ("skip", "fail")
 REQUIRED_DATASETS = ("audio_name", "waveform", "target", "fold")
@@ -60,10 +61,8 @@ SHM_FOLDER = "/dev/shm"
 SHM_SHARE = 0.5
 # Bytes of output between two steps of writing it out and dropping it (see _Writeback).
 WRITEBACK_BYTES = 64 << 20
-# glibc's mallopt parameters (malloc.h) and sync_file_range's flags (fcntl.h): start
-# writing; wait for what is being written, write, and wait for that.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+# sync_file_range's flags (fcntl.h): start writing; wait for what is being written, write,
+# and wait for that.
 _SYNC_WRITE = 2
 _SYNC_WAIT_WRITE_WAIT = 1 | 2 | 4
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -300,7 +299,7 @@ class _Writeback:
         self._started = 0  # the file up to here is being written out or already is
         self._dropped = 0  # the file up to here has been dropped from the page cache
         self._fd = -1
-        self._sync_file_range = _libc_function("sync_file_range")
+        self._sync_file_range = libc_function("sync_file_range")
         if not hasattr(os, "posix_fadvise"):
             self._sync_file_range = None
 
@@ -342,15 +341,6 @@ class _Writeback:
         if self._sync_file_range(self._fd, offset, length, flags) != 0:
             errno = ctypes.get_errno()
             raise GenreflowError(f"{self._path}: writing to disk failed: {os.strerror(errno)}")
-
-
-def _libc_function(name: str) -> Callable | None:
-    """A function of the C library (glibc, musl), or None where there is none such;
-    errno is kept for ctypes.get_errno."""
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
-        return None
 
 
 class _Decoding:
@@ -587,26 +577,13 @@ _worker: dict[str, object] = {}
 
 
 def _start_worker(shm_name: str, slots: int, n_samples: int) -> None:
-    """Worker initializer: map the writer's ring, and keep freed memory for the next clip."""
-    _keep_freed_memory()
+    """Worker initializer: map the writer's ring, and keep freed memory for the next clip
+    (a clip's buffers would otherwise be mapped fresh and zeroed by the kernel for every
+    clip; a decoding worker is short-lived, so holding its peak is harmless)."""
+    keep_freed_memory()
     shm = shared_memory.SharedMemory(name=shm_name)
     _worker["shm"] = shm
     _worker["rows"] = np.ndarray((slots, n_samples), np.int16, buffer=shm.buf)
-
-
-def _keep_freed_memory() -> None:
-    """Make glibc keep freed memory in the heap instead of handing it back to the kernel.
-
-    A clip's buffers (2.6 to 3.8 MB each) are above glibc's mmap threshold or, once that
-    has adapted, above its trim threshold, so every clip maps fresh pages and the kernel
-    zeroes them on the first touch: about a third of the decoding time on a VM where page
-    faults are dear. Decoding workers are short-lived, so holding their peak is harmless.
-    """
-    mallopt = _libc_function("mallopt")
-    if mallopt is None:  # not glibc
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def _serve(pipe: connection.Connection, shm_name: str, slots: int, n_samples: int) -> None:

@@ -13,12 +13,12 @@ What this path gives up, compared with training through a frozen base:
   a slightly different embedding; here each clip has one, the eval-mode one;
 - mixup on the log-mel: the seed mixes pairs of clips before the conv blocks. Mixup of
   embeddings (`mixup=True`) is available as its replacement, but it is off by default: it
-  is not the same thing (the base is non-linear), and it did not help (below);
+  is not the same thing (the base is non-linear), and it did not help (bench/README.md);
 - the batch-norm statistics in the base: the seed's train mode updates bn running
   statistics even when the weights are frozen, so its "frozen" base drifts toward GTZAN's
   statistics; here the base is used exactly as loaded.
 
-The head recipe (`DEFAULT_RECIPE`):
+The head recipe (`genreflow.recipe.HeadConfig`, `DEFAULT_RECIPE` here):
 
 - standardise each embedding dimension by the training folds' mean and standard deviation
   (fc1 + ReLU outputs differ in scale by orders of magnitude across dimensions, which
@@ -35,24 +35,8 @@ The head recipe (`DEFAULT_RECIPE`):
   b' = b - W' mean), so the saved `fc_transfer` applies to raw embeddings, exactly as the
   seed's Transfer_Cnn14 head does, and fits a `base.*` + `fc_transfer.*` checkpoint.
 
-How it was chosen: 10-fold CV on the synthetic GTZAN-shaped set (200 clips of 5 s,
-genreflow.data.synth, embedded by a random-init Cnn14, seed 0), mean held-out accuracy
-+- std over folds and the held-out negative log-likelihood (chance: 0.10 and 2.30):
-
-    lr 1e-3, 1000 steps, weight decay 0       0.835 +- 0.074   NLL 0.607
-    lr 1e-3, 1000 steps, weight decay 1 (*)   0.835 +- 0.078   NLL 0.537
-    lr 1e-3, 1000 steps, weight decay 10      0.815 +- 0.055   NLL 0.559
-    lr 1e-3,  300 steps, weight decay 0       0.825 +- 0.072   NLL 0.557
-    lr 1e-2, 1000 steps, weight decay 0.01    0.835 +- 0.087   NLL 0.921
-    lr 1e-4, 1000 steps, weight decay 0.01    0.825 +- 0.051   NLL 0.562
-    (*) + mixup on embeddings, alpha 1        0.825 +- 0.068   NLL 0.696
-    lr 1e-2, 1000 steps, wd 0.01, mixup       0.695 +- 0.085   NLL 1.236
-
-Accuracy barely moves across the grid (one clip is 0.05 of a fold); weight decay 1 gives
-the best-calibrated probabilities, which matter when fold heads are averaged; mixup on
-embeddings made the probabilities worse and the accuracy no better, so it is off. With a
-pretrained base the embeddings are far better and the numbers will differ; the recipe's
-parts (standardise, full batch, convex head) do not depend on them.
+How it was chosen (a grid over lr, steps, weight decay and mixup on a synthetic set):
+bench/README.md, "How the head's recipe was chosen".
 
 Outputs, each written atomically (a temporary file beside it, then os.replace):
 
@@ -63,7 +47,7 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
   moment, the same command continues from the last finished batch
   (`out/embeddings.partial/`); rerun after it finished, it does nothing and says so.
 - `train_head(embeddings, fold, out)`: `metrics.csv`, `predictions.csv`, `summary.json`
-  in the formats of `genreflow.train` (`"path": "frozen-base"`), and `head.pth`, the
+  in the formats of `genreflow.fold_result` (`"path": "frozen-base"`), and `head.pth`, the
   selected head (`{'iteration', 'model': {'fc_transfer.weight', 'fc_transfer.bias'},
   'genreflow'}`, iteration = the summary's selected_iteration). It takes seconds, so it
   has no resume: a rerun trains again, with the same result.
@@ -75,8 +59,6 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import hashlib
 import io
@@ -84,9 +66,8 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,9 +78,24 @@ import torch
 from torch import Tensor, nn
 
 from genreflow import __version__, storage
-from genreflow.atomic import write_atomic, write_text_atomic
+from genreflow.atomic import write_atomic, write_path_atomic, write_text_atomic
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import (  # noqa: F401 (the fold folder's names, re-exported)
+    FROZEN_BASE,
+    HEAD,
+    METRICS,
+    METRICS_COLUMNS,
+    PREDICTIONS,
+    SUMMARY,
+    Progress,
+    summarise,
+    write_metrics,
+    write_predictions,
+    write_summary,
+)
+from genreflow.recipe import HeadConfig
+from genreflow.runtime import one_thread, resolve_device
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
     DEFAULT_SELECTION,
@@ -110,10 +106,6 @@ from genreflow.splits import (
 )
 
 EMBEDDINGS, BASE, PARTIAL = "embeddings.h5", "base.pth", "embeddings.partial"
-HEAD = "head.pth"
-METRICS, PREDICTIONS, SUMMARY = "metrics.csv", "predictions.csv", "summary.json"
-METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "heldout_accuracy", "seconds")
-PATH_NAME = "frozen-base"
 BASE_MODEL = "Cnn14"
 EMBEDDING_SIZE = 2048
 LOSS = "clip_nll"
@@ -122,29 +114,6 @@ LOSS = "clip_nll"
 # constant (a ReLU that never fires): it is not scaled, and the head learns nothing from it.
 CONSTANT_STD = 1e-6
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-
-
-@dataclass
-class HeadConfig:
-    """One fold's head training. Saved into head.pth's metadata and into summary.json.
-
-    batch_size 0 means the whole training set at every step (full batch).
-    """
-
-    embeddings: str
-    fold: int
-    out: str
-    iterations: int = 1000
-    batch_size: int = 0
-    lr: float = 1e-3
-    weight_decay: float = 1.0
-    mixup: bool = False
-    mixup_alpha: float = 1.0
-    eval_every: int = 100
-    seed: int = 0
-    # genreflow.splits: which rows train, choose the head and are reported.
-    protocol: str = DEFAULT_PROTOCOL
-    selection: str = DEFAULT_SELECTION
 
 
 # The recipe: how a head is trained, not which data it sees.
@@ -159,31 +128,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# --- atomic files ------------------------------------------------------------------------
-def _write_h5_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(temporary path) (h5py opens files by name), then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _csv_text(header: Sequence[str], rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _plain(value: object) -> object:
     """An HDF5 attribute as a plain Python value (JSON- and checkpoint-safe)."""
     if isinstance(value, np.ndarray):
@@ -195,17 +139,6 @@ def _plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GenreflowError(f"device {name!r} asked for, but no CUDA device is available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise GenreflowError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
 
 
 # --- embed -------------------------------------------------------------------------------
@@ -353,50 +286,97 @@ def embed_features(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GenreflowError(f"batch size must be a positive integer, got {batch_size!r}")
     index = _read_features(features)
-    torch_device = _pick_device(device)
+    torch_device = resolve_device(device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GenreflowError(f"{out}: exists and is not a folder")
-    embeddings_path, base_path, partial = out / EMBEDDINGS, out / BASE, out / PARTIAL
     source = str(pretrained) if pretrained else f"random-init(seed={seed})"
     request = {"features_fingerprint": index.fingerprint, "pretrained": source}
-
-    if embeddings_path.is_file():
-        matches, why = _finished_matches(embeddings_path, request)
-        if not matches:
-            raise GenreflowError(
-                f"{embeddings_path}: already there but {why}; "
-                "choose another --out or remove that folder"
-            )
-        if not base_path.is_file():
-            raise GenreflowError(f"{embeddings_path} is there but {base_path} is missing")
-        with h5py.File(embeddings_path, "r") as hf:
-            base_sha256 = _plain(hf.attrs["base_sha256"])
-        if _sha256(base_path) != base_sha256:
-            raise GenreflowError(
-                f"{base_path} is not the base that made {embeddings_path} (sha256 differs); "
-                "remove the folder and embed again"
-            )
-        shutil.rmtree(partial, ignore_errors=True)  # left behind by a kill after the rename
-        _log(f"embed: nothing to do, {embeddings_path} already holds these clips' embeddings")
+    result = {"embeddings": str(out / EMBEDDINGS), "base": str(out / BASE), "clips": index.clips}
+    result["pretrained"] = source
+    if (out / EMBEDDINGS).is_file():
+        base_sha256 = _check_finished(out, request)
+        _log(f"embed: nothing to do, {out / EMBEDDINGS} already holds these clips' embeddings")
         return {
-            "embeddings": str(embeddings_path),
-            "base": str(base_path),
-            "clips": index.clips,
+            **result,
             "base_sha256": base_sha256,
-            "pretrained": source,
             "seconds": 0.0,
             "clips_per_second": 0.0,
             "resumed_from": index.clips,
             "already_done": True,
         }
 
-    # Resume only what this very request started; anything else is discarded, loudly.
+    base, manifest = _start_or_resume(
+        out, index, request, (pretrained, pretrained_sha256), batch_size=batch_size, seed=seed
+    )
+    base.to(torch_device)
+    _log(
+        f"embed: {index.clips} clips through the {BASE_MODEL} base ({source}), "
+        f"{torch_device.type}, batch {manifest['batch_size']}"
+    )
+    started = time.monotonic()
+    resumed_from = _embed_chunks(base, index, out / PARTIAL, manifest["batch_size"], torch_device)
+    seconds = time.monotonic() - started
+    computed = index.clips - resumed_from
+    embedding = _gathered_chunks(out / PARTIAL, index.clips, manifest["batch_size"])
+    _write_embeddings(out / EMBEDDINGS, index, embedding, manifest)
+    shutil.rmtree(out / PARTIAL)
+    rate = computed / seconds if seconds > 0 else 0.0
+    _log(f"embed: {computed} clips in {seconds:.1f} s ({rate:.1f} clips/s) -> {out / EMBEDDINGS}")
+    return {
+        **result,
+        "base_sha256": manifest["base_sha256"],
+        "seconds": seconds,
+        "clips_per_second": rate,
+        "resumed_from": resumed_from,
+        "already_done": False,
+    }
+
+
+def _check_finished(out: Path, request: dict) -> str:
+    """A finished embeddings.h5 in `out` must be this request's, beside the base that made
+    it; returns that base's sha256."""
+    embeddings_path, base_path = out / EMBEDDINGS, out / BASE
+    matches, why = _finished_matches(embeddings_path, request)
+    if not matches:
+        raise GenreflowError(
+            f"{embeddings_path}: already there but {why}; "
+            "choose another --out or remove that folder"
+        )
+    if not base_path.is_file():
+        raise GenreflowError(f"{embeddings_path} is there but {base_path} is missing")
+    with h5py.File(embeddings_path, "r") as hf:
+        base_sha256 = _plain(hf.attrs["base_sha256"])
+    if storage.sha256_of(base_path) != base_sha256:
+        raise GenreflowError(
+            f"{base_path} is not the base that made {embeddings_path} (sha256 differs); "
+            "remove the folder and embed again"
+        )
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)  # left behind by a kill after the rename
+    return base_sha256
+
+
+def _start_or_resume(
+    out: Path,
+    index: _FeaturesIndex,
+    request: dict,
+    pretrained: tuple[str | None, str | None],
+    *,
+    batch_size: int,
+    seed: int,
+) -> tuple[nn.Module, dict]:
+    """The base and the manifest of the run in out/embeddings.partial: the interrupted run
+    of this very request, resumed, or a new one from `pretrained` (checkpoint, sha256);
+    anything else there is discarded, loudly. The manifest says base_sha256, batch_size
+    and clips, beside the request."""
+    base_path, partial = out / BASE, out / PARTIAL
     manifest = _read_manifest(partial) if partial.is_dir() else None
     resuming = False
     if manifest is not None:
         same_request = all(manifest.get(key) == value for key, value in request.items())
-        base_ok = base_path.is_file() and manifest.get("base_sha256") == _sha256(base_path)
+        base_ok = base_path.is_file() and manifest.get("base_sha256") == storage.sha256_of(
+            base_path
+        )
         if same_request and base_ok and manifest.get("clips") == index.clips:
             resuming = True
         else:
@@ -411,45 +391,41 @@ def embed_features(
             stale.unlink()
     if resuming:
         # The base is read back from base.pth, so a resumed run uses the very same weights.
-        base = _build_base(str(base_path), manifest["base_sha256"], seed)
         if manifest["batch_size"] != batch_size:
             _log(
                 f"embed: resuming with batch size {manifest['batch_size']}, "
                 f"the one the interrupted run used (asked: {batch_size})"
             )
-        batch_size = manifest["batch_size"]
-        base_sha256 = manifest["base_sha256"]
-    else:
-        base = _build_base(pretrained, pretrained_sha256, seed)
-        if index.attrs["clip_samples"] < base.min_samples:
-            raise GenreflowError(
-                f"{index.path}: clips of {index.attrs['clip_samples']} samples are shorter "
-                f"than the {base.min_samples} Cnn14 needs"
-            )
-        payload = _base_checkpoint_bytes(base)
-        write_atomic(base_path, lambda f: f.write(payload))
-        base_sha256 = hashlib.sha256(payload).hexdigest()
-        partial.mkdir()
-        manifest = {**request, "base_sha256": base_sha256, "batch_size": batch_size}
-        manifest["clips"] = index.clips
-        # The manifest lands last: it is the commit point of a started run.
-        write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    base.to(torch_device)
+        return _build_base(str(base_path), manifest["base_sha256"], seed), manifest
+    base = _build_base(*pretrained, seed)
+    if index.attrs["clip_samples"] < base.min_samples:
+        raise GenreflowError(
+            f"{index.path}: clips of {index.attrs['clip_samples']} samples are shorter "
+            f"than the {base.min_samples} Cnn14 needs"
+        )
+    payload = _base_checkpoint_bytes(base)
+    write_atomic(base_path, lambda f: f.write(payload))
+    partial.mkdir()
+    manifest = {**request, "base_sha256": hashlib.sha256(payload).hexdigest()}
+    manifest.update(batch_size=batch_size, clips=index.clips)
+    # The manifest lands last: it is the commit point of a started run.
+    write_text_atomic(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return base, manifest
+
+
+def _embed_chunks(
+    base: nn.Module, index: _FeaturesIndex, partial: Path, batch_size: int, device
+) -> int:
+    """Embed every batch of rows not yet in `partial` (one .npy file per batch, written
+    atomically: the unit of resumption); returns the clips that were already there."""
+    from genreflow.audio import int16_to_float32
+    from genreflow.progress import progress_bar
 
     starts = range(0, index.clips, batch_size)
     done = [start for start in starts if _chunk_path(partial, start).is_file()]
     resumed_from = sum(min(batch_size, index.clips - start) for start in done)
     if resumed_from:
         _log(f"embed: resuming, {resumed_from} of {index.clips} clips already embedded")
-    _log(
-        f"embed: {index.clips} clips through the {BASE_MODEL} base ({source}), "
-        f"{torch_device.type}, batch {batch_size}"
-    )
-
-    from genreflow.audio import int16_to_float32
-    from genreflow.progress import progress_bar
-
-    started = time.monotonic()
     with (
         h5py.File(index.path, "r") as hf,
         progress_bar(index.clips, desc="embed", unit="clip", initial=resumed_from) as progress,
@@ -462,24 +438,33 @@ def embed_features(
                 continue
             stop = min(start + batch_size, index.clips)
             # Rows in order: one contiguous HDF5 read per batch.
-            batch = torch.from_numpy(int16_to_float32(waveform[start:stop])).to(torch_device)
+            batch = torch.from_numpy(int16_to_float32(waveform[start:stop])).to(device)
             embedding = base(batch)["embedding"].float().cpu().numpy()
             write_atomic(chunk, lambda f, e=embedding: np.save(f, e))
             progress.update(stop - start)
-    seconds = time.monotonic() - started
-    computed = index.clips - resumed_from
+    return resumed_from
 
-    embedding = np.empty((index.clips, EMBEDDING_SIZE), dtype=np.float32)
-    for start in starts:
+
+def _gathered_chunks(partial: Path, clips: int, batch_size: int) -> np.ndarray:
+    """The (clips, EMBEDDING_SIZE) embeddings, read back from the batches' files."""
+    embedding = np.empty((clips, EMBEDDING_SIZE), dtype=np.float32)
+    for start in range(0, clips, batch_size):
         rows = np.load(_chunk_path(partial, start))
-        stop = min(start + batch_size, index.clips)
+        stop = min(start + batch_size, clips)
         if rows.shape != (stop - start, EMBEDDING_SIZE):
             raise GenreflowError(
                 f"{_chunk_path(partial, start)}: shape {rows.shape}, expected "
                 f"({stop - start}, {EMBEDDING_SIZE}); remove {partial} and run again"
             )
         embedding[start:stop] = rows
+    return embedding
 
+
+def _write_embeddings(
+    path: Path, index: _FeaturesIndex, embedding: np.ndarray, manifest: dict
+) -> None:
+    """embeddings.h5: the features' names, targets, folds and attributes, plus what made
+    the embeddings."""
     attrs = dict(index.attrs)
     features_version = _plain(attrs.get("genreflow_version", ""))
     features_created = _plain(attrs.get("created", ""))
@@ -489,17 +474,17 @@ def embed_features(
             "features_created": features_created,
             "features_fingerprint": index.fingerprint,
             "base_model": BASE_MODEL,
-            "base_sha256": base_sha256,
-            "pretrained": source,
+            "base_sha256": manifest["base_sha256"],
+            "pretrained": manifest["pretrained"],
             "embedding_size": EMBEDDING_SIZE,
-            "batch_size": batch_size,
+            "batch_size": manifest["batch_size"],
             "genreflow_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     )
 
-    def write_h5(path: Path) -> None:
-        with h5py.File(path, "w") as hf:
+    def write_h5(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as hf:
             hf.create_dataset("audio_name", data=index.names, dtype=index.names_dtype)
             hf.create_dataset("embedding", data=embedding)
             hf.create_dataset("target", data=index.target)
@@ -507,29 +492,7 @@ def embed_features(
             for key, value in attrs.items():
                 hf.attrs[key] = value
 
-    _write_h5_atomic(embeddings_path, write_h5)
-    shutil.rmtree(partial)
-    rate = computed / seconds if seconds > 0 else 0.0
-    _log(f"embed: {computed} clips in {seconds:.1f} s ({rate:.1f} clips/s) -> {embeddings_path}")
-    return {
-        "embeddings": str(embeddings_path),
-        "base": str(base_path),
-        "clips": index.clips,
-        "base_sha256": base_sha256,
-        "pretrained": source,
-        "seconds": seconds,
-        "clips_per_second": rate,
-        "resumed_from": resumed_from,
-        "already_done": False,
-    }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    write_path_atomic(path, write_h5)
 
 
 # --- train the head ----------------------------------------------------------------------
@@ -623,17 +586,6 @@ def fold_standardisation(
     return folded_weight, folded_bias
 
 
-def _predictions_csv(
-    data: EmbeddingsFile, rows: np.ndarray, probabilities: np.ndarray, fold: int
-) -> str:
-    """The test rows' probabilities; `fold` is the run's (for cv10 also the rows' own)."""
-    lines = []
-    for row, probs in zip(rows, probabilities, strict=True):
-        genre = GENRES[data.targets[row]]
-        lines.append([data.names[row], fold, genre, *(f"{p:.8g}" for p in probs)])
-    return _csv_text(("audio_name", "fold", "genre", *GENRES), lines)
-
-
 def train_head(
     embeddings: str | os.PathLike,
     fold: int,
@@ -710,116 +662,108 @@ def train_head(
         f"(frozen base, {data.attrs.get('pretrained', '?')})"
     )
 
-    with _one_thread():
+    with one_thread():
         return _train_head(config, data, split, out)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread: the head's matrices are tiny, and on a busy machine the
-    thread pool's synchronisation costs 50x the work itself (measured here: 41 s versus
-    0.65 s for 300 full-batch steps on 2 cores with other processes running)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _train_head(config: HeadConfig, data: EmbeddingsFile, split: Split, out: Path) -> dict:
-    fold, iterations, batch_size = config.fold, config.iterations, config.batch_size
-    lr, weight_decay, eval_every = config.lr, config.weight_decay, config.eval_every
-    mixup, mixup_alpha = config.mixup, config.mixup_alpha
-    train_rows, valid_rows, test_rows = split.train, split.valid, split.test
+    """Reads like genreflow.train's loop: data, model, optimiser, loop, evaluation, checkpoint."""
     started = time.monotonic()
-    # Fitted on the training rows only: the valid and test rows shape nothing.
-    mean, scale = _standardisation(data.embedding[train_rows])
-    standardised = torch.from_numpy(((data.embedding - mean) / scale).astype(np.float32))
-    x_train, x_valid, x_test = (standardised[rows] for rows in (train_rows, valid_rows, test_rows))
-    one_hot = torch.eye(len(GENRES))[torch.from_numpy(data.targets)]
-    y_train = one_hot[train_rows]
-
+    # Data: standardised with the training rows' statistics only; the valid and test rows
+    # shape nothing.
+    mean, scale = _standardisation(data.embedding[split.train])
+    x = torch.from_numpy(((data.embedding - mean) / scale).astype(np.float32))
+    y = torch.eye(len(GENRES))[torch.from_numpy(data.targets)]
+    x_train, y_train = x[split.train], y[split.train]
     # One seeded stream for mini-batches and mixup; nothing else here is random.
     seed = split.seed(config.seed)
     rng = np.random.default_rng(seed)
+    full_batch = config.batch_size == 0 or config.batch_size >= len(split.train)
+
+    # Model: a zero-initialised linear head (the problem is convex; zero keeps it
+    # deterministic). Optimiser: AdamW with decoupled weight decay.
     head = nn.Linear(data.embedding.shape[1], len(GENRES))
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     optimizer = torch.optim.AdamW(
-        head.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay
+        head.parameters(),
+        lr=config.lr,
+        betas=ADAM_BETAS,
+        eps=ADAM_EPS,
+        weight_decay=config.weight_decay,
     )
-    full_batch = batch_size == 0 or batch_size >= len(train_rows)
-    step_size = len(train_rows) if full_batch else batch_size
 
-    def accuracy_on(x: Tensor, rows: np.ndarray) -> tuple[float, np.ndarray]:
+    def accuracy_on(rows: np.ndarray) -> tuple[float, np.ndarray]:
         with torch.inference_mode():
-            probabilities = torch.softmax(head(x), dim=-1).double().numpy()
+            probabilities = torch.softmax(head(x[rows]), dim=-1).double().numpy()
         return float(np.mean(probabilities.argmax(axis=1) == data.targets[rows])), probabilities
 
-    metrics = []
-    best = {"valid_accuracy": -1.0, "iteration": 0}
-    loss_sum, loss_count, clips_seen, train_seconds = 0.0, 0, 0, 0.0
-    for iteration in range(1, iterations + 1):
+    progress, selected = Progress(), None
+    loss_sum, loss_count = 0.0, 0
+    while progress.iteration < config.iterations:
         step_start = time.monotonic()
-        if full_batch:
-            x, y = x_train, y_train
-        else:
-            pick = torch.from_numpy(rng.integers(len(train_rows), size=batch_size))
-            x, y = x_train[pick], y_train[pick]
-        if mixup:
-            # Each clip mixed with a random partner; the weight drawn per clip.
-            partner = torch.from_numpy(rng.permutation(len(x)))
-            lam = torch.from_numpy(rng.beta(mixup_alpha, mixup_alpha, size=(len(x), 1)))
-            lam = lam.to(x.dtype)
-            x = lam * x + (1 - lam) * x[partner]
-            y = lam * y + (1 - lam) * y[partner]
-        log_probs = torch.log_softmax(head(x), dim=-1)
-        loss = -torch.mean(torch.sum(y * log_probs, dim=-1))  # the seed's clip_nll
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        clips_seen += step_size
-        train_seconds += time.monotonic() - step_start
-        if iteration % eval_every and iteration != iterations:
+        xb, yb = (x_train, y_train) if full_batch else _sample(x_train, y_train, rng, config)
+        if config.mixup:
+            xb, yb = _mix(xb, yb, rng, config.mixup_alpha)
+        loss = _head_step(head, optimizer, xb, yb)
+        progress.iteration += 1
+        progress.clips += len(xb)
+        progress.train_seconds += time.monotonic() - step_start
+        loss_sum, loss_count = loss_sum + loss, loss_count + 1
+        if progress.iteration % config.eval_every and progress.iteration != config.iterations:
             continue
 
-        # The valid rows choose; the test rows are only watched (unless they are the same).
-        valid_accuracy, valid_probabilities = accuracy_on(x_valid, valid_rows)
-        if split.valid_is_test:
-            test_accuracy, test_probabilities = valid_accuracy, valid_probabilities
-        else:
-            test_accuracy, test_probabilities = accuracy_on(x_test, test_rows)
-        metrics.append(
-            {
-                "iteration": iteration,
-                "train_loss": loss_sum / loss_count,
-                "valid_accuracy": valid_accuracy,
-                "heldout_accuracy": test_accuracy,
-                "seconds": time.monotonic() - started,
-            }
-        )
+        # Evaluation: the valid rows choose; the test rows are only watched.
+        progress.seconds = time.monotonic() - started
+        if progress.evaluate(
+            split, accuracy_on, train_loss=loss_sum / loss_count, seconds=progress.seconds
+        ):
+            selected = (head.weight.detach().clone(), head.bias.detach().clone())
         loss_sum, loss_count = 0.0, 0
-        if valid_accuracy > best["valid_accuracy"]:
-            best = {
-                "valid_accuracy": valid_accuracy,
-                "iteration": iteration,
-                "weight": head.weight.detach().clone(),
-                "bias": head.bias.detach().clone(),
-                "test_probabilities": test_probabilities,
-            }
 
-    weight, bias = fold_standardisation(best["weight"].numpy(), best["bias"].numpy(), mean, scale)
-    selected = best["test_probabilities"]
-    final_accuracy = float(np.mean(selected.argmax(axis=1) == data.targets[test_rows]))
-    # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
-    peak = max(metrics, key=lambda m: m["heldout_accuracy"])
-    source_sha256 = data.attrs.get("source_sha256", "") or ""
-    metadata = {
-        "path": PATH_NAME,
+    # Checkpoint: the selected head, the standardisation folded into it.
+    weight, bias = fold_standardisation(selected[0].numpy(), selected[1].numpy(), mean, scale)
+    checkpoint = {
+        "iteration": progress.best["iteration"],
+        "model": {
+            "fc_transfer.weight": torch.from_numpy(weight.astype(np.float32)),
+            "fc_transfer.bias": torch.from_numpy(bias.astype(np.float32)),
+        },
+        "genreflow": _head_metadata(config, data, split, full_batch),
+    }
+    write_atomic(out / HEAD, lambda f: torch.save(checkpoint, f))
+    return _head_report(config, data, split, out, progress, seed=seed, started=started)
+
+
+def _sample(x: Tensor, y: Tensor, rng: np.random.Generator, config: HeadConfig):
+    """A mini-batch of config.batch_size training rows, drawn with replacement."""
+    pick = torch.from_numpy(rng.integers(len(x), size=config.batch_size))
+    return x[pick], y[pick]
+
+
+def _mix(x: Tensor, y: Tensor, rng: np.random.Generator, alpha: float) -> tuple[Tensor, Tensor]:
+    """Each clip mixed with a random partner; the weight drawn per clip from Beta(alpha, alpha)."""
+    partner = torch.from_numpy(rng.permutation(len(x)))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=(len(x), 1))).to(x.dtype)
+    return lam * x + (1 - lam) * x[partner], lam * y + (1 - lam) * y[partner]
+
+
+def _head_step(head: nn.Linear, optimizer, x: Tensor, y: Tensor) -> float:
+    """One step: the seed's clip_nll on log-softmax, backward, AdamW. Returns the loss."""
+    log_probs = torch.log_softmax(head(x), dim=-1)
+    loss = -torch.mean(torch.sum(y * log_probs, dim=-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _head_metadata(config: HeadConfig, data: EmbeddingsFile, split: Split, full_batch: bool):
+    """What head.pth says about itself, beside the seed's {'iteration', 'model'}."""
+    return {
+        "path": FROZEN_BASE,
         "genres": list(GENRES),
-        "fold": fold,
+        "fold": config.fold,
         "protocol": split.protocol,
         "selection": split.selection,
         "base_model": BASE_MODEL,
@@ -828,71 +772,68 @@ def _train_head(config: HeadConfig, data: EmbeddingsFile, split: Split, out: Pat
         "embeddings_fingerprint": data.attrs.get("features_fingerprint", ""),
         "sample_rate": data.attrs.get("sample_rate"),
         "clip_samples": data.attrs.get("clip_samples"),
-        "source_sha256": source_sha256,
-        "n_train": int(len(train_rows)),
+        "source_sha256": data.attrs.get("source_sha256", "") or "",
+        "n_train": int(len(split.train)),
         "config": dataclasses.asdict(config),
         "recipe": {
             "trains": "fc_transfer only, on embeddings of the frozen base (eval mode)",
             "optimizer": "AdamW",
             "betas": list(ADAM_BETAS),
             "eps": ADAM_EPS,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "batch_size": "full" if full_batch else batch_size,
-            "iterations": iterations,
-            "mixup": "embeddings" if mixup else "none",
-            "mixup_alpha": mixup_alpha if mixup else None,
+            "lr": config.lr,
+            "weight_decay": config.weight_decay,
+            "batch_size": "full" if full_batch else config.batch_size,
+            "iterations": config.iterations,
+            "mixup": "embeddings" if config.mixup else "none",
+            "mixup_alpha": config.mixup_alpha if config.mixup else None,
             "loss": LOSS,
             "standardisation": "training rows' mean/std, folded into fc_transfer",
             "selection": f"best {'test' if split.valid_is_test else 'validation'} accuracy",
         },
         "genreflow_version": __version__,
     }
-    checkpoint = {
-        "iteration": best["iteration"],
-        "model": {
-            "fc_transfer.weight": torch.from_numpy(weight.astype(np.float32)),
-            "fc_transfer.bias": torch.from_numpy(bias.astype(np.float32)),
-        },
-        "genreflow": metadata,
-    }
-    write_atomic(out / HEAD, lambda f: torch.save(checkpoint, f))
-    write_text_atomic(
-        out / METRICS,
-        _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
+
+
+def _head_report(
+    config: HeadConfig,
+    data: EmbeddingsFile,
+    split: Split,
+    out: Path,
+    progress: Progress,
+    *,
+    seed: int,
+    started: float,
+) -> dict:
+    """metrics.csv, predictions.csv (the selected head on the test rows), summary.json."""
+    test = split.test
+    write_metrics(out, progress.metrics)
+    probabilities = progress.best["test_probabilities"]
+    names = [data.names[row] for row in test]
+    write_predictions(out, names, data.targets[test], probabilities, config.fold)
+    summary = summarise(
+        split=split,
+        progress=progress,
+        test_targets=data.targets[test],
+        fold=config.fold,
+        path=FROZEN_BASE,
+        iterations=config.iterations,
+        split_sha256=split_sha256(split.protocol),
+        data_sha256=str(data.attrs.get("source_sha256", "") or ""),
+        seeds={"config": config.seed, "sampler": seed},
+        clips_per_second=progress.clips / progress.train_seconds if progress.train_seconds else 0.0,
+        wall_seconds=time.monotonic() - started,
+        device="cpu",
+        base_sha256=data.attrs["base_sha256"],
+        pretrained=data.attrs.get("pretrained", ""),
+        config=dataclasses.asdict(config),
+        genreflow_version=__version__,
     )
-    write_text_atomic(out / PREDICTIONS, _predictions_csv(data, test_rows, selected, fold))
-    summary = {
-        "fold": fold,
-        "path": PATH_NAME,
-        "protocol": split.protocol,
-        "selection": split.selection,
-        "iterations": iterations,
-        "final_accuracy": final_accuracy,
-        "valid_accuracy": best["valid_accuracy"],
-        "selected_iteration": best["iteration"],
-        "best_accuracy": peak["heldout_accuracy"],
-        "best_iteration": peak["iteration"],
-        "n_train": int(len(train_rows)),
-        "n_heldout": int(len(test_rows)),
-        "split": split.counts(),
-        "split_sha256": split_sha256(split.protocol),
-        "data_sha256": str(source_sha256),
-        "seeds": {"config": config.seed, "sampler": seed},
-        "clips_per_second": clips_seen / train_seconds if train_seconds else 0.0,
-        "wall_seconds": time.monotonic() - started,
-        "device": "cpu",
-        "base_sha256": data.attrs["base_sha256"],
-        "pretrained": data.attrs.get("pretrained", ""),
-        "config": dataclasses.asdict(config),
-        "genreflow_version": __version__,
-    }
-    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    summary = write_summary(out, summary)
     _log(
-        f"fold {fold}: done, test accuracy {final_accuracy:.3f} of the head of step "
-        f"{best['iteration']} (chosen on "
-        f"{'the test rows' if split.valid_is_test else 'validation'}), {iterations} steps "
-        f"in {summary['wall_seconds']:.2f} s; outputs in {out}"
+        f"fold {config.fold}: done, test accuracy {summary['final_accuracy']:.3f} of the head "
+        f"of step {summary['selected_iteration']} (chosen on "
+        f"{'the test rows' if split.valid_is_test else 'validation'}), {config.iterations} "
+        f"steps in {summary['wall_seconds']:.2f} s; outputs in {out}"
     )
     return summary
 
@@ -980,7 +921,7 @@ def load_head_ensemble(
     base_file = Path(base_path)
     if not base_file.is_file():
         raise GenreflowError(f"{base_file}: base checkpoint not found")
-    base_sha256 = _sha256(base_file)
+    base_sha256 = storage.sha256_of(base_file)
     heads, metadata = [], []
     for path in head_paths:
         weight, bias, meta = read_head(path)
@@ -1021,7 +962,7 @@ def export_transfer_checkpoint(
     base_file = Path(base_path)
     if not base_file.is_file():
         raise GenreflowError(f"{base_file}: base checkpoint not found")
-    base_sha256 = _sha256(base_file)
+    base_sha256 = storage.sha256_of(base_file)
     weight, bias, metadata = read_head(head_path)
     if metadata.get("base_sha256") != base_sha256:
         raise GenreflowError(

@@ -20,21 +20,11 @@ from torch import nn
 from genreflow.audio import CLIP_SECONDS, SAMPLE_RATE, clip_samples, load_segments
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.runtime import resolve_device
 
 # Clips per forward pass: bounds memory on long files (a 30 s clip is ~4 MB of input and
 # far more in activations).
 BATCH_CLIPS = 8
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when torch sees a GPU, else the CPU; 'cuda' without one is an error."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise GenreflowError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GenreflowError("--device cuda: no CUDA device is available to torch here")
-    return torch.device(name)
 
 
 def _check_files(files: Sequence[str]) -> list[str]:

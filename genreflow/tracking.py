@@ -22,7 +22,6 @@ then fails with a `TrackingError` that says where the step's local outputs are.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import hashlib
 import json
@@ -41,8 +40,25 @@ from typing import TypeVar
 
 import mlflow.pyfunc
 
-from genreflow import __version__
+from genreflow import __version__, storage
+from genreflow.atomic import write_atomic
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import (
+    BEST,
+    FAILED,
+    FINE_TUNE,
+    FROZEN_BASE,
+    HEAD,
+    METRICS,
+    PREDICTIONS,
+    SELECTED_CHECKPOINT,
+    SUMMARY,
+    folds_required,
+    read_failure,
+    read_metrics,
+    read_summary,
+    write_failure,
+)
 
 T = TypeVar("T")
 
@@ -56,8 +72,8 @@ FOLD_RETRY_FIRST_DELAY_SECONDS = 30.0
 # What a fold's child run keeps: best.pth is the selected fine-tuned fold model (chosen on
 # the validation split), head.pth the frozen-base path's head. last.pth stays in the fold
 # folder: uploading a second 330 MB checkpoint per fold buys nothing.
-FOLD_ARTIFACTS = ("metrics.csv", "predictions.csv", "summary.json", "best.pth", "head.pth")
-CHECKPOINTS = ("best.pth", "head.pth")
+FOLD_ARTIFACTS = (METRICS, PREDICTIONS, SUMMARY, BEST, HEAD)
+CHECKPOINTS = (BEST, HEAD)
 SUMMARY_METRICS = (
     "final_accuracy",
     "valid_accuracy",
@@ -271,6 +287,60 @@ def start_pipeline_run(
     return _tracked(f"opening the parent run at {tracking_uri}", start)
 
 
+def open_pipeline_run(parameters: dict, markdown: str | Path) -> str:
+    """The pipeline's first step: open its parent run, logging the pipeline's `parameters`
+    (the recipe of the path it takes, not the other's) and tagging it; write where the run
+    is to `markdown` (KFP shows it). Returns the run's id, "" when tracking is off.
+
+    `parameters` are the start step's inputs: tracking_uri, experiment, pipeline_run (the
+    KFP run's name), pipeline_run_id, kfp_ui, images, profile, protocol, selection, source,
+    sha256, pretrained, freeze_base, clip_seconds, seed and the recipe's parameters.
+    """
+    from genreflow.data.download import expected_checksums
+    from genreflow.recipe import other_path_parameters
+
+    p = dict(parameters)
+    tracking_uri, experiment = p.pop("tracking_uri"), p.pop("experiment")
+    if not tracking_uri:
+        print("MLflow tracking is off (no tracking URI)")
+        Path(markdown).write_text("MLflow tracking was off for this run (no tracking URI).\n")
+        return ""
+    pipeline_run, pipeline_run_id = p.pop("pipeline_run"), p.pop("pipeline_run_id")
+    kfp_ui = p.pop("kfp_ui").rstrip("/")
+    images, profile, sha256 = p.pop("images"), p.pop("profile"), p.pop("sha256")
+    for unused in other_path_parameters(p["freeze_base"]):
+        p.pop(unused, None)
+    p["pretrained"] = p["pretrained"] or "random-init"
+    tags = {
+        "kfp.pipeline_run": pipeline_run,
+        **({"kfp.run_url": f"{kfp_ui}/#/runs/details/{pipeline_run_id}"} if kfp_ui else {}),
+        "images": images,
+        "profile": profile,
+        "protocol": p["protocol"],
+        "selection": p["selection"],
+        # The checksum itself where it is known ("original", an official URL).
+        "data.sha256": expected_checksums(p["source"], sha256 or None)[0] or "unpinned",
+        "model": "Cnn14",
+        "freeze_base": p["freeze_base"],
+        "path": FROZEN_BASE if p["freeze_base"] else FINE_TUNE,
+    }
+    run_id = start_pipeline_run(
+        tracking_uri,
+        experiment,
+        run_name=pipeline_run,
+        pipeline_run_id=pipeline_run_id,
+        params=p,
+        tags=tags,
+    )
+    experiment_id = _client(tracking_uri).get_run(run_id).info.experiment_id
+    address = run_address(tracking_uri, experiment_id, run_id)
+    Path(markdown).write_text(
+        f"# MLflow\n\nParent run `{run_id}` of experiment `{experiment}`: {address}\n"
+    )
+    print(f"MLflow parent run: {address}")
+    return run_id
+
+
 def find_pipeline_run(tracking_uri: str, pipeline_run_id: str):
     """The parent run tagged with this KFP run's id, or None (tracking never started)."""
     client = _client(tracking_uri)
@@ -348,6 +418,57 @@ def finish_pipeline_run(
     _tracked(f"finishing the parent run {parent_run_id}", finish, keep=keep)
 
 
+def report_step(
+    fold_dirs: list[str],
+    results: str | Path,
+    *,
+    expected_folds: list[int],
+    min_folds: int,
+    clip_seconds: float,
+    tracking_uri: str,
+    parent_run_id: str,
+    registered_model: str,
+    base: str | Path | None = None,
+) -> dict:
+    """The pipeline's last step: the report into `results` (genreflow.aggregate), then, when
+    tracking, the fold ensemble logged (and registered as `registered_model`, unless "")
+    and the aggregate metrics and report logged on the parent run, which stays open for
+    the exit handler. `base`: the frozen base the folds' heads share. Returns the report."""
+    from genreflow.aggregate import aggregate, flat_metrics
+    from genreflow.audio import clip_samples
+
+    needed = folds_required(min_folds, expected_folds)
+    report = aggregate(fold_dirs, results, expected_folds=expected_folds, min_folds=needed)
+    if not tracking_uri:
+        return report
+    # The folds the report used (a failed fold may still hold a checkpoint), each with the
+    # checkpoint its path selects: best.pth, or head.pth beside the shared base.
+    checkpoints = [
+        Path(row["dir"]) / SELECTED_CHECKPOINT[read_summary(row["dir"]).get("path", FINE_TUNE)]
+        for row in report["folds"]
+    ]
+    model_uri = log_ensemble(
+        tracking_uri,
+        parent_run_id,
+        checkpoints,
+        clip_samples=clip_samples(clip_seconds),
+        base=base,
+        registered_name=registered_model,
+        workdir=str(results) + ".mlflow",
+    )
+    print(f"fold ensemble logged as {model_uri}")
+    finish_pipeline_run(
+        tracking_uri,
+        parent_run_id,
+        metrics=flat_metrics(report),
+        artifacts=[results],
+        tags=report_tags(report),
+        status=None,  # the exit handler closes it with the pipeline's final state
+        keep=str(results),
+    )
+    return report
+
+
 def report_tags(report: dict) -> dict[str, str]:
     """The parent's tags from the aggregate report: what produced it and on which data."""
     tags = {"partial": json.dumps(bool(report.get("partial")))}
@@ -379,8 +500,7 @@ def fold_key(inputs: Iterable[str | Path], settings: dict) -> str:
     protocol, recipe, ...) and the code's version. Equal keys give equal results."""
     digest = hashlib.sha256()
     for path in inputs:
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(bytes.fromhex(storage.sha256_of(path)))
     code = {"genreflow_version": __version__, "code_sha256": code_sha256()}
     digest.update(json.dumps({**settings, **code}, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -426,7 +546,7 @@ class FoldRun:
             client = _client(self.tracking_uri)
             logged = {a.path for a in client.list_artifacts(origin)}
             wanted = [name for name in FOLD_ARTIFACTS if name in logged]
-            if not {"summary.json", "predictions.csv", "metrics.csv"} <= set(wanted) or not (
+            if not {SUMMARY, PREDICTIONS, METRICS} <= set(wanted) or not (
                 set(CHECKPOINTS) & set(wanted)
             ):
                 raise GenreflowError(f"run {origin} lacks the fold's files ({sorted(logged)})")
@@ -436,7 +556,7 @@ class FoldRun:
                 for name in wanted:
                     client.download_artifacts(origin, name, str(staging))
                 # summary.json last: it is what marks a fold folder complete.
-                for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
+                for name in sorted(os.listdir(staging), key=lambda n: n == SUMMARY):
                     os.replace(staging / name, out / name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -451,17 +571,16 @@ class FoldRun:
             print(f"MLflow: fold {self.fold} is already logged in run {self.run_id}")
             return
         fold_dir = Path(fold_dir)
-        summary = json.loads((fold_dir / "summary.json").read_text())
-        with open(fold_dir / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        summary = read_summary(fold_dir)
+        rows = read_metrics(fold_dir)
         tags = {k: summary[k] for k in SUMMARY_TAGS if isinstance(summary.get(k), str)}
         if reused_from:
             tags.update({"reused": "true", REUSED_FROM_TAG: reused_from})
         artifacts = [fold_dir / n for n in FOLD_ARTIFACTS if (fold_dir / n).exists()]
         if reused_from:  # the checkpoints stay where they are, in the original run
             artifacts = [p for p in artifacts if p.name not in CHECKPOINTS]
-        if (fold_dir / "predictions.csv").exists():
-            artifacts.append(_fold_confusion_png(fold_dir, int(summary["fold"])))
+        if (fold_dir / PREDICTIONS).exists():
+            artifacts.append(_fold_confusion_png(fold_dir))
 
         def log() -> None:
             from mlflow.entities import Metric, Param, RunTag
@@ -619,11 +738,8 @@ def tracked_fold(
     Returns:
         summary.json's content, or {"fold": fold, "failed": "..."} for a tolerated failure.
     """
-    from genreflow.aggregate import FAILED_FILE
-    from genreflow.atomic import write_text_atomic
-
     out = Path(out)
-    (out / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, in this folder
+    (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's, in this folder
 
     def train_or_record_failure() -> dict | None:
         """Train, retrying transient failures; a failure that remains is raised, or, where
@@ -641,10 +757,8 @@ def tracked_fold(
         except Exception as exc:
             if not tolerate_failure:
                 raise
-            out.mkdir(parents=True, exist_ok=True)
             error = f"{type(exc).__name__}: {exc}"
-            record = json.dumps({"fold": fold, "error": error}) + "\n"
-            write_text_atomic(out / FAILED_FILE, record)
+            write_failure(out, fold, error)
             print(f"fold {fold} failed ({error}); the pipeline goes on to a partial result")
             return None
 
@@ -655,7 +769,7 @@ def tracked_fold(
     with fold_run(tracking_uri, parent_run_id, fold, key=key, keep=str(out)) as run:
         if run.logged:  # a retried task: this run already holds the fold; take it back
             run.fetch(run.this, out)
-            return json.loads((out / "summary.json").read_text())
+            return read_summary(out)
         source = run.reusable(key) if reuse else None
         if source is not None:
             try:
@@ -671,30 +785,83 @@ def tracked_fold(
             return _failure(out)
         else:
             run.log_outputs(out)
-        return json.loads((out / "summary.json").read_text())
+        return read_summary(out)
+
+
+def fold_step(
+    config,
+    *,
+    tracking_uri: str,
+    parent_run_id: str,
+    reuse: bool,
+    min_folds: int,
+    expected_folds: list[int],
+) -> dict:
+    """The pipeline's fold step: train `config` (a TrainConfig: fine-tune the fold; a
+    HeadConfig: train its head on the frozen base's embeddings) as `tracked_fold` does,
+    failures tolerated when min_folds allows partial results. Returns the fold's summary,
+    or {"fold": K, "failed": "..."}."""
+    import dataclasses
+
+    from genreflow.recipe import HeadConfig
+
+    if isinstance(config, HeadConfig):
+        from genreflow.frozen import train_head
+
+        path, inputs = FROZEN_BASE, [config.embeddings]
+        train = functools.partial(train_head, **dataclasses.asdict(config))
+    else:
+        from genreflow.train import train_fold
+
+        path, inputs = FINE_TUNE, [config.features]
+        train = functools.partial(train_fold, config)
+    # What the fold's result depends on, beside its inputs' content and the code.
+    leave_out = ("features", "embeddings", "out", "fold", "device", "log_every")
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in leave_out}
+    return tracked_fold(
+        train,
+        out=config.out,
+        fold=config.fold,
+        inputs=inputs,
+        settings={"path": path, **settings},
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        reuse=reuse,
+        tolerate_failure=folds_required(min_folds, expected_folds) < len(expected_folds),
+    )
+
+
+def fold_step_outputs(summary: dict) -> tuple[dict, float | None]:
+    """What a fold step shows in KFP: its output's metadata, and its test accuracy (None
+    for a tolerated failure)."""
+    if "failed" in summary:  # tolerated (min_folds): failed.json says why
+        return {"fold": summary["fold"], "failed": summary["failed"]}, None
+    accuracy = float(summary["final_accuracy"])
+    metadata = {"fold": summary["fold"], "test_accuracy": accuracy, "path": summary["path"]}
+    return {**metadata, "protocol": summary["protocol"]}, accuracy
 
 
 def _failure(out: Path) -> dict:
-    from genreflow.aggregate import FAILED_FILE
-
-    record = json.loads((out / FAILED_FILE).read_text())
+    record = read_failure(out)
     return {"fold": record["fold"], "failed": record["error"]}
 
 
 def log_fold(tracking_uri: str, parent_run_id: str, fold_dir: str | Path) -> str:
     """Log an already finished fold folder as a child run of the parent; return its id."""
-    summary = json.loads((Path(fold_dir) / "summary.json").read_text())
+    summary = read_summary(fold_dir)
     with fold_run(tracking_uri, parent_run_id, int(summary["fold"]), keep=str(fold_dir)) as run:
         run.log_outputs(fold_dir)
     return run.run_id
 
 
-def _fold_confusion_png(fold_dir: Path, fold: int) -> Path:
-    """The fold's own confusion matrix plot, drawn by the report code on this one fold."""
-    from genreflow.aggregate import CONFUSION_PNG, aggregate
+def _fold_confusion_png(fold_dir: Path) -> Path:
+    """The fold's own confusion matrix plot, beside the fold folder."""
+    from genreflow.aggregate import CONFUSION_PNG, fold_confusion_png
 
+    png = fold_confusion_png(fold_dir)
     out = fold_dir.with_name(fold_dir.name + ".confusion")
-    aggregate([fold_dir], out, expected_folds=[fold], min_folds=1)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / CONFUSION_PNG, lambda f: f.write(png))
     return out / CONFUSION_PNG
 
 

@@ -42,16 +42,10 @@ What it writes to `out/`, each file atomically (temporary file, then os.replace)
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import ctypes
 import dataclasses
-import io
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -62,13 +56,34 @@ import h5py
 import numpy as np
 import torch
 
-from genreflow import __version__, storage
-from genreflow.atomic import write_atomic, write_text_atomic
+from genreflow import __version__, resume, storage
+from genreflow.atomic import publish_copy
 from genreflow.audio import SAMPLE_RATE
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
-from genreflow.inference import resolve_device
+from genreflow.fold_result import (
+    BEST,
+    FINE_TUNE,
+    METRICS,
+    PREDICTIONS,
+    SUMMARY,
+    Progress,
+    summarise,
+    write_metrics,
+    write_predictions,
+    write_summary,
+)
 from genreflow.progress import format_duration
+from genreflow.recipe import TrainConfig
+from genreflow.resume import RESUME
+from genreflow.runtime import (
+    PRECISIONS,
+    autocast_for,
+    cpu_threads_for_training,
+    freed_memory_kept,
+    resolve_device,
+    resolve_precision,
+)
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
     DEFAULT_SELECTION,
@@ -78,62 +93,15 @@ from genreflow.splits import (
     split_sha256,
 )
 
-LAST, BEST, RESUME = "last.pth", "best.pth", "resume.pt"
-METRICS, PREDICTIONS, SUMMARY = "metrics.csv", "predictions.csv", "summary.json"
-METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "heldout_accuracy", "seconds")
+LAST = "last.pth"
 
 # The seed's optimiser, spelled out so that it lands in every checkpoint's metadata.
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": True}
 LOSS = "clip_nll"
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # --- config ------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """One fold's run. Saved into every checkpoint's metadata and into summary.json."""
-
-    features: str
-    fold: int
-    out: str
-    pretrained: str | None = None
-    pretrained_sha256: str | None = None
-    freeze_base: bool = False
-    iterations: int = 10000
-    batch_size: int = 32
-    lr: float = 1e-4
-    mixup: bool = True
-    mixup_alpha: float = 1.0
-    eval_every: int = 200
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 10
-    # auto: bf16 autocast where the hardware computes in bf16 natively (CUDA with bf16,
-    # CPUs with AVX512-BF16/AMX or Arm BF16), fp32 elsewhere; see resolve_precision.
-    precision: str = "auto"
-    # genreflow.splits: cv10 | filtered, and validation | heldout (what chooses best.pth).
-    protocol: str = DEFAULT_PROTOCOL
-    selection: str = DEFAULT_SELECTION
-
-
-# A resumed run must agree with the saved one on everything that changes its outputs;
-# paths, device and precision may change, and an unfinished run may be given more iterations.
-RESULT_FIELDS = (
-    "fold",
-    "pretrained",
-    "pretrained_sha256",
-    "freeze_base",
-    "batch_size",
-    "lr",
-    "mixup",
-    "mixup_alpha",
-    "eval_every",
-    "seed",
-    "protocol",
-    "selection",
-)
-
-
+# TrainConfig (genreflow.recipe) is the one plain structure a run is told everything by.
 def _check_config(config: TrainConfig) -> None:
     positive = {
         "--iterations": config.iterations,
@@ -169,11 +137,6 @@ class FoldIndex:
     @property
     def train_rows(self) -> np.ndarray:
         return self.split.train
-
-    @property
-    def heldout_rows(self) -> np.ndarray:
-        """The reported (test) rows."""
-        return self.split.test
 
     @property
     def clip_samples(self) -> int:
@@ -319,75 +282,7 @@ def _on_device(waveforms: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(waveforms).to(device).float().div_(32767.0)
 
 
-# --- speed: precision, memory format, optimiser, threads ---------------------------------
-# Measured on 2 cores (Transfer_Cnn14, 5 s clips, batch 8 with mixup; bench/README.md):
-# bf16 autocast made the training step 1.6x faster on an EPYC with AVX512-BF16 but more
-# than 10x slower on an AVX2-only EPYC, where oneDNN emulates bf16; channels_last gave
-# nothing on either (0.8-1.0x); the fused Adam steps the 81 M parameters in 0.06 s
-# instead of the for-loop's 0.26 s.
-_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags, Arm Features
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16, AMX-BF16 or Arm's BF16)."""
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        if getattr(torch.cpu, probe, lambda: False)():
-            return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return not _CPU_BF16_FLAGS.isdisjoint(value.split())
-    except OSError:
-        pass
-    return False
-
-
-def _cuda_has_native_bf16() -> bool:
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch before 2.3 has no including_emulation; bf16 came with Ampere
-        return torch.cuda.get_device_capability()[0] >= 8
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'bf16' or 'fp32': what --precision `name` computes in on `device`.
-
-    auto is bf16 autocast where the hardware has bf16 arithmetic and fp32 elsewhere:
-    emulated bf16 is slower than fp32, not faster. bf16 needs no loss scaling; the
-    weights, the optimiser and the log-mel front end stay in fp32 either way.
-
-    Raises:
-        GenreflowError: an unknown name, or bf16 asked for on a GPU without bf16.
-    """
-    if name not in PRECISIONS:
-        raise GenreflowError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
-    if device.type == "cuda":
-        native = _cuda_has_native_bf16()
-        if name == "bf16" and not native:
-            raise GenreflowError(
-                f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 "
-                "arithmetic; use --precision fp32 (or auto)"
-            )
-    else:
-        native = cpu_has_native_bf16()
-    if name == "auto":
-        return "bf16" if native else "fp32"
-    if name == "bf16" and not native:
-        _log("--precision bf16 on a CPU without native bf16: emulated, slower than fp32")
-    return name
-
-
-def autocast_for(
-    device: torch.device, precision: str
-) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the context that forward passes run in: bf16 autocast, or nothing."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
+# --- model and optimiser -----------------------------------------------------------------
 def prepare_for_training(model: torch.nn.Module, device: torch.device, precision: str) -> None:
     """Move the model to `device` in train mode, in the memory format that is fastest there."""
     model.to(device)
@@ -397,13 +292,15 @@ def prepare_for_training(model: torch.nn.Module, device: torch.device, precision
         torch.backends.cudnn.benchmark = True
         if precision == "bf16":
             # Tensor cores read NHWC: channels_last saves a transpose around every conv.
-            # On the CPU it gave nothing (see above), so the CPU keeps the default format.
+            # On the CPU it gave nothing (0.8-1.0x, bench/README.md), so the CPU keeps the
+            # default format.
             model.to(memory_format=torch.channels_last)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
     """The seed's Adam over the trainable parameters (a frozen base adds none), fused:
-    one kernel over every parameter instead of a dozen passes over each tensor."""
+    one kernel over every parameter instead of a dozen passes over each tensor (0.06 s
+    instead of the for-loop's 0.26 s for Cnn14's 81 M parameters on 2 cores)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         return torch.optim.Adam(trainable, lr=lr, **ADAM, fused=True)
@@ -425,134 +322,6 @@ def training_step(model, optimizer, batch, target, mixup_lambda, amp) -> torch.T
     loss.backward()
     optimizer.step()
     return loss
-
-
-def cpu_threads() -> int:
-    """The cores this process may use: its CPU set, capped by a cgroup CPU quota (a pod's
-    CPU limit), which torch's default of one thread per visible core does not see."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    quota = None
-    with contextlib.suppress(OSError, ValueError):
-        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
-        if limit != "max":
-            quota = int(limit) / int(period)
-    if quota is None:
-        with contextlib.suppress(OSError, ValueError):
-            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())  # cgroup v1
-            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            if limit > 0:
-                quota = limit / period
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return cores
-
-
-@contextlib.contextmanager
-def _cpu_threads_for_training():
-    """torch's intra-op threads capped at cpu_threads() for the run, unless OMP_NUM_THREADS
-    says otherwise: more threads than the quota allows only wait on each other."""
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ and threads > cpu_threads():
-        torch.set_num_threads(cpu_threads())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-# glibc's malloc serves every block above its mmap threshold (32 MB at most: most of Cnn14's
-# activations) with a fresh mmap and unmaps it when freed, so every step page-faults its
-# activations in again and the kernel zeroes them: a tenth of a CPU training step here
-# (bench/bench_train_step.py). During a run, freed memory stays in the heap instead and
-# the next step reuses it; the price is that the run's peak memory stays mapped until it ends.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-
-
-def _glibc():
-    """The C library, where it is glibc (whose malloc mallopt tunes); else None."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return None
-        return ctypes.CDLL("libc.so.6")
-    except (AttributeError, ValueError, OSError):  # not Linux, or no glibc
-        return None
-
-
-@contextlib.contextmanager
-def _keep_freed_memory():
-    """Within it, glibc's malloc keeps freed memory for reuse instead of unmapping it."""
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
-
-
-# --- random states -----------------------------------------------------------------------
-# Plain types and tensors only, so that resume.pt loads with torch.load(weights_only=True).
-def _random_states(mixup) -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    if mixup is not None:
-        states["mixup"] = mixup.state_dict()
-    return states
-
-
-def _restore_random_states(states: dict, mixup) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(_as_tuples(states["python"]))
-    # A run moved to another machine keeps going; only its CUDA draws differ then.
-    if "cuda" in states and torch.cuda.is_available():
-        if len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
-    if mixup is not None:
-        mixup.load_state_dict(states["mixup"])
-
-
-def _as_tuples(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuples(v) for v in value)
-    return value
-
-
-def _csv_text(header, rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _remove_partial_writes(out: Path) -> None:
-    """Temporary files a killed run left behind (a checkpoint is 330 MB)."""
-    if not out.is_dir():
-        return
-    names = (LAST, BEST, RESUME, METRICS, PREDICTIONS, SUMMARY)
-    for name in names:
-        for partial in out.glob(f".{name}.*.tmp"):
-            partial.unlink(missing_ok=True)
-
-
-def _publish_copy(source: Path, target: Path) -> None:
-    """Atomically make `target` a copy of `source`: a hard link where the file system
-    has them (no second 330 MB write), else a real copy."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 # --- evaluation --------------------------------------------------------------------------
@@ -578,15 +347,6 @@ def normalized_probabilities(log_probs: torch.Tensor) -> np.ndarray:
     return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
-def _predictions_csv(index: FoldIndex, probabilities: np.ndarray, fold: int) -> str:
-    """The test rows' probabilities; `fold` is the run's (for cv10 also the rows' own)."""
-    rows = []
-    for row, probs in zip(index.split.test, probabilities, strict=True):
-        genre = GENRES[index.targets[row]]
-        rows.append([index.names[row], fold, genre, *(f"{p:.8g}" for p in probs)])
-    return _csv_text(("audio_name", "fold", "genre", *GENRES), rows)
-
-
 # --- checkpoint --------------------------------------------------------------------------
 def _metadata(config: TrainConfig, index: FoldIndex) -> dict:
     """What a checkpoint says about itself, beside the seed's {'iteration', 'model'}."""
@@ -605,63 +365,6 @@ def _metadata(config: TrainConfig, index: FoldIndex) -> dict:
         "features": index.fingerprint(),
         "genreflow_version": __version__,
     }
-
-
-def _check_same_run(out: Path, saved: dict, config: TrainConfig, index: FoldIndex) -> None:
-    """A run found in `out` must be this config's on the same features, or it is an error."""
-    differ = [f for f in RESULT_FIELDS if saved["config"].get(f) != getattr(config, f)]
-    if differ:
-        details = ", ".join(
-            f"{f}={saved['config'].get(f)!r} there, {getattr(config, f)!r} now" for f in differ
-        )
-        raise GenreflowError(
-            f"{out}: holds a run with other settings ({details}); rerun with the same "
-            "settings to resume, or choose another --out"
-        )
-    if saved["features"] != index.fingerprint():
-        raise GenreflowError(
-            f"{out}: holds a run on other features ({saved['features']}) than "
-            f"{config.features} ({index.fingerprint()}); choose another --out"
-        )
-
-
-def _finished_run(out: Path, config: TrainConfig, index: FoldIndex) -> dict | None:
-    """The summary of a finished run of this config in `out`, or None."""
-    path = out / SUMMARY
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-        _check_same_run(out, summary, config, index)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise GenreflowError(f"{path}: unreadable summary ({exc}); choose another --out") from exc
-    if summary["iterations"] != config.iterations:
-        raise GenreflowError(
-            f"{out}: holds a run finished at iteration {summary['iterations']}; for "
-            f"--iterations {config.iterations} choose another --out (the resume state is "
-            "removed when a run finishes)"
-        )
-    return summary
-
-
-def _resume_state(out: Path, config: TrainConfig, index: FoldIndex) -> dict | None:
-    """The state saved at the last evaluation of an unfinished run in `out`, or None."""
-    path = out / RESUME
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is unusable
-        raise GenreflowError(
-            f"{path}: unreadable resume state ({exc}); delete it to start over"
-        ) from exc
-    _check_same_run(out, state, config, index)
-    if state["iteration"] >= config.iterations:
-        raise GenreflowError(
-            f"{out}: already trained to iteration {state['iteration']}, past "
-            f"--iterations {config.iterations}; choose another --out"
-        )
-    return state
 
 
 def _load_pretrained_checked(config: TrainConfig, model, index: FoldIndex) -> None:
@@ -685,6 +388,24 @@ def _load_pretrained_checked(config: TrainConfig, model, index: FoldIndex) -> No
                     f"{config.features} has {key} {have[key]}; pack the features to match"
                 )
     load_pretrained(model, config.pretrained, sha256=config.pretrained_sha256)
+
+
+def _build_model(config: TrainConfig, index: FoldIndex, seed: int, *, pretrained: bool):
+    """The transfer model, seeded (torch and Python) so that two runs of one config start
+    from the same weights; --pretrained loaded unless `pretrained` is False (a resume)."""
+    from genreflow.models.transfer import TransferCnn14
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = TransferCnn14(classes_num=len(GENRES), freeze_base=config.freeze_base)
+    if index.clip_samples < model.base.min_training_samples:
+        raise GenreflowError(
+            f"{config.features}: clips of {index.clip_samples} samples are too short to train "
+            f"Cnn14 (SpecAugment needs at least {model.base.min_training_samples})"
+        )
+    if pretrained and config.pretrained:
+        _load_pretrained_checked(config, model, index)
+    return model
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -714,7 +435,7 @@ def train_fold(config: TrainConfig) -> dict:
             _log(f"fold {config.fold}: no local state in {folder.path}; looking in {folder.uri}")
             if not folder.pull(SUMMARY) and folder.pull(RESUME):
                 folder.pull(BEST)
-        with _cpu_threads_for_training(), _keep_freed_memory():
+        with cpu_threads_for_training(), freed_memory_kept():
             return _train_fold_in(config, folder.path, on_checkpoint=folder.publish)
 
 
@@ -725,72 +446,164 @@ def _train_fold_in(
     the files each checkpoint wrote, the commit point (resume.pt) last."""
     from genreflow.models.checkpoints import save_checkpoint
     from genreflow.models.cnn14 import Mixup
-    from genreflow.models.transfer import TransferCnn14
 
-    # Every check that can fail happens before the first step.
+    # Config: every check that can fail happens before the first step.
     _check_config(config)
     features = str(storage.input_path(config.features))
     index = read_fold_index(
         features, config.fold, protocol=config.protocol, selection=config.selection
     )
+    fingerprint = index.fingerprint()
     device = resolve_device(config.device)
-    if out.exists() and not out.is_dir():
-        raise GenreflowError(f"{out}: exists and is not a folder")
-    finished = _finished_run(out, config, index)
+    finished, saved = _existing_run(config, out, fingerprint)
     if finished is not None:
-        # Killed between writing summary.json and removing resume.pt: finish the job.
-        (out / RESUME).unlink(missing_ok=True)
-        _log(f"fold {config.fold}: already trained to iteration {config.iterations} in {out}")
         return finished
-    resume = _resume_state(out, config, index)
-    _remove_partial_writes(out)
-
-    # Model: seeded so that two runs of one config start from the same weights.
-    split = index.split
-    seed = split.seed(config.seed)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    model = TransferCnn14(classes_num=len(GENRES), freeze_base=config.freeze_base)
-    if index.clip_samples < model.base.min_training_samples:
-        raise GenreflowError(
-            f"{config.features}: clips of {index.clip_samples} samples are too short to train "
-            f"Cnn14 (SpecAugment needs at least {model.base.min_training_samples})"
-        )
-    if resume is None and config.pretrained:
-        _load_pretrained_checked(config, model, index)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-    precision = resolve_precision(config.precision, device)
-    prepare_for_training(model, device, precision)
-    amp = autocast_for(device, precision)
-    optimizer = make_optimizer(model, config.lr)
 
     # Data: the index is read; now the clips of the split, once.
+    split = index.split
+    seed = split.seed(config.seed)
     waveforms = Waveforms(features, np.concatenate([split.train, split.valid, split.test]))
     one_hot = np.eye(len(GENRES), dtype=np.float32)[index.targets]
     sampler = EpochSampler(split.train, seed)
     mixup = Mixup(config.mixup_alpha, seed=seed + 1) if config.mixup else None
-    seeds = {"config": config.seed, "torch": seed, "python": seed, "sampler": seed}
-    if mixup is not None:
-        seeds["mixup"] = seed + 1
     clips_per_step = config.batch_size * 2 if config.mixup else config.batch_size
 
-    # best: the selected checkpoint (best.pth), chosen on valid_accuracy; its test
-    # probabilities are kept so that the report needs no second pass over the test rows.
-    iteration, metrics = 0, []
-    best = {"valid_accuracy": -1.0, "iteration": 0, "test_probabilities": None}
-    seconds_before, train_seconds, clips_seen = 0.0, 0.0, 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        sampler.load_state_dict(resume["sampler"])
-        _restore_random_states(resume["random"], mixup)
-        iteration, metrics, best = resume["iteration"], resume["metrics"], resume["best"]
-        seconds_before = resume["seconds"]
-        train_seconds, clips_seen = resume["train_seconds"], resume["clips"]
-        _log(f"fold {config.fold}: resuming from iteration {iteration} in {out}")
-    del resume
+    # Model: seeded so that two runs of one config start from the same weights.
+    model = _build_model(config, index, seed, pretrained=saved is None)
+    precision = resolve_precision(config.precision, device)
+    prepare_for_training(model, device, precision)
+    amp = autocast_for(device, precision)
+
+    # Optimiser.
+    optimizer = make_optimizer(model, config.lr)
+
+    progress = Progress()
+    if saved is not None:
+        progress = resume.restore(
+            saved, model=model, optimizer=optimizer, sampler=sampler, mixup=mixup
+        )
+        _log(f"fold {config.fold}: resuming from iteration {progress.iteration} in {out}")
+    del saved
     out.mkdir(parents=True, exist_ok=True)
     metadata = _metadata(config, index)
+    _log_start(config, index, seed, device, precision, waveforms)
+
+    def accuracy_on(rows: np.ndarray) -> tuple[float, torch.Tensor]:
+        probabilities = evaluate(
+            model, waveforms, rows, batch_size=config.batch_size, device=device, amp=amp
+        )
+        accuracy = float(np.mean(probabilities.argmax(1) == index.targets[rows]))
+        return accuracy, torch.from_numpy(probabilities)
+
+    seconds_before, started, started_at = progress.seconds, time.monotonic(), progress.iteration
+    loss_sum, loss_count = 0.0, 0
+    rate = _Rate()
+    while progress.iteration < config.iterations:
+        # One step of the seed's recipe.
+        step_start = time.monotonic()
+        rows = sampler.next_batch(clips_per_step)
+        batch = _on_device(waveforms[rows], device)
+        target = torch.from_numpy(one_hot[rows]).to(device)
+        mixup_lambda = _mixup_weights(mixup, clips_per_step, device)
+        loss = training_step(model, optimizer, batch, target, mixup_lambda, amp).item()
+        progress.iteration += 1
+        progress.train_seconds += time.monotonic() - step_start
+        progress.clips += clips_per_step
+        loss_sum, loss_count = loss_sum + loss, loss_count + 1
+        rate.count(clips_per_step)
+        last = progress.iteration == config.iterations
+        if progress.iteration % config.log_every == 0 or last:
+            # Evaluations included: the wall time per iteration so far, times those left.
+            done = progress.iteration - started_at
+            left = (time.monotonic() - started) / done * (config.iterations - progress.iteration)
+            _log(
+                f"fold {config.fold} iter {progress.iteration}/{config.iterations} "
+                f"loss {loss:.4f} {rate.per_second():.1f} clips/s, {format_duration(left)} left"
+            )
+        if progress.iteration % config.eval_every != 0 and not last:
+            continue
+
+        # Evaluation: the valid rows choose, the test rows are watched.
+        progress.seconds = seconds_before + time.monotonic() - started
+        improved = progress.evaluate(
+            split, accuracy_on, train_loss=loss_sum / loss_count, seconds=progress.seconds
+        )
+        loss_sum, loss_count = 0.0, 0
+        _log_evaluation(config.fold, progress)
+
+        # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
+        # at the end: each is written after everything it vouches for, and whatever a
+        # killed run wrote past its last commit point is rewritten identically on resume.
+        write_metrics(out, progress.metrics)
+        save_checkpoint(out / LAST, model, iteration=progress.iteration, metadata=metadata)
+        if improved:
+            publish_copy(out / LAST, out / BEST)
+        if not last:
+            state = resume.state(progress, model, optimizer, sampler, mixup, config, fingerprint)
+            resume.save(out, state)
+            del state
+            if on_checkpoint is not None:
+                on_checkpoint(*([BEST] if improved else []), RESUME)
+            rate.restart()  # the logged rate is of training steps, not of checkpointing
+
+    waveforms.close()
+    return _report(config, out, index, progress, seed=seed, device=device, precision=precision)
+
+
+def _existing_run(
+    config: TrainConfig, out: Path, fingerprint: dict
+) -> tuple[dict | None, dict | None]:
+    """What `out` holds of this run: (summary.json's content, None) when it finished,
+    (None, resume.pt's content) when it was interrupted, (None, None) when it is new."""
+    if out.exists() and not out.is_dir():
+        raise GenreflowError(f"{out}: exists and is not a folder")
+    finished = resume.finished_run(out, config, fingerprint)
+    if finished is not None:
+        # Killed between writing summary.json and removing resume.pt: finish the job.
+        (out / RESUME).unlink(missing_ok=True)
+        _log(f"fold {config.fold}: already trained to iteration {config.iterations} in {out}")
+        return finished, None
+    saved = resume.load(out, config, fingerprint)
+    resume.remove_partial_writes(out, (LAST, BEST, RESUME, METRICS, PREDICTIONS, SUMMARY))
+    return None, saved
+
+
+def _mixup_weights(mixup, clips: int, device: torch.device) -> torch.Tensor | None:
+    """The batch's mixup weights (pairs of clips, lam and 1 - lam), or None without mixup."""
+    if mixup is None:
+        return None
+    return torch.from_numpy(mixup.get_lambda(clips).astype(np.float32)).to(device)
+
+
+def _seeds(config: TrainConfig, seed: int) -> dict:
+    """Every seed the run uses, for summary.json."""
+    seeds = {"config": config.seed, "torch": seed, "python": seed, "sampler": seed}
+    if config.mixup:
+        seeds["mixup"] = seed + 1
+    return seeds
+
+
+class _Rate:
+    """Clips per second of training steps since the last restart (for the log)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.clock, self.clips = time.monotonic(), 0
+
+    def count(self, clips: int) -> None:
+        self.clips += clips
+
+    def per_second(self) -> float:
+        now = time.monotonic()
+        rate = self.clips / max(now - self.clock, 1e-9)
+        self.clock, self.clips = now, 0
+        return rate
+
+
+def _log_start(config, index: FoldIndex, seed: int, device, precision: str, waveforms) -> None:
+    split = index.split
     chooser = "the test rows (selection heldout)" if split.valid_is_test else "validation"
     _log(
         f"fold {config.fold} ({split.protocol}): {len(split.train)} training clips, "
@@ -801,147 +614,54 @@ def _train_fold_in(
         f"clips {'in memory' if waveforms.in_memory else 'read from disk per batch'}"
     )
 
-    def accuracy_on(rows: np.ndarray) -> tuple[float, np.ndarray]:
-        probabilities = evaluate(
-            model, waveforms, rows, batch_size=config.batch_size, device=device, amp=amp
-        )
-        return float(np.mean(probabilities.argmax(1) == index.targets[rows])), probabilities
 
-    started, started_at = time.monotonic(), iteration
-    loss_sum, loss_count = 0.0, 0
-    rate_clock, rate_clips = time.monotonic(), 0
-    while iteration < config.iterations:
-        # One step of the seed's recipe.
-        step_start = time.monotonic()
-        rows = sampler.next_batch(clips_per_step)
-        batch = _on_device(waveforms[rows], device)
-        target = torch.from_numpy(one_hot[rows]).to(device)
-        mixup_lambda = None
-        if mixup is not None:
-            weights = mixup.get_lambda(clips_per_step).astype(np.float32)
-            mixup_lambda = torch.from_numpy(weights).to(device)
-        loss = training_step(model, optimizer, batch, target, mixup_lambda, amp)
-        iteration += 1
-        loss_value = loss.item()
-        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-        train_seconds += time.monotonic() - step_start
-        clips_seen += clips_per_step
-        rate_clips += clips_per_step
+def _log_evaluation(fold: int, progress: Progress) -> None:
+    latest, best = progress.metrics[-1], progress.best
+    _log(
+        f"fold {fold} iter {latest['iteration']}: valid accuracy {latest['valid_accuracy']:.3f} "
+        f"(best {best['valid_accuracy']:.3f} at {best['iteration']}), "
+        f"held-out accuracy {latest['heldout_accuracy']:.3f}"
+    )
 
-        if iteration % config.log_every == 0 or iteration == config.iterations:
-            now = time.monotonic()
-            rate = rate_clips / max(now - rate_clock, 1e-9)
-            rate_clock, rate_clips = now, 0
-            # Evaluations included: the wall time per iteration so far, times those left.
-            left = (now - started) / (iteration - started_at) * (config.iterations - iteration)
-            _log(
-                f"fold {config.fold} iter {iteration}/{config.iterations} "
-                f"loss {loss_value:.4f} {rate:.1f} clips/s, {format_duration(left)} left"
-            )
-        if iteration % config.eval_every != 0 and iteration != config.iterations:
-            continue
 
-        # Evaluation: the valid rows choose; the test rows are only watched (the seed
-        # printed their accuracy), unless selection "heldout" makes them the same rows.
-        valid_accuracy, valid_probabilities = accuracy_on(split.valid)
-        if split.valid_is_test:
-            test_accuracy, test_probabilities = valid_accuracy, valid_probabilities
-        else:
-            test_accuracy, test_probabilities = accuracy_on(split.test)
-        seconds = seconds_before + time.monotonic() - started
-        metrics.append(
-            {
-                "iteration": iteration,
-                "train_loss": loss_sum / loss_count,
-                "valid_accuracy": valid_accuracy,
-                "heldout_accuracy": test_accuracy,
-                "seconds": seconds,
-            }
-        )
-        loss_sum, loss_count = 0.0, 0
-        improved = valid_accuracy > best["valid_accuracy"]
-        if improved:
-            best = {
-                "valid_accuracy": valid_accuracy,
-                "iteration": iteration,
-                "test_probabilities": torch.from_numpy(test_probabilities),
-            }
-        _log(
-            f"fold {config.fold} iter {iteration}: valid accuracy {valid_accuracy:.3f} "
-            f"(best {best['valid_accuracy']:.3f} at {best['iteration']}), "
-            f"held-out accuracy {test_accuracy:.3f}"
-        )
-
-        # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
-        # at the end: each is written after everything it vouches for, and whatever a
-        # killed run wrote past its last commit point is rewritten identically on resume.
-        write_text_atomic(
-            out / METRICS,
-            _csv_text(METRICS_COLUMNS, ([m[c] for c in METRICS_COLUMNS] for m in metrics)),
-        )
-        save_checkpoint(out / LAST, model, iteration=iteration, metadata=metadata)
-        if improved:
-            _publish_copy(out / LAST, out / BEST)
-        if iteration < config.iterations:
-            state = {
-                "iteration": iteration,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "sampler": sampler.state_dict(),
-                "random": _random_states(mixup),
-                "metrics": metrics,
-                "best": best,
-                "seconds": seconds,
-                "train_seconds": train_seconds,
-                "clips": clips_seen,
-                "config": dataclasses.asdict(config),
-                "features": index.fingerprint(),
-            }
-            write_atomic(out / RESUME, lambda f, state=state: torch.save(state, f))
-            del state
-            if on_checkpoint is not None:
-                on_checkpoint(*([BEST] if improved else []), RESUME)
-            # The logged rate is of training steps, not of evaluating and checkpointing.
-            rate_clock, rate_clips = time.monotonic(), 0
-            continue
-
-        # The report: best.pth (the selected checkpoint) on the test rows.
-        selected = best["test_probabilities"].numpy()
-        final_accuracy = float(np.mean(selected.argmax(1) == index.targets[split.test]))
-        # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
-        peak = max(metrics, key=lambda m: m["heldout_accuracy"])
-        write_text_atomic(out / PREDICTIONS, _predictions_csv(index, selected, config.fold))
-        summary = {
-            "fold": config.fold,
-            "path": "fine-tune",
-            "protocol": split.protocol,
-            "selection": split.selection,
-            "iterations": iteration,
-            "final_accuracy": final_accuracy,
-            "valid_accuracy": best["valid_accuracy"],
-            "selected_iteration": best["iteration"],
-            "best_accuracy": peak["heldout_accuracy"],
-            "best_iteration": peak["iteration"],
-            "n_train": int(len(split.train)),
-            "n_heldout": int(len(split.test)),
-            "split": split.counts(),
-            "split_sha256": split_sha256(split.protocol),
-            "data_sha256": index.data_sha256,
-            "seeds": seeds,
-            "clips_per_second": clips_seen / train_seconds if train_seconds else 0.0,
-            "wall_seconds": seconds,
-            "device": device.type,
-            "precision": precision,
-            "config": dataclasses.asdict(config),
-            "features": index.fingerprint(),
-            "genreflow_version": __version__,
-        }
-        write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        # The resume state (the model again, plus Adam's moments: 1.3 GB for a fully
-        # fine-tuned Cnn14) has no use once the run is done.
-        (out / RESUME).unlink(missing_ok=True)
-
-    waveforms.close()
+def _report(
+    config: TrainConfig,
+    out: Path,
+    index: FoldIndex,
+    progress: Progress,
+    *,
+    seed: int,
+    device: torch.device,
+    precision: str,
+) -> dict:
+    """The run's end: best.pth (the selected checkpoint) on the test rows, written as
+    predictions.csv and summary.json; the resume state goes."""
+    split, test = index.split, index.split.test
+    probabilities = progress.best["test_probabilities"].numpy()
+    names = [index.names[row] for row in test]
+    write_predictions(out, names, index.targets[test], probabilities, config.fold)
+    summary = summarise(
+        split=split,
+        progress=progress,
+        test_targets=index.targets[test],
+        fold=config.fold,
+        path=FINE_TUNE,
+        iterations=progress.iteration,
+        split_sha256=split_sha256(split.protocol),
+        data_sha256=index.data_sha256,
+        seeds=_seeds(config, seed),
+        clips_per_second=progress.clips / progress.train_seconds if progress.train_seconds else 0.0,
+        wall_seconds=progress.seconds,
+        device=device.type,
+        precision=precision,
+        config=dataclasses.asdict(config),
+        features=index.fingerprint(),
+        genreflow_version=__version__,
+    )
+    summary = write_summary(out, summary)
+    # The resume state (the model again, plus Adam's moments: 1.3 GB for a fully
+    # fine-tuned Cnn14) has no use once the run is done.
+    (out / RESUME).unlink(missing_ok=True)
     _log(
         f"fold {config.fold}: done, test accuracy {summary['final_accuracy']:.3f} of the "
         f"checkpoint of iteration {summary['selected_iteration']} (chosen on "

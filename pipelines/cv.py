@@ -10,10 +10,19 @@
 
 `protocol` picks what a loop item means: cv10, the held-out fold of the seed's 10-fold
 cross-validation; filtered, a repetition (seed + item - 1) of the fault-filtered split.
+
+The recipe's parameters come from genreflow.recipe, beside the ones written out here: the
+fine-tune recipe under its own names (iterations, batch_size, lr, mixup, eval_every,
+precision), the head's under head_* names (head_iterations, ..., head_weight_decay), so
+freeze_base=true trains every head with the head's recipe.
 """
+
+import functools
+import inspect
 
 from kfp import dsl
 
+from genreflow import recipe
 from genreflow.components.aggregate import aggregate
 from genreflow.components.close_run import close_run
 from genreflow.components.download import download
@@ -40,7 +49,6 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
         dict.fromkeys(c.component_spec.implementation.container.image for c in COMPONENTS)
     )
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
     def cross_validation(
         source: str,
         protocol: str = "cv10",
@@ -50,13 +58,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
         pretrained: str = "",
         freeze_base: bool = False,
         clip_seconds: float = 30.0,
-        iterations: int = 10000,
-        batch_size: int = 32,
-        lr: float = 1e-4,
-        mixup: bool = True,
-        eval_every: int = 200,
         seed: int = 0,
-        precision: str = "auto",  # fine-tune: auto (bf16 where native), fp32 or bf16
         folds: list[int] = FOLDS,
         min_folds: int = 0,  # 0: every fold must succeed
         reuse_folds: bool = True,
@@ -65,7 +67,10 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
         registered_model: str = "genreflow-gtzan-cnn14",
         profile: str = "custom",
         kfp_ui: str = "",
+        **recipe_parameters,  # genreflow.recipe.pipeline_parameters(), see _with_recipe
     ):
+        fine_tune = recipe.recipe_arguments(recipe.TrainConfig, recipe_parameters)
+        head = recipe.recipe_arguments(recipe.HeadConfig, recipe_parameters)
         closing_run = close_run(
             tracking_uri=tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
         ).set_display_name("close MLflow run")
@@ -88,30 +93,21 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                 pretrained=pretrained,
                 freeze_base=freeze_base,
                 clip_seconds=clip_seconds,
-                iterations=iterations,
-                batch_size=batch_size,
-                lr=lr,
-                mixup=mixup,
-                eval_every=eval_every,
                 seed=seed,
+                **recipe_parameters,
             ).set_display_name("open MLflow run")
             parent.set_caching_options(False)
 
             fetched = download(source=source, sha256=sha256, md5=md5).set_display_name("download")
             packed = pack(dataset=fetched.outputs["dataset"], clip_seconds=clip_seconds)
             packed.set_display_name("pack features")
-            recipe = dict(
+            fold_step = dict(
                 protocol=protocol,
                 selection=selection,
+                seed=seed,
                 reuse_folds=reuse_folds,
                 expected_folds=folds,
                 min_folds=min_folds,
-                iterations=iterations,
-                batch_size=batch_size,
-                lr=lr,
-                mixup=mixup,
-                eval_every=eval_every,
-                seed=seed,
                 tracking_uri=tracking_uri,
                 parent_run_id=parent.outputs["Output"],
             )
@@ -130,13 +126,13 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                 ).set_display_name("embed every clip once")
                 _on_gpu(embedded, accelerator)
                 with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:
-                    head = train_head(
-                        embeddings=embedded.outputs["embeddings"], fold=fold, **recipe
+                    heads = train_head(
+                        embeddings=embedded.outputs["embeddings"], fold=fold, **fold_step, **head
                     )
-                    head.set_display_name("train head").set_caching_options(False)
-                    head.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
+                    heads.set_display_name("train head").set_caching_options(False)
+                    heads.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
                 frozen_report = aggregate(
-                    folds=dsl.Collected(head.outputs["model"]),
+                    folds=dsl.Collected(heads.outputs["model"]),
                     embeddings=embedded.outputs["embeddings"],
                     **closing,
                 )
@@ -148,8 +144,8 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                         features=packed.outputs["features"],
                         fold=fold,
                         pretrained=pretrained,
-                        precision=precision,
-                        **recipe,
+                        **fold_step,
+                        **fine_tune,
                     )
                     tuned.set_display_name("fine-tune fold").set_caching_options(False)
                     tuned.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
@@ -157,7 +153,29 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                 tuned_report = aggregate(folds=dsl.Collected(tuned.outputs["model"]), **closing)
                 tuned_report.set_display_name("aggregate").set_caching_options(False)
 
-    return cross_validation
+    description = __doc__.splitlines()[0]
+    return dsl.pipeline(name=PIPELINE_NAME, description=description)(_with_recipe(cross_validation))
+
+
+def _with_recipe(pipeline_func):
+    """`pipeline_func` with the recipe's parameters (genreflow.recipe.pipeline_parameters())
+    in its signature in place of its **recipe_parameters: KFP reads a pipeline's parameters,
+    their types and defaults from the signature, and calls it with them by position."""
+    signature = inspect.signature(pipeline_func)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    added = [
+        inspect.Parameter(name, keyword, default=default, annotation=kind)
+        for name, kind, default in recipe.pipeline_parameters()
+    ]
+    names = [p.name for p in own + added]
+
+    @functools.wraps(pipeline_func)
+    def with_recipe(*args, **kwargs):
+        return pipeline_func(**dict(zip(names, args, strict=False)), **kwargs)
+
+    with_recipe.__signature__ = signature.replace(parameters=own + added)
+    return with_recipe
 
 
 def _on_gpu(task, accelerator: str):

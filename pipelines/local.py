@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES
+from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES, run_arguments
 
 RUNNERS = ("subprocess", "docker")
 
@@ -78,7 +78,8 @@ def run_local(
         sha256: the source archive's checksum ("" = none, or the synthetic set's own;
             "original": a copy of genres.tar.gz, checked against the original's).
         tracking_uri: MLflow; default MLFLOW_TRACKING_URI or workspace/mlflow.db.
-        overrides: pipeline arguments that replace the profile's (e.g. folds, iterations).
+        overrides: pipeline arguments that replace the profile's (e.g. folds, iterations);
+            a recipe argument the run would not use is an error (see profiles.run_arguments).
         cache: reuse unchanged download/pack/embed results from earlier runs.
         runner: "subprocess", every step in this Python environment; or "docker", every step
             in its image through a Docker API (DOCKER_HOST: Docker, or podman's), as the
@@ -111,14 +112,14 @@ def run_local(
     workspace.mkdir(parents=True, exist_ok=True)
     if source is None:
         source, sha256 = demo_source(workspace)
-    arguments = {
-        **PROFILES[profile],
+    given = {
         "source": source,
         "sha256": sha256,
         "profile": profile,
         "tracking_uri": tracking_uri or default_tracking_uri(workspace),
         **(overrides or {}),
     }
+    arguments = run_arguments(profile, given)
     print(f"genreflow run: profile {profile}, arguments {json.dumps(arguments)}", file=sys.stderr)
     runs = workspace / "kfp"
     runs.mkdir(exist_ok=True)

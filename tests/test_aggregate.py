@@ -14,15 +14,16 @@ import pytest
 from scipy import special
 
 from genreflow.aggregate import (
-    PROBABILITY_SUM_TOLERANCE,
-    _read_predictions,
     aggregate,
     flat_metrics,
+    fold_statistics,
     paired_comparison,
+    wilson_interval,
 )
 from genreflow.cli import main
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import PROBABILITY_SUM_TOLERANCE, read_predictions
 
 # Student's t quantiles t_{0.975, dof}, from printed tables
 T975 = {1: 12.706205, 6: 2.446912, 9: 2.262157}
@@ -370,7 +371,7 @@ def test_probabilities_rounded_to_bf16_are_accepted_and_renormalised(tmp_path: P
         writer.writerow(["audio_name", "fold", "genre", *GENRES])
         for k, row in enumerate(rounded):
             writer.writerow([f"blues.{k:05d}.wav", 1, "blues", *(f"{p:.8g}" for p in row)])
-    _, _, read = _read_predictions(path, 1)
+    _, _, read = read_predictions(path, 1)
     np.testing.assert_allclose(read.sum(axis=1), 1.0, atol=1e-12)
     np.testing.assert_allclose(read, rounded / sums[:, None], rtol=1e-7)
 
@@ -379,7 +380,7 @@ def test_probabilities_rounded_to_bf16_are_accepted_and_renormalised(tmp_path: P
     with path.open("a", newline="") as handle:
         csv.writer(handle).writerow(["blues.99999.wav", 1, "blues", *(f"{p:.8g}" for p in off)])
     with pytest.raises(GenreflowError, match=r"line 202: probabilities sum to 0\.99"):
-        _read_predictions(path, 1)
+        read_predictions(path, 1)
 
 
 def test_unreadable_summary_is_a_failed_fold(ten_folds: list[Path], tmp_path: Path) -> None:
@@ -724,3 +725,39 @@ def test_the_report_says_what_a_rerun_gives(tmp_path: Path) -> None:
     assert report["reproducibility"].startswith("trained on cuda: a rerun with the same seed")
     page = (tmp_path / "gpu-report" / "report.html").read_text()
     assert "not bit-identical" in page
+
+
+def test_scipy_statistics_match_the_formulas_by_hand() -> None:
+    # The naive t interval and Welch's test come from scipy, Nadeau-Bengio and Wilson are
+    # computed by hand (Wilson: the pooled count of a filtered run need not be whole, which
+    # scipy's binomtest requires); each agrees with the other way to rounding.
+    from scipy import stats
+
+    from genreflow.compare import _welch
+
+    values = [0.80, 0.90, 0.85, 0.86, 0.91, 0.84, 0.88, 0.87, 0.83, 0.86]
+    k, mean, sd = len(values), float(np.mean(values)), float(np.std(values, ddof=1))
+    naive = fold_statistics(values, 1 / 9)["naive_ci"]
+    half = stats.t.ppf(0.975, k - 1) * sd / math.sqrt(k)
+    assert naive["low"] == pytest.approx(mean - half, abs=1e-15)
+    assert naive["high"] == pytest.approx(mean + half, abs=1e-15)
+    assert naive["half_width"] == pytest.approx(half, abs=1e-15)
+
+    for successes, n in ((18, 20), (0, 5), (5, 5), (261, 290)):
+        wilson = wilson_interval(successes / n, n)
+        by_scipy = stats.binomtest(successes, n).proportion_ci(0.95, method="wilson")
+        assert wilson["low"] == pytest.approx(by_scipy.low, abs=1e-15)
+        assert wilson["high"] == pytest.approx(by_scipy.high, abs=1e-15)
+
+    a, b = [0.80, 0.82, 0.81], [0.84, 0.83, 0.85, 0.86]
+    var_a, var_b = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(b) - np.mean(a)) / math.sqrt(var_a + var_b)
+    dof = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    welch = _welch(a, b)
+    assert welch["t_statistic"] == pytest.approx(t, abs=1e-12)
+    assert welch["dof"] == pytest.approx(dof, abs=1e-12)
+    assert welch["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), dof), abs=1e-15)
+    half = stats.t.ppf(0.975, dof) * math.sqrt(var_a + var_b)
+    assert welch["ci"]["half_width"] == pytest.approx(half, abs=1e-15)
+    still = _welch([0.8, 0.8], [0.9, 0.9])  # no spread: scipy's t is nan, ours says why
+    assert still["t_statistic"] == math.inf and still["p_value"] == 0.0

@@ -99,3 +99,61 @@ def test_compile_cli_overrides_images(tmp_path, capsys):
     doc, _ = _load_spec(tmp_path / "q.yaml")
     images = {e["container"]["image"] for e in doc["deploymentSpec"]["executors"].values()}
     assert images == {CPU_IMAGE, GPU_IMAGE}
+
+
+def _task_inputs(doc: dict, component: str) -> dict:
+    """The parameters the pipeline passes to the (only) task of `component`."""
+    (task,) = [
+        t
+        for c in doc["components"].values()
+        if "dag" in c
+        for t in c["dag"]["tasks"].values()
+        if t["componentRef"]["name"] == component
+    ]
+    return task["inputs"]["parameters"]
+
+
+def test_recipe_parameters_come_from_the_recipe_and_the_head_has_its_own(tmp_path):
+    from genreflow.recipe import HeadConfig, TrainConfig, defaults, pipeline_parameters
+
+    doc, _ = _load_spec(compile_pipeline(tmp_path / "pipeline.yaml"))
+    parameters = doc["root"]["inputDefinitions"]["parameters"]
+    for name, _, default in pipeline_parameters():
+        assert parameters[name]["defaultValue"] == default, name
+    # freeze_base=true on its own (no demo profile): the heads take head_*, whose defaults
+    # are the head's recipe, never the fine-tune's.
+    head_inputs = _task_inputs(doc, "comp-train-head")
+    tune_inputs = _task_inputs(doc, "comp-train")
+    head, tune = defaults(HeadConfig), defaults(TrainConfig)
+    for name in ("iterations", "batch_size", "lr", "weight_decay", "mixup", "eval_every"):
+        source = head_inputs[name]["componentInputParameter"]
+        assert source.endswith(f"head_{name}"), (name, source)
+        assert parameters[f"head_{name}"]["defaultValue"] == head[name]
+    for name in ("iterations", "batch_size", "lr", "mixup", "eval_every", "precision"):
+        source = tune_inputs[name]["componentInputParameter"]
+        assert source.endswith(name) and "head_" not in source, (name, source)
+        assert parameters[name]["defaultValue"] == tune[name]
+    assert head["iterations"] != tune["iterations"] and head["lr"] != tune["lr"]
+
+
+def test_a_recipe_argument_the_run_would_ignore_is_refused():
+    from genreflow.errors import GenreflowError
+    from genreflow.pipelines.profiles import PROFILES, profile_arguments, run_arguments
+
+    # Profiles hold what differs; the path's recipe is spelled out for the run's record.
+    assert set(PROFILES["demo"]) == {"freeze_base", "clip_seconds"}
+    demo = profile_arguments("demo")
+    assert demo["head_iterations"] == 1000 and "iterations" not in demo
+    assert profile_arguments("seed")["batch_size"] == 32
+    assert run_arguments("demo", {"head_lr": 3e-3})["head_lr"] == 3e-3
+    for profile, given, hint in (
+        ("demo", {"iterations": 100}, "head_iterations"),
+        ("seed", {"head_lr": 1e-3}, "without freeze_base"),
+        (None, {"freeze_base": "true", "lr": 1e-3}, "head_lr"),
+    ):
+        try:
+            run_arguments(profile, given)
+        except GenreflowError as exc:
+            assert hint in str(exc) and "not used by this run" in str(exc)
+        else:
+            raise AssertionError(f"{profile} {given} was accepted")

@@ -22,14 +22,18 @@ from genreflow.pipelines.local import run_local
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = {"clip_seconds": 2.0, "iterations": 200, "eval_every": 100}
+OVERRIDES = {"clip_seconds": 2.0}
+# The head's recipe (genreflow.recipe.HeadConfig) under the pipeline's head_* names.
+HEAD_OVERRIDES = {"head_iterations": 200, "head_eval_every": 100}
 EXPERIMENT = "test-pipeline"
 MODEL_NAME = "test-genreflow-ensemble"
 
 
 def run_demo(workspace, source, mlflow_server, cache=True, **overrides):
-    """The demo profile on the test's source and MLflow server, OVERRIDES then `overrides`."""
+    """The demo profile on the test's source and MLflow server, OVERRIDES (and, with the
+    frozen base, HEAD_OVERRIDES) then `overrides`."""
     uri, sha256 = source
+    head = HEAD_OVERRIDES if overrides.get("freeze_base", True) else {}
     return run_local(
         workspace,
         profile="demo",
@@ -37,7 +41,7 @@ def run_demo(workspace, source, mlflow_server, cache=True, **overrides):
         sha256=sha256,
         tracking_uri=mlflow_server,
         cache=cache,
-        overrides={**OVERRIDES, **overrides},
+        overrides={**OVERRIDES, **head, **overrides},
     )
 
 
@@ -103,7 +107,7 @@ def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
     assert parent.data.tags["freeze_base"] == "true"
     assert parent.data.tags["git_commit"]
     assert parent.data.tags["data.sha256"] == source[1]
-    assert parent.data.params["iterations"] == "200"
+    assert parent.data.params["head_iterations"] == "200"
     metrics = parent.data.metrics
     assert metrics["accuracy_mean"] == pytest.approx(demo_run["accuracy"]["mean"])
     assert metrics["accuracy_ci95_low"] <= metrics["accuracy_mean"] <= metrics["accuracy_ci95_high"]
@@ -310,7 +314,7 @@ def test_fine_tune_branch_end_to_end(precision, source, tmp_path, mlflow_server)
     """The seed's own path, the whole Cnn14 fine-tuned, on a tiny recipe: `auto` is bf16
     autocast on a CPU with native bf16 (where it once failed at the end of every fold:
     bf16 probabilities that did not sum to 1), fp32 elsewhere."""
-    from genreflow.train import resolve_precision
+    from genreflow.runtime import resolve_precision
 
     experiment = f"test-fine-tune-{precision}"
     report = run_demo(

@@ -29,18 +29,20 @@ from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
 from genreflow.models.checkpoints import load_transfer_model, save_checkpoint
 from genreflow.models.transfer import TransferCnn14
+from genreflow.runtime import (
+    autocast_for,
+    cpu_has_native_bf16,
+    cpu_threads,
+    cpu_threads_for_training,
+    resolve_precision,
+)
 from genreflow.splits import clip_id, filtered_lists, split_sha256
 from genreflow.train import (
     EpochSampler,
     TrainConfig,
     Waveforms,
-    _cpu_threads_for_training,
-    autocast_for,
-    cpu_has_native_bf16,
-    cpu_threads,
     evaluate,
     normalized_probabilities,
-    resolve_precision,
     train_fold,
 )
 
@@ -681,7 +683,7 @@ def test_training_threads_follow_the_cpu_quota_and_are_restored(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(allowed + 3)
-        with _cpu_threads_for_training():
+        with cpu_threads_for_training():
             assert torch.get_num_threads() == allowed
         assert torch.get_num_threads() == allowed + 3
     finally:

@@ -24,14 +24,6 @@ GENRE_INDEX: dict[str, int] = {genre: i for i, genre in enumerate(GENRES)}
 FOLDS: tuple[int, ...] = tuple(range(1, 11))
 
 
-def genre_of(audio_name: str) -> str:
-    """The genre a GTZAN clip name carries: 'jazz.00054.wav' -> 'jazz'."""
-    genre = audio_name.split(".", 1)[0]
-    if genre not in GENRE_INDEX:
-        raise ValueError(f"{audio_name}: '{genre}' is not a GTZAN genre ({', '.join(GENRES)})")
-    return genre
-
-
 def assign_folds(audio_names: Iterable[str]) -> dict[str, int]:
     """The seed's folds: names sorted, fold = index mod 10 + 1.
 

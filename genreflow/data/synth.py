@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import io
 import itertools
 import multiprocessing
@@ -41,6 +40,7 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
+from genreflow import storage
 from genreflow.data.genres import GENRE_INDEX, GENRES
 from genreflow.errors import GenreflowError
 
@@ -113,7 +113,7 @@ def make_synthetic_gtzan(
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return target, _sha256(target)
+    return target, storage.sha256_of(target)
 
 
 def _clip_plan(clips_per_genre: int, names: Iterable[str] | None) -> list[tuple[str, int, str]]:
@@ -236,14 +236,6 @@ def _au_bytes(clip: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, pcm, SAMPLE_RATE, format="AU", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- one clip ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ these modules unchanged:
     conv_block{i}.conv1/conv2/bn1/bn2.*           the conv blocks
     fc1.*, fc_audioset.*                          the embedding layer and the AudioSet head
 
-The front end is torchlibrosa's, with the DESIGN.md parameters (genreflow.audio).
+The front end is torchlibrosa's, with the log-mel parameters of the published checkpoints
+(genreflow.audio: window 1024, hop 320, 64 mel bins, 50 to 14000 Hz).
 """
 
 from __future__ import annotations

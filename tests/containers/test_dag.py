@@ -34,7 +34,7 @@ pytestmark = pytest.mark.containers
 STATE = Path(os.environ.get("IMAGE_TEST_DIR", "/var/tmp/genreflow-image-test"))
 IMAGE_UID = 10001
 BRANCHES = {
-    "frozen-base": {"clip_seconds": 2.0, "iterations": 200, "eval_every": 100},
+    "frozen-base": {"clip_seconds": 2.0, "head_iterations": 200, "head_eval_every": 100},
     "fine-tune": {
         "clip_seconds": 2.0,
         "freeze_base": False,

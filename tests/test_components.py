@@ -1,0 +1,215 @@
+"""Each KFP component on its own, called through `.python_func` with real artifacts in a
+temporary folder: the thin layer between a pipeline task and the library, without the DAG.
+
+The steps chain as in the pipeline (download -> pack -> embed -> a head, and a fine-tuned
+fold -> aggregate) on a tiny synthetic set (2 clips of 1 s per genre), with tracking off;
+the MLflow steps (start_run, close_run) run against a sqlite tracking store.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kfp import dsl
+
+from genreflow.components.aggregate import aggregate
+from genreflow.components.close_run import close_run
+from genreflow.components.download import download
+from genreflow.components.embed import embed
+from genreflow.components.pack import pack
+from genreflow.components.start_run import start_run
+from genreflow.components.train import train
+from genreflow.components.train_head import train_head
+from genreflow.data.genres import GENRES
+from genreflow.data.synth import make_synthetic_gtzan
+from genreflow.recipe import HeadConfig, TrainConfig, defaults
+
+NO_TRACKING = dict(tracking_uri="", parent_run_id="", reuse_folds=True)
+
+
+def _artifact(kind, folder, name):
+    return kind(uri=str(folder / name))
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """download, pack and embed, each through its component; their output artifacts."""
+    root = tmp_path_factory.mktemp("components")
+    archive, sha256 = make_synthetic_gtzan(root / "source", clips_per_genre=2, seconds=1.0)
+    dataset = _artifact(dsl.Dataset, root, "dataset")
+    download.python_func(source=archive.as_uri(), sha256=sha256, md5="", dataset=dataset)
+    features = _artifact(dsl.Dataset, root, "features.h5")
+    pack.python_func(dataset=dataset, clip_seconds=1.0, features=features)
+    embeddings = _artifact(dsl.Dataset, root, "embeddings")
+    embed.python_func(features=features, pretrained="", seed=0, embeddings=embeddings)
+    return {"root": root, "dataset": dataset, "features": features, "embeddings": embeddings}
+
+
+def test_download_pack_and_embed(steps):
+    assert steps["dataset"].metadata["source"].startswith("file://")
+    assert steps["features"].metadata["clips"] == 2 * len(GENRES)
+    assert steps["features"].metadata["skipped"] == []
+    assert {"embeddings.h5", "base.pth"} <= {
+        p.name for p in (steps["root"] / "embeddings").iterdir()
+    }
+
+
+def test_train_head_then_aggregate_the_frozen_base(steps):
+    root, head = steps["root"], defaults(HeadConfig)
+    model, metrics = _artifact(dsl.Model, root, "head1"), _artifact(dsl.Metrics, root, "m1")
+    recipe = {**head, "iterations": 20, "eval_every": 10}
+    del recipe["mixup_alpha"]  # not a pipeline parameter
+    train_head.python_func(
+        embeddings=steps["embeddings"],
+        fold=1,
+        protocol="cv10",
+        selection="validation",
+        seed=0,
+        expected_folds=[1],
+        min_folds=0,
+        model=model,
+        metrics=metrics,
+        **recipe,
+        **NO_TRACKING,
+    )
+    summary = json.loads((root / "head1" / "summary.json").read_text())
+    assert summary["path"] == "frozen-base" and summary["config"]["weight_decay"] == 1.0
+    assert model.metadata == {
+        "fold": 1,
+        "test_accuracy": summary["final_accuracy"],
+        "path": "frozen-base",
+        "protocol": "cv10",
+    }
+    assert metrics.metadata == {"test_accuracy": summary["final_accuracy"]}
+
+    results = _artifact(dsl.Dataset, root, "results")
+    report, scores = _artifact(dsl.HTML, root, "report.html"), _artifact(dsl.Metrics, root, "s")
+    confusion = _artifact(dsl.ClassificationMetrics, root, "confusion")
+    where = aggregate.python_func(
+        folds=[model],
+        expected_folds=[1],
+        min_folds=0,  # every expected fold
+        clip_seconds=1.0,
+        tracking_uri="",
+        parent_run_id="",
+        registered_model="",
+        results=results,
+        report=report,
+        metrics=scores,
+        confusion=confusion,
+        embeddings=steps["embeddings"],
+    )
+    assert where == results.uri
+    assert "<html" in (root / "report.html").read_text()
+    assert scores.metadata["fold_01_accuracy"] == summary["final_accuracy"]
+    assert confusion.metadata["confusionMatrix"]["annotationSpecs"][0]["displayName"] == "blues"
+
+
+def test_a_fold_that_fails_for_good_is_recorded_when_min_folds_allows(steps, monkeypatch):
+    root = steps["root"]
+    monkeypatch.setattr("genreflow.tracking.FOLD_RETRY_FIRST_DELAY_SECONDS", 0.0)
+    model, metrics = _artifact(dsl.Model, root, "bad"), _artifact(dsl.Metrics, root, "mb")
+    arguments = dict(
+        embeddings=steps["embeddings"],
+        fold=1,
+        protocol="cv10",
+        selection="validation",
+        iterations=0,  # refused by the library: a failure of the fold, not of the step
+        batch_size=0,
+        lr=1e-3,
+        weight_decay=1.0,
+        mixup=False,
+        eval_every=10,
+        seed=0,
+        model=model,
+        metrics=metrics,
+        **NO_TRACKING,
+    )
+    with pytest.raises(Exception, match="iterations must be a positive integer"):
+        train_head.python_func(expected_folds=[1, 2], min_folds=0, **arguments)
+    train_head.python_func(expected_folds=[1, 2], min_folds=1, **arguments)
+    assert model.metadata["fold"] == 1 and "iterations" in model.metadata["failed"]
+    assert metrics.metadata == {}
+    assert json.loads((root / "bad" / "failed.json").read_text())["fold"] == 1
+
+
+def test_train_fine_tunes_a_fold(steps):
+    root, tune = steps["root"], defaults(TrainConfig)
+    model, metrics = _artifact(dsl.Model, root, "fold1"), _artifact(dsl.Metrics, root, "mt")
+    train.python_func(
+        features=steps["features"],
+        fold=1,
+        protocol="cv10",
+        selection="validation",
+        pretrained="",
+        iterations=1,
+        batch_size=2,
+        lr=tune["lr"],
+        mixup=tune["mixup"],
+        eval_every=1,
+        seed=0,
+        precision="fp32",
+        expected_folds=[1],
+        min_folds=0,
+        model=model,
+        metrics=metrics,
+        **NO_TRACKING,
+    )
+    summary = json.loads((root / "fold1" / "summary.json").read_text())
+    assert summary["path"] == "fine-tune" and summary["precision"] == "fp32"
+    assert (root / "fold1" / "best.pth").is_file()
+    assert model.metadata["path"] == "fine-tune"
+    assert metrics.metadata == {"test_accuracy": summary["final_accuracy"]}
+
+
+def test_start_and_close_the_mlflow_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    head, tune = defaults(HeadConfig), defaults(TrainConfig)
+    recipe = {name: tune[name] for name in ("iterations", "batch_size", "lr", "mixup")}
+    recipe.update(eval_every=tune["eval_every"], precision=tune["precision"])
+    for name in ("iterations", "batch_size", "lr", "weight_decay", "mixup", "eval_every"):
+        recipe[f"head_{name}"] = head[name]
+    common = dict(
+        experiment="test-components",
+        pipeline_run="run-1",
+        pipeline_run_id="kfp-run-1",
+        kfp_ui="",
+        images="ghcr.io/genreflow/genreflow:test",
+        profile="custom",
+        protocol="cv10",
+        selection="validation",
+        source="file:///genres.tar.gz",
+        sha256="",
+        pretrained="",
+        freeze_base=True,
+        clip_seconds=2.0,
+        seed=0,
+        **recipe,
+    )
+    off = _artifact(dsl.Markdown, tmp_path, "off.md")
+    assert start_run.python_func(tracking_uri="", mlflow_run=off, **common) == ""
+    assert "tracking was off" in (tmp_path / "off.md").read_text()
+
+    markdown = _artifact(dsl.Markdown, tmp_path, "run.md")
+    run_id = start_run.python_func(tracking_uri=uri, mlflow_run=markdown, **common)
+    assert run_id in (tmp_path / "run.md").read_text()
+    run = MlflowClient(uri).get_run(run_id)
+    # A frozen-base run logs the head's recipe, not the fine-tune's it does not use.
+    assert run.data.params["head_iterations"] == str(head["iterations"])
+    assert "iterations" not in run.data.params and "precision" not in run.data.params
+    assert run.data.tags["path"] == "frozen-base" and run.info.status == "RUNNING"
+
+    status = dsl.PipelineTaskFinalStatus(
+        state="SUCCEEDED",
+        pipeline_job_resource_name="",
+        pipeline_task_name="",
+        error_code=None,
+        error_message=None,
+    )
+    close_run.python_func(tracking_uri=uri, pipeline_run_id="kfp-run-1", status=status)
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    close_run.python_func(tracking_uri="", pipeline_run_id="kfp-run-1", status=status)
