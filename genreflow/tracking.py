@@ -59,16 +59,17 @@ from genreflow.fold_result import (
     read_summary,
     write_failure,
 )
+from genreflow.retry import FOLD_TRIES, is_transient, retry_transient
 
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "genreflow-gtzan"
 RETRY_ATTEMPTS = 4
 RETRY_FIRST_DELAY_SECONDS = 2.0
-# A fold's training: a flaky node (a lost GPU, an OOM-killed loader, a storage hiccup)
-# costs one retry from the last checkpoint, not the fold. Bad input is never retried.
-FOLD_ATTEMPTS = 3
+# A fold's training: a transient failure (genreflow.retry) costs one retry from the last
+# checkpoint, not the fold; FOLD_TRIES in all, task restarts included (TRIES_TAG).
 FOLD_RETRY_FIRST_DELAY_SECONDS = 30.0
+TRIES_TAG = "genreflow.tries"
 # What a fold's child run keeps: best.pth is the selected fine-tuned fold model (chosen on
 # the validation split), head.pth the frozen-base path's head. last.pth stays in the fold
 # folder: uploading a second 330 MB checkpoint per fold buys nothing.
@@ -139,17 +140,18 @@ def retrying(
     first_delay: float | None = None,
     error: type[GenreflowError] | None = None,
 ) -> T:
-    """Call fn, retrying with exponential back-off; then raise `error` (TrackingError)
-    naming `what`. A GenreflowError (bad input, a refused request) is never retried."""
+    """Call fn, retrying a transient failure (genreflow.retry.is_transient: the network,
+    the server) with exponential back-off; then raise `error` (TrackingError) naming
+    `what`. Anything else (bad input, a refused request, a bug) is raised at once."""
     attempts = attempts or RETRY_ATTEMPTS
     delay = RETRY_FIRST_DELAY_SECONDS if first_delay is None else first_delay
     error = error or TrackingError
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except GenreflowError:
-            raise
-        except Exception as exc:  # MLflow and torch raise many types for one outage
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             if attempt == attempts:
                 where = f"; local outputs are intact in {keep}" if keep else ""
                 raise error(f"{what} failed after {attempts} attempts: {exc}{where}") from exc
@@ -526,7 +528,17 @@ class FoldRun:
         self.experiment_id = run.info.experiment_id
         # A retried task whose run already holds every output.
         self.logged = run.data.tags.get(LOGGED_TAG) == "true"
+        # Tries of this fold so far, in earlier starts of its step (a restarted pod).
+        self.tries = int(run.data.tags.get(TRIES_TAG, "0"))
         self.ended = False
+
+    def record_try(self, number: int) -> None:
+        """Note, before it starts, this step's try `number` (1-based) on the run."""
+        total = str(self.tries + number)
+        _tracked(
+            f"recording fold {self.fold}'s try",
+            lambda: _client(self.tracking_uri).set_tag(self.run_id, TRIES_TAG, total),
+        )
 
     def reusable(self, key: str):
         """A finished fold run with the same key under another parent, or None."""
@@ -741,18 +753,18 @@ def tracked_fold(
     out = Path(out)
     (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's, in this folder
 
-    def train_or_record_failure() -> dict | None:
-        """Train, retrying transient failures; a failure that remains is raised, or, where
-        partial results are allowed, recorded in failed.json (None). Only training failures
-        are tolerated: a tracking server that is down fails the step, outputs intact."""
+    def train_or_record_failure(run: FoldRun | None = None) -> dict | None:
+        """Train, retrying transient failures within the fold's tries (those of earlier
+        starts of the step counted); a failure that remains is raised, or, where partial
+        results are allowed, recorded in failed.json (None). Only training failures are
+        tolerated: a tracking server that is down fails the step, outputs intact."""
         try:
-            return retrying(
+            return retry_transient(
                 f"fold {fold}",
                 train,
-                attempts=FOLD_ATTEMPTS,
+                tries=FOLD_TRIES - (run.tries if run else 0),
                 first_delay=FOLD_RETRY_FIRST_DELAY_SECONDS,
-                error=GenreflowError,
-                keep=str(out),
+                before_try=run.record_try if run else None,
             )
         except Exception as exc:
             if not tolerate_failure:
@@ -780,7 +792,7 @@ def tracked_fold(
         if source is not None:
             print(f"fold {fold}: reused from MLflow run {run.reused_from} (same inputs and recipe)")
             run.log_outputs(out, reused_from=run.reused_from)
-        elif train_or_record_failure() is None:
+        elif train_or_record_failure(run) is None:
             run.end("FAILED")
             return _failure(out)
         else:

@@ -38,6 +38,9 @@ FOLDS = list(range(1, 11))
 # GPU requests land in the compiled YAML; kfp.local ignores them (with a warning).
 ACCELERATOR = "nvidia.com/gpu"
 TRAIN_CPU, TRAIN_MEMORY = "8", "32G"
+# A fold task restarted by the platform (a lost pod; Vertex AI honours this, open-source
+# KFP ignores it inside a ParallelFor: kubeflow/pipelines#12389) shares the fold's
+# genreflow.retry.FOLD_TRIES with the step's own retries: 3 tries in all, whatever the backend.
 FOLD_RETRIES = 2
 FOLD_RETRY_BACKOFF = "30s"  # doubles on each retry
 

@@ -260,17 +260,48 @@ def test_a_transient_failure_is_retried_in_step_with_one_run(
     monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-retry", pipeline_run_id="kfp-retry")
-    flaky, calls = _trainer(tmp_path, 4, failures=[OSError("node lost its disk")])
+    flaky, calls = _trainer(tmp_path, 4, failures=[ConnectionResetError("storage reset")])
     summary = _tracked(mlflow_server, parent, tmp_path, 4, flaky, inputs)
     assert len(calls) == 2 and summary["final_accuracy"] == 0.8
-    assert "fold 4 failed (OSError: node lost its disk); retry 1/2" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "fold 4: ConnectionResetError: storage reset (transient); try 2 of 3" in err
     (child,) = _runs_under(client, parent)
     assert child.info.status == "FINISHED"
+    assert child.data.tags["genreflow.tries"] == "2"
 
-    always, calls = _trainer(tmp_path, 5, failures=[RuntimeError("CUDA error")] * 3)
-    with pytest.raises(Exception, match="fold 5 failed after 3 attempts: CUDA error"):
+    always, calls = _trainer(tmp_path, 5, failures=[TimeoutError("GCS timed out")] * 3)
+    with pytest.raises(TimeoutError, match="GCS timed out"):
         _tracked(mlflow_server, parent, tmp_path, 5, always, inputs)
     assert len(calls) == 3
+    assert "(transient, but the tries are used up)" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "failure, kind",
+    [
+        (RuntimeError("CUDA error: out of memory"), "out of memory"),
+        (MemoryError(), "out of memory"),
+        (OSError(28, "No space left on device"), "no space"),
+        (TypeError("forward() got an unexpected keyword"), "a programming error"),
+        (RuntimeError("CUDA error: an illegal memory access"), "not a network"),
+    ],
+)
+def test_what_cannot_change_fails_at_once(
+    failure, kind, mlflow_server, tmp_path, inputs, monkeypatch, capfd
+):
+    import genreflow.tracking
+
+    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-no-retry", pipeline_run_id="kfp-nr")
+    broken, calls = _trainer(tmp_path, 7, failures=[failure] * 3)
+    with pytest.raises(type(failure)):
+        _tracked(mlflow_server, parent, tmp_path, 7, broken, inputs)
+    assert len(calls) == 1
+    err = capfd.readouterr().err
+    assert f"({kind}" in err and "not retried)" in err
+    (child,) = _runs_under(client, parent)
+    assert child.info.status == "FAILED" and child.data.tags["genreflow.tries"] == "1"
 
 
 def test_a_retried_task_takes_up_its_fold_run_again(mlflow_server, tmp_path, inputs, monkeypatch):
@@ -279,14 +310,35 @@ def test_a_retried_task_takes_up_its_fold_run_again(mlflow_server, tmp_path, inp
     monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-task-retry", pipeline_run_id="kfp-tr")
-    killed, _ = _trainer(tmp_path, 6, failures=[ValueError("pod evicted")] * 3)
-    with pytest.raises(Exception, match="pod evicted"):
+    # The step's first start uses two tries and dies (a pod lost mid-fold: KFP restarts it).
+    killed, _ = _trainer(tmp_path, 6, failures=[ConnectionError("lost"), MemoryError()])
+    with pytest.raises(MemoryError):
         _tracked(mlflow_server, parent, tmp_path, 6, killed, inputs)
-    train, _ = _trainer(tmp_path, 6)  # KFP's retry of the task
+    train, calls = _trainer(tmp_path, 6)  # KFP's retry of the task: one try left
     _tracked(mlflow_server, parent, tmp_path, 6, train, inputs)
     (child,) = _runs_under(client, parent)
-    assert child.info.status == "FINISHED"
+    assert child.info.status == "FINISHED" and len(calls) == 1
     assert child.data.tags["genreflow.attempt"] == "2"
+    assert child.data.tags["genreflow.tries"] == "3"
+
+
+def test_a_fold_gets_three_tries_in_all_task_restarts_included(
+    mlflow_server, tmp_path, inputs, monkeypatch
+):
+    import genreflow.tracking
+
+    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    parent = start_pipeline_run(mlflow_server, "test-tries", pipeline_run_id="kfp-tries")
+    flaky, calls = _trainer(tmp_path, 8, failures=[ConnectionError("down")] * 3)
+    with pytest.raises(ConnectionError):
+        _tracked(mlflow_server, parent, tmp_path, 8, flaky, inputs)
+    assert len(calls) == 3
+    again, calls = _trainer(tmp_path, 8)  # a platform retry of the task (Vertex honours it)
+    from genreflow.errors import GenreflowError
+
+    with pytest.raises(GenreflowError, match="fold 8: no tries left"):
+        _tracked(mlflow_server, parent, tmp_path, 8, again, inputs)
+    assert calls == []
 
 
 def test_sigterm_ends_the_fold_run_killed(mlflow_server, tmp_path, inputs):
@@ -375,7 +427,7 @@ def test_a_tolerated_failure_is_recorded_not_raised(mlflow_server, tmp_path, inp
     parent = start_pipeline_run(mlflow_server, "test-tolerated", pipeline_run_id="kfp-tol")
     good, _ = _trainer(tmp_path, 1)
     _tracked(mlflow_server, parent, tmp_path, 1, good, inputs, tolerate_failure=True)
-    broken, calls = _trainer(tmp_path, 2, failures=[RuntimeError("CUDA error")] * 3)
+    broken, calls = _trainer(tmp_path, 2, failures=[ConnectionError("CUDA error")] * 3)
     summary = _tracked(mlflow_server, parent, tmp_path, 2, broken, inputs, tolerate_failure=True)
     assert len(calls) == 3 and "CUDA error" in summary["failed"]
     record = json.loads((tmp_path / "fold2" / "failed.json").read_text())
