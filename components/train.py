@@ -24,6 +24,8 @@ def train(
     reuse_folds: bool,
     expected_folds: list,
     min_folds: int,
+    work_root: str,
+    pipeline_root: str,
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
 ):
@@ -45,6 +47,8 @@ def train(
         expected_folds, min_folds: with min_folds (0 = all) below the number of folds, a
             fold that fails for good leaves failed.json instead of failing the step (and
             so the DAG).
+        work_root, pipeline_root: where the fold keeps its working state so that a
+            restart resumes it (work_root, else the pipeline root's genreflow-work/).
         model: the fold folder: checkpoints, metrics.csv, predictions.csv, summary.json.
         metrics: the test accuracy, for the KFP UI.
     """
@@ -73,6 +77,8 @@ def train(
         reuse=reuse_folds,
         min_folds=min_folds,
         expected_folds=expected_folds,
+        work_root=work_root,
+        pipeline_root=pipeline_root,
     )
     metadata, accuracy = fold_step_outputs(summary)
     model.metadata.update(metadata)

@@ -547,6 +547,22 @@ def _delete_gs(uri: str) -> None:
         gcs_client().bucket(bucket_name).blob(object_name).delete()
 
 
+def copy_folder(source: str | Path, dest: str | Path) -> None:
+    """Copy every file under ``source`` (a folder, or a gs://BUCKET/PREFIX) into the local
+    folder ``dest``, keeping relative paths."""
+    dest = Path(dest)
+    path = local_path(source)
+    if path is not None:
+        shutil.copytree(path, dest, dirs_exist_ok=True)
+        return
+    prefix = _gs_folder(str(source))
+    bucket_name, object_prefix = _split_gs(prefix + "/")
+    with _gcs_errors(prefix):
+        names = [b.name for b in gcs_client().list_blobs(bucket_name, prefix=object_prefix)]
+    for name in names:
+        fetch(f"gs://{bucket_name}/{name}", dest / name[len(object_prefix) :], progress=False)
+
+
 # --- cache -------------------------------------------------------------------------------
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else $GENREFLOW_CACHE, else ~/.cache/genreflow."""

@@ -726,6 +726,7 @@ def tracked_fold(
     parent_run_id: str,
     reuse: bool = True,
     tolerate_failure: bool = False,
+    key: str = "",
 ) -> dict:
     """Run one fold step: train (retried in-step, resuming from its last checkpoint) or reuse
     an identical earlier fold, log it as the parent's child run, return its summary.
@@ -741,6 +742,7 @@ def tracked_fold(
         parent_run_id: the pipeline's parent run.
         reuse: take a finished fold with the same key (same inputs, settings and code) from
             MLflow instead of training it again.
+        key: the fold's identity (fold_key of inputs and settings), when the caller has it.
         tolerate_failure: when the pipeline accepts partial results (min_folds below the
             number of folds), a fold that still fails after its retries does not fail the
             step, which would stop the whole DAG before aggregation (kubeflow/pipelines
@@ -777,7 +779,7 @@ def tracked_fold(
     if not tracking_uri:
         summary = train_or_record_failure()
         return summary if summary is not None else _failure(out)
-    key = fold_key(inputs, {"fold": fold, **settings})
+    key = key or fold_key(inputs, {"fold": fold, **settings})
     with fold_run(tracking_uri, parent_run_id, fold, key=key, keep=str(out)) as run:
         if run.logged:  # a retried task: this run already holds the fold; take it back
             run.fetch(run.this, out)
@@ -808,11 +810,21 @@ def fold_step(
     reuse: bool,
     min_folds: int,
     expected_folds: list[int],
+    work_root: str = "",
+    pipeline_root: str = "",
 ) -> dict:
     """The pipeline's fold step: train `config` (a TrainConfig: fine-tune the fold; a
     HeadConfig: train its head on the frozen base's embeddings) as `tracked_fold` does,
     failures tolerated when min_folds allows partial results. Returns the fold's summary,
-    or {"fold": K, "failed": "..."}."""
+    or {"fold": K, "failed": "..."}.
+
+    With `work_root` (a folder or gs:// prefix that outlives the step's pod; default: the
+    pipeline root's genreflow-work/, where that is a folder or gs:// prefix), a fine-tune
+    fold trains in `work_root/folds/fold-KK-<key>`, named by the fold's identity (inputs'
+    content, recipe, code), checkpointing there at every evaluation, and its outputs are
+    copied into config.out when it ends: a step started again (a restarted pod, a rerun or
+    resubmission of the pipeline) resumes from the last checkpoint instead of iteration 0.
+    """
     import dataclasses
 
     from genreflow.recipe import HeadConfig
@@ -830,6 +842,13 @@ def fold_step(
     # What the fold's result depends on, beside its inputs' content and the code.
     leave_out = ("features", "embeddings", "out", "fold", "device", "log_every")
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in leave_out}
+    key = ""
+    work_root = _work_root(work_root, pipeline_root)
+    if work_root and path == FINE_TUNE:
+        key = fold_key(inputs, {"fold": config.fold, "path": path, **settings})
+        work = f"{work_root.rstrip('/')}/folds/fold-{config.fold:02d}-{key[:16]}"
+        print(f"fold {config.fold}: working in {storage.redacted(work)} (resumes from there)")
+        train = functools.partial(_train_in, dataclasses.replace(config, out=work), config.out)
     return tracked_fold(
         train,
         out=config.out,
@@ -840,7 +859,32 @@ def fold_step(
         parent_run_id=parent_run_id,
         reuse=reuse,
         tolerate_failure=folds_required(min_folds, expected_folds) < len(expected_folds),
+        key=key,
     )
+
+
+def _work_root(work_root: str, pipeline_root: str) -> str:
+    """Where fine-tune folds keep their working state: `work_root`, else under the pipeline
+    root; "" (no durable state: a restarted fold starts over) where genreflow cannot write
+    there (KFP's default minio:// root)."""
+    root = work_root or (f"{pipeline_root.rstrip('/')}/genreflow-work" if pipeline_root else "")
+    if root and storage.local_path(root) is None and not root.startswith("gs://"):
+        print(
+            f"fold work folder: {storage.redacted(root)} is neither a folder nor gs://; a "
+            "restarted fold starts over (set the pipeline's work_root to a gs:// prefix)"
+        )
+        return ""
+    return root
+
+
+def _train_in(config, out: str | Path) -> dict:
+    """Fine-tune in the durable folder config.out, then copy its outputs into `out`, the
+    step's own output folder (the KFP artifact, uploaded only when the step ends)."""
+    from genreflow.train import train_fold
+
+    summary = train_fold(config)
+    storage.copy_folder(config.out, out)
+    return summary
 
 
 def fold_step_outputs(summary: dict) -> tuple[dict, float | None]:

@@ -70,6 +70,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
         registered_model: str = "genreflow-gtzan-cnn14",
         profile: str = "custom",
         kfp_ui: str = "",
+        work_root: str = "",  # fine-tune folds' working state ("": the pipeline root's)
         **recipe_parameters,  # genreflow.recipe.pipeline_parameters(), see _with_recipe
     ):
         fine_tune = recipe.recipe_arguments(recipe.TrainConfig, recipe_parameters)
@@ -147,6 +148,8 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                         features=packed.outputs["features"],
                         fold=fold,
                         pretrained=pretrained,
+                        work_root=work_root,
+                        pipeline_root=dsl.PIPELINE_ROOT_PLACEHOLDER,
                         **fold_step,
                         **fine_tune,
                     )

@@ -8,7 +8,9 @@ the MLflow steps (start_run, close_run) run against a sqlite tracking store.
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 from kfp import dsl
@@ -152,6 +154,8 @@ def test_train_fine_tunes_a_fold(steps):
         precision="fp32",
         expected_folds=[1],
         min_folds=0,
+        work_root="",
+        pipeline_root=str(root / "pipeline-root"),
         model=model,
         metrics=metrics,
         **NO_TRACKING,
@@ -161,6 +165,75 @@ def test_train_fine_tunes_a_fold(steps):
     assert (root / "fold1" / "best.pth").is_file()
     assert model.metadata["path"] == "fine-tune"
     assert metrics.metadata == {"test_accuracy": summary["final_accuracy"]}
+    # The fold trained in the pipeline root's work folder, named by its identity.
+    (work,) = (root / "pipeline-root" / "genreflow-work" / "folds").glob("fold-01-*")
+    assert json.loads((work / "summary.json").read_text()) == summary
+
+
+TRAIN_SCRIPT = """
+import json, sys
+from kfp import dsl
+from genreflow.components.train import train
+args = json.loads(sys.argv[1])
+model = dsl.Model(name="model", uri=args.pop("model"), metadata={})
+metrics = dsl.Metrics(name="metrics", uri=args.pop("metrics"), metadata={})
+features = dsl.Dataset(name="features", uri=args.pop("features"), metadata={})
+train.python_func(features=features, model=model, metrics=metrics, **args)
+"""
+
+
+def test_a_killed_fold_step_resumes_from_its_work_folder(steps, tmp_path):
+    """A pod lost mid-fold (SIGKILL after its first checkpoint): the step started again
+    resumes from the work folder, and ends with the weights and metrics of a run that was
+    never interrupted (on a CPU, bit for bit)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    def arguments(name: str, work_root: Path) -> dict:
+        return dict(
+            features=steps["features"].path,
+            model=str(tmp_path / name / "model"),
+            metrics=str(tmp_path / name / "metrics"),
+            fold=1, protocol="cv10", selection="validation", pretrained="", iterations=4,
+            batch_size=2, lr=1e-3, mixup=False, eval_every=2, seed=0, precision="fp32",
+            expected_folds=[1], min_folds=0, work_root=str(work_root), pipeline_root="",
+            **NO_TRACKING,
+        )  # fmt: skip
+
+    def step(name: str, work_root: Path, kill_at_first_checkpoint: bool = False) -> str:
+        command = [sys.executable, "-c", TRAIN_SCRIPT, json.dumps(arguments(name, work_root))]
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        if kill_at_first_checkpoint:
+            deadline = time.monotonic() + 300
+            while not list(work_root.glob("folds/*/resume.pt")):
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            os.kill(process.pid, signal.SIGKILL)
+        _, err = process.communicate(timeout=600)
+        return err
+
+    step("killed", tmp_path / "work", kill_at_first_checkpoint=True)
+    assert not (tmp_path / "killed" / "model" / "summary.json").exists()
+    err = step("restarted", tmp_path / "work")
+    assert "fold 1: resuming from iteration" in err
+    step("uninterrupted", tmp_path / "other-work")
+
+    resumed, whole = tmp_path / "restarted" / "model", tmp_path / "uninterrupted" / "model"
+    assert (resumed / "predictions.csv").read_text() == (whole / "predictions.csv").read_text()
+
+    def curve(folder: Path) -> list[dict]:  # all but the wall time
+        rows = list(csv.DictReader((folder / "metrics.csv").open(newline="")))
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert curve(resumed) == curve(whole) and len(curve(whole)) == 2
+    a = torch.load(resumed / "best.pth", weights_only=True)["model"]
+    b = torch.load(whole / "best.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_start_and_close_the_mlflow_run(tmp_path, monkeypatch):
