@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
