@@ -67,8 +67,13 @@ if [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then
   echo "build.sh: warning: uncommitted changes; the commit tag says -dirty" >&2
   commit_tag+=-dirty
 fi
+# A clone made with a token (https://user:TOKEN@host/..., CI's usual way) keeps it in the origin
+# URL; the label is public, so drop anything between the scheme and an @ before the host.
+strip_credentials() {
+  sed -E 's#^([A-Za-z][A-Za-z0-9+.-]*://)[^/]*@#\1#' <<<"$1"
+}
 source_url=$(git remote get-url origin 2>/dev/null || true)
-source_url=${source_url:-https://github.com/genreflow/genreflow}
+source_url=$(strip_credentials "${source_url:-https://github.com/genreflow/genreflow}")
 
 mkdir -p "$(dirname "$out")"
 records=$(mktemp -d)

@@ -210,3 +210,56 @@ def test_compare_tells_equal_outputs_from_different_ones(tmp_path, capsys):
     _fake_outputs(tmp_path / "other_loss", waveform, [2.5, 2.3])
     assert image_check.compare(tmp_path / "outside", tmp_path / "other_loss") == 1
     assert "train_loss" in capsys.readouterr().out
+
+
+STRIP_CASES = [
+    (
+        "https://oauth2:ghp_SECRET@github.com/acme/genreflow.git",
+        "https://github.com/acme/genreflow.git",
+    ),
+    (
+        "https://x-access-token:tok:en@gitlab.example.com:8443/a/b",
+        "https://gitlab.example.com:8443/a/b",
+    ),
+    ("https://ghp_SECRET@github.com/acme/genreflow", "https://github.com/acme/genreflow"),
+    ("https://user:p@ss@github.com/acme/genreflow", "https://github.com/acme/genreflow"),
+    ("ssh://git@github.com/acme/genreflow.git", "ssh://github.com/acme/genreflow.git"),
+    ("https://github.com/acme/genreflow.git", "https://github.com/acme/genreflow.git"),
+    ("https://github.com/acme/a@b", "https://github.com/acme/a@b"),
+    ("git@github.com:acme/genreflow.git", "git@github.com:acme/genreflow.git"),
+]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not found")
+@pytest.mark.parametrize(("origin", "label"), STRIP_CASES)
+def test_build_labels_the_origin_without_its_credentials(tmp_path, origin, label):
+    """build.sh run for real, in a clone whose origin is `origin`, with a stand-in engine that
+    records the build arguments: the SOURCE label carries no user or token."""
+    repo = tmp_path / "repo"
+    for name in ("docker/build.sh", "components/images.py", "genreflow/__init__.py", "Makefile"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    engine = tmp_path / "engine"
+    engine.write_text(
+        "#!/usr/bin/env bash\n"
+        'printf "%s\\n" "$@" >>"$RECORD"\n'
+        'while (($#)); do [[ $1 == --iidfile ]] && echo sha256:0 >"$2"; shift; done\n'
+    )
+    engine.chmod(0o755)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    subprocess.run([*git, "remote", "add", "origin", origin], check=True)
+    record = tmp_path / "args"
+    done = subprocess.run(
+        ["bash", str(repo / "docker/build.sh"), "--out", str(tmp_path / "images.json")],
+        env={**os.environ, "ENGINE": str(engine), "RECORD": str(record), "TORCH_INDEX": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    sources = [a for a in record.read_text().splitlines() if a.startswith("SOURCE=")]
+    assert sources == [f"SOURCE={label}"] * 2  # the CPU and the CUDA image
+    assert "SECRET" not in done.stdout + done.stderr

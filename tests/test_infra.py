@@ -34,6 +34,12 @@ INFRA = ROOT / "infra"
 WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yaml"
 OVERLAY = "overlays/gke"
 SECRET_FILE = "base/secrets/postgres.env"
+# Every credentials file a team makes from the example beside it (all git-ignored).
+SECRET_FILES = (
+    SECRET_FILE,
+    "base/secrets/mlflow-admin.env",
+    "runner/secrets/mlflow-pipeline.env",
+)
 # What infra/README.md tells a team to run once for the overlay's two placeholders.
 SITE_SED = "s/GCP_PROJECT/{project}/g; s/GCS_BUCKET/{bucket}/g"
 PLACEHOLDERS = ("GCP_PROJECT", "GCS_BUCKET", "REPLACE_WITH")
@@ -46,20 +52,40 @@ needs_kubectl = pytest.mark.skipif(
 
 
 def make_site(tmp_path: Path, *, project="acme-ml", bucket="acme-genreflow") -> tuple[Path, str]:
-    """A copy of infra/ set up as the README says: the secret file and the overlay's values."""
+    """A copy of infra/ set up as the README says: the credential files and the overlay's values.
+    Returns the site and the database password; the other credentials are in `credentials`.
+    """
     site = tmp_path / "infra"
-    shutil.copytree(INFRA, site, ignore=shutil.ignore_patterns("postgres.env", ".terraform"))
-    password = secrets.token_hex(24)
-    example = (site / "base/secrets/postgres.env.example").read_text()
-    (site / SECRET_FILE).write_text(
-        re.sub(r"(?m)^POSTGRES_PASSWORD=.*$", f"POSTGRES_PASSWORD={password}", example)
+    shutil.copytree(
+        INFRA,
+        site,
+        ignore=shutil.ignore_patterns(*(Path(f).name for f in SECRET_FILES), ".terraform"),
     )
+    for name in SECRET_FILES:
+        example = (site / f"{name}.example").read_text()
+        (site / name).write_text(
+            re.sub(
+                r"(?m)^(\w+)=REPLACE_WITH\w*$", lambda m: f"{m[1]}={secrets.token_hex(24)}", example
+            )
+        )
+    password = credentials(site)["POSTGRES_PASSWORD"]
     overlay = site / OVERLAY
     files = sorted(str(p) for p in overlay.iterdir() if p.suffix == ".yaml")
     subprocess.run(
         ["sed", "-i", SITE_SED.format(project=project, bucket=bucket), *files], check=True
     )
     return site, password
+
+
+def credentials(site: Path) -> dict[str, str]:
+    """Every KEY=VALUE of the site's credential files."""
+    pairs = {}
+    for name in SECRET_FILES:
+        for line in (site / name).read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                pairs[key] = value
+    return pairs
 
 
 def render(folder: Path) -> list[dict]:
@@ -147,6 +173,11 @@ def test_overlay_renders_and_every_document_passes_strict_validation(tmp_path):
         "StatefulSet/mlflow-postgres",
         "Service/mlflow-postgres",
         "NetworkPolicy/mlflow-postgres",
+        "NetworkPolicy/default-deny",
+        "NetworkPolicy/dns-egress",
+        "NetworkPolicy/mlflow",
+        "NetworkPolicy/mlflow-google-egress",
+        "Secret/mlflow-pipeline-credentials",
         "ServiceAccount/genreflow-pipeline-runner",
         "Role/genreflow-pipeline-runner",
         "RoleBinding/genreflow-pipeline-runner",
@@ -199,9 +230,11 @@ def test_site_values_land_where_they_belong(tmp_path):
     deployment = find(docs, "Deployment", "mlflow")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = container_env(docs, container)
-    assert env["MLFLOW_BACKEND_STORE_URI"] == (
-        f"postgresql+psycopg2://mlflow:{password}@mlflow-postgres:5432/mlflow"
-    )
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://mlflow-postgres:5432/mlflow"
+    assert env["PGUSER"] == "mlflow" and env["PGPASSWORD"] == password
+    site_credentials = credentials(site)
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name] == site_credentials[name]
     args = expand(container["args"], env)
     assert not any("$(" in arg for arg in args)
     assert "--artifacts-destination=gs://acme-genreflow/mlflow" in args
@@ -255,6 +288,180 @@ def test_containers_are_locked_down_resourced_and_probed(tmp_path):
             assert "readinessProbe" in container and "livenessProbe" in container, where
 
 
+# --- credentials: none on a command line, sign-in required ---------------------------------
+CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|TOKEN", re.IGNORECASE)
+
+
+@needs_kubectl
+def test_no_credential_reaches_the_servers_command_line(tmp_path):
+    """Anyone on a node can read a process's arguments: the database password, the admin's and
+    the session key stay in the environment, and the database URIs hold no password at all."""
+    site, password = make_site(tmp_path)
+    docs = render(site / OVERLAY)
+    (container,) = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    for arg in container["args"]:
+        for reference in re.findall(r"\$\(([^)]*)\)", arg):
+            assert not CREDENTIAL_NAME.search(reference), arg
+    assert not any(arg.startswith("--backend-store-uri") for arg in container["args"])
+    env = container_env(docs, container)
+    secret_values = [v for k, v in credentials(site).items() if CREDENTIAL_NAME.search(k)]
+    for arg in expand(container["args"], env):
+        assert not any(value in arg for value in secret_values), arg
+    # Both stores' URIs (tracking, and users in the auth app's config) carry no password.
+    auth_ini = generated(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
+    (auth_uri,) = re.findall(r"(?m)^database_uri\s*=\s*(\S+)$", auth_ini)
+    assert auth_uri == env["MLFLOW_BACKEND_STORE_URI"]
+    assert password not in auth_uri and "@" not in auth_uri
+
+
+@needs_kubectl
+def test_the_server_signs_everyone_in_and_its_admin_comes_from_a_secret(tmp_path):
+    site, _ = make_site(tmp_path)
+    docs = render(site / OVERLAY)
+    pod = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--app-name=basic-auth" in container["args"]
+    entries = {e["name"]: e for e in container["env"]}
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY"):  # fmt: skip
+        ref = entries[name]["valueFrom"]["secretKeyRef"]
+        assert re.fullmatch(r"mlflow-admin-[a-z0-9]{10}", ref["name"]), name
+    # The auth config file is the generated ConfigMap, mounted where MLFLOW_AUTH_CONFIG_PATH says.
+    path = Path(entries["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    configmap = find(docs, "ConfigMap", volume["configMap"]["name"])
+    assert path.name in configmap["data"]
+    # The pipeline's credentials: a Secret with a fixed name in the runs' namespace, whose keys
+    # are the variables MLflow's client reads (what genreflow/cluster.py tells the pipeline).
+    from genreflow.cluster import MLFLOW_CREDENTIALS_ENV, MLFLOW_CREDENTIALS_SECRET
+
+    secret = find(docs, "Secret", MLFLOW_CREDENTIALS_SECRET)
+    runner = find(docs, "ServiceAccount", "genreflow-pipeline-runner")
+    assert secret["metadata"]["namespace"] == runner["metadata"]["namespace"]
+    assert set(secret["data"]) == set(MLFLOW_CREDENTIALS_ENV)
+    assert set(MLFLOW_CREDENTIALS_ENV.values()) == {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    }
+
+
+# --- network policies ------------------------------------------------------------------------
+def selects(selector: dict, labels: dict) -> bool:
+    assert not selector.get("matchExpressions"), "only matchLabels is evaluated here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def peer_matches(peer: dict, pod: dict) -> bool:
+    if "ipBlock" in peer:
+        return False  # addresses outside the cluster, never a pod
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": pod["namespace"]}
+        if not selects(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif pod["namespace"] != peer["policy_namespace"]:
+        return False
+    return selects(peer.get("podSelector", {}), pod["labels"])
+
+
+def allowed(policies: list[dict], direction: str, pod: dict, other: dict, port: int) -> bool:
+    """Whether `pod`'s policies let traffic in from (Ingress) or out to (Egress) `other`."""
+    key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    mine = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == pod["namespace"]
+        and direction in p["spec"]["policyTypes"]
+        and selects(p["spec"]["podSelector"], pod["labels"])
+    ]
+    if not mine:
+        return True  # no policy isolates this pod in that direction
+    for policy in mine:
+        for rule in policy["spec"].get(key, []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            rule_peers = rule.get(peers, [])
+            namespace = policy["metadata"]["namespace"]
+            if not rule_peers or any(
+                peer_matches({**peer, "policy_namespace": namespace}, other) for peer in rule_peers
+            ):
+                return True
+    return False
+
+
+def connects(policies, source: dict, target: dict, port: int) -> bool:
+    return allowed(policies, "Egress", source, target, port) and allowed(
+        policies, "Ingress", target, source, port
+    )
+
+
+@needs_kubectl
+def test_network_policies_let_through_exactly_what_the_system_needs(tmp_path):
+    from genreflow.cluster import MLFLOW_CLIENT_LABEL
+
+    site, _ = make_site(tmp_path)
+    docs = render(site / OVERLAY)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = {
+        d["metadata"]["name"]: {
+            "namespace": d["metadata"]["namespace"],
+            "labels": d["spec"]["template"]["metadata"]["labels"],
+            "ports": {
+                p["containerPort"]
+                for c in d["spec"]["template"]["spec"]["containers"]
+                for p in c.get("ports", [])
+            },
+        }
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
+    mlflow, postgres = pods["mlflow"], pods["mlflow-postgres"]
+    (mlflow_port,) = mlflow["ports"]
+    (postgres_port,) = postgres["ports"]
+    runs = find(docs, "ServiceAccount", "genreflow-pipeline-runner")["metadata"]["namespace"]
+    step = {"namespace": runs, "labels": dict(MLFLOW_CLIENT_LABEL)}
+    stranger = {"namespace": runs, "labels": {"app": "other"}}
+    neighbour = {"namespace": "genreflow", "labels": {"app": "other"}}
+    dns = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+
+    # Every policy selects pods that exist (a misspelt label would select none).
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]
+        assert selector == {} or any(
+            p["namespace"] == policy["metadata"]["namespace"] and selects(selector, p["labels"])
+            for p in pods.values()
+        ), policy["metadata"]["name"]
+    # Default deny: a pod in the namespace that no other policy names gets nothing, either way.
+    assert not allowed(policies, "Ingress", neighbour, mlflow, 8080)
+    assert not allowed(policies, "Egress", neighbour, mlflow, mlflow_port)
+    # The pipeline's steps reach MLflow; other pods in their namespace do not.
+    assert allowed(policies, "Ingress", mlflow, step, mlflow_port)
+    assert not allowed(policies, "Ingress", mlflow, stranger, mlflow_port)
+    # The Service sends its port to the container port the policy opens.
+    service = find(docs, "Service", "mlflow")
+    assert selects({"matchLabels": service["spec"]["selector"]}, mlflow["labels"])
+    # PostgreSQL: only MLflow, only on its port.
+    assert connects(policies, mlflow, postgres, postgres_port)
+    assert not connects(policies, neighbour, postgres, postgres_port)
+    assert not allowed(policies, "Ingress", postgres, step, postgres_port)
+    assert not connects(policies, postgres, mlflow, mlflow_port)
+    # DNS for every pod of the namespace, and nothing else on the way out of PostgreSQL.
+    for pod in (mlflow, postgres, neighbour):
+        assert allowed(policies, "Egress", pod, dns, 53)
+    assert not allowed(policies, "Egress", postgres, {**dns, "labels": {}}, 443)
+    # MLflow's way to Google (artifacts over HTTPS, the metadata server) is the overlay's.
+    google = find(docs, "NetworkPolicy", "mlflow-google-egress")
+    assert selects(google["spec"]["podSelector"], mlflow["labels"])
+    blocks = {
+        (peer["ipBlock"]["cidr"], port["port"])
+        for rule in google["spec"]["egress"]
+        for peer in rule["to"]
+        for port in rule["ports"]
+    }
+    assert {("0.0.0.0/0", 443), ("169.254.169.254/32", 80)} <= blocks
+
+
 def test_the_repository_holds_no_secret_values():
     """Secrets come from the git-ignored file only: manifests name them, never hold them."""
     sensitive = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|_KEY$", re.IGNORECASE)
@@ -269,9 +476,15 @@ def test_the_repository_holds_no_secret_values():
                     for entry in container.get("env", []):
                         if sensitive.search(entry["name"]):
                             assert "valueFrom" in entry, f"{path}: {entry['name']} in plain text"
-    example = (INFRA / "base/secrets/postgres.env.example").read_text()
-    assert re.search(r"(?m)^POSTGRES_PASSWORD=REPLACE_WITH", example)
-    assert not (INFRA / SECRET_FILE).exists() or _git_ignored(INFRA / SECRET_FILE)
+    for name in SECRET_FILES:
+        example = (INFRA / f"{name}.example").read_text()
+        values = dict(
+            line.split("=", 1) for line in example.splitlines() if line and line[0] != "#"
+        )
+        for key, value in values.items():
+            if sensitive.search(key):
+                assert value.startswith("REPLACE_WITH"), f"{name}.example: {key}"
+        assert not (INFRA / name).exists() or _git_ignored(INFRA / name)
 
 
 def _git_ignored(path: Path) -> bool:
@@ -282,9 +495,10 @@ def _git_ignored(path: Path) -> bool:
 def test_the_credentials_file_is_git_ignored():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: cannot ask git what it ignores")
-    assert _git_ignored(INFRA / SECRET_FILE)
+    for name in SECRET_FILES:
+        assert _git_ignored(INFRA / name), name
+        assert not _git_ignored(INFRA / f"{name}.example"), name
     assert _git_ignored(INFRA / "terraform/terraform.tfstate")
-    assert not _git_ignored(INFRA / "base/secrets/postgres.env.example")
 
 
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform is not installed")
@@ -357,10 +571,13 @@ def postgres_bin() -> Path | None:
 
 
 class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, as the postgres user when we are root."""
+    """A throwaway PostgreSQL cluster on 127.0.0.1, as the postgres user when we are root.
+    With a password, TCP connections must give it (scram-sha-256), as on a real server."""
 
-    def __init__(self, bindir: Path, user: str = "mlflow", database: str = "mlflow"):
-        self.bindir, self.user, self.database = bindir, user, database
+    def __init__(
+        self, bindir: Path, user: str = "mlflow", database: str = "mlflow", password: str = ""
+    ):
+        self.bindir, self.user, self.database, self.password = bindir, user, database, password
         self.port = free_port()
         # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
         self.root = Path(tempfile.mkdtemp(prefix="genreflow-pg-"))
@@ -377,11 +594,19 @@ class Postgres:
             capture_output=True,
             text=True,
             timeout=120,
+            env={**os.environ, "PGPASSWORD": self.password},
         )
         assert done.returncode == 0, f"{tool} failed:\n{done.stdout}\n{done.stderr}"
 
     def __enter__(self) -> Postgres:
-        self.run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-sync")
+        auth = ["-A", "trust"]
+        if self.password:
+            pwfile = self.root / "pw"
+            pwfile.write_text(self.password)
+            if self.as_user:
+                shutil.chown(pwfile, "postgres")
+            auth = ["--auth-host=scram-sha-256", "--auth-local=trust", f"--pwfile={pwfile}"]
+        self.run("initdb", "-D", str(self.data), *auth, "-U", self.user, "--no-sync")
         options = f"-h 127.0.0.1 -p {self.port} -k {self.data}"
         self.run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options,
                  "-w", "-t", "60", "start")  # fmt: skip
@@ -411,6 +636,20 @@ def stop_group(process: subprocess.Popen) -> None:
             continue
 
 
+def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    headers = {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def fold_folder(folder: Path) -> Path:
     """A tiny finished fold, in the layout training writes (metrics.csv, summary.json)."""
     folder.mkdir(parents=True)
@@ -434,7 +673,9 @@ def fold_folder(folder: Path) -> Path:
 
 
 @needs_kubectl
-def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_path):
+def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_path, monkeypatch):
+    """The Deployment's arguments and environment, run for real: every request must sign in;
+    infra/mlflow_user.py makes the pipeline's user; genreflow logs a run as that user."""
     bindir = postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL binaries not found: install Debian's postgresql (.ci/run does)")
@@ -451,20 +692,25 @@ def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["mlflow"]
 
-    with Postgres(bindir) as postgres:
+    with Postgres(bindir, password=password) as postgres:
         port = free_port()
         artifacts = tmp_path / "bucket"
+        # The auth app's config file, as mounted from its ConfigMap.
+        auth_ini = generated(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
         env = container_env(
             docs,
             container,
-            overrides={"MLFLOW_ARTIFACTS_DESTINATION": str(artifacts), "HOME": str(tmp_path)},
+            overrides={
+                "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts),
+                "HOME": str(tmp_path),
+                "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+            },
         )
-        # The one substitution in the database URI: the Service's address -> the local server.
-        uri = env["MLFLOW_BACKEND_STORE_URI"]
-        assert "@mlflow-postgres:5432/" in uri
-        env["MLFLOW_BACKEND_STORE_URI"] = uri.replace(
-            "@mlflow-postgres:5432/", f"@127.0.0.1:{postgres.port}/"
-        )
+        # The one substitution in both database URIs: the Service's address -> the local server.
+        service, local_db = "//mlflow-postgres:5432/", f"//127.0.0.1:{postgres.port}/"
+        assert service in env["MLFLOW_BACKEND_STORE_URI"] and service in auth_ini
+        env["MLFLOW_BACKEND_STORE_URI"] = env["MLFLOW_BACKEND_STORE_URI"].replace(service, local_db)
+        (tmp_path / "basic_auth.ini").write_text(auth_ini.replace(service, local_db))
         args = expand(container["args"], env)
         # Bind to loopback on a free port instead of 0.0.0.0:5000; every other argument as is.
         local = {"--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}"}
@@ -477,7 +723,7 @@ def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_
             [str(mlflow), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env, "MLFLOW_TRACKING_URI": ""},
+            env={**os.environ, **env, "MLFLOW_TRACKING_URI": "", "PGPASSFILE": os.devnull},
             cwd=tmp_path,
             start_new_session=True,  # its own process group: the workers stop with it
         )
@@ -494,6 +740,27 @@ def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_
                 log.flush()
                 pytest.fail((tmp_path / "mlflow.log").read_text()[-3000:])
 
+            # No one gets in without signing in; a wrong password is refused as well.
+            search = f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+            assert http_status(search) == 401
+            assert http_status(search, ("genreflow-pipeline", "not-the-password")) == 401
+            # The pipeline's user, made by the command infra/README.md gives, from the same
+            # files the Secrets are generated from; run twice, it sets the password again.
+            for said in ("created", "exists"):
+                made = subprocess.run(
+                    [sys.executable, str(site / "mlflow_user.py"), tracking_uri,
+                     "--admin", str(site / "base/secrets/mlflow-admin.env"),
+                     "--user", str(site / "runner/secrets/mlflow-pipeline.env")],
+                    capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                assert made.returncode == 0 and said in made.stdout, made.stdout + made.stderr
+            site_credentials = credentials(site)
+            user = site_credentials["MLFLOW_TRACKING_USERNAME"]
+            user_password = site_credentials["MLFLOW_TRACKING_PASSWORD"]
+            assert http_status(search, (user, user_password)) == 200
+            # genreflow's tracking, signed in as the pipeline's steps are: from the environment.
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user_password)
             parent = start_pipeline_run(
                 tracking_uri, "genreflow-infra", run_name="infra-check", params={"lr": 1e-3}
             )
