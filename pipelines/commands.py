@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from genreflow.cluster import MLFLOW_CREDENTIALS_SECRET
 from genreflow.errors import GenreflowError
 from genreflow.pipelines.profiles import PROFILES
 
@@ -196,6 +197,13 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         help="the pushed images of `make images IMAGE_BUILD_ARGS=--push` (workspace/images.json)",
     )
     p.add_argument(
+        "--mlflow-secret",
+        default=MLFLOW_CREDENTIALS_SECRET,
+        metavar="NAME",
+        help="the Kubernetes Secret whose keys sign the steps in to MLflow (default "
+        f"{MLFLOW_CREDENTIALS_SECRET}, made by infra/runner; '' for a server without sign-in)",
+    )
+    p.add_argument(
         "--no-tracking",
         action="store_true",
         help="submit a run that logs nothing to MLflow (otherwise --param tracking_uri or "
@@ -289,6 +297,7 @@ def _run_submit(args: argparse.Namespace) -> int:
             pipeline_root=args.pipeline_root,
             gpu_node_selector=parse_node_selector(args.gpu_node_selector),
             gpu_tolerations=[parse_toleration(t) for t in args.gpu_toleration],
+            mlflow_secret=args.mlflow_secret,
             skip_version_check=args.skip_version_check,
             keep_package=args.package_out,
             timeout=args.timeout,

@@ -35,14 +35,16 @@ def compile_pipeline(
     accelerator: str = ACCELERATOR,
     image_cpu: str | None = None,
     image_gpu: str | None = None,
+    **placement,
 ) -> Path:
-    """Write the pipeline's IR YAML to `out` and return its path."""
+    """Write the pipeline's IR YAML to `out` and return its path; `placement` is
+    build_pipeline's gpu_node_selector, gpu_tolerations and mlflow_secret."""
     out = Path(out)
     if out.suffix not in (".yaml", ".yml"):
         # The compiler picks the format by the suffix and raises a ValueError for any other.
         raise GenreflowError(f"{out}: the compiled pipeline is YAML; name a file ending in .yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     with images(cpu=image_cpu, gpu=image_gpu):
-        pipeline = build_pipeline(parallelism=parallelism, accelerator=accelerator)
+        pipeline = build_pipeline(parallelism=parallelism, accelerator=accelerator, **placement)
         compiler.Compiler().compile(pipeline, str(out))
     return out

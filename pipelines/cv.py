@@ -20,9 +20,10 @@ freeze_base=true trains every head with the head's recipe.
 import functools
 import inspect
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from genreflow import recipe
+from genreflow.cluster import MLFLOW_CLIENT_LABEL, MLFLOW_CREDENTIALS_ENV, MLFLOW_CREDENTIALS_SECRET
 from genreflow.components.aggregate import aggregate
 from genreflow.components.close_run import close_run
 from genreflow.components.download import download
@@ -37,7 +38,13 @@ PIPELINE_NAME = "genreflow-cv"
 FOLDS = list(range(1, 11))
 # GPU requests land in the compiled YAML; kfp.local ignores them (with a warning).
 ACCELERATOR = "nvidia.com/gpu"
+# Requests equal to limits: the pod's CPU and memory are its own (Guaranteed), and Vertex AI
+# sizes its machines from the limits.
 TRAIN_CPU, TRAIN_MEMORY = "8", "32G"
+# A GPU step's local disk, a volume of its own beside the node's boot disk: the features
+# file (1.9 GB for GTZAN), the pretrained checkpoint and the fold's checkpoints in the cache
+# (genreflow.storage.cache_root: ~/.cache/genreflow of the images' user).
+SCRATCH_PATH, SCRATCH_SIZE = "/home/genreflow/.cache/genreflow", "50Gi"
 # A fold task restarted by the platform (a lost pod; Vertex AI honours this, open-source
 # KFP ignores it inside a ParallelFor: kubeflow/pipelines#12389) shares the fold's
 # genreflow.retry.FOLD_TRIES with the step's own retries: 3 tries in all, whatever the backend.
@@ -45,9 +52,27 @@ FOLD_RETRIES = 2
 FOLD_RETRY_BACKOFF = "30s"  # doubles on each retry
 
 
-def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images: str = ""):
-    """The pipeline function; `parallelism` (folds at once) is fixed when compiling, and
-    `images` (the image references the steps run in) lands as a tag on the MLflow run."""
+def build_pipeline(
+    parallelism: int = 10,
+    accelerator: str = ACCELERATOR,
+    images: str = "",
+    gpu_node_selector: dict[str, str] | None = None,
+    gpu_tolerations: list[dict] | None = None,
+    mlflow_secret: str = MLFLOW_CREDENTIALS_SECRET,
+):
+    """The pipeline function. Fixed when compiling: `parallelism` (folds at once), the GPU
+    steps' accelerator and node placement (a node selector, tolerations), the Kubernetes
+    Secret whose keys sign the steps in to MLflow ("" for none); `images` (the image
+    references the steps run in) lands as a tag on the MLflow run. On Kubernetes every
+    step that talks to MLflow carries MLFLOW_CLIENT_LABEL, which its NetworkPolicy lets in
+    (infra/base/network-policy.yaml); kfp.local and Vertex AI ignore both."""
+    on_gpu = functools.partial(
+        _on_gpu,
+        accelerator=accelerator,
+        node_selector=gpu_node_selector or {},
+        tolerations=gpu_tolerations or [],
+    )
+    tracked = functools.partial(_tracked, secret=mlflow_secret)
     images = images or " ".join(
         dict.fromkeys(c.component_spec.implementation.container.image for c in COMPONENTS)
     )
@@ -79,6 +104,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
             tracking_uri=tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
         ).set_display_name("close MLflow run")
         closing_run.set_caching_options(False)
+        tracked(closing_run)
         # Everything runs inside the exit handler, so that the MLflow run ends with the
         # pipeline's true final state even when a step fails or the run is terminated.
         with dsl.ExitHandler(closing_run, name="tracked"):
@@ -101,6 +127,7 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                 **recipe_parameters,
             ).set_display_name("open MLflow run")
             parent.set_caching_options(False)
+            tracked(parent)
 
             fetched = download(source=source, sha256=sha256, md5=md5).set_display_name("download")
             packed = pack(dataset=fetched.outputs["dataset"], clip_seconds=clip_seconds)
@@ -128,19 +155,21 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                 embedded = embed(
                     features=packed.outputs["features"], pretrained=pretrained, seed=seed
                 ).set_display_name("embed every clip once")
-                _on_gpu(embedded, accelerator)
+                on_gpu(embedded)
                 with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:
                     heads = train_head(
                         embeddings=embedded.outputs["embeddings"], fold=fold, **fold_step, **head
                     )
                     heads.set_display_name("train head").set_caching_options(False)
                     heads.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
+                    tracked(heads)
                 frozen_report = aggregate(
                     folds=dsl.Collected(heads.outputs["model"]),
                     embeddings=embedded.outputs["embeddings"],
                     **closing,
                 )
                 frozen_report.set_display_name("aggregate").set_caching_options(False)
+                tracked(frozen_report)
 
             with dsl.Else(name="fine-tune"):
                 with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:
@@ -155,9 +184,10 @@ def build_pipeline(parallelism: int = 10, accelerator: str = ACCELERATOR, images
                     )
                     tuned.set_display_name("fine-tune fold").set_caching_options(False)
                     tuned.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
-                    _on_gpu(tuned, accelerator)
+                    tracked(on_gpu(tuned))
                 tuned_report = aggregate(folds=dsl.Collected(tuned.outputs["model"]), **closing)
                 tuned_report.set_display_name("aggregate").set_caching_options(False)
+                tracked(tuned_report)
 
     description = __doc__.splitlines()[0]
     return dsl.pipeline(name=PIPELINE_NAME, description=description)(_with_recipe(cross_validation))
@@ -184,8 +214,33 @@ def _with_recipe(pipeline_func):
     return with_recipe
 
 
-def _on_gpu(task, accelerator: str):
-    """One GPU, and the CPU and memory that keep it fed."""
+def _on_gpu(task, *, accelerator: str, node_selector: dict, tolerations: list[dict]):
+    """One GPU, the CPU and memory that keep it fed, a local disk of its own, on the nodes
+    that have the GPU."""
     task.set_accelerator_type(accelerator).set_accelerator_limit(1)
-    task.set_cpu_request(TRAIN_CPU).set_memory_request(TRAIN_MEMORY)
+    task.set_cpu_request(TRAIN_CPU).set_cpu_limit(TRAIN_CPU)
+    task.set_memory_request(TRAIN_MEMORY).set_memory_limit(TRAIN_MEMORY)
+    kubernetes.add_ephemeral_volume(
+        task,
+        volume_name="scratch",
+        mount_path=SCRATCH_PATH,
+        access_modes=["ReadWriteOnce"],
+        size=SCRATCH_SIZE,
+    )
+    for label, value in node_selector.items():
+        kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    for toleration in tolerations:
+        kubernetes.add_toleration(task, **toleration)
+    return task
+
+
+def _tracked(task, *, secret: str):
+    """A step that talks to MLflow: signed in (the Secret's keys as its environment) and let
+    through MLflow's NetworkPolicy (the client label)."""
+    if secret:
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret, secret_key_to_env=dict(MLFLOW_CREDENTIALS_ENV)
+        )
+    for label, value in MLFLOW_CLIENT_LABEL.items():
+        kubernetes.add_pod_label(task, label_key=label, label_value=value)
     return task

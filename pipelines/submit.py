@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from genreflow.cluster import MLFLOW_CREDENTIALS_SECRET
 from genreflow.components.images import CPU_IMAGE, GPU_IMAGE
 from genreflow.errors import GenreflowError
 from genreflow.pipelines.cv import ACCELERATOR, PIPELINE_NAME
@@ -199,46 +200,6 @@ def parse_toleration(text: str) -> dict[str, str]:
     return {"effect": effect, "key": key, "operator": "Exists"}
 
 
-def add_gpu_placement(
-    package: str | Path,
-    node_selector: Mapping[str, str] | None = None,
-    tolerations: list[dict] | None = None,
-) -> list[str]:
-    """Pin the GPU steps to GPU nodes: a Kubernetes platform spec for every executor that asks
-    for an accelerator, as kfp-kubernetes' add_node_selector/add_toleration would write it.
-
-    Returns the executors it placed. KFP backends read the spec (a second YAML document);
-    Vertex AI ignores it.
-    """
-    if not node_selector and not tolerations:
-        return []
-    package = Path(package)
-    docs = [doc for doc in yaml.safe_load_all(package.read_text()) if doc is not None]
-    executors = docs[0].get("deploymentSpec", {}).get("executors", {})
-    gpu_executors = sorted(
-        name
-        for name, executor in executors.items()
-        if executor.get("container", {}).get("resources", {}).get("accelerator")
-    )
-    if not gpu_executors:
-        raise SubmitError(f"{package}: no step asks for an accelerator; nothing to place")
-    platform = docs[1] if len(docs) > 1 else {}
-    placed = (
-        platform.setdefault("platforms", {})
-        .setdefault("kubernetes", {})
-        .setdefault("deploymentSpec", {})
-        .setdefault("executors", {})
-    )
-    for name in gpu_executors:
-        config = placed.setdefault(name, {})
-        if node_selector:
-            config.setdefault("nodeSelector", {}).setdefault("labels", {}).update(node_selector)
-        if tolerations:
-            config.setdefault("tolerations", []).extend(tolerations)
-    package.write_text(yaml.safe_dump_all([docs[0], platform], sort_keys=True))
-    return gpu_executors
-
-
 def prepare_package(
     out: str | Path,
     *,
@@ -248,21 +209,23 @@ def prepare_package(
     image_gpu: str | None = None,
     gpu_node_selector: Mapping[str, str] | None = None,
     gpu_tolerations: list[dict] | None = None,
+    mlflow_secret: str = MLFLOW_CREDENTIALS_SECRET,
 ) -> Path:
     """Compile the pipeline to `out` exactly as it will be submitted."""
     from genreflow.pipelines.compile import compile_pipeline
 
     if parallelism < 1:
         raise SubmitError(f"--parallelism must be 1 or more; got {parallelism}")
-    path = compile_pipeline(
+    return compile_pipeline(
         out,
         parallelism=parallelism,
         accelerator=accelerator or ACCELERATOR,
         image_cpu=image_cpu,
         image_gpu=image_gpu,
+        gpu_node_selector=dict(gpu_node_selector or {}),
+        gpu_tolerations=list(gpu_tolerations or []),
+        mlflow_secret=mlflow_secret,
     )
-    add_gpu_placement(path, gpu_node_selector, gpu_tolerations)
-    return path
 
 
 # --- what a cluster run needs that a local one does not ----------------------------------
@@ -684,6 +647,7 @@ def submit(
     no_tracking: bool = False,
     gpu_node_selector: Mapping[str, str] | None = None,
     gpu_tolerations: list[dict] | None = None,
+    mlflow_secret: str = MLFLOW_CREDENTIALS_SECRET,
     skip_version_check: bool = False,
     keep_package: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -715,6 +679,7 @@ def submit(
             image_gpu=image_gpu,
             gpu_node_selector=gpu_node_selector,
             gpu_tolerations=gpu_tolerations,
+            mlflow_secret=mlflow_secret,
         )
         typed = check_arguments(arguments, pipeline_parameters(package))
         if keep_package:

@@ -22,7 +22,6 @@ from genreflow.cli import main
 from genreflow.pipelines.submit import (
     Credentials,
     SubmitError,
-    add_gpu_placement,
     check_accelerator,
     check_arguments,
     parse_params,
@@ -257,12 +256,15 @@ def test_package_carries_images_parallelism_and_gpu_placement(tmp_path):
     text = package.read_text()
     assert "parallelismLimit: 3" in text or "parallelism_limit: 3" in text
     placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    # Exactly the steps that ask for a GPU, in the form kfp-kubernetes writes.
-    assert sorted(placed) == ["exec-embed", "exec-train"]
-    assert placed["exec-train"] == {
-        "nodeSelector": {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}},
-        "tolerations": [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}],
+    # Exactly the steps that ask for a GPU are placed, in the form kfp-kubernetes writes.
+    gpu_steps = sorted(name for name, config in placed.items() if "nodeSelector" in config)
+    assert gpu_steps == ["exec-embed", "exec-train"]
+    assert placed["exec-train"]["nodeSelector"] == {
+        "labels": {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     }
+    assert placed["exec-train"]["tolerations"] == [
+        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
+    ]
     # Still a valid pipeline spec after the rewrite.
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
@@ -286,6 +288,7 @@ def test_gpu_placement_matches_kfp_kubernetes(tmp_path):
             fold=1, protocol="cv10", selection="validation", pretrained="", iterations=1,
             batch_size=1, lr=0.1, mixup=False, eval_every=1, seed=0, precision="auto",
             tracking_uri="", parent_run_id="", reuse_folds=False, expected_folds=[1], min_folds=0,
+            work_root="", pipeline_root="",
         )  # fmt: skip
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
         kubernetes.add_node_selector(task, "cloud.google.com/gke-accelerator", "nvidia-l4")
@@ -303,14 +306,40 @@ def test_gpu_placement_matches_kfp_kubernetes(tmp_path):
     placed = list(yaml.safe_load_all(ours.read_text()))[1]
     executors = placed["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     want = expected["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
-    assert executors["exec-train"] == want
+    assert {k: executors["exec-train"][k] for k in want} == want
 
 
-def test_placement_needs_a_gpu_step(tmp_path):
-    package = tmp_path / "p.yaml"
-    package.write_text(yaml.safe_dump({"deploymentSpec": {"executors": {"exec-a": {}}}}))
-    with pytest.raises(SubmitError, match="no step asks for an accelerator"):
-        add_gpu_placement(package, {"a": "b"})
+def test_steps_get_mlflow_credentials_limits_and_a_disk_of_their_own(tmp_path):
+    from genreflow.cluster import (
+        MLFLOW_CLIENT_LABEL,
+        MLFLOW_CREDENTIALS_ENV,
+        MLFLOW_CREDENTIALS_SECRET,
+    )
+
+    spec, platform = yaml.safe_load_all(prepare_package(tmp_path / "p.yaml").read_text())
+    placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    talks_to_mlflow = ["exec-aggregate", "exec-close-run", "exec-start-run", "exec-train"]
+    for name in [*talks_to_mlflow, "exec-train-head"]:
+        config = placed[name]
+        assert config["podMetadata"]["labels"] == MLFLOW_CLIENT_LABEL, name
+        (secret,) = config["secretAsEnv"]
+        assert secret["secretName"] == MLFLOW_CREDENTIALS_SECRET
+        assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == MLFLOW_CREDENTIALS_ENV
+    assert "exec-download" not in placed and "exec-pack" not in placed
+    executors = spec["deploymentSpec"]["executors"]
+    for name in ("exec-train", "exec-embed"):
+        resources = executors[name]["container"]["resources"]
+        assert resources["cpuLimit"] == resources["cpuRequest"] == 8
+        assert resources["memoryLimit"] == resources["memoryRequest"]
+        (volume,) = placed[name]["genericEphemeralVolume"]
+        assert volume["mountPath"] == "/home/genreflow/.cache/genreflow"
+        assert volume["defaultStorageClass"] and volume["size"] == "50Gi"
+    # Without the Secret (a server with no sign-in), the label stays.
+    _, platform = yaml.safe_load_all(
+        prepare_package(tmp_path / "q.yaml", mlflow_secret="").read_text()
+    )
+    placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "secretAsEnv" not in placed["exec-train"] and placed["exec-train"]["podMetadata"]
 
 
 # --- credentials -------------------------------------------------------------------------
