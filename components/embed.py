@@ -10,6 +10,7 @@ def embed(
     features: dsl.Input[dsl.Dataset],
     pretrained: str,
     seed: int,
+    cache_epoch: str,
     embeddings: dsl.Output[dsl.Dataset],
 ):
     """Write each clip's 2048-d embedding (eval mode, no augmentation) and the base used.
@@ -18,6 +19,9 @@ def embed(
         features: the packed HDF5 file.
         pretrained: PANNs checkpoint (path, https:// or gs://); "" = random init from `seed`.
         seed: seeds the random base when there is no checkpoint.
+        cache_epoch: unused by the step; part of KFP's cache key, so a cached result is
+            served only within its cache period (pipelines.cv.CACHE_PERIOD_DAYS), while the
+            bucket still holds it (infra/terraform's kfp_root_retention_days).
         embeddings: a folder with embeddings.h5 and base.pth.
     """
     from genreflow.frozen import embed_features

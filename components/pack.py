@@ -9,6 +9,7 @@ from genreflow.components.images import CPU_IMAGE
 def pack(
     dataset: dsl.Input[dsl.Dataset],
     clip_seconds: float,
+    cache_epoch: str,
     features: dsl.Output[dsl.Dataset],
 ):
     """Pack the dataset into `features` (HDF5: audio_name, waveform, target, fold).
@@ -16,6 +17,9 @@ def pack(
     Args:
         dataset: the extracted tree from the download step.
         clip_seconds: clip length; 30 s is the seed's and GTZAN's.
+        cache_epoch: unused by the step; part of KFP's cache key, so a cached result is
+            served only within its cache period (pipelines.cv.CACHE_PERIOD_DAYS), while the
+            bucket still holds it (infra/terraform's kfp_root_retention_days).
         features: the packed HDF5 file.
     """
     from genreflow.features import pack as pack_clips

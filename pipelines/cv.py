@@ -45,6 +45,21 @@ TRAIN_CPU, TRAIN_MEMORY = "8", "32G"
 # file (1.9 GB for GTZAN), the pretrained checkpoint and the fold's checkpoints in the cache
 # (genreflow.storage.cache_root: ~/.cache/genreflow of the images' user).
 SCRATCH_PATH, SCRATCH_SIZE = "/home/genreflow/.cache/genreflow", "50Gi"
+# KFP's cache serves download, pack and embed results (the other steps keep it off) only
+# within one period of this many days: genreflow submit passes the period's number
+# (cache_epoch), so a run in the next period computes them anew. The bucket's lifecycle
+# rule must keep the pipeline root's objects longer than that (infra/terraform:
+# kfp_root_retention_days, validated against this), or a cache hit would name deleted files.
+CACHE_PERIOD_DAYS = 30
+
+
+def cache_epoch(now: float | None = None) -> str:
+    """The number of the cache period `now` (a Unix time; default: now) falls in."""
+    import time
+
+    return str(int((time.time() if now is None else now) // 86400) // CACHE_PERIOD_DAYS)
+
+
 # A fold task restarted by the platform (a lost pod; Vertex AI honours this, open-source
 # KFP ignores it inside a ParallelFor: kubeflow/pipelines#12389) shares the fold's
 # genreflow.retry.FOLD_TRIES with the step's own retries: 3 tries in all, whatever the backend.
@@ -96,6 +111,7 @@ def build_pipeline(
         profile: str = "custom",
         kfp_ui: str = "",
         work_root: str = "",  # fine-tune folds' working state ("": the pipeline root's)
+        cache_epoch: str = "",  # the cache period download/pack/embed results serve in
         **recipe_parameters,  # genreflow.recipe.pipeline_parameters(), see _with_recipe
     ):
         fine_tune = recipe.recipe_arguments(recipe.TrainConfig, recipe_parameters)
@@ -129,8 +145,13 @@ def build_pipeline(
             parent.set_caching_options(False)
             tracked(parent)
 
-            fetched = download(source=source, sha256=sha256, md5=md5).set_display_name("download")
-            packed = pack(dataset=fetched.outputs["dataset"], clip_seconds=clip_seconds)
+            fetched = download(source=source, sha256=sha256, md5=md5, cache_epoch=cache_epoch)
+            fetched.set_display_name("download")
+            packed = pack(
+                dataset=fetched.outputs["dataset"],
+                clip_seconds=clip_seconds,
+                cache_epoch=cache_epoch,
+            )
             packed.set_display_name("pack features")
             fold_step = dict(
                 protocol=protocol,
@@ -153,7 +174,10 @@ def build_pipeline(
 
             with dsl.If(freeze_base == True, name="frozen-base"):  # noqa: E712 (a KFP condition)
                 embedded = embed(
-                    features=packed.outputs["features"], pretrained=pretrained, seed=seed
+                    features=packed.outputs["features"],
+                    pretrained=pretrained,
+                    seed=seed,
+                    cache_epoch=cache_epoch,
                 ).set_display_name("embed every clip once")
                 on_gpu(embedded)
                 with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:

@@ -32,7 +32,7 @@ import yaml
 from genreflow.cluster import MLFLOW_CREDENTIALS_SECRET
 from genreflow.components.images import CPU_IMAGE, GPU_IMAGE
 from genreflow.errors import GenreflowError
-from genreflow.pipelines.cv import ACCELERATOR, PIPELINE_NAME
+from genreflow.pipelines.cv import ACCELERATOR, PIPELINE_NAME, cache_epoch
 from genreflow.storage import redacted
 
 # dsl.Collected and the final-status exit handler need a 2.14 backend; ParallelFor's
@@ -667,6 +667,7 @@ def submit(
     host = normalise_host(host)
     environ = os.environ if environ is None else environ
     arguments = tracked_arguments(arguments, environ=environ, no_tracking=no_tracking)
+    arguments = {"cache_epoch": cache_epoch(), **arguments}
     image_cpu, image_gpu = cluster_images(image_cpu, image_gpu, images_file)
     accelerator = check_accelerator(accelerator, vertex=False)
     credentials = resolve_credentials(environ)
@@ -738,6 +739,7 @@ def submit_vertex(
         raise SubmitError("Vertex AI needs --pipeline-root gs://BUCKET/PATH for the run's outputs")
     environ = os.environ if environ is None else environ
     arguments = tracked_arguments(arguments, environ=environ, no_tracking=no_tracking)
+    arguments = {"cache_epoch": cache_epoch(), **arguments}
     image_cpu, image_gpu = cluster_images(image_cpu, image_gpu, images_file)
     accelerator = check_accelerator(accelerator, vertex=True)
     try:

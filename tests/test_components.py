@@ -40,11 +40,15 @@ def steps(tmp_path_factory):
     root = tmp_path_factory.mktemp("components")
     archive, sha256 = make_synthetic_gtzan(root / "source", clips_per_genre=2, seconds=1.0)
     dataset = _artifact(dsl.Dataset, root, "dataset")
-    download.python_func(source=archive.as_uri(), sha256=sha256, md5="", dataset=dataset)
+    download.python_func(
+        source=archive.as_uri(), sha256=sha256, md5="", cache_epoch="", dataset=dataset
+    )
     features = _artifact(dsl.Dataset, root, "features.h5")
-    pack.python_func(dataset=dataset, clip_seconds=1.0, features=features)
+    pack.python_func(dataset=dataset, clip_seconds=1.0, cache_epoch="", features=features)
     embeddings = _artifact(dsl.Dataset, root, "embeddings")
-    embed.python_func(features=features, pretrained="", seed=0, embeddings=embeddings)
+    embed.python_func(
+        features=features, pretrained="", seed=0, cache_epoch="", embeddings=embeddings
+    )
     return {"root": root, "dataset": dataset, "features": features, "embeddings": embeddings}
 
 

@@ -19,6 +19,7 @@ import yaml
 from conftest import free_port
 
 from genreflow.cli import main
+from genreflow.pipelines.cv import CACHE_PERIOD_DAYS, cache_epoch
 from genreflow.pipelines.submit import (
     Credentials,
     SubmitError,
@@ -416,7 +417,9 @@ def test_new_backend_gets_the_run_the_user_asked_for(environment, capsys, tmp_pa
     assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
     assert run["service_account"] == "genreflow-pipeline-runner"
     assert run["runtime_config"]["pipeline_root"] == "gs://genreflow-data/kfp"
-    assert run["runtime_config"]["parameters"] == {
+    sent_parameters = run["runtime_config"]["parameters"]
+    assert sent_parameters.pop("cache_epoch") == cache_epoch()  # see test_cache_and_lifecycle
+    assert sent_parameters == {
         "source": SOURCE,
         "folds": [1, 2],
         "tracking_uri": "http://mlflow.genreflow.svc.cluster.local:5000",
@@ -669,3 +672,44 @@ def test_accelerator_names_follow_the_backend():
     for name in (None, "nvidia.com/gpu"):
         with pytest.raises(SubmitError, match="Vertex AI names its GPUs by type"):
             check_accelerator(name, vertex=True)
+
+
+# --- cache and lifecycle -----------------------------------------------------------------
+def test_cache_and_lifecycle_agree(tmp_path):
+    """What KFP's cache serves must still exist: only download, pack and embed are cached,
+    each keyed on the cache period, and the bucket keeps the pipeline root's objects
+    longer than a period (infra/terraform)."""
+    import re
+
+    spec = next(yaml.safe_load_all(prepare_package(tmp_path / "p.yaml").read_text()))
+    tasks = {}
+
+    def walk(dag):
+        for name, task in dag.get("tasks", {}).items():
+            tasks[name] = task
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                walk(component["dag"])
+
+    walk(spec["root"]["dag"])
+    cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"download", "pack", "embed"}
+    for name in cached:
+        parameter = tasks[name]["inputs"]["parameters"]["cache_epoch"]
+        assert parameter["componentInputParameter"].endswith("cache_epoch")
+
+    variables = (Path(__file__).parents[1] / "infra/terraform/variables.tf").read_text()
+    block = variables[variables.index('variable "kfp_root_retention_days"') :]
+    block = block[: block.index("\n}\n")]
+    default = int(re.search(r"default\s*=\s*(\d+)", block).group(1))
+    bound = int(re.search(r"kfp_root_retention_days > (\d+)", block).group(1))
+    assert bound == CACHE_PERIOD_DAYS < default
+    main_tf = (Path(__file__).parents[1] / "infra/terraform/main.tf").read_text()
+    assert (
+        'matches_prefix = ["kfp/"]' in main_tf
+        and "age            = var.kfp_root_retention_days" in main_tf
+    )
+
+    day = 86400
+    assert cache_epoch(0) == cache_epoch((CACHE_PERIOD_DAYS - 1) * day) == "0"
+    assert cache_epoch(CACHE_PERIOD_DAYS * day) == "1"

@@ -70,4 +70,10 @@ variable "kfp_root_retention_days" {
   description = "Days the runs' intermediate outputs under kfp/ are kept (0: forever)."
   type        = number
   default     = 60
+  validation {
+    # KFP's cache serves download/pack/embed results up to 30 days old (the pipeline's
+    # cache period, genreflow.pipelines.cv.CACHE_PERIOD_DAYS): they must outlive that.
+    condition     = var.kfp_root_retention_days == 0 || var.kfp_root_retention_days > 30
+    error_message = "kfp_root_retention_days must be 0 (keep) or more than the 30-day cache period."
+  }
 }
