@@ -13,6 +13,8 @@ FILTERED_REPETITIONS ?= [1]
 UI_PORT ?= 5000
 ## pytest arguments, e.g. make test PYTEST_ARGS="-k pack -x"
 PYTEST_ARGS ?=
+## processes make test runs the tests in (pytest-xdist; 0: in pytest's own process)
+TEST_WORKERS ?= 2
 # torch is installed first, so that the project's torch range is already met: this release,
 # from this index. A bare `torch` from PyPI is a multi-GB CUDA build on Linux, so the default
 # is PyTorch's CPU wheel index; the CPU image (make images) and CI take it from here too.
@@ -45,7 +47,7 @@ lint: install ## ruff: lint and format check
 	$(BIN)/ruff format --check genreflow components pipelines tests bench docker
 
 test: lint ## install, lint, then run the whole test suite
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 run: install ## the whole pipeline through kfp.local on the embedded default (PROFILE): cv10, then the filtered split
 	$(GF) run --profile $(PROFILE) --workspace $(WORKSPACE) --protocol cv10

@@ -70,6 +70,8 @@ RETRY_FIRST_DELAY_SECONDS = 2.0
 # checkpoint, not the fold; FOLD_TRIES in all, task restarts included (TRIES_TAG).
 FOLD_RETRY_FIRST_DELAY_SECONDS = 30.0
 TRIES_TAG = "genreflow.tries"
+# Under the pipeline root, beside the runs' folders: fine-tune folds' working state.
+WORK_FOLDER = "genreflow-work"
 # What a fold's child run keeps: best.pth is the selected fine-tuned fold model (chosen on
 # the validation split), head.pth the frozen-base path's head. last.pth stays in the fold
 # folder: uploading a second 330 MB checkpoint per fold buys nothing.
@@ -867,7 +869,7 @@ def _work_root(work_root: str, pipeline_root: str) -> str:
     """Where fine-tune folds keep their working state: `work_root`, else under the pipeline
     root; "" (no durable state: a restarted fold starts over) where genreflow cannot write
     there (KFP's default minio:// root)."""
-    root = work_root or (f"{pipeline_root.rstrip('/')}/genreflow-work" if pipeline_root else "")
+    root = work_root or (f"{pipeline_root.rstrip('/')}/{WORK_FOLDER}" if pipeline_root else "")
     if root and storage.local_path(root) is None and not root.startswith("gs://"):
         print(
             f"fold work folder: {storage.redacted(root)} is neither a folder nor gs://; a "

@@ -106,7 +106,7 @@ def run_local(
 
     from genreflow.pipelines.compile import images as pipeline_images
     from genreflow.pipelines.cv import build_pipeline
-    from genreflow.tracking import default_tracking_uri
+    from genreflow.tracking import WORK_FOLDER, default_tracking_uri
 
     workspace = Path(workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,7 @@ def run_local(
         builtins.print = original_print
     # A pipeline returns no output from inside an exit handler: the run's outputs are
     # read where kfp.local puts them, <pipeline root>/<run>/<task>/<output>.
-    (run,) = set(runs.iterdir()) - before
+    (run,) = {p for p in set(runs.iterdir()) - before if p.name != WORK_FOLDER}
     found = sorted(run.glob("aggregate*/results/report.json"))  # either branch's aggregate
     if len(found) != 1:
         raise RuntimeError(f"{run}: expected one aggregate report, found {len(found)}")

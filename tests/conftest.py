@@ -14,6 +14,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items) -> None:
+    """With `make test`'s two workers (pytest-xdist, --dist loadgroup), a test file runs on
+    one worker, in order, with its module fixtures made once, as without workers; a test
+    may name a group of its own (xdist_group) to run beside the rest of its file."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
