@@ -20,7 +20,9 @@ from genreflow.data.genres import GENRES
 from genreflow.data.synth import make_synthetic_gtzan
 from genreflow.pipelines.local import run_local
 
-pytestmark = pytest.mark.slow
+# One xdist group for the file: its tests share the demo run (module fixtures) and follow
+# each other; the filtered and fine-tune tests add a group of their own to it.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 
 OVERRIDES = {"clip_seconds": 2.0}
 # The head's recipe (genreflow.recipe.HeadConfig) under the pipeline's head_* names.
@@ -255,7 +257,7 @@ def filtered_source(tmp_path_factory):
     return archive.as_uri(), sha256
 
 
-@pytest.mark.xdist_group("pipeline-filtered")  # its own source and run: beside the rest
+@pytest.mark.xdist_group("filtered")  # its own source and run: beside the rest
 def test_filtered_protocol_end_to_end(filtered_source, tmp_path, mlflow_server):
     report = run_demo(
         tmp_path,
@@ -310,7 +312,7 @@ def test_a_failed_fold_above_min_folds_gives_a_partial_result(
     assert status == {"1": "FINISHED", "2": "FINISHED", "11": "FAILED"}
 
 
-@pytest.mark.xdist_group("pipeline-fine-tune")  # its own runs: beside the rest
+@pytest.mark.xdist_group("fine-tune")  # its own runs: beside the rest
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_fine_tune_branch_end_to_end(precision, source, tmp_path, mlflow_server):
     """The seed's own path, the whole Cnn14 fine-tuned, on a tiny recipe: `auto` is bf16
