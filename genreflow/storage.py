@@ -556,7 +556,8 @@ def copy_folder(source: str | Path, dest: str | Path) -> None:
         shutil.copytree(path, dest, dirs_exist_ok=True)
         return
     prefix = _gs_folder(str(source))
-    bucket_name, object_prefix = _split_gs(prefix + "/")
+    bucket_name, _, object_prefix = prefix[len("gs://") :].partition("/")
+    object_prefix = f"{object_prefix}/" if object_prefix else ""
     with _gcs_errors(prefix):
         names = [b.name for b in gcs_client().list_blobs(bucket_name, prefix=object_prefix)]
     for name in names:

@@ -85,3 +85,17 @@ def mlflow_server(tmp_path_factory) -> str:
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     with serving(command, "/health", root / "server.log", port=port, env=env) as uri:
         yield uri
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory) -> str:
+    """A GCS emulator (gcp-storage-emulator, in-memory) on 127.0.0.1; its base URL, for
+    STORAGE_EMULATOR_HOST."""
+    executable = Path(sys.executable).with_name("gcp-storage-emulator")
+    if not executable.exists():
+        pytest.fail(f"{executable} not found: install the test extras (pip install -e '.[test]')")
+    port = free_port()
+    command = [str(executable), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
+    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
+    with serving(command, "/", log_path, port=port, timeout=30) as url:
+        yield url

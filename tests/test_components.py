@@ -186,46 +186,72 @@ train.python_func(features=features, model=model, metrics=metrics, **args)
 """
 
 
-def test_a_killed_fold_step_resumes_from_its_work_folder(steps, tmp_path):
+@pytest.mark.parametrize("where", ["folder", "gs"])
+def test_a_killed_fold_step_resumes_from_its_work_folder(
+    where, steps, tmp_path, request, monkeypatch
+):
     """A pod lost mid-fold (SIGKILL after its first checkpoint): the step started again
     resumes from the work folder, and ends with the weights and metrics of a run that was
-    never interrupted (on a CPU, bit for bit)."""
+    never interrupted (on a CPU, bit for bit). The work folder is a local folder (kfp.local)
+    or a gs:// prefix in the emulator, and then the restarted step runs as on another node:
+    a cache of its own, nothing but the bucket in common with the killed one."""
     import os
     import signal
     import subprocess
     import sys
     import time
+    import uuid
 
     import torch
 
-    def arguments(name: str, work_root: Path) -> dict:
+    from genreflow import storage
+
+    if where == "gs":  # for the steps and for this process, which lists the bucket
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", request.getfixturevalue("emulator"))
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "genreflow-test")
+        bucket = f"genreflow-{uuid.uuid4().hex[:12]}"
+        storage.gcs_client().create_bucket(bucket)
+        work_root, other_work = f"gs://{bucket}/work", f"gs://{bucket}/other-work"
+
+        def checkpoints() -> list[str]:
+            blobs = storage.gcs_client().list_blobs(bucket, prefix="work/folds/")
+            return [b.name for b in blobs if b.name.endswith("/resume.pt")]
+    else:
+        work_root, other_work = str(tmp_path / "work"), str(tmp_path / "other-work")
+
+        def checkpoints() -> list[str]:
+            return [str(p) for p in Path(work_root).glob("folds/*/resume.pt")]
+
+    def arguments(name: str, work_root: str) -> dict:
         return dict(
             features=steps["features"].path,
             model=str(tmp_path / name / "model"),
             metrics=str(tmp_path / name / "metrics"),
             fold=1, protocol="cv10", selection="validation", pretrained="", iterations=4,
             batch_size=2, lr=1e-3, mixup=False, eval_every=2, seed=0, precision="fp32",
-            expected_folds=[1], min_folds=0, work_root=str(work_root), pipeline_root="",
+            expected_folds=[1], min_folds=0, work_root=work_root, pipeline_root="",
             **NO_TRACKING,
         )  # fmt: skip
 
-    def step(name: str, work_root: Path, kill_at_first_checkpoint: bool = False) -> str:
+    def step(name: str, work_root: str, kill_at_first_checkpoint: bool = False) -> str:
         command = [sys.executable, "-c", TRAIN_SCRIPT, json.dumps(arguments(name, work_root))]
-        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        node = {**os.environ, "GENREFLOW_CACHE": str(tmp_path / name / "node-cache")}
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=node)
         if kill_at_first_checkpoint:
             deadline = time.monotonic() + 300
-            while not list(work_root.glob("folds/*/resume.pt")):
+            while not checkpoints():
                 assert process.poll() is None and time.monotonic() < deadline
                 time.sleep(0.05)
             os.kill(process.pid, signal.SIGKILL)
         _, err = process.communicate(timeout=600)
         return err
 
-    step("killed", tmp_path / "work", kill_at_first_checkpoint=True)
+    step("killed", work_root, kill_at_first_checkpoint=True)
     assert not (tmp_path / "killed" / "model" / "summary.json").exists()
-    err = step("restarted", tmp_path / "work")
-    assert "fold 1: resuming from iteration" in err
-    step("uninterrupted", tmp_path / "other-work")
+    err = step("restarted", work_root)
+    assert "fold 1: resuming from iteration 2" in err, err
+    assert (tmp_path / "restarted" / "model" / "summary.json").is_file(), err
+    step("uninterrupted", other_work)
 
     resumed, whole = tmp_path / "restarted" / "model", tmp_path / "uninterrupted" / "model"
     assert (resumed / "predictions.csv").read_text() == (whole / "predictions.csv").read_text()

@@ -11,7 +11,6 @@ gets for a missing object, a wrong checksum and bytes damaged on the way.
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, serving
 
 from genreflow import storage
 from genreflow.cli import main
@@ -32,19 +30,6 @@ from genreflow.models.checkpoints import load_pretrained, load_transfer_model
 from genreflow.models.transfer import TransferCnn14
 
 CLIP_SECONDS = 1.0
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> str:
-    """A gcp-storage-emulator process on 127.0.0.1; its base URL."""
-    executable = Path(sys.executable).with_name("gcp-storage-emulator")
-    if not executable.exists():
-        pytest.fail(f"{executable} not found: install the test extras (pip install -e '.[test]')")
-    port = free_port()
-    command = [str(executable), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
-    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
-    with serving(command, "/", log_path, port=port, timeout=30) as url:
-        yield url
 
 
 @pytest.fixture
@@ -274,3 +259,13 @@ def test_output_folder_publishes_on_success_and_resumes_from_the_bucket(
     with pytest.raises(GenreflowError, match="cannot write to an http"):
         with storage.output_folder("https://example.org/run"):
             pass
+
+
+def test_copy_folder_from_a_prefix_or_a_whole_bucket(bucket, tmp_path):
+    """What a fine-tune fold's work folder on gs:// is copied out with when it ends."""
+    for name in ("run/a.txt", "run/sub/b.txt", "other/c.txt"):
+        storage.gcs_client().bucket(bucket).blob(name).upload_from_string(name)
+    storage.copy_folder(f"gs://{bucket}/run/", tmp_path / "prefix")
+    assert tree(tmp_path / "prefix") == {"a.txt": b"run/a.txt", "sub/b.txt": b"run/sub/b.txt"}
+    storage.copy_folder(f"gs://{bucket}", tmp_path / "bucket")
+    assert set(tree(tmp_path / "bucket")) == {"run/a.txt", "run/sub/b.txt", "other/c.txt"}
