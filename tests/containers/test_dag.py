@@ -201,3 +201,65 @@ def test_a_container_that_ends_at_once_is_reported_as_it_ended(images, podman_ap
         assert not client.containers.list(all=True)  # every one removed
     finally:
         client.close()
+
+
+def test_a_fold_whose_container_is_killed_resumes_from_its_last_checkpoint(
+    images, podman_api, http_source, mlflow_server, tmp_path, capfd
+):
+    """A lost pod, as `podman kill` (SIGKILL) of the fold's container once it has written its
+    first checkpoint to the work folder under the pipeline root: the task's retry (kfp.local
+    honours set_retry, as Vertex does) starts the fold again, it resumes from that
+    checkpoint (its log says from which iteration), and the run ends with the accuracy of a
+    run that was never interrupted."""
+    import docker
+
+    recipe = {
+        "clip_seconds": 2.0,
+        "freeze_base": False,
+        "iterations": 4,
+        "batch_size": 2,
+        "eval_every": 2,
+        "folds": [1],
+    }
+    url, sha256 = http_source
+
+    def run(workspace: Path, experiment: str, **runner) -> dict:
+        overrides = {**recipe, "experiment": experiment, "registered_model": ""}
+        return run_local(
+            workspace, profile="demo", source=url, sha256=sha256, tracking_uri=mlflow_server,
+            cache=False, overrides=overrides, **runner,
+        )  # fmt: skip
+
+    workspace = tmp_path / "containers"
+    work = workspace / "kfp" / "genreflow-work" / "folds"
+    killed: list[str] = []
+
+    def kill_the_fold_at_its_first_checkpoint() -> None:
+        client = docker.from_env()
+        deadline = time.monotonic() + 600
+        while not list(work.glob("*/resume.pt")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for container in client.containers.list():
+            if "train" in container.attrs["Config"]["Cmd"]:  # --function_to_execute train
+                container.kill(signal="SIGKILL")  # podman kill, through podman's API
+                killed.append(container.id)
+
+    killer = threading.Thread(target=kill_the_fold_at_its_first_checkpoint, daemon=True)
+    killer.start()
+    resumed = run(workspace, "dag-killed", runner="docker", images=images)
+    killer.join(timeout=60)
+    log = capfd.readouterr().out
+    assert len(killed) == 1, "the fold's container was not found running"
+    assert "Task 'train' finished with status FAILURE" in _plain(log)
+    assert "fold 1: resuming from iteration 2" in log
+
+    whole = run(tmp_path / "uninterrupted", "dag-uninterrupted")
+    assert resumed["usable_folds"] == whole["usable_folds"] == [1]
+    assert fold_accuracies(resumed) == fold_accuracies(whole)
+
+
+def _plain(log: str) -> str:
+    """kfp.local's log without its terminal colours."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", log)
