@@ -131,7 +131,7 @@ def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
         assert child.data.metrics["final_accuracy"] == pytest.approx(
             metrics[f"fold_{fold:02d}_accuracy"]
         )
-        history = client.get_metric_history(child.info.run_id, "heldout_accuracy")
+        history = client.get_metric_history(child.info.run_id, "test_accuracy")
         assert [m.step for m in history] == [100, 200]
 
 

@@ -20,7 +20,7 @@ def _fold_dir(path, fold, accuracy):
     path.mkdir()
     with open(path / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["iteration", "train_loss", "heldout_accuracy", "seconds"])
+        writer.writerow(["iteration", "train_loss", "test_accuracy", "seconds"])
         writer.writerow([10, 2.0, accuracy / 2, 1.0])
         writer.writerow([20, 1.0, accuracy, 2.0])
     summary = {
@@ -73,7 +73,7 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
     assert child.data.tags["fold"] == "2"
     assert child.data.tags["path"] == "frozen-base"
     assert child.data.params["lr"] == "0.001"
-    history = client.get_metric_history(children[1], "heldout_accuracy")
+    history = client.get_metric_history(children[1], "test_accuracy")
     assert [(m.step, m.value) for m in history] == [(10, 0.45), (20, 0.9)]
     logged = {a.path for a in client.list_artifacts(children[1])}
     assert logged == {
@@ -405,7 +405,7 @@ def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_
     assert reused.data.tags["reused"] == "true"
     assert reused.data.tags["genreflow.reused_from"] == original.info.run_id
     assert reused.data.metrics["final_accuracy"] == pytest.approx(0.7)
-    history = client.get_metric_history(reused.info.run_id, "heldout_accuracy")
+    history = client.get_metric_history(reused.info.run_id, "test_accuracy")
     assert [(m.step, m.value) for m in history] == [(10, 0.35), (20, 0.7)]
 
     # Other inputs, or reuse turned off: trained again.
