@@ -79,22 +79,27 @@ WORK_FOLDER = "genreflow-work"
 # folder: uploading a second 330 MB checkpoint per fold buys nothing.
 FOLD_ARTIFACTS = (METRICS, PREDICTIONS, SUMMARY, BEST, HEAD)
 CHECKPOINTS = (BEST, HEAD)
-# A fold run's headline metrics. summary.json's peak_test_accuracy is left out: chosen on the
-# test rows, it would rank runs on an optimistic number (the test_accuracy curve holds it).
-SUMMARY_METRICS = (
-    "final_accuracy",
-    "valid_accuracy",
-    "selected_iteration",
-    "clips_per_second",
-    "wall_seconds",
-)
+# A fold run's headline metrics: summary.json's key -> the metric's name. summary.json's
+# peak_test_accuracy is left out: chosen on the test rows, it would rank runs on an
+# optimistic number (the test_accuracy curve holds it). The selected checkpoint's
+# validation accuracy has a name of its own: as valid_accuracy at the last step it would
+# put a second point on the curve's last step.
+SUMMARY_METRICS = {
+    "final_accuracy": "final_accuracy",
+    "valid_accuracy": "selected_valid_accuracy",
+    "selected_iteration": "selected_iteration",
+    "clips_per_second": "clips_per_second",
+    "wall_seconds": "wall_seconds",
+}
 SUMMARY_TAGS = ("path", "protocol", "selection", "split_sha256", "data_sha256")
 # The curve a fold logs at every evaluation, as it happens (LiveLog), iteration as step.
 CURVE = ("train_loss", "valid_accuracy", "test_accuracy")
 # Live points retry a blip briefly: they are sent again from metrics.csv at the end anyway.
 LIVE_ATTEMPTS = 3
 LIVE_FIRST_DELAY_SECONDS = 1.0
-LIVE_CLOSE_SECONDS = 60.0  # the most a fold's end waits for its queued live points
+# The most a fold's end waits for its queued live points: well inside the grace period a
+# stopped pod gets (Kubernetes: 30 s) before its run must be ended KILLED.
+LIVE_CLOSE_SECONDS = 10.0
 SYSTEM_METRICS_SECONDS = 10.0
 DIGEST_CHARS = 16
 DATASET_CONTEXT_TAG = "mlflow.data.context"
@@ -583,20 +588,19 @@ class LiveLog:
     measured; first, the fold's dataset inputs.
 
     A background thread sends them, so a slow or absent tracking server never holds the
-    training up. It retries a blip as every tracking call does (`retrying`, shorter); a
-    failure that remains is said once, the fold trains on, later points are tried once
-    each, quietly, and whatever did not arrive is logged from metrics.csv when the fold
-    ends (FoldRun.log_outputs). A step the run already holds (a retried try, a restarted
-    step) is not sent twice.
+    training up; what queued up meanwhile goes in one request. It retries a blip as every
+    tracking call does (`retrying`, shorter); a failure that remains is said once, the fold
+    trains on, later points are tried once each, quietly, and whatever did not arrive is
+    logged from metrics.csv when the fold ends (FoldRun.log_outputs). A step the run holds
+    already (a retried try, a restarted step) is not sent twice.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, fold: int, *, datasets=()):
         self.tracking_uri, self.run_id, self.fold = tracking_uri, run_id, fold
         self.failing = False
         self._closed = False
+        self._datasets = list(datasets)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        if datasets:
-            self._queue.put((None, lambda client: client.log_inputs(run_id, list(datasets))))
         self._thread = threading.Thread(
             target=self._send, name=f"genreflow-live-fold-{fold}", daemon=True
         )
@@ -606,19 +610,16 @@ class LiveLog:
         """One evaluation (a metrics.csv row, today's names); returns at once."""
         if self._closed:
             return
+        from mlflow.entities import Metric
+
         step, now = int(row["iteration"]), int(time.time() * 1000)
-        values = {k: float(row[k]) for k in CURVE if row.get(k) not in (None, "")}
-
-        def send(client) -> None:
-            from mlflow.entities import Metric
-
-            metrics = [Metric(k, v, now, step) for k, v in values.items()]
-            client.log_batch(self.run_id, metrics=metrics)
-
-        self._queue.put((step, send))
+        metrics = [
+            Metric(k, float(row[k]), now, step) for k in CURVE if row.get(k) not in (None, "")
+        ]
+        self._queue.put((step, metrics))
 
     def close(self, timeout: float | None = None) -> None:
-        """Send what is queued (at most `timeout` seconds more), then stop."""
+        """Send what is queued (waiting at most `timeout` seconds), then stop."""
         self._queue.put(None)
         self._thread.join(LIVE_CLOSE_SECONDS if timeout is None else timeout)
         self._closed = True
@@ -631,37 +632,51 @@ class LiveLog:
 
     def _send(self) -> None:
         client = _client(self.tracking_uri)
+        if self._datasets:
+            self._try("dataset inputs", lambda: client.log_inputs(self.run_id, self._datasets))
         sent = self._steps_on_run(client)
-        while (item := self._queue.get()) is not None:
-            step, send = item
-            if self._closed or step in sent:
+        done = False
+        while not done:
+            batch = [self._queue.get()]
+            while not self._queue.empty():  # everything queued meanwhile, in one request
+                batch.append(self._queue.get())
+            done = batch[-1] is None
+            points = {step: metrics for step, metrics in filter(None, batch) if step not in sent}
+            if self._closed or not points:
                 continue
-            what = f"MLflow: fold {self.fold}'s live " + (
-                "dataset inputs" if step is None else f"metrics of iteration {step}"
+            steps = sorted(points)
+            metrics = [m for step in steps for m in points[step]]
+            what = f"metrics of iteration {steps[0]}" + (
+                f" to {steps[-1]}" if len(steps) > 1 else ""
             )
-            try:
-                if self.failing:  # one quiet try each while the server is away
-                    send(client)
-                else:
-                    retrying(
-                        what,
-                        lambda send=send: send(client),
-                        attempts=LIVE_ATTEMPTS,
-                        first_delay=LIVE_FIRST_DELAY_SECONDS,
-                    )
-            except Exception as exc:  # noqa: BLE001 - a live point never fails the fold
-                if not self.failing:
-                    self.failing = True
-                    print(
-                        f"{what} could not be logged ({type(exc).__name__}: {exc}); the fold "
-                        "trains on, and what is missing is logged when it ends",
-                        file=sys.stderr,
-                    )
-                continue
-            if self.failing:
-                self.failing = False
-                print(f"MLflow: fold {self.fold}'s live curve reaches the server again")
-            sent.add(step)
+            if self._try(what, functools.partial(self._log_batch, client, metrics)):
+                sent.update(steps)
+
+    def _log_batch(self, client, metrics: list) -> None:
+        for start in range(0, len(metrics), 900):  # the REST API caps a batch at 1000
+            client.log_batch(self.run_id, metrics=metrics[start : start + 900])
+
+    def _try(self, what: str, send: Callable[[], object]) -> bool:
+        """Send; True when it arrived. Never raises: a live point never fails the fold."""
+        what = f"MLflow: fold {self.fold}'s live {what}"
+        try:
+            if self.failing:  # one quiet try each while the server is away
+                send()
+            else:
+                retrying(what, send, attempts=LIVE_ATTEMPTS, first_delay=LIVE_FIRST_DELAY_SECONDS)
+        except Exception as exc:  # noqa: BLE001
+            if not self.failing:
+                self.failing = True
+                print(
+                    f"{what} could not be logged ({type(exc).__name__}: {exc}); the fold trains "
+                    "on, and what is missing is logged when it ends",
+                    file=sys.stderr,
+                )
+            return False
+        if self.failing:
+            self.failing = False
+            print(f"MLflow: fold {self.fold}'s live curve arrives again", file=sys.stderr)
+        return True
 
     def _steps_on_run(self, client) -> set:
         """The steps whose curve the run holds already (a retried or restarted fold)."""
@@ -812,9 +827,9 @@ class FoldRun:
                     if step not in held.get(key, ()):
                         metrics.append(Metric(key, float(value), min(at, now), step))
             final_step = int(summary.get("iterations", 0))
-            for key in SUMMARY_METRICS:
+            for key, name in SUMMARY_METRICS.items():
                 if isinstance(summary.get(key), (int, float)):
-                    metrics.append(Metric(key, float(summary[key]), now, final_step))
+                    metrics.append(Metric(name, float(summary[key]), now, final_step))
             tag_list = [RunTag(k, v) for k, v in _stringify(tags).items()]
             client.log_batch(self.run_id, params=params[:100], tags=tag_list)
             for start in range(100, len(params), 100):
