@@ -66,6 +66,11 @@ from genreflow.retry import FOLD_TRIES, is_transient, retry_transient
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "genreflow-gtzan"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `genreflow ui` (make ui) serves a local store
+# MLflow 3 opens an experiment in its GenAI view (traces) and remembers the last view
+# chosen; this query opens the classic one ("Model training": the runs table, a run's
+# metrics and child runs). Checked with MLflow 3.17's UI in a browser.
+CLASSIC_VIEW = "workflowType=machine_learning"
 RETRY_ATTEMPTS = 4
 RETRY_FIRST_DELAY_SECONDS = 2.0
 # A fold's training: a transient failure (genreflow.retry) costs one retry from the last
@@ -134,11 +139,95 @@ def default_tracking_uri(workspace: str | Path = "workspace") -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
-def run_address(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Where a person looks at a run: its page in the MLflow UI, or how to open one."""
+def ui_address(tracking_uri: str, ui: str = "") -> str:
+    """The MLflow UI that shows `tracking_uri`'s runs: `ui` when given, the tracking server
+    itself, else the address `genreflow ui` (make ui) serves a database or folder at."""
+    if ui:
+        return ui.rstrip("/")
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"run {run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"
+        return tracking_uri.rstrip("/")
+    return DEFAULT_UI
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to start the UI those addresses need ("" where the tracking server serves it)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return f"serve them with `make ui` or `genreflow ui --tracking-uri {tracking_uri}`"
+
+
+def run_address(tracking_uri: str, experiment_id: str, run_id: str, ui: str = "") -> str:
+    """A run's page in the MLflow UI, in its classic view (metrics, child runs, artifacts)."""
+    base = ui_address(tracking_uri, ui)
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}"
+
+
+def runs_table_address(tracking_uri: str, experiment_id: str, ui: str = "") -> str:
+    """The experiment's runs table (each pipeline run a row, its folds nested under it)."""
+    return f"{ui_address(tracking_uri, ui)}/#/experiments/{experiment_id}?{CLASSIC_VIEW}"
+
+
+def pipeline_addresses(tracking_uri: str, parent_run_id: str, ui: str = "") -> dict[str, str]:
+    """Where to look at one pipeline run in the MLflow UI: the parent run, the experiment's
+    runs table, and, once folds are logged, the folds side by side (params and metrics) and
+    their test accuracy curves in one chart. Keys: parent run, runs table, folds compared,
+    fold curves."""
+    from urllib.parse import quote
+
+    def read() -> tuple[str, list[str]]:
+        client = _client(tracking_uri)
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'fold'",
+        )
+        folds = sorted(children, key=lambda r: int(r.data.tags.get("fold", "0")))
+        return experiment_id, [r.info.run_id for r in folds]
+
+    experiment_id, folds = _tracked(f"reading run {parent_run_id}", read)
+    base = ui_address(tracking_uri, ui)
+    addresses = {
+        "parent run": run_address(tracking_uri, experiment_id, parent_run_id, ui),
+        "runs table": runs_table_address(tracking_uri, experiment_id, ui),
+    }
+    if folds:
+        compact = functools.partial(json.dumps, separators=(",", ":"))
+        runs, experiments = quote(compact(folds)), quote(compact([experiment_id]))
+        addresses["folds compared"] = f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
+        curve = quote(compact(CURVE[-1]))
+        addresses["fold curves"] = (
+            f"{base}/#/metric?runs={runs}&metric={curve}&experiments={experiments}"
+            f"&plot_metric_keys={quote(compact([CURVE[-1]]))}"
+        )
+    return addresses
+
+
+def print_addresses(tracking_uri: str, parent_run_id: str, ui: str = "") -> None:
+    """Print `pipeline_addresses`, one a line, and how to serve them where that is needed
+    (no `ui` given and no tracking server)."""
+    for what, address in pipeline_addresses(tracking_uri, parent_run_id, ui).items():
+        print(f"MLflow {what}: {address}")
+    if not ui and (hint := ui_hint(tracking_uri)):
+        print(f"  ({hint})")
+
+
+def latest_pipeline_run(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT):
+    """The experiment's most recently started pipeline run (a parent), or None."""
+
+    def find():
+        client = _client(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    return _tracked(f"looking for the latest pipeline run in {experiment}", find)
 
 
 def _client(tracking_uri: str):
@@ -353,12 +442,14 @@ def open_pipeline_run(parameters: dict, markdown: str | Path) -> str:
         params=p,
         tags=tags,
     )
-    experiment_id = _client(tracking_uri).get_run(run_id).info.experiment_id
-    address = run_address(tracking_uri, experiment_id, run_id)
+    addresses = pipeline_addresses(tracking_uri, run_id)
+    hint = ui_hint(tracking_uri)
     Path(markdown).write_text(
-        f"# MLflow\n\nParent run `{run_id}` of experiment `{experiment}`: {address}\n"
+        f"# MLflow\n\nParent run `{run_id}` of experiment `{experiment}`:\n\n"
+        + "".join(f"- {what}: {address}\n" for what, address in addresses.items())
+        + (f"\n({hint})\n" if hint else "")
     )
-    print(f"MLflow parent run: {address}")
+    print_addresses(tracking_uri, run_id)
     return run_id
 
 
