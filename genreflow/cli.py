@@ -405,6 +405,15 @@ def _run_aggregate(args: argparse.Namespace) -> int:
 
 
 # --- compare -----------------------------------------------------------------------------
+def _add_tracking_uri(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
+    )
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -416,12 +425,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_a", metavar="RUN_A", help="run A's MLflow parent run id")
     p.add_argument("run_b", metavar="RUN_B", help="run B's MLflow parent run id")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        metavar="URI",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
-    )
+    _add_tracking_uri(p)
     p.add_argument(
         "--markdown",
         type=Path,
@@ -471,12 +475,7 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
         "(`mlflow ui`) until Ctrl-C. A tracking server serves its own UI: only the "
         "addresses are printed.",
     )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        metavar="URI",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
-    )
+    _add_tracking_uri(p)
     p.add_argument("--experiment", default=None, help="the experiment (default genreflow-gtzan)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")

@@ -639,3 +639,70 @@ def test_an_old_format_fold_logs_under_todays_names(mlflow_server, tmp_path):
     assert [(m.step, m.value) for m in history] == [(10, 0.4), (20, 0.8)]
     metrics = client.get_run(child).data.metrics
     assert not {"heldout_accuracy", "best_accuracy", "peak_test_accuracy"} & set(metrics)
+
+
+# --- where the UI lands ------------------------------------------------------------------
+@pytest.fixture
+def local_store(tmp_path):
+    """A sqlite store holding one pipeline run with folds 2 and 1 (logged in that order)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_pipeline_run(uri, "genreflow-gtzan", run_name="demo-run", pipeline_run_id="p1")
+    folds = {
+        fold: log_fold(uri, parent, _fold_dir(tmp_path / f"f{fold}", fold, 0.7)) for fold in (2, 1)
+    }
+    return uri, parent, folds
+
+
+def test_ui_prints_the_classic_views_of_the_latest_pipeline_run(local_store, capsys):
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    from genreflow.cli import main
+
+    uri, parent, folds = local_store
+    experiment = MlflowClient(uri).get_run(parent).info.experiment_id
+    assert main(["ui", "--tracking-uri", uri, "--no-serve", "--port", "5123"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"latest pipeline run: demo-run ({parent})"
+    addresses = dict(line.removeprefix("MLflow ").split(": ", 1) for line in lines[1:])
+    ui = "http://127.0.0.1:5123/#/experiments"
+    # MLflow 3 opens an experiment in its GenAI view; workflowType opens the runs table.
+    assert addresses["parent run"] == (
+        f"{ui}/{experiment}/runs/{parent}?workflowType=machine_learning"
+    )
+    assert addresses["runs table"] == f"{ui}/{experiment}?workflowType=machine_learning"
+    for key in ("folds compared", "fold curves"):
+        query = parse_qs(urlsplit(unquote(addresses[key])).fragment.split("?", 1)[1])
+        assert json.loads(query["runs"][0]) == [folds[1], folds[2]]  # in fold order
+        assert json.loads(query["experiments"][0]) == [experiment]
+    assert json.loads(
+        parse_qs(unquote(addresses["fold curves"]).split("?", 1)[1])["metric"][0]
+    ) == ("test_accuracy")
+    names = {MlflowClient(uri).get_run(run).info.run_name for run in folds.values()}
+    assert names == {"fold-01", "fold-02"}
+
+
+def test_ui_serves_the_store_it_names(local_store, tmp_path):
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from conftest import free_port, serving
+
+    uri, parent, _ = local_store
+    port = free_port()
+    genreflow = Path(sys.executable).with_name("genreflow")
+    command = [str(genreflow), "ui", "--tracking-uri", uri, "--port", str(port)]
+    with serving(command, "/health", tmp_path / "ui.log", port=port) as url:
+        with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/runs/get?run_id={parent}") as r:
+            assert json.load(r)["run"]["info"]["run_name"] == "demo-run"
+    log = (tmp_path / "ui.log").read_text()
+    assert f"MLflow parent run: {url}/#/experiments/" in log
+
+
+def test_ui_without_a_database_says_so(tmp_path, capsys):
+    from genreflow.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    assert main(["ui", "--tracking-uri", uri, "--no-serve"]) == 2
+    assert "no MLflow database there yet (make run writes one)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
