@@ -225,6 +225,23 @@ def test_killed_run_resumes_to_the_same_result(work, uninterrupted, tmp_path, ca
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_each_evaluation_is_reported_as_it_happens(work, uninterrupted, tmp_path):
+    """on_evaluation (the live curve's feed) gets each metrics.csv row while the run goes
+    on, before the run is finished, and the same rows the reference run wrote."""
+    out = tmp_path / "live"
+    seen = []
+
+    def on_evaluation(row: dict) -> None:
+        seen.append({**row, "finished": (out / "summary.json").exists()})
+
+    train_fold(_config(work, out), on_evaluation=on_evaluation)
+    assert not any(row.pop("finished") for row in seen)
+    for row in seen:
+        assert row.pop("seconds") >= 0
+    expected = _metrics_without_time(uninterrupted / "metrics.csv")
+    assert [{k: str(v) for k, v in row.items()} for row in seen] == expected
+
+
 def test_outputs_follow_the_contract(work, uninterrupted):
     out = uninterrupted
     assert sorted(p.name for p in out.iterdir()) == [
