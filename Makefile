@@ -57,9 +57,8 @@ run: install ## the whole pipeline through kfp.local on the embedded default (PR
 compile: install ## compile the KFP pipeline to $(WORKSPACE)/pipeline.yaml
 	$(GF) compile --out $(WORKSPACE)/pipeline.yaml
 
-ui: install ## the MLflow UI on the workspace's runs (http://127.0.0.1:$(UI_PORT))
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKSPACE))/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+ui: install ## the MLflow UI on the workspace's runs (http://127.0.0.1:$(UI_PORT)); prints where the latest run is
+	$(GF) ui --tracking-uri sqlite:///$(abspath $(WORKSPACE))/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 clean: ## remove the workspace (outputs of make run)
 	rm -rf $(WORKSPACE)

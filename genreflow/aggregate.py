@@ -7,7 +7,8 @@ Each fold's training step leaves a folder with `predictions.csv` (columns `audio
 means the run did not record it: cv10 unless the caller says otherwise), `selection`
 ("validation" or "heldout": what chose the checkpoint), `split` (clip counts `train`,
 `valid`, `test`, `excluded`, `missing`, and the lists `excluded_names`, `missing_names`),
-`valid_accuracy`, `selected_iteration`, `data_sha256`, `split_sha256` and `seeds`.
+`valid_accuracy`, `selected_iteration`, `peak_test_accuracy` (shown, labelled optimistic,
+never used), `data_sha256`, `split_sha256` and `seeds`.
 
 The two protocols pool differently:
 
@@ -597,7 +598,9 @@ def _folds_html(report: dict) -> list[str]:
     header = [noun, "clips", "correct", "accuracy"]
     with_valid = any(f["valid_accuracy"] is not None for f in report["folds"])
     with_iteration = any(f["selected_iteration"] is not None for f in report["folds"])
+    with_peak = any(f.get("peak_test_accuracy") is not None for f in report["folds"])
     header += ["validation accuracy"] * with_valid + ["selected iteration"] * with_iteration
+    header += ["peak test accuracy (optimistic)"] * with_peak
     rows = []
     for f in report["folds"]:
         row = [f["fold"], f["n_clips"], f["n_correct"], _fmt(f["accuracy"])]
@@ -605,8 +608,17 @@ def _folds_html(report: dict) -> list[str]:
             row.append(_fmt(f["valid_accuracy"]))
         if with_iteration:
             row.append("n/a" if f["selected_iteration"] is None else f["selected_iteration"])
+        if with_peak:
+            row.append(_fmt(f.get("peak_test_accuracy")))
         rows.append([*row, f["dir"]])
-    parts += [_table([*header, "folder"], rows), f"<h2>Failed or missing {noun}s</h2>"]
+    parts.append(_table([*header, "folder"], rows))
+    if with_peak:
+        parts.append(
+            "<p>Peak test accuracy: the highest accuracy on the test rows at any evaluation "
+            "while training. Picking it means choosing on the test rows, so it is optimistic: "
+            "it is not the result and takes no part in any figure above.</p>"
+        )
+    parts.append(f"<h2>Failed or missing {noun}s</h2>")
     if report["missing_folds"] or report["failed_folds"]:
         parts.append(
             "<p>Missing: "
@@ -953,6 +965,9 @@ def _fold_row(fold: FoldResult) -> dict:
         "n_train": fold.n_train,
         "valid_accuracy": fold.number("valid_accuracy"),
         "selected_iteration": fold.number("selected_iteration"),
+        # The highest test accuracy seen while training: chosen on the test rows, so shown
+        # only beside the result, labelled optimistic, never averaged into it.
+        "peak_test_accuracy": fold.number("peak_test_accuracy"),
         "dir": str(fold.directory),
     }
 

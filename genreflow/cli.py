@@ -10,6 +10,7 @@ mlflow) happen inside the handlers so that `genreflow --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -404,6 +405,15 @@ def _run_aggregate(args: argparse.Namespace) -> int:
 
 
 # --- compare -----------------------------------------------------------------------------
+def _add_tracking_uri(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
+    )
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -415,12 +425,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_a", metavar="RUN_A", help="run A's MLflow parent run id")
     p.add_argument("run_b", metavar="RUN_B", help="run B's MLflow parent run id")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        metavar="URI",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
-    )
+    _add_tracking_uri(p)
     p.add_argument(
         "--markdown",
         type=Path,
@@ -457,6 +462,54 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.markdown is not None:
         print(f"markdown: {write_markdown(result, args.markdown)}")
     return 0
+
+
+# --- ui ----------------------------------------------------------------------------------
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI on the runs and print where the latest pipeline run is",
+        description="Print the MLflow UI's addresses of the latest pipeline run (its parent "
+        "run, the experiment's runs table, its folds side by side and their test accuracy "
+        "curves), in the UI's classic view, then serve the UI on a database or folder "
+        "(`mlflow ui`) until Ctrl-C. A tracking server serves its own UI: only the "
+        "addresses are printed.",
+    )
+    _add_tracking_uri(p)
+    p.add_argument("--experiment", default=None, help="the experiment (default genreflow-gtzan)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
+    p.add_argument("--no-serve", action="store_true", help="print the addresses only")
+    p.set_defaults(func=_run_ui)
+
+
+def _run_ui(args: argparse.Namespace) -> int:
+    from genreflow.tracking import (
+        DEFAULT_EXPERIMENT,
+        default_tracking_uri,
+        latest_pipeline_run,
+        print_addresses,
+    )
+
+    uri = args.tracking_uri or default_tracking_uri()
+    served = not uri.startswith(("http://", "https://"))
+    # Opening a database that is not there would make an empty one.
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise GenreflowError(f"{uri}: no MLflow database there yet (make run writes one)")
+    ui = f"http://{args.host}:{args.port}" if served else ""
+    experiment = args.experiment or DEFAULT_EXPERIMENT
+    latest = latest_pipeline_run(uri, experiment)
+    if latest is None:
+        print(f"no pipeline run in experiment {experiment} at {uri} yet")
+    else:
+        print(f"latest pipeline run: {latest.info.run_name} ({latest.info.run_id})")
+        print_addresses(uri, latest.info.run_id, ui=ui)
+    if args.no_serve or not served:
+        return 0
+    print(f"MLflow UI on {ui} (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    os.execv(sys.executable, [*command, "--host", args.host, "--port", str(args.port)])
+    return 0  # not reached: the process is mlflow ui's now
 
 
 # --- embed-features / train-head (the frozen-base fast path) -----------------------------
@@ -577,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_aggregate,
         _add_compare,
         _add_frozen,
+        _add_ui,
     ):
         add(sub)
     # Steps that live outside the library (the pipeline's compile, run and submit, from

@@ -38,6 +38,7 @@ from genreflow.aggregate import (
 )
 from genreflow.atomic import write_text_atomic
 from genreflow.errors import GenreflowError
+from genreflow.fold_result import RENAMED, current_names
 
 DEFAULT_METRIC = "final_accuracy"
 PARENT_TAG = "mlflow.parentRunId"
@@ -128,6 +129,9 @@ def read_pipeline_run(
             run with a `fold` tag (naming the run).
     """
     where = tracking_uri or "MLflow"
+    # Runs logged before the metrics were renamed (heldout_accuracy, best_accuracy) are
+    # compared under today's names, whichever name the caller gives.
+    metric = RENAMED.get(metric, metric)
     parent = _get_run(client, run_id, where)
     protocol = _recorded(parent, "protocol")
     if protocol is not None and protocol not in PROTOCOL_LABELS:
@@ -169,7 +173,9 @@ def read_pipeline_run(
     for fold in sorted(folds):
         # A fold run that did not finish may have logged a metric on its way: not a score.
         scored = [
-            c for c in folds[fold] if metric in c.data.metrics and c.info.status == "FINISHED"
+            c
+            for c in folds[fold]
+            if metric in current_names(c.data.metrics) and c.info.status == "FINISHED"
         ]
         if not scored:
             run.unscored[fold] = ", ".join(sorted({c.info.status for c in folds[fold]}))
@@ -183,7 +189,7 @@ def read_pipeline_run(
                 f"run {run_id}: fold {fold} has {len(scored)} scored runs; the latest "
                 f"({chosen.info.run_id}) is used, not {others}"
             )
-        run.scores[fold] = float(chosen.data.metrics[metric])
+        run.scores[fold] = float(current_names(chosen.data.metrics)[metric])
     return run
 
 
@@ -326,6 +332,7 @@ def compare_runs(
     from genreflow.tracking import _client, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
+    metric = RENAMED.get(metric, metric)
     client = _client(uri)
     a = read_pipeline_run(client, run_a, metric=metric, tracking_uri=uri)
     b = read_pipeline_run(client, run_b, metric=metric, tracking_uri=uri)

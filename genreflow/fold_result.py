@@ -5,7 +5,7 @@ module; aggregate, tracking and the KFP components read it through this module. 
 folder holds:
 
 - `metrics.csv`: one row per evaluation, METRICS_COLUMNS: iteration, train_loss (mean since
-  the previous evaluation), valid_accuracy (what chooses the checkpoint), heldout_accuracy
+  the previous evaluation), valid_accuracy (what chooses the checkpoint), test_accuracy
   (the test rows, watched only), seconds (wall time since the run began).
 - `predictions.csv`: the test rows as the selected checkpoint classifies them, one row per
   clip: audio_name, fold (the run's fold), genre, then one probability column per genre in
@@ -17,10 +17,11 @@ folder holds:
   `{"fold": K, "error": "..."}`.
 
 Reading is lenient where older runs recorded less (a summary may hold only `{"fold": K}`)
-and strict where a file breaks the contract: a fold whose files are missing or unreadable
-is a `FailedFold`; a file that reads but is wrong (a clip twice, a fold number that
-disagrees, an unknown genre, probabilities that do not sum to 1) is a GenreflowError
-naming the file and line.
+or named things otherwise (`RENAMED`: folders written before the names said what they
+measure are read under today's names) and strict where a file breaks the contract: a fold
+whose files are missing or unreadable is a `FailedFold`; a file that reads but is wrong
+(a clip twice, a fold number that disagrees, an unknown genre, probabilities that do not
+sum to 1) is a GenreflowError naming the file and line.
 """
 
 from __future__ import annotations
@@ -44,7 +45,16 @@ METRICS = "metrics.csv"
 PREDICTIONS = "predictions.csv"
 SUMMARY = "summary.json"
 FAILED = "failed.json"
-METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "heldout_accuracy", "seconds")
+METRICS_COLUMNS = ("iteration", "train_loss", "valid_accuracy", "test_accuracy", "seconds")
+# Older names -> today's, in summary.json, metrics.csv and resume states: "heldout" said
+# where the rows came from, not that they are the test rows; "best" read like a result, but
+# it is the highest test accuracy seen while training, chosen on the test rows themselves.
+RENAMED = {
+    "heldout_accuracy": "test_accuracy",
+    "best_accuracy": "peak_test_accuracy",
+    "best_iteration": "peak_test_iteration",
+    "n_heldout": "n_test",
+}
 PREDICTION_COLUMNS = ("audio_name", "fold", "genre", *GENRES)
 
 # The two training paths, as summary.json's "path" names them, and the checkpoint each
@@ -78,10 +88,12 @@ class FoldSummary:
     final_accuracy: float  # the selected checkpoint on the test rows: the number to report
     valid_accuracy: float  # of the selected checkpoint
     selected_iteration: int
-    best_accuracy: float  # the highest test accuracy seen: the seed's optimistic figure
-    best_iteration: int
+    # The highest test accuracy seen while training: the seed's optimistic figure, never a
+    # result (it is chosen on the test rows); kept out of the headline metrics.
+    peak_test_accuracy: float
+    peak_test_iteration: int
     n_train: int
-    n_heldout: int  # test rows
+    n_test: int  # test rows
     split: dict  # genreflow.splits.Split.counts()
     split_sha256: str
     data_sha256: str
@@ -99,8 +111,8 @@ class FoldSummary:
     # The order of summary.json's keys.
     _ORDER = (
         "fold path protocol selection iterations final_accuracy valid_accuracy "
-        "selected_iteration best_accuracy best_iteration n_train n_heldout split split_sha256 "
-        "data_sha256 seeds clips_per_second wall_seconds device precision base_sha256 "
+        "selected_iteration peak_test_accuracy peak_test_iteration n_train n_test split "
+        "split_sha256 data_sha256 seeds clips_per_second wall_seconds device precision base_sha256 "
         "pretrained config features genreflow_version"
     ).split()
 
@@ -142,7 +154,7 @@ class Progress:
                 "iteration": self.iteration,
                 "train_loss": train_loss,
                 "valid_accuracy": valid_accuracy,
-                "heldout_accuracy": test_accuracy,
+                "test_accuracy": test_accuracy,
                 "seconds": seconds,
             }
         )
@@ -162,17 +174,17 @@ def summarise(*, split, progress: Progress, test_targets: np.ndarray, **fields) 
     metrics, best = progress.metrics, progress.best
     selected = np.asarray(best["test_probabilities"])
     # The seed's optimistic figure: the highest test accuracy seen (ties: the earlier).
-    peak = max(metrics, key=lambda m: m["heldout_accuracy"])
+    peak = max(metrics, key=lambda m: m["test_accuracy"])
     return FoldSummary(
         protocol=split.protocol,
         selection=split.selection,
         final_accuracy=float(np.mean(selected.argmax(axis=1) == test_targets)),
         valid_accuracy=best["valid_accuracy"],
         selected_iteration=best["iteration"],
-        best_accuracy=peak["heldout_accuracy"],
-        best_iteration=peak["iteration"],
+        peak_test_accuracy=peak["test_accuracy"],
+        peak_test_iteration=peak["iteration"],
         n_train=int(len(split.train)),
-        n_heldout=int(len(split.test)),
+        n_test=int(len(split.test)),
         split=split.counts(),
         **fields,
     )
@@ -222,15 +234,21 @@ def folds_required(min_folds: int, expected_folds: Sequence[int]) -> int:
 
 
 # --- reading -----------------------------------------------------------------------------
+def current_names(record: dict) -> dict:
+    """`record` (a summary, a metrics row) with older keys under today's names (RENAMED)."""
+    return {RENAMED.get(key, key): value for key, value in record.items()}
+
+
 def read_summary(directory: Path) -> dict:
-    """summary.json of a finished fold folder (no checks: see `read_fold`)."""
-    return json.loads((Path(directory) / SUMMARY).read_text())
+    """summary.json of a finished fold folder, under today's names (no checks: see
+    `read_fold`)."""
+    return current_names(json.loads((Path(directory) / SUMMARY).read_text()))
 
 
 def read_metrics(directory: Path) -> list[dict[str, str]]:
-    """metrics.csv's rows as text, by column name."""
+    """metrics.csv's rows as text, by column name (today's names)."""
     with open(Path(directory) / METRICS, newline="") as f:
-        return list(csv.DictReader(f))
+        return [current_names(row) for row in csv.DictReader(f)]
 
 
 def read_failure(directory: Path) -> dict:
@@ -343,7 +361,7 @@ def _read_summary_checked(directory: Path) -> tuple[dict | None, str | None]:
         return None, f"{path}: unreadable ({exc})"
     if not isinstance(summary, dict):
         raise GenreflowError(f"{path}: expected a JSON object, found {type(summary).__name__}")
-    return summary, None
+    return current_names(summary), None
 
 
 def _summary_fold(summary: dict, path: Path) -> int:

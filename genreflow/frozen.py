@@ -67,7 +67,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -601,6 +601,7 @@ def train_head(
     seed: int = DEFAULT_RECIPE["seed"],
     protocol: str = DEFAULT_PROTOCOL,
     selection: str = DEFAULT_SELECTION,
+    on_evaluation: Callable[[dict], object] | None = None,
 ) -> dict:
     """Train the genre head on stored embeddings of the training rows, keep the head that
     does best on the validation rows, report it on the test rows (genreflow.splits).
@@ -622,6 +623,8 @@ def train_head(
         protocol: "cv10" or "filtered" (the fault-filtered lists).
         selection: "validation" chooses the head on rows neither trained on nor reported
             (cv10: the next fold); "heldout" on the test rows, as the seed did.
+        on_evaluation: given each evaluation's metrics.csv row as it happens (the fold's
+            live curve: genreflow.tracking.LiveLog).
 
     Returns:
         summary.json's content.
@@ -663,10 +666,16 @@ def train_head(
     )
 
     with one_thread():
-        return _train_head(config, data, split, out)
+        return _train_head(config, data, split, out, on_evaluation)
 
 
-def _train_head(config: HeadConfig, data: EmbeddingsFile, split: Split, out: Path) -> dict:
+def _train_head(
+    config: HeadConfig,
+    data: EmbeddingsFile,
+    split: Split,
+    out: Path,
+    on_evaluation: Callable[[dict], object] | None = None,
+) -> dict:
     """Reads like genreflow.train's loop: data, model, optimiser, loop, evaluation, checkpoint."""
     started = time.monotonic()
     # Data: standardised with the training rows' statistics only; the valid and test rows
@@ -720,6 +729,8 @@ def _train_head(config: HeadConfig, data: EmbeddingsFile, split: Split, out: Pat
         ):
             selected = (head.weight.detach().clone(), head.bias.detach().clone())
         loss_sum, loss_count = 0.0, 0
+        if on_evaluation is not None:
+            on_evaluation(progress.metrics[-1])
 
     # Checkpoint: the selected head, the standardisation folded into it.
     weight, bias = fold_standardisation(selected[0].numpy(), selected[1].numpy(), mean, scale)

@@ -18,7 +18,7 @@ import torch
 
 from genreflow.atomic import write_atomic
 from genreflow.errors import GenreflowError
-from genreflow.fold_result import SUMMARY, Progress, read_summary
+from genreflow.fold_result import SUMMARY, Progress, current_names, read_summary
 
 RESUME = "resume.pt"
 
@@ -71,7 +71,7 @@ def restore(saved: dict, *, model, optimizer, sampler, mixup) -> Progress:
     restore_random_states(saved["random"], mixup)
     return Progress(
         iteration=saved["iteration"],
-        metrics=saved["metrics"],
+        metrics=[current_names(row) for row in saved["metrics"]],  # older names too
         best=saved["best"],
         seconds=saved["seconds"],
         train_seconds=saved["train_seconds"],

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -64,6 +66,11 @@ from genreflow.retry import FOLD_TRIES, is_transient, retry_transient
 T = TypeVar("T")
 
 DEFAULT_EXPERIMENT = "genreflow-gtzan"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `genreflow ui` (make ui) serves a local store
+# MLflow 3 opens an experiment in its GenAI view (traces) and remembers the last view
+# chosen; this query opens the classic one ("Model training": the runs table, a run's
+# metrics and child runs). Checked with MLflow 3.17's UI in a browser.
+CLASSIC_VIEW = "workflowType=machine_learning"
 RETRY_ATTEMPTS = 4
 RETRY_FIRST_DELAY_SECONDS = 2.0
 # A fold's training: a transient failure (genreflow.retry) costs one retry from the last
@@ -77,15 +84,30 @@ WORK_FOLDER = "genreflow-work"
 # folder: uploading a second 330 MB checkpoint per fold buys nothing.
 FOLD_ARTIFACTS = (METRICS, PREDICTIONS, SUMMARY, BEST, HEAD)
 CHECKPOINTS = (BEST, HEAD)
-SUMMARY_METRICS = (
-    "final_accuracy",
-    "valid_accuracy",
-    "best_accuracy",
-    "selected_iteration",
-    "clips_per_second",
-    "wall_seconds",
-)
+# A fold run's headline metrics: summary.json's key -> the metric's name. summary.json's
+# peak_test_accuracy is left out: chosen on the test rows, it would rank runs on an
+# optimistic number (the test_accuracy curve holds it). The selected checkpoint's
+# validation accuracy has a name of its own: as valid_accuracy at the last step it would
+# put a second point on the curve's last step.
+SUMMARY_METRICS = {
+    "final_accuracy": "final_accuracy",
+    "valid_accuracy": "selected_valid_accuracy",
+    "selected_iteration": "selected_iteration",
+    "clips_per_second": "clips_per_second",
+    "wall_seconds": "wall_seconds",
+}
 SUMMARY_TAGS = ("path", "protocol", "selection", "split_sha256", "data_sha256")
+# The curve a fold logs at every evaluation, as it happens (LiveLog), iteration as step.
+CURVE = ("train_loss", "valid_accuracy", "test_accuracy")
+# Live points retry a blip briefly: they are sent again from metrics.csv at the end anyway.
+LIVE_ATTEMPTS = 3
+LIVE_FIRST_DELAY_SECONDS = 1.0
+# The most a fold's end waits for its queued live points: well inside the grace period a
+# stopped pod gets (Kubernetes: 30 s) before its run must be ended KILLED.
+LIVE_CLOSE_SECONDS = 10.0
+SYSTEM_METRICS_SECONDS = 10.0
+DIGEST_CHARS = 16
+DATASET_CONTEXT_TAG = "mlflow.data.context"
 
 ROLE_TAG = "genreflow.role"  # "pipeline" on parents, "fold" on children
 OWNER_TAG = "genreflow.owner"  # "genreflow" on runs genreflow created, and so may close
@@ -117,11 +139,95 @@ def default_tracking_uri(workspace: str | Path = "workspace") -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
-def run_address(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Where a person looks at a run: its page in the MLflow UI, or how to open one."""
+def ui_address(tracking_uri: str, ui: str = "") -> str:
+    """The MLflow UI that shows `tracking_uri`'s runs: `ui` when given, the tracking server
+    itself, else the address `genreflow ui` (make ui) serves a database or folder at."""
+    if ui:
+        return ui.rstrip("/")
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"run {run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"
+        return tracking_uri.rstrip("/")
+    return DEFAULT_UI
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to start the UI those addresses need ("" where the tracking server serves it)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return f"serve them with `make ui` or `genreflow ui --tracking-uri {tracking_uri}`"
+
+
+def run_address(tracking_uri: str, experiment_id: str, run_id: str, ui: str = "") -> str:
+    """A run's page in the MLflow UI, in its classic view (metrics, child runs, artifacts)."""
+    base = ui_address(tracking_uri, ui)
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}"
+
+
+def runs_table_address(tracking_uri: str, experiment_id: str, ui: str = "") -> str:
+    """The experiment's runs table (each pipeline run a row, its folds nested under it)."""
+    return f"{ui_address(tracking_uri, ui)}/#/experiments/{experiment_id}?{CLASSIC_VIEW}"
+
+
+def pipeline_addresses(tracking_uri: str, parent_run_id: str, ui: str = "") -> dict[str, str]:
+    """Where to look at one pipeline run in the MLflow UI: the parent run, the experiment's
+    runs table, and, once folds are logged, the folds side by side (params and metrics) and
+    their test accuracy curves in one chart. Keys: parent run, runs table, folds compared,
+    fold curves."""
+    from urllib.parse import quote
+
+    def read() -> tuple[str, list[str]]:
+        client = _client(tracking_uri)
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'fold'",
+        )
+        folds = sorted(children, key=lambda r: int(r.data.tags.get("fold", "0")))
+        return experiment_id, [r.info.run_id for r in folds]
+
+    experiment_id, folds = _tracked(f"reading run {parent_run_id}", read)
+    base = ui_address(tracking_uri, ui)
+    addresses = {
+        "parent run": run_address(tracking_uri, experiment_id, parent_run_id, ui),
+        "runs table": runs_table_address(tracking_uri, experiment_id, ui),
+    }
+    if folds:
+        compact = functools.partial(json.dumps, separators=(",", ":"))
+        runs, experiments = quote(compact(folds)), quote(compact([experiment_id]))
+        addresses["folds compared"] = f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
+        curve = quote(compact(CURVE[-1]))
+        addresses["fold curves"] = (
+            f"{base}/#/metric?runs={runs}&metric={curve}&experiments={experiments}"
+            f"&plot_metric_keys={quote(compact([CURVE[-1]]))}"
+        )
+    return addresses
+
+
+def print_addresses(tracking_uri: str, parent_run_id: str, ui: str = "") -> None:
+    """Print `pipeline_addresses`, one a line, and how to serve them where that is needed
+    (no `ui` given and no tracking server)."""
+    for what, address in pipeline_addresses(tracking_uri, parent_run_id, ui).items():
+        print(f"MLflow {what}: {address}")
+    if not ui and (hint := ui_hint(tracking_uri)):
+        print(f"  ({hint})")
+
+
+def latest_pipeline_run(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT):
+    """The experiment's most recently started pipeline run (a parent), or None."""
+
+    def find():
+        client = _client(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    return _tracked(f"looking for the latest pipeline run in {experiment}", find)
 
 
 def _client(tracking_uri: str):
@@ -336,12 +442,14 @@ def open_pipeline_run(parameters: dict, markdown: str | Path) -> str:
         params=p,
         tags=tags,
     )
-    experiment_id = _client(tracking_uri).get_run(run_id).info.experiment_id
-    address = run_address(tracking_uri, experiment_id, run_id)
+    addresses = pipeline_addresses(tracking_uri, run_id)
+    hint = ui_hint(tracking_uri)
     Path(markdown).write_text(
-        f"# MLflow\n\nParent run `{run_id}` of experiment `{experiment}`: {address}\n"
+        f"# MLflow\n\nParent run `{run_id}` of experiment `{experiment}`:\n\n"
+        + "".join(f"- {what}: {address}\n" for what, address in addresses.items())
+        + (f"\n({hint})\n" if hint else "")
     )
-    print(f"MLflow parent run: {address}")
+    print_addresses(tracking_uri, run_id)
     return run_id
 
 
@@ -504,7 +612,7 @@ def fold_key(inputs: Iterable[str | Path], settings: dict) -> str:
     protocol, recipe, ...) and the code's version. Equal keys give equal results."""
     digest = hashlib.sha256()
     for path in inputs:
-        digest.update(bytes.fromhex(storage.sha256_of(path)))
+        digest.update(bytes.fromhex(input_sha256(path)))
     code = {"genreflow_version": __version__, "code_sha256": code_sha256()}
     digest.update(json.dumps({**settings, **code}, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -519,6 +627,176 @@ def code_sha256() -> str:
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def input_sha256(path: str | Path) -> str:
+    """The SHA-256 of a fold's input file, hashed once per process while the file stays
+    the same: the fold's key and its dataset input both need it (seconds for GBs)."""
+    stat = os.stat(path)
+    return _sha256_of_version(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return storage.sha256_of(path)
+
+
+def fold_run_name(fold: int) -> str:
+    """fold-01 .. fold-10: run names that sort in the runs table as the folds do."""
+    return f"fold-{fold:02d}"
+
+
+def input_datasets(inputs: Iterable[str | Path]):
+    """The fold's input files (packed features, or embeddings) as MLflow dataset inputs:
+    named by the file, the first DIGEST_CHARS hex digits of its SHA-256 as the digest (the
+    store keeps 36 characters), the whole checksum and the size in its profile and as a
+    tag on the input."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    datasets = []
+    for path in inputs:
+        sha256 = input_sha256(path)
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path))
+        profile = {"sha256": sha256, "bytes": os.path.getsize(path)}
+        dataset = Dataset(
+            name=Path(path).name,
+            digest=sha256[:DIGEST_CHARS],
+            source_type=source._get_source_type(),
+            source=source.to_json(),
+            profile=json.dumps(profile),
+        )
+        tags = [InputTag(DATASET_CONTEXT_TAG, "training"), InputTag("sha256", sha256)]
+        datasets.append(DatasetInput(dataset, tags=tags))
+    return datasets
+
+
+class LiveLog:
+    """A fold's curve on its run while it trains: at each evaluation, train_loss,
+    valid_accuracy and test_accuracy with the iteration as step and the time they were
+    measured; first, the fold's dataset inputs.
+
+    A background thread sends them, so a slow or absent tracking server never holds the
+    training up; what queued up meanwhile goes in one request. It retries a blip as every
+    tracking call does (`retrying`, shorter); a failure that remains is said once, the fold
+    trains on, later points are tried once each, quietly, and whatever did not arrive is
+    logged from metrics.csv when the fold ends (FoldRun.log_outputs). A step the run holds
+    already (a retried try, a restarted step) is not sent twice.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, fold: int, *, datasets=()):
+        self.tracking_uri, self.run_id, self.fold = tracking_uri, run_id, fold
+        self.failing = False
+        self._closed = False
+        self._datasets = list(datasets)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._send, name=f"genreflow-live-fold-{fold}", daemon=True
+        )
+        self._thread.start()
+
+    def evaluation(self, row: dict) -> None:
+        """One evaluation (a metrics.csv row, today's names); returns at once."""
+        if self._closed:
+            return
+        from mlflow.entities import Metric
+
+        step, now = int(row["iteration"]), int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(row[k]), now, step) for k in CURVE if row.get(k) not in (None, "")
+        ]
+        self._queue.put((step, metrics))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Send what is queued (waiting at most `timeout` seconds), then stop."""
+        self._queue.put(None)
+        self._thread.join(LIVE_CLOSE_SECONDS if timeout is None else timeout)
+        self._closed = True
+        if self._thread.is_alive():
+            print(
+                f"MLflow: fold {self.fold}'s live curve is still being sent; the fold's "
+                "final log takes over",
+                file=sys.stderr,
+            )
+
+    def _send(self) -> None:
+        client = _client(self.tracking_uri)
+        if self._datasets:
+            self._try("dataset inputs", lambda: client.log_inputs(self.run_id, self._datasets))
+        sent = self._steps_on_run(client)
+        done = False
+        while not done:
+            batch = [self._queue.get()]
+            while not self._queue.empty():  # everything queued meanwhile, in one request
+                batch.append(self._queue.get())
+            done = batch[-1] is None
+            points = {step: metrics for step, metrics in filter(None, batch) if step not in sent}
+            if self._closed or not points:
+                continue
+            steps = sorted(points)
+            metrics = [m for step in steps for m in points[step]]
+            what = f"metrics of iteration {steps[0]}" + (
+                f" to {steps[-1]}" if len(steps) > 1 else ""
+            )
+            if self._try(what, functools.partial(self._log_batch, client, metrics)):
+                sent.update(steps)
+
+    def _log_batch(self, client, metrics: list) -> None:
+        for start in range(0, len(metrics), 900):  # the REST API caps a batch at 1000
+            client.log_batch(self.run_id, metrics=metrics[start : start + 900])
+
+    def _try(self, what: str, send: Callable[[], object]) -> bool:
+        """Send; True when it arrived. Never raises: a live point never fails the fold."""
+        what = f"MLflow: fold {self.fold}'s live {what}"
+        try:
+            if self.failing:  # one quiet try each while the server is away
+                send()
+            else:
+                retrying(what, send, attempts=LIVE_ATTEMPTS, first_delay=LIVE_FIRST_DELAY_SECONDS)
+        except Exception as exc:  # noqa: BLE001
+            if not self.failing:
+                self.failing = True
+                print(
+                    f"{what} could not be logged ({type(exc).__name__}: {exc}); the fold trains "
+                    "on, and what is missing is logged when it ends",
+                    file=sys.stderr,
+                )
+            return False
+        if self.failing:
+            self.failing = False
+            print(f"MLflow: fold {self.fold}'s live curve arrives again", file=sys.stderr)
+        return True
+
+    def _steps_on_run(self, client) -> set:
+        """The steps whose curve the run holds already (a retried or restarted fold)."""
+        try:
+            if CURVE[-1] not in client.get_run(self.run_id).data.metrics:
+                return set()
+            return {m.step for m in client.get_metric_history(self.run_id, CURVE[-1])}
+        except Exception:  # noqa: BLE001 - unknown: send them all; the server keeps both
+            return set()
+
+
+def _system_metrics(tracking_uri: str, run_id: str):
+    """MLflow's system metrics monitor (CPU, memory, disk, network; the GPU where pynvml
+    is installed) sampling into the run every SYSTEM_METRICS_SECONDS (or
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), started; None where it cannot run."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=SYSTEM_METRICS_SECONDS,
+            resume_logging=True,  # a restarted step continues the steps, not from 0
+            tracking_uri=tracking_uri,
+        )
+    except Exception as exc:  # noqa: BLE001 - monitoring never fails the fold
+        print(f"MLflow: no system metrics for run {run_id} ({exc})", file=sys.stderr)
+        return None
+    monitor.start()
+    return monitor
 
 
 class FoldRun:
@@ -578,9 +856,25 @@ class FoldRun:
         _tracked(f"fetching fold {self.fold} from run {origin}", fetch, keep=str(out))
         self.reused_from = origin
 
-    def log_outputs(self, fold_dir: str | Path, *, reused_from: str = "") -> None:
+    @contextlib.contextmanager
+    def watching(self, datasets=()) -> Iterator[Callable[[dict], None]]:
+        """While the block trains the fold: its live curve (yields the callback the
+        training loop gives each evaluation to), its dataset inputs, system metrics."""
+        live = LiveLog(self.tracking_uri, self.run_id, self.fold, datasets=datasets)
+        monitor = _system_metrics(self.tracking_uri, self.run_id)
+        try:
+            yield live.evaluation
+        finally:
+            live.close()
+            if monitor is not None:
+                monitor.finish()
+
+    def log_outputs(self, fold_dir: str | Path, *, reused_from: str = "", datasets=()) -> None:
         """Log the finished fold folder: summary.json's recipe as params, its results and
-        the metrics.csv columns (iteration as step) as metrics, the fold files as artifacts."""
+        the metrics.csv columns (iteration as step) as metrics, the fold files as artifacts,
+        `datasets` as the run's inputs. Curve points the run holds already (sent live) are
+        not logged again; the others get the time the fold measured them (the run's start
+        plus metrics.csv's seconds)."""
         if self.logged:
             print(f"MLflow: fold {self.fold} is already logged in run {self.run_id}")
             return
@@ -601,28 +895,42 @@ class FoldRun:
 
             client = _client(self.tracking_uri)
             now = int(time.time() * 1000)
-            existing = client.get_run(self.run_id).data.params
+            run = client.get_run(self.run_id)
+            existing = run.data.params
             params = [
                 Param(k, v)
                 for k, v in _stringify(summary.get("config", {})).items()
                 if k not in existing
             ]
+            held = {
+                key: {m.step for m in client.get_metric_history(self.run_id, key)}
+                for key in run.data.metrics
+                if key in CURVE
+            }
             metrics = []
             for row in rows:
                 step = int(row["iteration"])
+                seconds = row.get("seconds")
+                at = run.info.start_time + int(float(seconds) * 1000) if seconds else now
                 for key, value in row.items():
-                    if key not in ("iteration", "seconds") and value not in (None, ""):
-                        metrics.append(Metric(key, float(value), now, step))
+                    if key in ("iteration", "seconds") or value in (None, ""):
+                        continue
+                    if step not in held.get(key, ()):
+                        metrics.append(Metric(key, float(value), min(at, now), step))
             final_step = int(summary.get("iterations", 0))
-            for key in SUMMARY_METRICS:
+            for key, name in SUMMARY_METRICS.items():
                 if isinstance(summary.get(key), (int, float)):
-                    metrics.append(Metric(key, float(summary[key]), now, final_step))
+                    metrics.append(Metric(name, float(summary[key]), now, final_step))
             tag_list = [RunTag(k, v) for k, v in _stringify(tags).items()]
             client.log_batch(self.run_id, params=params[:100], tags=tag_list)
             for start in range(100, len(params), 100):
                 client.log_batch(self.run_id, params=params[start : start + 100])
             for start in range(0, len(metrics), 500):  # the REST API caps a batch at 1000
                 client.log_batch(self.run_id, metrics=metrics[start : start + 500])
+            logged_inputs = {d.dataset.digest for d in run.inputs.dataset_inputs}
+            missing = [d for d in datasets if d.dataset.digest not in logged_inputs]
+            if missing:
+                client.log_inputs(self.run_id, missing)
             for path in artifacts:
                 client.log_artifact(self.run_id, str(path))
             client.set_tag(self.run_id, LOGGED_TAG, "true")  # last: everything is there
@@ -686,7 +994,7 @@ def fold_run(
             return FoldRun(tracking_uri, client.get_run(run.info.run_id), fold, owned=True)
         run = client.create_run(
             parent.info.experiment_id,
-            run_name=f"fold-{fold}",
+            run_name=fold_run_name(fold),
             tags={
                 PARENT_TAG: parent_run_id,
                 ROLE_TAG: "fold",
@@ -734,8 +1042,10 @@ def tracked_fold(
     an identical earlier fold, log it as the parent's child run, return its summary.
 
     Args:
-        train: trains the fold into `out` and returns summary.json's content; called again
-            after a transient failure, it resumes from the checkpoint it left in `out`.
+        train: train(on_evaluation=...) trains the fold into `out` and returns
+            summary.json's content, calling on_evaluation (None: nothing to call) with each
+            evaluation's metrics.csv row as it happens (the live curve); called again after
+            a transient failure, it resumes from the checkpoint it left in `out`.
         out: the fold folder.
         fold: the fold number (under the filtered protocol, the repetition).
         inputs: the files the fold reads (their content is part of the reuse key).
@@ -757,7 +1067,7 @@ def tracked_fold(
     out = Path(out)
     (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's, in this folder
 
-    def train_or_record_failure(run: FoldRun | None = None) -> dict | None:
+    def train_or_record_failure(run: FoldRun | None = None, on_evaluation=None) -> dict | None:
         """Train, retrying transient failures within the fold's tries (those of earlier
         starts of the step counted); a failure that remains is raised, or, where partial
         results are allowed, recorded in failed.json (None). Only training failures are
@@ -765,7 +1075,7 @@ def tracked_fold(
         try:
             return retry_transient(
                 f"fold {fold}",
-                train,
+                lambda: train(on_evaluation=on_evaluation),
                 tries=FOLD_TRIES - (run.tries if run else 0),
                 first_delay=FOLD_RETRY_FIRST_DELAY_SECONDS,
                 before_try=run.record_try if run else None,
@@ -781,7 +1091,9 @@ def tracked_fold(
     if not tracking_uri:
         summary = train_or_record_failure()
         return summary if summary is not None else _failure(out)
+    inputs = list(inputs)
     key = key or fold_key(inputs, {"fold": fold, **settings})
+    datasets = input_datasets(inputs)
     with fold_run(tracking_uri, parent_run_id, fold, key=key, keep=str(out)) as run:
         if run.logged:  # a retried task: this run already holds the fold; take it back
             run.fetch(run.this, out)
@@ -795,12 +1107,14 @@ def tracked_fold(
                 source = None
         if source is not None:
             print(f"fold {fold}: reused from MLflow run {run.reused_from} (same inputs and recipe)")
-            run.log_outputs(out, reused_from=run.reused_from)
-        elif train_or_record_failure(run) is None:
+            run.log_outputs(out, reused_from=run.reused_from, datasets=datasets)
+            return read_summary(out)
+        with run.watching(datasets) as on_evaluation:
+            summary = train_or_record_failure(run, on_evaluation)
+        if summary is None:
             run.end("FAILED")
             return _failure(out)
-        else:
-            run.log_outputs(out)
+        run.log_outputs(out, datasets=datasets)
         return read_summary(out)
 
 
@@ -879,12 +1193,12 @@ def _work_root(work_root: str, pipeline_root: str) -> str:
     return root
 
 
-def _train_in(config, out: str | Path) -> dict:
+def _train_in(config, out: str | Path, *, on_evaluation=None) -> dict:
     """Fine-tune in the durable folder config.out, then copy its outputs into `out`, the
     step's own output folder (the KFP artifact, uploaded only when the step ends)."""
     from genreflow.train import train_fold
 
-    summary = train_fold(config)
+    summary = train_fold(config, on_evaluation=on_evaluation)
     storage.copy_folder(config.out, out)
     return summary
 

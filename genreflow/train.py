@@ -19,15 +19,15 @@ What it writes to `out/`, each file atomically (temporary file, then os.replace)
   metadata under `'genreflow'`. `best.pth` is the selected checkpoint: the best
   validation accuracy (ties: the earlier one); `last.pth` the final model.
 - `metrics.csv`: iteration, train_loss (mean since the previous evaluation),
-  valid_accuracy (what chooses), heldout_accuracy (the test rows, watched only), seconds
+  valid_accuracy (what chooses), test_accuracy (the test rows, watched only), seconds
   (wall time since the run began, resumes included).
 - `predictions.csv`: the test rows as best.pth classifies them, one row per clip:
   audio_name, fold (the run's fold), genre, then one probability column per genre in
   GENRES order.
 - `summary.json`: fold, path, protocol, selection, iterations, final_accuracy (best.pth
   on the test rows: the number to report), valid_accuracy and selected_iteration (of
-  best.pth), best_accuracy and best_iteration (the highest test accuracy seen during
-  training: the seed's optimistic number, never a result), n_train, n_heldout (test
+  best.pth), peak_test_accuracy and peak_test_iteration (the highest test accuracy seen
+  during training: the seed's optimistic number, never a result), n_train, n_test (test
   rows), split (genreflow.splits.Split.counts), split_sha256, data_sha256 (the packed
   file's source_sha256), seeds (every seed the run used), clips_per_second (clips drawn
   per second of training steps, forward + backward + Adam; with mixup two clips make one
@@ -413,8 +413,12 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train_fold(config: TrainConfig) -> dict:
+def train_fold(
+    config: TrainConfig, *, on_evaluation: Callable[[dict], object] | None = None
+) -> dict:
     """Train one fold and write its outputs to config.out; returns summary.json's content.
+    `on_evaluation` is given each evaluation's metrics.csv row as it happens (the fold's
+    live curve: genreflow.tracking.LiveLog).
 
     Rerun with the same config after an interruption, it resumes from the last
     checkpoint; rerun after it finished, it does nothing and returns the summary.
@@ -436,11 +440,16 @@ def train_fold(config: TrainConfig) -> dict:
             if not folder.pull(SUMMARY) and folder.pull(RESUME):
                 folder.pull(BEST)
         with cpu_threads_for_training(), freed_memory_kept():
-            return _train_fold_in(config, folder.path, on_checkpoint=folder.publish)
+            return _train_fold_in(
+                config, folder.path, on_checkpoint=folder.publish, on_evaluation=on_evaluation
+            )
 
 
 def _train_fold_in(
-    config: TrainConfig, out: Path, on_checkpoint: Callable[..., object] | None = None
+    config: TrainConfig,
+    out: Path,
+    on_checkpoint: Callable[..., object] | None = None,
+    on_evaluation: Callable[[dict], object] | None = None,
 ) -> dict:
     """train_fold, writing to the local folder `out`; on_checkpoint(*names) is called with
     the files each checkpoint wrote, the commit point (resume.pt) last."""
@@ -530,6 +539,8 @@ def _train_fold_in(
         )
         loss_sum, loss_count = 0.0, 0
         _log_evaluation(config.fold, progress)
+        if on_evaluation is not None:
+            on_evaluation(progress.metrics[-1])
 
         # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
         # at the end: each is written after everything it vouches for, and whatever a
@@ -620,7 +631,7 @@ def _log_evaluation(fold: int, progress: Progress) -> None:
     _log(
         f"fold {fold} iter {latest['iteration']}: valid accuracy {latest['valid_accuracy']:.3f} "
         f"(best {best['valid_accuracy']:.3f} at {best['iteration']}), "
-        f"held-out accuracy {latest['heldout_accuracy']:.3f}"
+        f"test accuracy {latest['test_accuracy']:.3f}"
     )
 
 

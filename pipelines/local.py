@@ -156,4 +156,5 @@ def run_local(
     report["results_dir"] = str(found[0].parent)
     started = json.loads((run / "start-run" / "executor_output.json").read_text())
     report["mlflow_run_id"] = started["parameterValues"]["Output"]
+    report["tracking_uri"] = arguments["tracking_uri"]
     return report

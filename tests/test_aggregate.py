@@ -405,6 +405,32 @@ def test_n_train_from_summary_and_train_fraction(tmp_path: Path) -> None:
     assert report["accuracy"]["test_train_ratio"] == pytest.approx(0.25)
 
 
+def test_fold_folders_written_under_the_old_names_read_under_todays(tmp_path: Path) -> None:
+    """A fold folder from before the renames (heldout_accuracy, best_accuracy, n_heldout)
+    reads under today's names, and the report labels the peak test accuracy optimistic."""
+    from genreflow.fold_result import read_fold, read_metrics, read_summary
+
+    old = {"best_accuracy": 0.9, "best_iteration": 40, "n_heldout": 10, "n_train": 80}
+    folds = [write_fold(tmp_path / "folds", k, standard_rows(k), **old) for k in range(1, 11)]
+    (folds[0] / "metrics.csv").write_text(
+        "iteration,train_loss,valid_accuracy,heldout_accuracy,seconds\n"
+        "20,1.5,0.6,0.7,1.0\n40,1.0,0.8,0.9,2.0\n"
+    )
+    assert [row["test_accuracy"] for row in read_metrics(folds[0])] == ["0.7", "0.9"]
+    for summary in (read_summary(folds[0]), read_fold(folds[0]).summary):
+        assert summary["peak_test_accuracy"] == 0.9 and summary["peak_test_iteration"] == 40
+        assert summary["n_test"] == 10
+        assert not {"best_accuracy", "best_iteration", "n_heldout"} & set(summary)
+
+    report = aggregate(folds, tmp_path / "report")
+    assert [f["peak_test_accuracy"] for f in report["folds"]] == [0.9] * 10
+    # The peak is shown beside the result, never in it.
+    assert report["accuracy"]["mean"] == pytest.approx(np.mean(list(ACCURACY.values())))
+    page = visible_lines((tmp_path / "report" / "report.html").read_text())
+    assert any("peak test accuracy (optimistic)" in line for line in page)
+    assert any(line.startswith("Peak test accuracy:") and "optimistic" in line for line in page)
+
+
 def test_paired_comparison_by_hand() -> None:
     a = {1: 0.90, 2: 0.85, 3: 0.88, 4: 0.92, 5: 0.80, 6: 0.87, 7: 0.91, 8: 0.86, 9: 0.89, 10: 0.84}
     b = {1: 0.86, 2: 0.86, 3: 0.83, 4: 0.88, 5: 0.81, 6: 0.82, 7: 0.87, 8: 0.85, 9: 0.84}

@@ -181,3 +181,28 @@ def test_filtered_protocol_mixed_protocols_and_errors(
     capsys.readouterr()
     assert main(["compare", cv10, lonely, *uri]) == 2
     assert f"run {lonely} has no fold child runs" in capsys.readouterr().err
+
+
+def test_fold_runs_logged_under_the_old_name_compare_under_the_new(
+    experiment: tuple[MlflowClient, str], mlflow_server: str
+) -> None:
+    """Runs logged before `heldout_accuracy` became `test_accuracy` compare with new ones."""
+    from genreflow.compare import compare_runs
+
+    client, experiment_id = experiment
+    old = pipeline_run(client, experiment_id, "old", A_SCORES)
+    new = pipeline_run(client, experiment_id, "new", B_SCORES)
+    for run, scores, name in (
+        (old, A_SCORES, "heldout_accuracy"),
+        (new, B_SCORES, "test_accuracy"),
+    ):
+        children = client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run}'"
+        )
+        for child in children:
+            client.log_metric(child.info.run_id, name, scores[int(child.data.tags["fold"])])
+    for metric in ("test_accuracy", "heldout_accuracy"):
+        result = compare_runs(old, new, tracking_uri=mlflow_server, metric=metric)
+        assert result["metric"] == "test_accuracy"
+        pairs = {row["fold"]: (row["a"], row["b"]) for row in result["per_fold"]}
+        assert pairs == {k: (A_SCORES[k], B_SCORES[k]) for k in range(1, 11)}

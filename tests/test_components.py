@@ -301,6 +301,11 @@ def test_start_and_close_the_mlflow_run(tmp_path, monkeypatch):
     run_id = start_run.python_func(tracking_uri=uri, mlflow_run=markdown, **common)
     assert run_id in (tmp_path / "run.md").read_text()
     run = MlflowClient(uri).get_run(run_id)
+    # Where to look: the parent and the runs table, in the UI's classic view.
+    experiment = run.info.experiment_id
+    shown = (tmp_path / "run.md").read_text()
+    assert f"/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning" in shown
+    assert f"/#/experiments/{experiment}?workflowType=machine_learning" in shown
     # A frozen-base run logs the head's recipe, not the fine-tune's it does not use.
     assert run.data.params["head_iterations"] == str(head["iterations"])
     assert "iterations" not in run.data.params and "precision" not in run.data.params

@@ -183,7 +183,7 @@ def _fake_outputs(folder: Path, waveform: np.ndarray, losses: list[float]) -> No
     fold = folder / "fold1"
     fold.mkdir()
     rows = "".join(f"{i + 1},{loss},0.5,{10 * i + 3.7}\n" for i, loss in enumerate(losses))
-    (fold / "metrics.csv").write_text("iteration,train_loss,heldout_accuracy,seconds\n" + rows)
+    (fold / "metrics.csv").write_text("iteration,train_loss,test_accuracy,seconds\n" + rows)
     (fold / "predictions.csv").write_text(
         "audio_name,fold,genre,blues\nblues.00000.au,1,blues,0.9\n"
     )

@@ -274,8 +274,8 @@ def test_head_learns_and_writes_the_training_steps_formats(embedded, heads):
         # Four genres: chance is 0.25.
         assert summary["final_accuracy"] >= 0.8
         assert summary["n_train"] == CLIPS // 2
-        assert summary["n_heldout"] == CLIPS // 4
-        for key in ("iterations", "best_accuracy", "best_iteration", "wall_seconds"):
+        assert summary["n_test"] == CLIPS // 4
+        for key in ("iterations", "peak_test_accuracy", "peak_test_iteration", "wall_seconds"):
             assert key in summary
         assert summary["base_sha256"] == _sha256(embedded / BASE)
         assert summary["protocol"] == "cv10" and summary["selection"] == "validation"
@@ -293,7 +293,7 @@ def test_head_learns_and_writes_the_training_steps_formats(embedded, heads):
                 "iteration",
                 "train_loss",
                 "valid_accuracy",
-                "heldout_accuracy",
+                "test_accuracy",
                 "seconds",
             )
         )
@@ -303,8 +303,8 @@ def test_head_learns_and_writes_the_training_steps_formats(embedded, heads):
         chosen = metrics[int(np.argmax(valid))]
         assert summary["selected_iteration"] == int(chosen["iteration"])
         assert summary["valid_accuracy"] == max(valid)
-        assert float(chosen["heldout_accuracy"]) == summary["final_accuracy"]
-        assert summary["best_accuracy"] == max(float(row["heldout_accuracy"]) for row in metrics)
+        assert float(chosen["test_accuracy"]) == summary["final_accuracy"]
+        assert summary["peak_test_accuracy"] == max(float(row["test_accuracy"]) for row in metrics)
         # Training loss falls.
         assert float(metrics[-1]["train_loss"]) < float(metrics[0]["train_loss"])
 
@@ -451,7 +451,7 @@ def test_head_on_the_filtered_split_trains_chooses_and_reports_on_its_lists(gtza
         0,
     ]
     assert "classical.00042.wav" in split["excluded_names"] and split["missing_names"] == []
-    assert summary["n_train"] == 443 and summary["n_heldout"] == 290
+    assert summary["n_train"] == 443 and summary["n_test"] == 290
     assert summary["protocol"] == "filtered" and summary["selection"] == "validation"
     assert summary["split_sha256"] == split_sha256("filtered")
     assert summary["data_sha256"] == ""  # these embeddings record no source checksum
@@ -465,7 +465,7 @@ def test_head_on_the_filtered_split_trains_chooses_and_reports_on_its_lists(gtza
     valid = [float(row["valid_accuracy"]) for row in metrics]
     chosen = metrics[int(np.argmax(valid))]
     assert summary["selected_iteration"] == int(chosen["iteration"])
-    assert summary["final_accuracy"] == float(chosen["heldout_accuracy"])
+    assert summary["final_accuracy"] == float(chosen["test_accuracy"])
     assert torch.load(tmp_path / "r1" / HEAD, weights_only=True)["iteration"] == int(
         chosen["iteration"]
     )
@@ -517,9 +517,9 @@ def test_heldout_selection_chooses_on_the_test_rows(gtzan_shaped, tmp_path):
     summary = train_head(gtzan_shaped, 1, tmp_path / "h", **FILTERED_RUN, selection="heldout")
     assert summary["selection"] == "heldout" and summary["split"]["valid"] == 290
     metrics = _metrics_without_time(tmp_path / "h")
-    assert all(row["valid_accuracy"] == row["heldout_accuracy"] for row in metrics)
+    assert all(row["valid_accuracy"] == row["test_accuracy"] for row in metrics)
     # Chosen on the test rows, the reported figure is the best one seen: optimistic.
-    assert summary["final_accuracy"] == summary["best_accuracy"]
+    assert summary["final_accuracy"] == summary["peak_test_accuracy"]
 
 
 def test_head_bad_inputs_are_clear_errors(embedded, tmp_path):

@@ -655,12 +655,12 @@ def fold_folder(folder: Path) -> Path:
     folder.mkdir(parents=True)
     with open(folder / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["iteration", "train_loss", "heldout_accuracy", "seconds"])
+        writer.writerow(["iteration", "train_loss", "test_accuracy", "seconds"])
         writer.writerows([[0, 2.30, 0.10, 0.0], [50, 1.20, 0.55, 3.1], [100, 0.80, 0.70, 6.0]])
     summary = {
         "fold": 1,
         "final_accuracy": 0.7,
-        "best_accuracy": 0.7,
+        "peak_test_accuracy": 0.7,
         "iterations": 100,
         "config": {"iterations": 100},
     }
@@ -775,8 +775,8 @@ def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_
             assert parent_run.info.status == "FINISHED"
             assert parent_run.data.metrics["accuracy_mean"] == pytest.approx(0.7)
             assert child_run.data.tags["mlflow.parentRunId"] == parent
-            assert child_run.data.metrics["heldout_accuracy"] == pytest.approx(0.7)
-            history = client.get_metric_history(child, "heldout_accuracy")
+            assert child_run.data.metrics["test_accuracy"] == pytest.approx(0.7)
+            history = client.get_metric_history(child, "test_accuracy")
             assert [m.step for m in history] == [0, 50, 100]
             # Artifacts go through the server's proxy and land in its destination.
             assert child_run.info.artifact_uri.startswith("mlflow-artifacts:")

@@ -131,8 +131,11 @@ def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
         assert child.data.metrics["final_accuracy"] == pytest.approx(
             metrics[f"fold_{fold:02d}_accuracy"]
         )
-        history = client.get_metric_history(child.info.run_id, "heldout_accuracy")
-        assert [m.step for m in history] == [100, 200]
+        assert child.info.run_name == f"fold-{fold:02d}"
+        history = client.get_metric_history(child.info.run_id, "test_accuracy")
+        assert [m.step for m in history] == [100, 200]  # sent live, each point once
+        (given,) = client.get_run(child.info.run_id).inputs.dataset_inputs  # its embeddings
+        assert json.loads(given.dataset.profile)["sha256"].startswith(given.dataset.digest)
 
 
 def test_registered_ensemble_predicts(demo_run, mlflow_server, workspace, monkeypatch, capsys):

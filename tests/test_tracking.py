@@ -20,7 +20,7 @@ def _fold_dir(path, fold, accuracy):
     path.mkdir()
     with open(path / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["iteration", "train_loss", "heldout_accuracy", "seconds"])
+        writer.writerow(["iteration", "train_loss", "test_accuracy", "seconds"])
         writer.writerow([10, 2.0, accuracy / 2, 1.0])
         writer.writerow([20, 1.0, accuracy, 2.0])
     summary = {
@@ -73,7 +73,7 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
     assert child.data.tags["fold"] == "2"
     assert child.data.tags["path"] == "frozen-base"
     assert child.data.params["lr"] == "0.001"
-    history = client.get_metric_history(children[1], "heldout_accuracy")
+    history = client.get_metric_history(children[1], "test_accuracy")
     assert [(m.step, m.value) for m in history] == [(10, 0.45), (20, 0.9)]
     logged = {a.path for a in client.list_artifacts(children[1])}
     assert logged == {
@@ -111,7 +111,7 @@ def _trainer(tmp_path, fold, accuracy=0.8, failures=()):
     """A fold step's training: raises the given exceptions in turn, then writes the folder."""
     calls = []
 
-    def train():
+    def train(on_evaluation=None):
         calls.append(1)
         if len(calls) <= len(failures):
             raise failures[len(calls) - 1]
@@ -354,7 +354,7 @@ def test_sigterm_ends_the_fold_run_killed(mlflow_server, tmp_path, inputs):
 import sys, time
 from genreflow.tracking import tracked_fold
 
-def train():
+def train(on_evaluation=None):
     print("training", flush=True)
     time.sleep(120)
 
@@ -381,7 +381,7 @@ def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_
     calls = []
 
     def trainer(root):
-        def train():
+        def train(on_evaluation=None):
             calls.append(root)
             _fold_dir(root / "fold1", 1, 0.7)
             return json.loads((root / "fold1" / "summary.json").read_text())
@@ -405,7 +405,7 @@ def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_
     assert reused.data.tags["reused"] == "true"
     assert reused.data.tags["genreflow.reused_from"] == original.info.run_id
     assert reused.data.metrics["final_accuracy"] == pytest.approx(0.7)
-    history = client.get_metric_history(reused.info.run_id, "heldout_accuracy")
+    history = client.get_metric_history(reused.info.run_id, "test_accuracy")
     assert [(m.step, m.value) for m in history] == [(10, 0.35), (20, 0.7)]
 
     # Other inputs, or reuse turned off: trained again.
@@ -476,3 +476,233 @@ def test_a_retried_task_whose_fold_is_logged_does_not_train_again(mlflow_server,
     summary = _tracked(mlflow_server, parent, tmp_path, 3, train, inputs, reuse=False)
     assert len(calls) == 1 and summary["final_accuracy"] == 0.8
     assert (tmp_path / "fold3" / "predictions.csv").is_file()
+
+
+# --- live folds --------------------------------------------------------------------------
+def _embeddings(path):
+    """A small embeddings file of ten separable genre clusters, ten folds of ten clips."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    genre_index = np.arange(100) % 10
+    x = np.maximum(rng.standard_normal((10, 16))[genre_index] + rng.standard_normal((100, 16)), 0)
+    names = sorted(f"{GENRES[g]}.{i:05d}.wav" for i, g in enumerate(genre_index))
+    with h5py.File(path, "w") as hf:
+        hf["audio_name"] = np.array([n.encode() for n in names])
+        hf["embedding"] = x.astype(np.float32)
+        hf["target"] = np.eye(10, dtype=np.float32)[[GENRES.index(n.split(".")[0]) for n in names]]
+        hf["fold"] = (np.arange(100) % 10 + 1).astype(np.int32)
+        hf.attrs.update({"genres": list(GENRES), "base_sha256": "00" * 32, "pretrained": "t"})
+    return path
+
+
+def _fold_runs(client, parent):
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_a_running_fold_shows_its_curve_system_metrics_and_input_before_it_ends(
+    mlflow_server, tmp_path
+):
+    """The real fold step (frozen-base head) in a process of its own, with a recipe too
+    long to end while the test watches (10**9 steps): its curve, system metrics and dataset
+    input are read back from the server while its run is RUNNING; then SIGTERM ends it."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    embeddings = _embeddings(tmp_path / "embeddings.h5")
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-live", pipeline_run_id="kfp-live")
+    script = f"""
+from genreflow.recipe import HeadConfig
+from genreflow.tracking import fold_step
+
+config = HeadConfig(embeddings={str(embeddings)!r}, fold=3, out={str(tmp_path / "fold3")!r},
+                    iterations=10**9, eval_every=200, batch_size=16)
+fold_step(config, tracking_uri={mlflow_server!r}, parent_run_id={parent!r}, reuse=False,
+          min_folds=0, expected_folds=[3])
+"""
+    env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}
+    step = subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 300  # the step's imports alone take 10-45 s here
+        history, run = [], None
+        while time.monotonic() < deadline and step.poll() is None:
+            runs = _fold_runs(client, parent)
+            if runs:
+                run = client.get_run(runs[0].info.run_id)
+                history = client.get_metric_history(run.info.run_id, "test_accuracy")
+                if len(history) >= 3 and "system/cpu_utilization_percentage" in run.data.metrics:
+                    break
+            time.sleep(0.3)
+        assert step.poll() is None, step.stderr.read()
+        assert run is not None and len(history) >= 3, "no live curve within 300 s"
+        assert run.info.status == "RUNNING" and run.info.run_name == "fold-03"
+        assert not (tmp_path / "fold3" / "summary.json").exists()
+        steps = [m.step for m in history]
+        assert steps == sorted(steps) and steps[:3] == [200, 400, 600]
+        assert len(set(steps)) == len(steps)
+        # Each point carries the time it was measured: within the run, in training order.
+        times = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
+        assert run.info.start_time <= times[0] and times == sorted(times)
+        assert times[-1] > times[0] and times[-1] <= time.time() * 1000
+        for key in ("train_loss", "valid_accuracy"):
+            assert len(client.get_metric_history(run.info.run_id, key)) >= 3
+        assert "system/system_memory_usage_megabytes" in run.data.metrics
+        (given,) = run.inputs.dataset_inputs
+        sha256 = hashlib.sha256(embeddings.read_bytes()).hexdigest()
+        assert given.dataset.name == "embeddings.h5" and given.dataset.digest == sha256[:16]
+        assert json.loads(given.dataset.profile)["sha256"] == sha256
+        assert {t.key: t.value for t in given.tags}["sha256"] == sha256
+    finally:
+        if step.poll() is None:
+            os.kill(step.pid, signal.SIGTERM)
+        _, err = step.communicate(timeout=120)
+    assert step.returncode == 128 + signal.SIGTERM, err
+    (ended,) = _fold_runs(client, parent)
+    assert ended.info.status == "KILLED"
+
+
+def test_a_finished_fold_holds_each_point_once_and_no_peak_metric(mlflow_server, tmp_path):
+    from genreflow.recipe import HeadConfig
+    from genreflow.tracking import fold_step
+
+    embeddings = _embeddings(tmp_path / "embeddings.h5")
+    client = MlflowClient(mlflow_server)
+    parent = start_pipeline_run(mlflow_server, "test-live", pipeline_run_id="kfp-once")
+    config = HeadConfig(
+        embeddings=str(embeddings), fold=1, out=str(tmp_path / "fold1"), iterations=300,
+        eval_every=100,
+    )  # fmt: skip
+    fold_step(
+        config, tracking_uri=mlflow_server, parent_run_id=parent, reuse=False, min_folds=0,
+        expected_folds=[1],
+    )  # fmt: skip
+    (run,) = _fold_runs(client, parent)
+    assert run.info.status == "FINISHED" and run.info.run_name == "fold-01"
+    for key in ("train_loss", "valid_accuracy", "test_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [100, 200, 300], key
+        assert all(run.info.start_time <= m.timestamp <= run.info.end_time for m in history)
+    summary = json.loads((tmp_path / "fold1" / "summary.json").read_text())
+    assert "peak_test_accuracy" in summary and "best_accuracy" not in summary
+    assert run.data.metrics["final_accuracy"] == summary["final_accuracy"]
+    assert run.data.metrics["selected_valid_accuracy"] == summary["valid_accuracy"]
+    # Chosen on the test rows, the peak is no headline metric of the run.
+    assert not {"peak_test_accuracy", "best_accuracy", "heldout_accuracy"} & set(run.data.metrics)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["embeddings.h5"]
+
+
+def test_live_logging_to_a_lost_server_never_fails_the_fold(tmp_path, monkeypatch, capsys):
+    """Every live point refused (nothing listens on port 9): the fold trains to its end,
+    the failure is said once, and closing does not wait on retries."""
+    import time
+
+    import genreflow.tracking
+    from genreflow.frozen import train_head
+    from genreflow.tracking import LiveLog
+
+    monkeypatch.setattr(genreflow.tracking, "LIVE_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    live = LiveLog("http://127.0.0.1:9", "0" * 32, 2)
+    summary = train_head(
+        _embeddings(tmp_path / "embeddings.h5"), 2, tmp_path / "fold2", iterations=500,
+        eval_every=50, on_evaluation=live.evaluation,
+    )  # fmt: skip
+    started = time.monotonic()
+    live.close()
+    assert time.monotonic() - started < 30
+    assert summary["iterations"] == 500 and (tmp_path / "fold2" / "summary.json").exists()
+    err = capsys.readouterr().err
+    assert err.count("could not be logged") == 1, err
+    assert "the fold trains on" in err
+
+
+def test_an_old_format_fold_logs_under_todays_names(mlflow_server, tmp_path):
+    fold_dir = _fold_dir(tmp_path / "fold1", 1, 0.8)
+    (fold_dir / "metrics.csv").write_text(
+        "iteration,train_loss,heldout_accuracy,seconds\n10,2.0,0.4,1.0\n20,1.0,0.8,2.0\n"
+    )
+    summary = json.loads((fold_dir / "summary.json").read_text())
+    (fold_dir / "summary.json").write_text(json.dumps({**summary, "best_accuracy": 0.8}))
+    parent = start_pipeline_run(mlflow_server, "test-old-names")
+    child = log_fold(mlflow_server, parent, fold_dir)
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(child, "test_accuracy")
+    assert [(m.step, m.value) for m in history] == [(10, 0.4), (20, 0.8)]
+    metrics = client.get_run(child).data.metrics
+    assert not {"heldout_accuracy", "best_accuracy", "peak_test_accuracy"} & set(metrics)
+
+
+# --- where the UI lands ------------------------------------------------------------------
+@pytest.fixture
+def local_store(tmp_path):
+    """A sqlite store holding one pipeline run with folds 2 and 1 (logged in that order)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_pipeline_run(uri, "genreflow-gtzan", run_name="demo-run", pipeline_run_id="p1")
+    folds = {
+        fold: log_fold(uri, parent, _fold_dir(tmp_path / f"f{fold}", fold, 0.7)) for fold in (2, 1)
+    }
+    return uri, parent, folds
+
+
+def test_ui_prints_the_classic_views_of_the_latest_pipeline_run(local_store, capsys):
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    from genreflow.cli import main
+
+    uri, parent, folds = local_store
+    experiment = MlflowClient(uri).get_run(parent).info.experiment_id
+    assert main(["ui", "--tracking-uri", uri, "--no-serve", "--port", "5123"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"latest pipeline run: demo-run ({parent})"
+    addresses = dict(line.removeprefix("MLflow ").split(": ", 1) for line in lines[1:])
+    ui = "http://127.0.0.1:5123/#/experiments"
+    # MLflow 3 opens an experiment in its GenAI view; workflowType opens the runs table.
+    assert addresses["parent run"] == (
+        f"{ui}/{experiment}/runs/{parent}?workflowType=machine_learning"
+    )
+    assert addresses["runs table"] == f"{ui}/{experiment}?workflowType=machine_learning"
+    for key in ("folds compared", "fold curves"):
+        query = parse_qs(urlsplit(unquote(addresses[key])).fragment.split("?", 1)[1])
+        assert json.loads(query["runs"][0]) == [folds[1], folds[2]]  # in fold order
+        assert json.loads(query["experiments"][0]) == [experiment]
+    assert json.loads(
+        parse_qs(unquote(addresses["fold curves"]).split("?", 1)[1])["metric"][0]
+    ) == ("test_accuracy")
+    names = {MlflowClient(uri).get_run(run).info.run_name for run in folds.values()}
+    assert names == {"fold-01", "fold-02"}
+
+
+def test_ui_serves_the_store_it_names(local_store, tmp_path):
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from conftest import free_port, serving
+
+    uri, parent, _ = local_store
+    port = free_port()
+    genreflow = Path(sys.executable).with_name("genreflow")
+    command = [str(genreflow), "ui", "--tracking-uri", uri, "--port", str(port)]
+    with serving(command, "/health", tmp_path / "ui.log", port=port) as url:
+        with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/runs/get?run_id={parent}") as r:
+            assert json.load(r)["run"]["info"]["run_name"] == "demo-run"
+    log = (tmp_path / "ui.log").read_text()
+    assert f"MLflow parent run: {url}/#/experiments/" in log
+
+
+def test_ui_without_a_database_says_so(tmp_path, capsys):
+    from genreflow.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    assert main(["ui", "--tracking-uri", uri, "--no-serve"]) == 2
+    assert "no MLflow database there yet (make run writes one)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -225,6 +225,23 @@ def test_killed_run_resumes_to_the_same_result(work, uninterrupted, tmp_path, ca
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_each_evaluation_is_reported_as_it_happens(work, uninterrupted, tmp_path):
+    """on_evaluation (the live curve's feed) gets each metrics.csv row while the run goes
+    on, before the run is finished, and the same rows the reference run wrote."""
+    out = tmp_path / "live"
+    seen = []
+
+    def on_evaluation(row: dict) -> None:
+        seen.append({**row, "finished": (out / "summary.json").exists()})
+
+    train_fold(_config(work, out), on_evaluation=on_evaluation)
+    assert not any(row.pop("finished") for row in seen)
+    for row in seen:
+        assert row.pop("seconds") >= 0
+    expected = _metrics_without_time(uninterrupted / "metrics.csv")
+    assert [{k: str(v) for k, v in row.items()} for row in seen] == expected
+
+
 def test_outputs_follow_the_contract(work, uninterrupted):
     out = uninterrupted
     assert sorted(p.name for p in out.iterdir()) == [
@@ -240,7 +257,7 @@ def test_outputs_follow_the_contract(work, uninterrupted):
         "iteration",
         "train_loss",
         "valid_accuracy",
-        "heldout_accuracy",
+        "test_accuracy",
         "seconds",
     ]
     assert [int(row["iteration"]) for row in metrics] == [2, 4, 6]
@@ -262,13 +279,13 @@ def test_outputs_follow_the_contract(work, uninterrupted):
     assert summary["final_accuracy"] == pytest.approx(accuracy)
     # The reported number is the selected checkpoint's, from its row of metrics.csv.
     selected = next(r for r in metrics if int(r["iteration"]) == summary["selected_iteration"])
-    assert summary["final_accuracy"] == float(selected["heldout_accuracy"])
+    assert summary["final_accuracy"] == float(selected["test_accuracy"])
     assert summary["valid_accuracy"] == float(selected["valid_accuracy"])
-    assert summary["best_accuracy"] == max(float(r["heldout_accuracy"]) for r in metrics)
+    assert summary["peak_test_accuracy"] == max(float(r["test_accuracy"]) for r in metrics)
     assert summary["fold"] == 1 and summary["iterations"] == 6
     assert summary["path"] == "fine-tune"
     assert summary["protocol"] == "cv10" and summary["selection"] == "validation"
-    assert summary["n_train"] == 10 and summary["n_heldout"] == 10
+    assert summary["n_train"] == 10 and summary["n_test"] == 10
     assert summary["split"] == {
         "train": 10,
         "valid": 10,
@@ -309,7 +326,7 @@ def test_the_checkpoint_is_chosen_on_validation_and_reported_on_the_test_fold(wo
     chosen = metrics[int(np.argmax(valid))]  # argmax: the first of equals
     summary = json.loads((out / "summary.json").read_text())
     assert summary["selected_iteration"] == int(chosen["iteration"])
-    assert summary["final_accuracy"] == float(chosen["heldout_accuracy"])
+    assert summary["final_accuracy"] == float(chosen["test_accuracy"])
     assert torch.load(out / "best.pth", weights_only=True)["iteration"] == int(chosen["iteration"])
 
     model, _ = load_transfer_model(out / "best.pth")
@@ -458,7 +475,7 @@ def test_filtered_protocol_trains_chooses_and_reports_on_the_lists(work, tmp_pat
     assert split["excluded_names"] == names[-5:]
     assert len(split["missing_names"]) == 890 and "rock.00099" in split["missing_names"]
     assert second["protocol"] == "filtered" and second["selection"] == "validation"
-    assert second["n_train"] == 20 and second["n_heldout"] == 10
+    assert second["n_train"] == 20 and second["n_test"] == 10
     assert second["split_sha256"] == split_sha256("filtered") != split_sha256("cv10")
     assert second["seeds"]["config"] == 0 and second["seeds"]["torch"] == 1
     assert first["seeds"]["torch"] == 0
