@@ -42,7 +42,9 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
 
 - `embed_features(features, out)`: `out/embeddings.h5` (datasets `audio_name`, `embedding`
   (N, 2048) float32, `target`, `fold`; the features' attributes plus `base_sha256`,
-  `pretrained`, `features_fingerprint`, `genreflow_version`) and `out/base.pth`, the base
+  `pretrained`, `precision` (bf16 autocast where the hardware has it, as for training;
+  fp32 gives the base's own numbers), `features_fingerprint`, `genreflow_version`) and
+  `out/base.pth`, the base
   that made them in the published PANNs form `{'model': cnn14_state_dict}`. Killed at any
   moment, the same command continues from the last finished batch
   (`out/embeddings.partial/`); rerun after it finished, it does nothing and says so.
@@ -95,7 +97,14 @@ from genreflow.fold_result import (  # noqa: F401 (the fold folder's names, re-e
     write_summary,
 )
 from genreflow.recipe import HeadConfig
-from genreflow.runtime import one_thread, resolve_device
+from genreflow.runtime import (
+    autocast_for,
+    cpu_threads_for_training,
+    freed_memory_kept,
+    one_thread,
+    resolve_device,
+    resolve_precision,
+)
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
     DEFAULT_SELECTION,
@@ -236,11 +245,15 @@ def _read_manifest(partial: Path) -> dict | None:
         return None
 
 
+# What an embeddings.h5 written before an attribute existed was made with.
+_BEFORE_ATTRIBUTE = {"precision": "fp32"}
+
+
 def _finished_matches(embeddings: Path, request: dict) -> tuple[bool, str]:
     """Whether a finished embeddings.h5 was made for this request; if not, why."""
     try:
         with h5py.File(embeddings, "r") as hf:
-            made = {key: _plain(hf.attrs.get(key)) for key in request}
+            made = {key: _plain(hf.attrs.get(key, _BEFORE_ATTRIBUTE.get(key))) for key in request}
     except OSError as exc:
         return False, f"unreadable ({exc})"
     differ = [key for key in request if made[key] != request[key]]
@@ -259,6 +272,7 @@ def embed_features(
     pretrained_sha256: str | None = None,
     batch_size: int = 16,
     device: str = "auto",
+    precision: str = "auto",
     seed: int = 0,
 ) -> dict:
     """Push every packed clip through the Cnn14 base once and store the embeddings.
@@ -273,11 +287,15 @@ def embed_features(
         pretrained_sha256: expected sha256 of the pretrained file.
         batch_size: clips per forward pass; also the unit of resumption.
         device: auto, cpu or cuda[:N].
+        precision: auto, fp32 or bf16, as for training (genreflow.runtime.resolve_precision):
+            auto is bf16 autocast where the CPU or GPU computes in bf16 natively, fp32
+            elsewhere. bf16 embeddings differ from fp32 ones by bf16 rounding (cosine
+            similarity above 0.999, tests/test_frozen.py); fp32 gives the base's own numbers.
         seed: seeds the random base when there is no pretrained checkpoint.
 
     Returns:
-        A summary: paths, clips, base_sha256, pretrained, seconds, clips_per_second,
-        resumed_from (rows already done), already_done.
+        A summary: paths, clips, base_sha256, pretrained, precision, seconds,
+        clips_per_second, resumed_from (rows already done), already_done.
 
     Raises:
         GenreflowError: missing or inconsistent features, a checkpoint that does not fit,
@@ -287,13 +305,18 @@ def embed_features(
         raise GenreflowError(f"batch size must be a positive integer, got {batch_size!r}")
     index = _read_features(features)
     torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GenreflowError(f"{out}: exists and is not a folder")
     source = str(pretrained) if pretrained else f"random-init(seed={seed})"
-    request = {"features_fingerprint": index.fingerprint, "pretrained": source}
+    request = {
+        "features_fingerprint": index.fingerprint,
+        "pretrained": source,
+        "precision": precision,
+    }
     result = {"embeddings": str(out / EMBEDDINGS), "base": str(out / BASE), "clips": index.clips}
-    result["pretrained"] = source
+    result.update(pretrained=source, precision=precision)
     if (out / EMBEDDINGS).is_file():
         base_sha256 = _check_finished(out, request)
         _log(f"embed: nothing to do, {out / EMBEDDINGS} already holds these clips' embeddings")
@@ -312,10 +335,21 @@ def embed_features(
     base.to(torch_device)
     _log(
         f"embed: {index.clips} clips through the {BASE_MODEL} base ({source}), "
-        f"{torch_device.type}, batch {manifest['batch_size']}"
+        f"{torch_device.type} {'bf16 autocast' if precision == 'bf16' else 'fp32'}, "
+        f"batch {manifest['batch_size']}"
     )
     started = time.monotonic()
-    resumed_from = _embed_chunks(base, index, out / PARTIAL, manifest["batch_size"], torch_device)
+    # As a training step: threads capped at the CPU quota, and each batch's activations
+    # (hundreds of MB) reuse the previous batch's memory instead of faulting in fresh pages.
+    with cpu_threads_for_training(), freed_memory_kept():
+        resumed_from = _embed_chunks(
+            base,
+            index,
+            out / PARTIAL,
+            manifest["batch_size"],
+            torch_device,
+            autocast_for(torch_device, precision),
+        )
     seconds = time.monotonic() - started
     computed = index.clips - resumed_from
     embedding = _gathered_chunks(out / PARTIAL, index.clips, manifest["batch_size"])
@@ -414,7 +448,7 @@ def _start_or_resume(
 
 
 def _embed_chunks(
-    base: nn.Module, index: _FeaturesIndex, partial: Path, batch_size: int, device
+    base: nn.Module, index: _FeaturesIndex, partial: Path, batch_size: int, device, amp
 ) -> int:
     """Embed every batch of rows not yet in `partial` (one .npy file per batch, written
     atomically: the unit of resumption); returns the clips that were already there."""
@@ -439,7 +473,9 @@ def _embed_chunks(
             stop = min(start + batch_size, index.clips)
             # Rows in order: one contiguous HDF5 read per batch.
             batch = torch.from_numpy(int16_to_float32(waveform[start:stop])).to(device)
-            embedding = base(batch)["embedding"].float().cpu().numpy()
+            with amp():
+                embedding = base(batch)["embedding"]
+            embedding = embedding.float().cpu().numpy()
             write_atomic(chunk, lambda f, e=embedding: np.save(f, e))
             progress.update(stop - start)
     return resumed_from
@@ -476,6 +512,7 @@ def _write_embeddings(
             "base_model": BASE_MODEL,
             "base_sha256": manifest["base_sha256"],
             "pretrained": manifest["pretrained"],
+            "precision": manifest["precision"],
             "embedding_size": EMBEDDING_SIZE,
             "batch_size": manifest["batch_size"],
             "genreflow_version": __version__,

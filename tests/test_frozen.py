@@ -177,6 +177,68 @@ def test_base_checkpoint_is_the_published_form_and_reproduces_the_embeddings(
     np.testing.assert_allclose(again.embedding, first.embedding[rows], rtol=1e-5, atol=1e-6)
 
 
+def test_fp32_embed_is_the_bases_own_forward_unchanged(features, tmp_path):
+    # precision fp32 must give exactly what the base computes on its own (eval mode, fp32,
+    # no autocast): the numbers the embed step gave before bf16 existed.
+    from genreflow.models.checkpoints import load_pretrained
+    from genreflow.models.cnn14 import Cnn14
+    from genreflow.runtime import cpu_threads, torch_threads
+
+    out = tmp_path / "fp32"
+    summary = embed_features(features, out, batch_size=BATCH, device="cpu", precision="fp32")
+    assert summary["precision"] == "fp32"
+    base = Cnn14()
+    load_pretrained(base, out / BASE)
+    base.eval()
+    with h5py.File(features, "r") as hf:
+        waveform = int16_to_float32(hf["waveform"][:])
+    with torch_threads(cpu_threads()), torch.inference_mode():
+        expected = np.concatenate(
+            [
+                base(torch.from_numpy(waveform[start : start + BATCH]))["embedding"].numpy()
+                for start in range(0, CLIPS, BATCH)
+            ]
+        )
+    embeddings = read_embeddings(out / EMBEDDINGS)
+    assert embeddings.attrs["precision"] == "fp32"
+    np.testing.assert_array_equal(embeddings.embedding, expected)
+
+
+# bf16 keeps 8 bits of mantissa: measured on these clips with a random-init Cnn14, each
+# embedding's cosine similarity with its fp32 one is above 0.9999 and its relative error
+# below 1%; the bounds leave room for other CPUs' kernels.
+BF16_MIN_COSINE, BF16_MAX_RELATIVE_ERROR = 0.9995, 0.02
+
+
+def test_bf16_embeddings_are_within_tolerance_of_fp32(features, tmp_path):
+    fp32 = embed_features(features, tmp_path / "fp32", batch_size=BATCH, precision="fp32")
+    bf16 = embed_features(features, tmp_path / "bf16", batch_size=BATCH, precision="bf16")
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["base_sha256"] == bf16["base_sha256"]  # the same base, another precision
+    exact = read_embeddings(tmp_path / "fp32" / EMBEDDINGS).embedding.astype(np.float64)
+    rounded = read_embeddings(tmp_path / "bf16" / EMBEDDINGS).embedding.astype(np.float64)
+    assert read_embeddings(tmp_path / "bf16" / EMBEDDINGS).attrs["precision"] == "bf16"
+    norms = np.linalg.norm(exact, axis=1)
+    cosine = np.sum(exact * rounded, axis=1) / (norms * np.linalg.norm(rounded, axis=1))
+    relative_error = np.linalg.norm(rounded - exact, axis=1) / norms
+    assert cosine.min() >= BF16_MIN_COSINE, cosine.min()
+    assert relative_error.max() <= BF16_MAX_RELATIVE_ERROR, relative_error.max()
+    assert not np.array_equal(exact, rounded)  # bf16 did compute in bf16
+    # What tells clips apart survives: each clip's bf16 embedding is nearest to its own
+    # fp32 one.
+    distances = np.linalg.norm(rounded[:, None, :] - exact[None, :, :], axis=2)
+    np.testing.assert_array_equal(distances.argmin(axis=1), np.arange(CLIPS))
+
+
+def test_embed_refuses_a_finished_file_of_another_precision(features, tmp_path):
+    two = write_features(tmp_path / "two.h5", ALL_NAMES[:2], FOLDS)
+    embed_features(two, tmp_path / "out", batch_size=BATCH, precision="fp32")
+    with pytest.raises(GenreflowError, match="precision"):
+        embed_features(two, tmp_path / "out", batch_size=BATCH, precision="bf16")
+    with pytest.raises(GenreflowError, match="--precision must be one of"):
+        embed_features(two, tmp_path / "other", precision="fp16")
+
+
 def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded, tmp_path):
     # The first 20 clips: the same rows in the same batches as the fixture's first 20.
     first_clips = write_features(tmp_path / "first.h5", ALL_NAMES[:20], FOLDS)
