@@ -119,6 +119,14 @@ BASE_MODEL = "Cnn14"
 EMBEDDING_SIZE = 2048
 LOSS = "clip_nll"
 
+# torch.compile of the base (inductor with frozen weights: batch norm folded into the
+# convolutions, weights pre-packed for oneDNN) ran Cnn14's bf16 eval forward 1.3-1.4x
+# faster than eager bf16 on 2 CPU cores, for about a minute of compiling
+# (bench/bench_embed.py, bench/README.md). `compile_base="auto"` compiles where that was
+# measured (a CPU, bf16) and only when the step embeds enough audio to repay the minute.
+COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_MIN_AUDIO_SECONDS = 3 * 3600
+
 # A dimension whose standard deviation on the training folds is below this is treated as
 # constant (a ReLU that never fires): it is not scaled, and the head learns nothing from it.
 CONSTANT_STD = 1e-6
@@ -273,6 +281,7 @@ def embed_features(
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "auto",
+    compile_base: str = "auto",
     seed: int = 0,
 ) -> dict:
     """Push every packed clip through the Cnn14 base once and store the embeddings.
@@ -291,11 +300,15 @@ def embed_features(
             auto is bf16 autocast where the CPU or GPU computes in bf16 natively, fp32
             elsewhere. bf16 embeddings differ from fp32 ones by bf16 rounding (cosine
             similarity above 0.999, tests/test_frozen.py); fp32 gives the base's own numbers.
+        compile_base: on: torch.compile the base (bf16 only; where compiling fails, say
+            so and go on without); off: never; auto: on a CPU in bf16 when the clips hold
+            at least COMPILE_MIN_AUDIO_SECONDS of audio.
         seed: seeds the random base when there is no pretrained checkpoint.
 
     Returns:
         A summary: paths, clips, base_sha256, pretrained, precision, seconds,
-        clips_per_second, resumed_from (rows already done), already_done.
+        clips_per_second, resumed_from (rows already done), already_done, compiled
+        (whether the compiled base made the embeddings this call computed).
 
     Raises:
         GenreflowError: missing or inconsistent features, a checkpoint that does not fit,
@@ -303,6 +316,10 @@ def embed_features(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GenreflowError(f"batch size must be a positive integer, got {batch_size!r}")
+    if compile_base not in COMPILE_CHOICES:
+        raise GenreflowError(
+            f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile_base!r}"
+        )
     index = _read_features(features)
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
@@ -327,6 +344,7 @@ def embed_features(
             "clips_per_second": 0.0,
             "resumed_from": index.clips,
             "already_done": True,
+            "compiled": False,
         }
 
     base, manifest = _start_or_resume(
@@ -338,17 +356,24 @@ def embed_features(
         f"{torch_device.type} {'bf16 autocast' if precision == 'bf16' else 'fp32'}, "
         f"batch {manifest['batch_size']}"
     )
+    audio_seconds = index.clips * int(index.attrs["clip_samples"]) / int(index.attrs["sample_rate"])
+    compiled = compile_base == "on" or (
+        compile_base == "auto"
+        and torch_device.type == "cpu"
+        and audio_seconds >= COMPILE_MIN_AUDIO_SECONDS
+    )
+    if compiled and precision != "bf16":
+        # Compiling folds batch norm into the convolutions: other fp32 numbers than the
+        # base's own, which fp32 promises.
+        _log("embed: not compiling the base in fp32 (it would change the fp32 numbers)")
+        compiled = False
     started = time.monotonic()
     # As a training step: threads capped at the CPU quota, and each batch's activations
     # (hundreds of MB) reuse the previous batch's memory instead of faulting in fresh pages.
     with cpu_threads_for_training(), freed_memory_kept():
+        embedder = _Embedder(base, torch_device, precision, manifest["batch_size"], compiled)
         resumed_from = _embed_chunks(
-            base,
-            index,
-            out / PARTIAL,
-            manifest["batch_size"],
-            torch_device,
-            autocast_for(torch_device, precision),
+            embedder, index, out / PARTIAL, manifest["batch_size"], torch_device
         )
     seconds = time.monotonic() - started
     computed = index.clips - resumed_from
@@ -364,6 +389,7 @@ def embed_features(
         "clips_per_second": rate,
         "resumed_from": resumed_from,
         "already_done": False,
+        "compiled": embedder.compiled,
     }
 
 
@@ -447,8 +473,54 @@ def _start_or_resume(
     return base, manifest
 
 
+class _Embedder:
+    """(batch, samples) float32 waveforms -> (batch, 2048) embeddings, in the precision
+    asked for, through the eager base or its compiled form.
+
+    The compiled form sees one batch shape only (a short last batch is padded with silent
+    clips, whose rows are dropped: in eval mode every clip is computed on its own), so it
+    compiles once, in its first call. Where that call fails (inductor needs a C++ compiler
+    on a CPU), it says so and the eager base does the work.
+    """
+
+    def __init__(self, base: nn.Module, device, precision: str, batch_size: int, compiled: bool):
+        self.base, self.batch_size = base, batch_size
+        self.amp = autocast_for(device, precision)
+        self.compiled, self._calls = compiled, 0
+        if compiled:
+            import torch._inductor.config as inductor_config
+
+            self._frozen_weights = lambda: inductor_config.patch(freezing=True)
+            base.to(memory_format=torch.channels_last)  # the layout it was measured in
+            self._compiled_base = torch.compile(base)
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        if not self.compiled:
+            with self.amp():
+                return self.base(batch)["embedding"]
+        rows = len(batch)
+        if rows < self.batch_size:
+            batch = torch.cat([batch, batch.new_zeros(self.batch_size - rows, batch.shape[1])])
+        self._calls += 1
+        started = time.monotonic()
+        try:
+            with self.amp(), self._frozen_weights():
+                embedding = self._compiled_base(batch)["embedding"][:rows]
+        except RuntimeError as exc:  # torch._dynamo's and inductor's errors are RuntimeErrors
+            if self._calls > 1:
+                raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _log(f"embed: torch.compile failed ({reason}); going on without it")
+            self.compiled = False
+            return self(batch[:rows])
+        if self._calls == 1:
+            seconds = time.monotonic() - started
+            _log(f"embed: compiled the base in its first batch ({seconds:.0f} s)")
+        return embedding
+
+
 def _embed_chunks(
-    base: nn.Module, index: _FeaturesIndex, partial: Path, batch_size: int, device, amp
+    embedder: _Embedder, index: _FeaturesIndex, partial: Path, batch_size: int, device
 ) -> int:
     """Embed every batch of rows not yet in `partial` (one .npy file per batch, written
     atomically: the unit of resumption); returns the clips that were already there."""
@@ -473,9 +545,7 @@ def _embed_chunks(
             stop = min(start + batch_size, index.clips)
             # Rows in order: one contiguous HDF5 read per batch.
             batch = torch.from_numpy(int16_to_float32(waveform[start:stop])).to(device)
-            with amp():
-                embedding = base(batch)["embedding"]
-            embedding = embedding.float().cpu().numpy()
+            embedding = embedder(batch).float().cpu().numpy()
             write_atomic(chunk, lambda f, e=embedding: np.save(f, e))
             progress.update(stop - start)
     return resumed_from

@@ -230,6 +230,25 @@ def test_bf16_embeddings_are_within_tolerance_of_fp32(features, tmp_path):
     np.testing.assert_array_equal(distances.argmin(axis=1), np.arange(CLIPS))
 
 
+def test_compiled_bf16_embed_is_within_the_same_tolerance(features, tmp_path):
+    # torch.compile (what auto picks on a CPU for hours of audio), forced on 6 clips in
+    # batches of 4: one compile, the short last batch padded, the rows its own.
+    six = write_features(tmp_path / "six.h5", ALL_NAMES[::5][:6], FOLDS)
+    fp32 = embed_features(six, tmp_path / "fp32", batch_size=BATCH, precision="fp32")
+    assert fp32["compiled"] is False
+    code = [
+        "embed-features", "--features", str(six), "--out", str(tmp_path / "compiled"),
+        "--batch-size", str(BATCH), "--precision", "bf16", "--compile", "on",
+    ]  # fmt: skip
+    assert main(code) == 0
+    exact = read_embeddings(tmp_path / "fp32" / EMBEDDINGS).embedding.astype(np.float64)
+    compiled = read_embeddings(tmp_path / "compiled" / EMBEDDINGS).embedding.astype(np.float64)
+    norms = np.linalg.norm(exact, axis=1)
+    cosine = np.sum(exact * compiled, axis=1) / (norms * np.linalg.norm(compiled, axis=1))
+    assert cosine.min() >= BF16_MIN_COSINE, cosine.min()
+    assert (np.linalg.norm(compiled - exact, axis=1) / norms).max() <= BF16_MAX_RELATIVE_ERROR
+
+
 def test_embed_refuses_a_finished_file_of_another_precision(features, tmp_path):
     two = write_features(tmp_path / "two.h5", ALL_NAMES[:2], FOLDS)
     embed_features(two, tmp_path / "out", batch_size=BATCH, precision="fp32")
@@ -237,6 +256,8 @@ def test_embed_refuses_a_finished_file_of_another_precision(features, tmp_path):
         embed_features(two, tmp_path / "out", batch_size=BATCH, precision="bf16")
     with pytest.raises(GenreflowError, match="--precision must be one of"):
         embed_features(two, tmp_path / "other", precision="fp16")
+    with pytest.raises(GenreflowError, match="--compile must be one of"):
+        embed_features(two, tmp_path / "other", compile_base="yes")
 
 
 def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded, tmp_path):
