@@ -44,8 +44,8 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
   (N, 2048) float32, `target`, `fold`; the features' attributes plus `base_sha256`,
   `pretrained`, `precision` (bf16 autocast where the hardware has it, as for training;
   fp32 gives the base's own numbers), `features_fingerprint`, `genreflow_version`) and
-  `out/base.pth`, the base
-  that made them in the published PANNs form `{'model': cnn14_state_dict}`. Killed at any
+  `out/base.pth`, the base that made them in the published PANNs form
+  `{'model': cnn14_state_dict}`. Killed at any
   moment, the same command continues from the last finished batch
   (`out/embeddings.partial/`); rerun after it finished, it does nothing and says so.
 - `train_head(embeddings, fold, out)`: `metrics.csv`, `predictions.csv`, `summary.json`
@@ -120,7 +120,7 @@ EMBEDDING_SIZE = 2048
 LOSS = "clip_nll"
 
 # torch.compile of the base (inductor with frozen weights: batch norm folded into the
-# convolutions, weights pre-packed for oneDNN) ran Cnn14's bf16 eval forward 1.3-1.4x
+# convolutions, weights pre-packed for oneDNN) ran Cnn14's bf16 eval forward about 1.4x
 # faster than eager bf16 on 2 CPU cores, for about a minute of compiling
 # (bench/bench_embed.py, bench/README.md). `compile_base="auto"` compiles where that was
 # measured (a CPU, bf16) and only when the step embeds enough audio to repay the minute.
@@ -298,8 +298,9 @@ def embed_features(
         device: auto, cpu or cuda[:N].
         precision: auto, fp32 or bf16, as for training (genreflow.runtime.resolve_precision):
             auto is bf16 autocast where the CPU or GPU computes in bf16 natively, fp32
-            elsewhere. bf16 embeddings differ from fp32 ones by bf16 rounding (cosine
-            similarity above 0.999, tests/test_frozen.py); fp32 gives the base's own numbers.
+            elsewhere. bf16 embeddings differ from fp32 ones by bf16 rounding (per clip,
+            cosine similarity at least 0.9995 and relative error at most 2%:
+            tests/test_frozen.py); fp32 gives the base's own numbers, bit for bit.
         compile_base: on: torch.compile the base (bf16 only; where compiling fails, say
             so and go on without); off: never; auto: on a CPU in bf16 when the clips hold
             at least COMPILE_MIN_AUDIO_SECONDS of audio.
