@@ -136,7 +136,7 @@ def test_recipe_parameters_come_from_the_recipe_and_the_head_has_its_own(tmp_pat
     assert head["iterations"] != tune["iterations"] and head["lr"] != tune["lr"]
     # One precision for both paths: the frozen base's embed step takes the pipeline's.
     embed_inputs = _task_inputs(doc, "comp-embed")
-    assert embed_inputs["precision"]["componentInputParameter"] == "precision"
+    assert embed_inputs["precision"]["componentInputParameter"].endswith("-precision")
 
 
 def test_a_recipe_argument_the_run_would_ignore_is_refused():
