@@ -113,7 +113,9 @@ def features(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embedded(features, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedded")
-    embed_features(features, out, batch_size=BATCH, device="cpu", seed=0)
+    # fp32, so that what these tests compare means the same on every CPU (bf16 has its
+    # own tests below).
+    embed_features(features, out, batch_size=BATCH, device="cpu", precision="fp32", seed=0)
     return out
 
 
@@ -168,7 +170,9 @@ def test_base_checkpoint_is_the_published_form_and_reproduces_the_embeddings(
     # the same embeddings: embed a few of the clips again from base.pth.
     some = ALL_NAMES[::6]
     small = write_features(tmp_path / "small.h5", some, FOLDS)
-    summary = embed_features(small, tmp_path / "again", pretrained=str(embedded / BASE))
+    summary = embed_features(
+        small, tmp_path / "again", pretrained=str(embedded / BASE), precision="fp32"
+    )
     assert summary["pretrained"] == str(embedded / BASE)
     assert summary["base_sha256"] == _sha256(embedded / BASE)
     again = read_embeddings(tmp_path / "again" / EMBEDDINGS)
@@ -266,7 +270,8 @@ def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded,
     out = tmp_path / "killed"
     code = (
         "from genreflow.frozen import embed_features; "
-        f"embed_features({str(first_clips)!r}, {str(out)!r}, batch_size={BATCH}, device='cpu')"
+        f"embed_features({str(first_clips)!r}, {str(out)!r}, batch_size={BATCH}, "
+        "device='cpu', precision='fp32')"
     )
     log = tmp_path / "killed.log"
     with log.open("w") as stderr:
@@ -284,7 +289,7 @@ def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded,
     assert 2 <= done < 20 // BATCH
     assert not (out / EMBEDDINGS).exists()
 
-    summary = embed_features(first_clips, out, batch_size=BATCH, device="cpu")
+    summary = embed_features(first_clips, out, batch_size=BATCH, device="cpu", precision="fp32")
     assert done * BATCH <= summary["resumed_from"] < 20
     assert summary["base_sha256"] == _sha256(embedded / BASE)
     assert not (out / PARTIAL).exists()
@@ -298,13 +303,14 @@ def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded,
 
 def test_rerun_of_a_finished_embed_does_nothing(features, embedded, capsys):
     before = (embedded / EMBEDDINGS).stat().st_mtime_ns, (embedded / BASE).stat().st_mtime_ns
-    summary = embed_features(features, embedded, batch_size=BATCH, device="cpu")
+    summary = embed_features(features, embedded, batch_size=BATCH, precision="fp32")
     assert summary["already_done"] is True
     assert "nothing to do" in capsys.readouterr().err
     after = (embedded / EMBEDDINGS).stat().st_mtime_ns, (embedded / BASE).stat().st_mtime_ns
     assert after == before
     # The command says the same and exits 0.
-    assert main(["embed-features", "--features", str(features), "--out", str(embedded)]) == 0
+    command = ["embed-features", "--features", str(features), "--out", str(embedded)]
+    assert main([*command, "--precision", "fp32"]) == 0
     assert "nothing to do" in capsys.readouterr().err
 
 
@@ -325,7 +331,7 @@ def test_embed_discards_a_partial_run_of_other_inputs_and_stale_temporaries(tmp_
 
 def test_embed_refuses_to_mix_outputs_of_another_base(features, embedded):
     with pytest.raises(GenreflowError, match="pretrained"):
-        embed_features(features, embedded, seed=1, device="cpu")
+        embed_features(features, embedded, seed=1, device="cpu", precision="fp32")
 
 
 def test_embed_bad_inputs_are_clear_errors(tmp_path, features):
