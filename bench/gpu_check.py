@@ -209,8 +209,12 @@ def measure(setting: str, device, *, seconds: float, batch: int, steps: int, war
 
 
 def counted_flops(device, *, seconds: float, batch: int) -> tuple[float, float]:
-    """(FLOPs of one training step, FLOPs of one clip's eval forward), as
-    torch.utils.flop_counter counts them (convolutions, matmuls; 2 per multiply-add)."""
+    """(FLOPs of one training step at `batch`, FLOPs of one clip's eval forward), as
+    torch.utils.flop_counter counts them (convolutions, matmuls; 2 per multiply-add).
+
+    Counted on a step of batch 2 and scaled: every counted operation is linear in the
+    batch, and a GPU too small for the seed's batch in fp32 can still count it."""
+    counted_batch = 2
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -223,7 +227,7 @@ def counted_flops(device, *, seconds: float, batch: int) -> tuple[float, float]:
 
     model = TransferCnn14(classes_num=len(GENRES), freeze_base=False).to(device).train()
     optimizer = make_optimizer(model, 1e-4)
-    drawn = batch * 2
+    drawn = counted_batch * 2
     waveform = torch.zeros(drawn, int(seconds * SAMPLE_RATE), device=device)
     target = torch.eye(len(GENRES), device=device)[torch.arange(drawn) % len(GENRES)]
     weights = torch.from_numpy(Mixup(1.0, seed=1).get_lambda(drawn).astype(np.float32))
@@ -236,7 +240,8 @@ def counted_flops(device, *, seconds: float, batch: int) -> tuple[float, float]:
     model.eval()
     with torch.inference_mode(), forward_counter:
         model(waveform[:1])
-    return float(step_counter.get_total_flops()), float(forward_counter.get_total_flops())
+    step_flops = float(step_counter.get_total_flops()) * batch / counted_batch
+    return step_flops, float(forward_counter.get_total_flops())
 
 
 def run_check(args: argparse.Namespace) -> dict:
@@ -275,9 +280,14 @@ def run_check(args: argparse.Namespace) -> dict:
         if gpu and time.monotonic() - started > TIME_LIMIT * 0.75:
             result["skipped"][setting] = "out of time (the check must fit in 8 minutes)"
             continue
-        measured = measure(
-            setting, device, seconds=seconds, batch=batch, steps=steps, warmup=warmup
-        )
+        try:
+            measured = measure(
+                setting, device, seconds=seconds, batch=batch, steps=steps, warmup=warmup
+            )
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            result["skipped"][setting] = f"out of GPU memory at batch {batch}"
+            continue
         peak = peak_tflops(name, measured["precision"], tf32) if gpu else None
         if peak is None and args.assume_device:
             peak = peak_tflops(args.assume_device, measured["precision"], tf32)
@@ -289,7 +299,9 @@ def run_check(args: argparse.Namespace) -> dict:
         result["settings"][setting] = measured
         print(f"[gpu-check] {setting}: {measured['clips_per_second']:.2f} clips/s", file=sys.stderr)
     result["winner"] = max(
-        result["settings"], key=lambda s: result["settings"][s]["clips_per_second"]
+        result["settings"],
+        key=lambda s: result["settings"][s]["clips_per_second"],
+        default=None,
     )
     result["evaluation_share"] = evaluation_share(forward_flops, flops, batch)
     result["seconds"] = time.monotonic() - started
@@ -373,6 +385,10 @@ def report(result: dict) -> str:
         f"{result['evaluation_share']:.1%} of the FLOPs"
     )
     winner, settings = result["winner"], result["settings"]
+    if winner is None:
+        lines.append("- no setting could be measured (see skipped above)")
+        lines.append(f"- the check took {result['seconds']:.0f} s; torch {result['torch']}")
+        return "\n".join(lines)
     verdict = (
         f"- fastest: {winner}; genreflow's fine-tune default on a CUDA GPU with bf16 is "
         f"{DEFAULT_ON_CUDA} (genreflow.train.prepare_for_training)"
