@@ -78,7 +78,13 @@ dag-test: image-test ## as root: the whole DAG (both branches), every step in th
 
 ## arguments for every benchmark script: --quick (what make bench runs, minutes) or empty for the full runs
 BENCH_ARGS ?= --quick
-.PHONY: bench
+.PHONY: bench bench-full-scale gpu-check
 
 bench: install ## the benchmarks in bench/ on synthetic data: each prints its figures, the seed's, and the ratios
-	set -e; for script in bench/bench_pack.py bench/bench_train_step.py bench/bench_frozen.py; do $(BIN)/python $$script $(BENCH_ARGS); done
+	set -e; for script in bench/bench_pack.py bench/bench_train_step.py bench/bench_frozen.py bench/bench_full_scale.py; do $(BIN)/python $$script $(BENCH_ARGS); done
+
+bench-full-scale: install ## GTZAN's scale (1000 x 30 s, set made once into $(WORKSPACE)/bench-full-scale): frozen-base CV end to end, bf16 vs fp32
+	$(BIN)/python bench/bench_full_scale.py --cache $(WORKSPACE)/bench-full-scale
+
+gpu-check: install ## the seed recipe's fine-tune step on a CUDA GPU (fp32, bf16, channels_last, compile) in under 8 minutes; a dry run on a CPU
+	$(BIN)/python bench/gpu_check.py

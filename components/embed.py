@@ -10,6 +10,7 @@ def embed(
     features: dsl.Input[dsl.Dataset],
     pretrained: str,
     seed: int,
+    precision: str,
     cache_epoch: str,
     embeddings: dsl.Output[dsl.Dataset],
 ):
@@ -19,6 +20,8 @@ def embed(
         features: the packed HDF5 file.
         pretrained: PANNs checkpoint (path, https:// or gs://); "" = random init from `seed`.
         seed: seeds the random base when there is no checkpoint.
+        precision: auto (bf16 autocast where the hardware has it), fp32 or bf16; the
+            pipeline's `precision`, the one fine-tuning uses.
         cache_epoch: unused by the step; part of KFP's cache key, so a cached result is
             served only within its cache period (pipelines.cv.CACHE_PERIOD_DAYS), while the
             bucket still holds it (infra/terraform's kfp_root_retention_days).
@@ -26,4 +29,10 @@ def embed(
     """
     from genreflow.frozen import embed_features
 
-    embed_features(features.path, embeddings.path, pretrained=pretrained or None, seed=seed)
+    embed_features(
+        features.path,
+        embeddings.path,
+        pretrained=pretrained or None,
+        seed=seed,
+        precision=precision,
+    )

@@ -18,7 +18,14 @@ from typing import NoReturn
 
 from genreflow import __version__
 from genreflow.errors import GenreflowError
-from genreflow.recipe import HeadConfig, TrainConfig, add_options, defaults, from_options
+from genreflow.recipe import (
+    PRECISIONS,
+    HeadConfig,
+    TrainConfig,
+    add_options,
+    defaults,
+    from_options,
+)
 
 COMMANDS_GROUP = "genreflow.commands"  # entry points: add_commands(subparsers)
 DEVICE_HELP = "auto (default: CUDA when torch sees a GPU), cpu, cuda or cuda:N"
@@ -537,6 +544,20 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained-sha256", metavar="HEX", help="expected sha256 of --pretrained")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: 16")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="bf16 autocast or fp32, as for train; auto (default): bf16 where the CPU or GPU "
+        "computes in bf16 natively, else fp32",
+    )
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile the base (bf16 only; about a minute, then faster); auto "
+        "(default): on a CPU when the clips hold 3 hours of audio or more",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of a random base (default: 0)")
     p.set_defaults(func=_run_embed_features)
 
@@ -586,6 +607,8 @@ def _run_embed_features(args: argparse.Namespace) -> int:
         pretrained_sha256=args.pretrained_sha256,
         batch_size=args.batch_size,
         device=args.device,
+        precision=args.precision,
+        compile_base=args.compile,
         seed=args.seed,
     )
     print(json.dumps(summary, indent=2))

@@ -42,8 +42,10 @@ Outputs, each written atomically (a temporary file beside it, then os.replace):
 
 - `embed_features(features, out)`: `out/embeddings.h5` (datasets `audio_name`, `embedding`
   (N, 2048) float32, `target`, `fold`; the features' attributes plus `base_sha256`,
-  `pretrained`, `features_fingerprint`, `genreflow_version`) and `out/base.pth`, the base
-  that made them in the published PANNs form `{'model': cnn14_state_dict}`. Killed at any
+  `pretrained`, `precision` (bf16 autocast where the hardware has it, as for training;
+  fp32 gives the base's own numbers), `features_fingerprint`, `genreflow_version`) and
+  `out/base.pth`, the base that made them in the published PANNs form
+  `{'model': cnn14_state_dict}`. Killed at any
   moment, the same command continues from the last finished batch
   (`out/embeddings.partial/`); rerun after it finished, it does nothing and says so.
 - `train_head(embeddings, fold, out)`: `metrics.csv`, `predictions.csv`, `summary.json`
@@ -95,7 +97,14 @@ from genreflow.fold_result import (  # noqa: F401 (the fold folder's names, re-e
     write_summary,
 )
 from genreflow.recipe import HeadConfig
-from genreflow.runtime import one_thread, resolve_device
+from genreflow.runtime import (
+    autocast_for,
+    cpu_threads_for_training,
+    freed_memory_kept,
+    one_thread,
+    resolve_device,
+    resolve_precision,
+)
 from genreflow.splits import (
     DEFAULT_PROTOCOL,
     DEFAULT_SELECTION,
@@ -109,6 +118,14 @@ EMBEDDINGS, BASE, PARTIAL = "embeddings.h5", "base.pth", "embeddings.partial"
 BASE_MODEL = "Cnn14"
 EMBEDDING_SIZE = 2048
 LOSS = "clip_nll"
+
+# torch.compile of the base (inductor with frozen weights: batch norm folded into the
+# convolutions, weights pre-packed for oneDNN) ran Cnn14's bf16 eval forward about 1.4x
+# faster than eager bf16 on 2 CPU cores, for about a minute of compiling
+# (bench/bench_embed.py, bench/README.md). `compile_base="auto"` compiles where that was
+# measured (a CPU, bf16) and only when the step embeds enough audio to repay the minute.
+COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_MIN_AUDIO_SECONDS = 3 * 3600
 
 # A dimension whose standard deviation on the training folds is below this is treated as
 # constant (a ReLU that never fires): it is not scaled, and the head learns nothing from it.
@@ -236,11 +253,15 @@ def _read_manifest(partial: Path) -> dict | None:
         return None
 
 
+# What an embeddings.h5 written before an attribute existed was made with.
+_BEFORE_ATTRIBUTE = {"precision": "fp32"}
+
+
 def _finished_matches(embeddings: Path, request: dict) -> tuple[bool, str]:
     """Whether a finished embeddings.h5 was made for this request; if not, why."""
     try:
         with h5py.File(embeddings, "r") as hf:
-            made = {key: _plain(hf.attrs.get(key)) for key in request}
+            made = {key: _plain(hf.attrs.get(key, _BEFORE_ATTRIBUTE.get(key))) for key in request}
     except OSError as exc:
         return False, f"unreadable ({exc})"
     differ = [key for key in request if made[key] != request[key]]
@@ -259,6 +280,8 @@ def embed_features(
     pretrained_sha256: str | None = None,
     batch_size: int = 16,
     device: str = "auto",
+    precision: str = "auto",
+    compile_base: str = "auto",
     seed: int = 0,
 ) -> dict:
     """Push every packed clip through the Cnn14 base once and store the embeddings.
@@ -273,11 +296,20 @@ def embed_features(
         pretrained_sha256: expected sha256 of the pretrained file.
         batch_size: clips per forward pass; also the unit of resumption.
         device: auto, cpu or cuda[:N].
+        precision: auto, fp32 or bf16, as for training (genreflow.runtime.resolve_precision):
+            auto is bf16 autocast where the CPU or GPU computes in bf16 natively, fp32
+            elsewhere. bf16 embeddings differ from fp32 ones by bf16 rounding (per clip,
+            cosine similarity at least 0.9995 and relative error at most 2%:
+            tests/test_frozen.py); fp32 gives the base's own numbers, bit for bit.
+        compile_base: on: torch.compile the base (bf16 only; where compiling fails, say
+            so and go on without); off: never; auto: on a CPU in bf16 when the clips hold
+            at least COMPILE_MIN_AUDIO_SECONDS of audio.
         seed: seeds the random base when there is no pretrained checkpoint.
 
     Returns:
-        A summary: paths, clips, base_sha256, pretrained, seconds, clips_per_second,
-        resumed_from (rows already done), already_done.
+        A summary: paths, clips, base_sha256, pretrained, precision, seconds,
+        clips_per_second, resumed_from (rows already done), already_done, compiled
+        (whether the compiled base made the embeddings this call computed).
 
     Raises:
         GenreflowError: missing or inconsistent features, a checkpoint that does not fit,
@@ -285,15 +317,24 @@ def embed_features(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GenreflowError(f"batch size must be a positive integer, got {batch_size!r}")
+    if compile_base not in COMPILE_CHOICES:
+        raise GenreflowError(
+            f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile_base!r}"
+        )
     index = _read_features(features)
     torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GenreflowError(f"{out}: exists and is not a folder")
     source = str(pretrained) if pretrained else f"random-init(seed={seed})"
-    request = {"features_fingerprint": index.fingerprint, "pretrained": source}
+    request = {
+        "features_fingerprint": index.fingerprint,
+        "pretrained": source,
+        "precision": precision,
+    }
     result = {"embeddings": str(out / EMBEDDINGS), "base": str(out / BASE), "clips": index.clips}
-    result["pretrained"] = source
+    result.update(pretrained=source, precision=precision)
     if (out / EMBEDDINGS).is_file():
         base_sha256 = _check_finished(out, request)
         _log(f"embed: nothing to do, {out / EMBEDDINGS} already holds these clips' embeddings")
@@ -304,6 +345,7 @@ def embed_features(
             "clips_per_second": 0.0,
             "resumed_from": index.clips,
             "already_done": True,
+            "compiled": False,
         }
 
     base, manifest = _start_or_resume(
@@ -312,10 +354,28 @@ def embed_features(
     base.to(torch_device)
     _log(
         f"embed: {index.clips} clips through the {BASE_MODEL} base ({source}), "
-        f"{torch_device.type}, batch {manifest['batch_size']}"
+        f"{torch_device.type} {'bf16 autocast' if precision == 'bf16' else 'fp32'}, "
+        f"batch {manifest['batch_size']}"
     )
+    audio_seconds = index.clips * int(index.attrs["clip_samples"]) / int(index.attrs["sample_rate"])
+    compiled = compile_base == "on" or (
+        compile_base == "auto"
+        and torch_device.type == "cpu"
+        and audio_seconds >= COMPILE_MIN_AUDIO_SECONDS
+    )
+    if compiled and precision != "bf16":
+        # Compiling folds batch norm into the convolutions: other fp32 numbers than the
+        # base's own, which fp32 promises.
+        _log("embed: not compiling the base in fp32 (it would change the fp32 numbers)")
+        compiled = False
     started = time.monotonic()
-    resumed_from = _embed_chunks(base, index, out / PARTIAL, manifest["batch_size"], torch_device)
+    # As a training step: threads capped at the CPU quota, and each batch's activations
+    # (hundreds of MB) reuse the previous batch's memory instead of faulting in fresh pages.
+    with cpu_threads_for_training(), freed_memory_kept():
+        embedder = _Embedder(base, torch_device, precision, manifest["batch_size"], compiled)
+        resumed_from = _embed_chunks(
+            embedder, index, out / PARTIAL, manifest["batch_size"], torch_device
+        )
     seconds = time.monotonic() - started
     computed = index.clips - resumed_from
     embedding = _gathered_chunks(out / PARTIAL, index.clips, manifest["batch_size"])
@@ -330,6 +390,7 @@ def embed_features(
         "clips_per_second": rate,
         "resumed_from": resumed_from,
         "already_done": False,
+        "compiled": embedder.compiled,
     }
 
 
@@ -413,8 +474,54 @@ def _start_or_resume(
     return base, manifest
 
 
+class _Embedder:
+    """(batch, samples) float32 waveforms -> (batch, 2048) embeddings, in the precision
+    asked for, through the eager base or its compiled form.
+
+    The compiled form sees one batch shape only (a short last batch is padded with silent
+    clips, whose rows are dropped: in eval mode every clip is computed on its own), so it
+    compiles once, in its first call. Where that call fails (inductor needs a C++ compiler
+    on a CPU), it says so and the eager base does the work.
+    """
+
+    def __init__(self, base: nn.Module, device, precision: str, batch_size: int, compiled: bool):
+        self.base, self.batch_size = base, batch_size
+        self.amp = autocast_for(device, precision)
+        self.compiled, self._calls = compiled, 0
+        if compiled:
+            import torch._inductor.config as inductor_config
+
+            self._frozen_weights = lambda: inductor_config.patch(freezing=True)
+            base.to(memory_format=torch.channels_last)  # the layout it was measured in
+            self._compiled_base = torch.compile(base)
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        if not self.compiled:
+            with self.amp():
+                return self.base(batch)["embedding"]
+        rows = len(batch)
+        if rows < self.batch_size:
+            batch = torch.cat([batch, batch.new_zeros(self.batch_size - rows, batch.shape[1])])
+        self._calls += 1
+        started = time.monotonic()
+        try:
+            with self.amp(), self._frozen_weights():
+                embedding = self._compiled_base(batch)["embedding"][:rows]
+        except RuntimeError as exc:  # torch._dynamo's and inductor's errors are RuntimeErrors
+            if self._calls > 1:
+                raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _log(f"embed: torch.compile failed ({reason}); going on without it")
+            self.compiled = False
+            return self(batch[:rows])
+        if self._calls == 1:
+            seconds = time.monotonic() - started
+            _log(f"embed: compiled the base in its first batch ({seconds:.0f} s)")
+        return embedding
+
+
 def _embed_chunks(
-    base: nn.Module, index: _FeaturesIndex, partial: Path, batch_size: int, device
+    embedder: _Embedder, index: _FeaturesIndex, partial: Path, batch_size: int, device
 ) -> int:
     """Embed every batch of rows not yet in `partial` (one .npy file per batch, written
     atomically: the unit of resumption); returns the clips that were already there."""
@@ -439,7 +546,7 @@ def _embed_chunks(
             stop = min(start + batch_size, index.clips)
             # Rows in order: one contiguous HDF5 read per batch.
             batch = torch.from_numpy(int16_to_float32(waveform[start:stop])).to(device)
-            embedding = base(batch)["embedding"].float().cpu().numpy()
+            embedding = embedder(batch).float().cpu().numpy()
             write_atomic(chunk, lambda f, e=embedding: np.save(f, e))
             progress.update(stop - start)
     return resumed_from
@@ -476,6 +583,7 @@ def _write_embeddings(
             "base_model": BASE_MODEL,
             "base_sha256": manifest["base_sha256"],
             "pretrained": manifest["pretrained"],
+            "precision": manifest["precision"],
             "embedding_size": EMBEDDING_SIZE,
             "batch_size": manifest["batch_size"],
             "genreflow_version": __version__,

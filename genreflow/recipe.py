@@ -57,6 +57,7 @@ class TrainConfig:
     log_every: int = 10
     # auto: bf16 autocast where the hardware computes in bf16 natively (CUDA with bf16,
     # CPUs with AVX512-BF16/AMX or Arm BF16), fp32 elsewhere; see runtime.resolve_precision.
+    # The pipeline's `precision` also sets the frozen-base embed's (SHARED_PARAMETERS).
     precision: str = knob(
         "auto",
         "bf16 autocast or fp32; auto: bf16 where the GPU or CPU computes in bf16 natively "
@@ -106,6 +107,10 @@ def field_type(config: type, name: str) -> type:
     return typing.get_type_hints(config)[name]
 
 
+# Pipeline parameters that both paths use: the fine-tune's training step and the frozen
+# base's embed step compute in the same `precision`.
+SHARED_PARAMETERS = ("precision",)
+
 # The pipeline's recipe parameters: (parameter name, config, field name), fine-tune first.
 PIPELINE_RECIPE: tuple[tuple[str, type, str], ...] = tuple(
     (prefix + f.name, config, f.name)
@@ -135,7 +140,11 @@ def recipe_arguments(config: type, parameters: dict) -> dict:
 def other_path_parameters(freeze_base: bool) -> tuple[str, ...]:
     """The recipe parameters that a pipeline run with this freeze_base does not use."""
     unused = TrainConfig if freeze_base else HeadConfig
-    return tuple(name for name, config, _ in PIPELINE_RECIPE if config is unused)
+    return tuple(
+        name
+        for name, config, _ in PIPELINE_RECIPE
+        if config is unused and name not in SHARED_PARAMETERS
+    )
 
 
 def check_pipeline_arguments(arguments: dict, given: dict) -> None:

@@ -291,9 +291,12 @@ def prepare_for_training(model: torch.nn.Module, device: torch.device, precision
         # Every batch has the same shape: let cuDNN pick its fastest kernels once.
         torch.backends.cudnn.benchmark = True
         if precision == "bf16":
-            # Tensor cores read NHWC: channels_last saves a transpose around every conv.
-            # On the CPU it gave nothing (0.8-1.0x, bench/README.md), so the CPU keeps the
-            # default format.
+            # Tensor cores read NHWC: channels_last saves a transpose around every conv
+            # (the documented expectation: PyTorch's channels-last tutorial, NVIDIA's cuDNN
+            # convolution performance guide). Not yet measured on a GPU here: `make
+            # gpu-check` (bench/gpu_check.py, DEFAULT_ON_CUDA) times this against fp32,
+            # plain bf16 and torch.compile and says which wins. On the CPU it gave nothing
+            # (0.8-1.0x, bench/README.md), so the CPU keeps the default format.
             model.to(memory_format=torch.channels_last)
 
 

@@ -14,7 +14,8 @@ cross-validation; filtered, a repetition (seed + item - 1) of the fault-filtered
 The recipe's parameters come from genreflow.recipe, beside the ones written out here: the
 fine-tune recipe under its own names (iterations, batch_size, lr, mixup, eval_every,
 precision), the head's under head_* names (head_iterations, ..., head_weight_decay), so
-freeze_base=true trains every head with the head's recipe.
+freeze_base=true trains every head with the head's recipe; `precision` serves both paths
+(the frozen base's embed step computes in it too).
 """
 
 import functools
@@ -177,6 +178,7 @@ def build_pipeline(
                     features=packed.outputs["features"],
                     pretrained=pretrained,
                     seed=seed,
+                    precision=fine_tune["precision"],
                     cache_epoch=cache_epoch,
                 ).set_display_name("embed every clip once")
                 on_gpu(embedded)

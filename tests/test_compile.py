@@ -134,6 +134,9 @@ def test_recipe_parameters_come_from_the_recipe_and_the_head_has_its_own(tmp_pat
         assert source.endswith(name) and "head_" not in source, (name, source)
         assert parameters[name]["defaultValue"] == tune[name]
     assert head["iterations"] != tune["iterations"] and head["lr"] != tune["lr"]
+    # One precision for both paths: the frozen base's embed step takes the pipeline's.
+    embed_inputs = _task_inputs(doc, "comp-embed")
+    assert embed_inputs["precision"]["componentInputParameter"].endswith("-precision")
 
 
 def test_a_recipe_argument_the_run_would_ignore_is_refused():
@@ -146,6 +149,9 @@ def test_a_recipe_argument_the_run_would_ignore_is_refused():
     assert demo["head_iterations"] == 1000 and "iterations" not in demo
     assert profile_arguments("seed")["batch_size"] == 32
     assert run_arguments("demo", {"head_lr": 3e-3})["head_lr"] == 3e-3
+    # precision serves both paths: the frozen base's embed computes in it.
+    assert run_arguments("demo", {"precision": "fp32"})["precision"] == "fp32"
+    assert demo["precision"] == "auto"
     for profile, given, hint in (
         ("demo", {"iterations": 100}, "head_iterations"),
         ("seed", {"head_lr": 1e-3}, "without freeze_base"),

@@ -12,7 +12,9 @@ import csv
 import json
 from pathlib import Path
 
+import h5py
 import pytest
+import torch
 from kfp import dsl
 
 from genreflow.components.aggregate import aggregate
@@ -26,6 +28,7 @@ from genreflow.components.train_head import train_head
 from genreflow.data.genres import GENRES
 from genreflow.data.synth import make_synthetic_gtzan
 from genreflow.recipe import HeadConfig, TrainConfig, defaults
+from genreflow.runtime import resolve_precision
 
 NO_TRACKING = dict(tracking_uri="", parent_run_id="", reuse_folds=True)
 
@@ -47,7 +50,12 @@ def steps(tmp_path_factory):
     pack.python_func(dataset=dataset, clip_seconds=1.0, cache_epoch="", features=features)
     embeddings = _artifact(dsl.Dataset, root, "embeddings")
     embed.python_func(
-        features=features, pretrained="", seed=0, cache_epoch="", embeddings=embeddings
+        features=features,
+        pretrained="",
+        seed=0,
+        precision="auto",
+        cache_epoch="",
+        embeddings=embeddings,
     )
     return {"root": root, "dataset": dataset, "features": features, "embeddings": embeddings}
 
@@ -59,6 +67,10 @@ def test_download_pack_and_embed(steps):
     assert {"embeddings.h5", "base.pth"} <= {
         p.name for p in (steps["root"] / "embeddings").iterdir()
     }
+    # The pipeline's precision reaches the embed step: auto, resolved for this machine.
+    with h5py.File(steps["root"] / "embeddings" / "embeddings.h5", "r") as hf:
+        made_in = hf.attrs["precision"]
+    assert made_in == resolve_precision("auto", torch.device("cpu"))
 
 
 def test_train_head_then_aggregate_the_frozen_base(steps):
@@ -306,9 +318,11 @@ def test_start_and_close_the_mlflow_run(tmp_path, monkeypatch):
     shown = (tmp_path / "run.md").read_text()
     assert f"/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning" in shown
     assert f"/#/experiments/{experiment}?workflowType=machine_learning" in shown
-    # A frozen-base run logs the head's recipe, not the fine-tune's it does not use.
+    # A frozen-base run logs the head's recipe, not the fine-tune's it does not use; the
+    # precision serves both (the embed step computes in it).
     assert run.data.params["head_iterations"] == str(head["iterations"])
-    assert "iterations" not in run.data.params and "precision" not in run.data.params
+    assert "iterations" not in run.data.params and "lr" not in run.data.params
+    assert run.data.params["precision"] == tune["precision"]
     assert run.data.tags["path"] == "frozen-base" and run.info.status == "RUNNING"
 
     status = dsl.PipelineTaskFinalStatus(

@@ -113,7 +113,9 @@ def features(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embedded(features, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedded")
-    embed_features(features, out, batch_size=BATCH, device="cpu", seed=0)
+    # fp32, so that what these tests compare means the same on every CPU (bf16 has its
+    # own tests below).
+    embed_features(features, out, batch_size=BATCH, device="cpu", precision="fp32", seed=0)
     return out
 
 
@@ -168,7 +170,9 @@ def test_base_checkpoint_is_the_published_form_and_reproduces_the_embeddings(
     # the same embeddings: embed a few of the clips again from base.pth.
     some = ALL_NAMES[::6]
     small = write_features(tmp_path / "small.h5", some, FOLDS)
-    summary = embed_features(small, tmp_path / "again", pretrained=str(embedded / BASE))
+    summary = embed_features(
+        small, tmp_path / "again", pretrained=str(embedded / BASE), precision="fp32"
+    )
     assert summary["pretrained"] == str(embedded / BASE)
     assert summary["base_sha256"] == _sha256(embedded / BASE)
     again = read_embeddings(tmp_path / "again" / EMBEDDINGS)
@@ -177,13 +181,97 @@ def test_base_checkpoint_is_the_published_form_and_reproduces_the_embeddings(
     np.testing.assert_allclose(again.embedding, first.embedding[rows], rtol=1e-5, atol=1e-6)
 
 
+def test_fp32_embed_is_the_bases_own_forward_unchanged(features, tmp_path):
+    # precision fp32 must give exactly what the base computes on its own (eval mode, fp32,
+    # no autocast): the numbers the embed step gave before bf16 existed.
+    from genreflow.models.checkpoints import load_pretrained
+    from genreflow.models.cnn14 import Cnn14
+    from genreflow.runtime import cpu_threads, torch_threads
+
+    out = tmp_path / "fp32"
+    summary = embed_features(features, out, batch_size=BATCH, device="cpu", precision="fp32")
+    assert summary["precision"] == "fp32"
+    base = Cnn14()
+    load_pretrained(base, out / BASE)
+    base.eval()
+    with h5py.File(features, "r") as hf:
+        waveform = int16_to_float32(hf["waveform"][:])
+    with torch_threads(cpu_threads()), torch.inference_mode():
+        expected = np.concatenate(
+            [
+                base(torch.from_numpy(waveform[start : start + BATCH]))["embedding"].numpy()
+                for start in range(0, CLIPS, BATCH)
+            ]
+        )
+    embeddings = read_embeddings(out / EMBEDDINGS)
+    assert embeddings.attrs["precision"] == "fp32"
+    np.testing.assert_array_equal(embeddings.embedding, expected)
+
+
+# bf16 keeps 8 bits of mantissa: measured on these clips with a random-init Cnn14, each
+# embedding's cosine similarity with its fp32 one is above 0.9999 and its relative error
+# below 1%; the bounds leave room for other CPUs' kernels.
+BF16_MIN_COSINE, BF16_MAX_RELATIVE_ERROR = 0.9995, 0.02
+
+
+def test_bf16_embeddings_are_within_tolerance_of_fp32(features, tmp_path):
+    fp32 = embed_features(features, tmp_path / "fp32", batch_size=BATCH, precision="fp32")
+    bf16 = embed_features(features, tmp_path / "bf16", batch_size=BATCH, precision="bf16")
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["base_sha256"] == bf16["base_sha256"]  # the same base, another precision
+    exact = read_embeddings(tmp_path / "fp32" / EMBEDDINGS).embedding.astype(np.float64)
+    rounded = read_embeddings(tmp_path / "bf16" / EMBEDDINGS).embedding.astype(np.float64)
+    assert read_embeddings(tmp_path / "bf16" / EMBEDDINGS).attrs["precision"] == "bf16"
+    norms = np.linalg.norm(exact, axis=1)
+    cosine = np.sum(exact * rounded, axis=1) / (norms * np.linalg.norm(rounded, axis=1))
+    relative_error = np.linalg.norm(rounded - exact, axis=1) / norms
+    assert cosine.min() >= BF16_MIN_COSINE, cosine.min()
+    assert relative_error.max() <= BF16_MAX_RELATIVE_ERROR, relative_error.max()
+    assert not np.array_equal(exact, rounded)  # bf16 did compute in bf16
+    # What tells clips apart survives: each clip's bf16 embedding is nearest to its own
+    # fp32 one.
+    distances = np.linalg.norm(rounded[:, None, :] - exact[None, :, :], axis=2)
+    np.testing.assert_array_equal(distances.argmin(axis=1), np.arange(CLIPS))
+
+
+def test_compiled_bf16_embed_is_within_the_same_tolerance(features, tmp_path):
+    # torch.compile (what auto picks on a CPU for hours of audio), forced on 6 clips in
+    # batches of 4: one compile, the short last batch padded, the rows its own.
+    six = write_features(tmp_path / "six.h5", ALL_NAMES[::5][:6], FOLDS)
+    fp32 = embed_features(six, tmp_path / "fp32", batch_size=BATCH, precision="fp32")
+    assert fp32["compiled"] is False
+    code = [
+        "embed-features", "--features", str(six), "--out", str(tmp_path / "compiled"),
+        "--batch-size", str(BATCH), "--precision", "bf16", "--compile", "on",
+    ]  # fmt: skip
+    assert main(code) == 0
+    exact = read_embeddings(tmp_path / "fp32" / EMBEDDINGS).embedding.astype(np.float64)
+    compiled = read_embeddings(tmp_path / "compiled" / EMBEDDINGS).embedding.astype(np.float64)
+    norms = np.linalg.norm(exact, axis=1)
+    cosine = np.sum(exact * compiled, axis=1) / (norms * np.linalg.norm(compiled, axis=1))
+    assert cosine.min() >= BF16_MIN_COSINE, cosine.min()
+    assert (np.linalg.norm(compiled - exact, axis=1) / norms).max() <= BF16_MAX_RELATIVE_ERROR
+
+
+def test_embed_refuses_a_finished_file_of_another_precision(features, tmp_path):
+    two = write_features(tmp_path / "two.h5", ALL_NAMES[:2], FOLDS)
+    embed_features(two, tmp_path / "out", batch_size=BATCH, precision="fp32")
+    with pytest.raises(GenreflowError, match="precision"):
+        embed_features(two, tmp_path / "out", batch_size=BATCH, precision="bf16")
+    with pytest.raises(GenreflowError, match="--precision must be one of"):
+        embed_features(two, tmp_path / "other", precision="fp16")
+    with pytest.raises(GenreflowError, match="--compile must be one of"):
+        embed_features(two, tmp_path / "other", compile_base="yes")
+
+
 def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded, tmp_path):
     # The first 20 clips: the same rows in the same batches as the fixture's first 20.
     first_clips = write_features(tmp_path / "first.h5", ALL_NAMES[:20], FOLDS)
     out = tmp_path / "killed"
     code = (
         "from genreflow.frozen import embed_features; "
-        f"embed_features({str(first_clips)!r}, {str(out)!r}, batch_size={BATCH}, device='cpu')"
+        f"embed_features({str(first_clips)!r}, {str(out)!r}, batch_size={BATCH}, "
+        "device='cpu', precision='fp32')"
     )
     log = tmp_path / "killed.log"
     with log.open("w") as stderr:
@@ -201,7 +289,7 @@ def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded,
     assert 2 <= done < 20 // BATCH
     assert not (out / EMBEDDINGS).exists()
 
-    summary = embed_features(first_clips, out, batch_size=BATCH, device="cpu")
+    summary = embed_features(first_clips, out, batch_size=BATCH, device="cpu", precision="fp32")
     assert done * BATCH <= summary["resumed_from"] < 20
     assert summary["base_sha256"] == _sha256(embedded / BASE)
     assert not (out / PARTIAL).exists()
@@ -215,13 +303,14 @@ def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded,
 
 def test_rerun_of_a_finished_embed_does_nothing(features, embedded, capsys):
     before = (embedded / EMBEDDINGS).stat().st_mtime_ns, (embedded / BASE).stat().st_mtime_ns
-    summary = embed_features(features, embedded, batch_size=BATCH, device="cpu")
+    summary = embed_features(features, embedded, batch_size=BATCH, precision="fp32")
     assert summary["already_done"] is True
     assert "nothing to do" in capsys.readouterr().err
     after = (embedded / EMBEDDINGS).stat().st_mtime_ns, (embedded / BASE).stat().st_mtime_ns
     assert after == before
     # The command says the same and exits 0.
-    assert main(["embed-features", "--features", str(features), "--out", str(embedded)]) == 0
+    command = ["embed-features", "--features", str(features), "--out", str(embedded)]
+    assert main([*command, "--precision", "fp32"]) == 0
     assert "nothing to do" in capsys.readouterr().err
 
 
@@ -242,7 +331,7 @@ def test_embed_discards_a_partial_run_of_other_inputs_and_stale_temporaries(tmp_
 
 def test_embed_refuses_to_mix_outputs_of_another_base(features, embedded):
     with pytest.raises(GenreflowError, match="pretrained"):
-        embed_features(features, embedded, seed=1, device="cpu")
+        embed_features(features, embedded, seed=1, device="cpu", precision="fp32")
 
 
 def test_embed_bad_inputs_are_clear_errors(tmp_path, features):

@@ -33,6 +33,9 @@ def test_every_step_takes_the_same_device_names(tmp_path):
 
     assert train.resolve_device is inference.resolve_device is frozen.resolve_device
     assert train.resolve_device is resolve_device
+    # One place decides the precision for the training step and the frozen base's embed.
+    assert train.resolve_precision is frozen.resolve_precision
+    assert train.autocast_for is frozen.autocast_for
 
 
 def test_keeping_freed_memory_is_undone():
