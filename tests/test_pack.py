@@ -356,7 +356,7 @@ def test_float32_to_int16_into_an_array():
     ],
 )
 def test_workers_are_fewer_where_shared_memory_is_small(workers, shm_free, expected):
-    assert _plan_workers(workers, clip_samples(30.0), shm_free) == expected
+    assert _plan_workers(workers, clip_samples(30.0) * 2, shm_free) == expected
 
 
 def shm_segments():
