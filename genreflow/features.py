@@ -889,7 +889,12 @@ def check_fits_model(path: str | Path, attrs: dict, model) -> None:
             + ", ".join(f"{k} {base.front_end_config[k]}" for k in differ)
             + "; pack the features again"
         )
-    reference = LogmelFrontEnd(**packed).state_dict()
+    import torch
+
+    # Building one draws the STFT's initial weights (overwritten) from torch's generator:
+    # the caller's random state (SpecAugment and dropout in training) must not move.
+    with torch.random.fork_rng(devices=[]):
+        reference = LogmelFrontEnd(**packed).state_dict()
     ours = base.state_dict()
     for key, weight in reference.items():
         difference = float((ours[key].detach().cpu() - weight).abs().max() / weight.abs().max())
