@@ -663,7 +663,6 @@ class _Encoder:
     front end's log-mel of that very int16 waveform, read as training reads it."""
 
     def __init__(self, layout: RowLayout, *, torch_threads: int | None = None):
-        self._layout = layout
         self._torch_threads = torch_threads
         self._waveform = None
         self._front_end = None
