@@ -215,8 +215,7 @@ def train_py_frozen(features: Path, workdir: Path, measured: int) -> dict:
     )
     from genreflow.train import (
         EpochSampler,
-        Waveforms,
-        _on_device,
+        PackedClips,
         make_optimizer,
         prepare_for_training,
         read_fold_index,
@@ -237,12 +236,12 @@ def train_py_frozen(features: Path, workdir: Path, measured: int) -> dict:
         prepare_for_training(model, device, precision)
         amp = autocast_for(device, precision)
         optimizer = make_optimizer(model, 1e-4)
-        waveforms = Waveforms(str(features), index.train_rows)
+        waveforms = PackedClips(str(features), index.train_rows)
         sampler, mixup = EpochSampler(index.train_rows, 0), Mixup(1.0, seed=1)
         for iteration in range(measured + 1):
             started = time.perf_counter()
             rows = sampler.next_batch(drawn)
-            batch = _on_device(waveforms[rows], device)
+            batch = waveforms.on_device(rows, device)
             target = torch.from_numpy(one_hot[rows])
             weights = torch.from_numpy(mixup.get_lambda(drawn).astype(np.float32))
             training_step(model, optimizer, batch, target, weights, amp).item()

@@ -104,8 +104,7 @@ def _build(way: str, features: str, device, batch_size: int, precision: str) -> 
     from genreflow.train import (
         ADAM,
         EpochSampler,
-        Waveforms,
-        _on_device,
+        PackedClips,
         evaluate,
         make_optimizer,
         prepare_for_training,
@@ -126,10 +125,10 @@ def _build(way: str, features: str, device, batch_size: int, precision: str) -> 
         prepare_for_training(model, device, precision)
         amp = autocast_for(device, precision)
         optimizer = make_optimizer(model, 1e-4)
-        waveforms = Waveforms(features, np.arange(len(index.names)))
+        waveforms = PackedClips(features, np.arange(len(index.names)))
 
         def read(rows):
-            return _on_device(waveforms[rows], device)
+            return waveforms.on_device(rows, device)
     else:
         precision = "fp32"
         model.to(device).train()

@@ -11,8 +11,9 @@ def pack(
     clip_seconds: float,
     cache_epoch: str,
     features: dsl.Output[dsl.Dataset],
+    representation: str = "waveform",
 ):
-    """Pack the dataset into `features` (HDF5: audio_name, waveform, target, fold).
+    """Pack the dataset into `features` (HDF5: audio_name, the clips, target, fold).
 
     Args:
         dataset: the extracted tree from the download step.
@@ -21,9 +22,15 @@ def pack(
             served only within its cache period (pipelines.cv.CACHE_PERIOD_DAYS), while the
             bucket still holds it (infra/terraform's kfp_root_retention_days).
         features: the packed HDF5 file.
+        representation: the clips as "waveform" (int16, the seed's form) or "logmel"
+            (Cnn14's float16 front-end output: a fifth of the bytes, the same numbers up
+            to float16 rounding; genreflow.features).
     """
     from genreflow.features import pack as pack_clips
 
-    summary = pack_clips(dataset.path, features.path, clip_seconds=clip_seconds)
+    summary = pack_clips(
+        dataset.path, features.path, clip_seconds=clip_seconds, representation=representation
+    )
     features.metadata["clips"] = summary.clips
+    features.metadata["representation"] = representation
     features.metadata["skipped"] = [name for name, _ in summary.skipped]

@@ -35,6 +35,7 @@ def start_run(
     head_mixup: bool,
     head_eval_every: int,
     mlflow_run: dsl.Output[dsl.Markdown],
+    representation: str = "waveform",
 ) -> str:
     """Return the id of a new parent run ("" when tracking is off).
 
@@ -47,8 +48,8 @@ def start_run(
         images: the images the steps run in (digests where the build gave them), a tag.
         profile: the recipe profile's name (demo, seed, custom), a tag.
         protocol: cv10 or filtered; selection: validation or heldout (tags and params).
-        source, sha256, pretrained, freeze_base, clip_seconds, seed: the pipeline's
-            parameters, logged as params.
+        source, sha256, pretrained, freeze_base, clip_seconds, seed, representation: the
+            pipeline's parameters, logged as params.
         iterations, batch_size, lr, mixup, eval_every, precision: the fine-tune recipe;
             head_*: the head's (genreflow.recipe); the one the run takes is logged.
         mlflow_run: where the parent run is (Markdown, shown in the KFP UI).

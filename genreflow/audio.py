@@ -62,6 +62,12 @@ def clip_samples(seconds: float) -> int:
     return int(round(seconds * SAMPLE_RATE))
 
 
+def logmel_frames(samples: int, hop_size: int = HOP_SIZE) -> int:
+    """Frames of the front end's log-mel of `samples` samples (centred STFT: one frame per
+    hop, plus one): 960000 -> 3001."""
+    return samples // hop_size + 1
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode a file to float32 mono at `sample_rate`, full length.
 

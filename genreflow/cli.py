@@ -127,7 +127,8 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "pack",
         help="decode, resample and pack clips into one HDF5 file",
         description="Decode every clip of an extracted GTZAN tree, mix to mono, resample "
-        "to 32 kHz, pad or trim to the clip length and store int16 waveforms, one-hot "
+        "to 32 kHz, pad or trim to the clip length and store int16 waveforms (or, with "
+        "--representation logmel, Cnn14's frozen front-end output for them), one-hot "
         "targets and the seed's folds in one HDF5 file.",
     )
     p.add_argument("--dataset", required=True, type=Path, help="extracted GTZAN tree")
@@ -139,6 +140,14 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--clip-seconds", type=float, default=30.0, help="clip length in seconds (default 30)"
+    )
+    p.add_argument(
+        "--representation",
+        choices=("waveform", "logmel"),
+        default="waveform",
+        help="store the clips as int16 waveforms (the seed's form, default) or as Cnn14's "
+        "float16 log-mel (a fifth of the bytes; training and embedding give the same "
+        "numbers up to float16 rounding)",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="decoding processes (default: every core)"
@@ -163,6 +172,7 @@ def _run_pack(args: argparse.Namespace) -> int:
         args.dataset,
         args.out,
         clip_seconds=args.clip_seconds,
+        representation=args.representation,
         workers=args.workers,
         on_error=args.on_error,
         source_sha256=args.source_sha256,

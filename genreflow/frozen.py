@@ -168,6 +168,11 @@ class _FeaturesIndex:
     folds: np.ndarray  # (N,) int32
     attrs: dict  # raw HDF5 attribute values, copied into embeddings.h5
     fingerprint: str
+    checked_attrs: dict  # as genreflow.features.read_index gives them (representation, ...)
+
+    @property
+    def representation(self) -> str:
+        return self.checked_attrs["representation"]
 
     @property
     def clips(self) -> int:
@@ -191,7 +196,8 @@ def _read_features(features: str | os.PathLike) -> _FeaturesIndex:
     from genreflow.features import read_index
 
     path = storage.input_path(features)  # gs:// and http(s):// downloaded once, to the cache
-    read_index(path)  # the packed file's own checks: datasets, shapes, genres, folds
+    # The packed file's own checks: datasets, shapes, genres, folds, representation.
+    checked_attrs = read_index(path)[3]
     with h5py.File(path, "r") as hf:
         names = hf["audio_name"][:]
         names_dtype = hf["audio_name"].dtype
@@ -205,7 +211,9 @@ def _read_features(features: str | os.PathLike) -> _FeaturesIndex:
     if not len(names):
         raise GenreflowError(f"{path}: holds no clips")
     fingerprint = _features_fingerprint(names, target, folds, attrs)
-    return _FeaturesIndex(path, names, names_dtype, target, folds, attrs, fingerprint)
+    return _FeaturesIndex(
+        path, names, names_dtype, target, folds, attrs, fingerprint, checked_attrs
+    )
 
 
 def _build_base(pretrained: str | None, pretrained_sha256: str | None, seed: int):
@@ -315,6 +323,8 @@ def embed_features(
         GenreflowError: missing or inconsistent features, a checkpoint that does not fit,
             an `out` that holds embeddings made from other inputs.
     """
+    from genreflow.features import check_fits_model
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GenreflowError(f"batch size must be a positive integer, got {batch_size!r}")
     if compile_base not in COMPILE_CHOICES:
@@ -351,6 +361,7 @@ def embed_features(
     base, manifest = _start_or_resume(
         out, index, request, (pretrained, pretrained_sha256), batch_size=batch_size, seed=seed
     )
+    check_fits_model(index.path, index.checked_attrs, base)
     base.to(torch_device)
     _log(
         f"embed: {index.clips} clips through the {BASE_MODEL} base ({source}), "
@@ -475,11 +486,12 @@ def _start_or_resume(
 
 
 class _Embedder:
-    """(batch, samples) float32 waveforms -> (batch, 2048) embeddings, in the precision
-    asked for, through the eager base or its compiled form.
+    """A batch of the model's input (float32 waveforms or log-mel, features.model_input) ->
+    (batch, 2048) embeddings, in the precision asked for, through the eager base or its
+    compiled form.
 
-    The compiled form sees one batch shape only (a short last batch is padded with silent
-    clips, whose rows are dropped: in eval mode every clip is computed on its own), so it
+    The compiled form sees one batch shape only (a short last batch is padded with zeros,
+    whose rows are dropped: in eval mode every clip is computed on its own), so it
     compiles once, in its first call. Where that call fails (inductor needs a C++ compiler
     on a CPU), it says so and the eager base does the work.
     """
@@ -501,7 +513,7 @@ class _Embedder:
                 return self.base(batch)["embedding"]
         rows = len(batch)
         if rows < self.batch_size:
-            batch = torch.cat([batch, batch.new_zeros(self.batch_size - rows, batch.shape[1])])
+            batch = torch.cat([batch, batch.new_zeros(self.batch_size - rows, *batch.shape[1:])])
         self._calls += 1
         started = time.monotonic()
         try:
@@ -525,7 +537,7 @@ def _embed_chunks(
 ) -> int:
     """Embed every batch of rows not yet in `partial` (one .npy file per batch, written
     atomically: the unit of resumption); returns the clips that were already there."""
-    from genreflow.audio import int16_to_float32
+    from genreflow.features import model_input
     from genreflow.progress import progress_bar
 
     starts = range(0, index.clips, batch_size)
@@ -538,14 +550,14 @@ def _embed_chunks(
         progress_bar(index.clips, desc="embed", unit="clip", initial=resumed_from) as progress,
         torch.inference_mode(),
     ):
-        waveform = hf["waveform"]
+        clips = hf[index.representation]
         for start in starts:
             chunk = _chunk_path(partial, start)
             if chunk.is_file():
                 continue
             stop = min(start + batch_size, index.clips)
             # Rows in order: one contiguous HDF5 read per batch.
-            batch = torch.from_numpy(int16_to_float32(waveform[start:stop])).to(device)
+            batch = model_input(index.representation, clips[start:stop], device)
             embedding = embedder(batch).float().cpu().numpy()
             write_atomic(chunk, lambda f, e=embedding: np.save(f, e))
             progress.update(stop - start)

@@ -143,6 +143,11 @@ class FoldIndex:
         return int(self.attrs["clip_samples"])
 
     @property
+    def representation(self) -> str:
+        """What the file holds its clips as: "waveform" or "logmel" (genreflow.features)."""
+        return str(self.attrs["representation"])
+
+    @property
     def data_sha256(self) -> str:
         """The checksum of the archive the features were packed from ("" when unknown)."""
         return str(self.attrs.get("source_sha256", "") or "")
@@ -152,6 +157,7 @@ class FoldIndex:
         return {
             "clips": len(self.names),
             "clip_samples": self.clip_samples,
+            "representation": self.representation,
             "source_sha256": str(self.attrs.get("source_sha256", "")),
         }
 
@@ -193,8 +199,9 @@ def _available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-class Waveforms:
-    """The int16 clips of the given rows, read from the HDF5 file once.
+class PackedClips:
+    """The packed clips of the given rows (int16 waveforms or float16 log-mel, as the file
+    holds them), read from the HDF5 file once.
 
     They are held in memory when they take at most `max_memory_bytes` (default: half of
     what the machine has available); otherwise one handle stays open and each batch reads
@@ -202,17 +209,20 @@ class Waveforms:
     """
 
     def __init__(self, features: str, rows: np.ndarray, *, max_memory_bytes: int | None = None):
+        from genreflow.features import representation_of
+
         self.rows = np.unique(np.asarray(rows, dtype=np.int64))
         self._file = h5py.File(features, "r")
-        dataset = self._file["waveform"]
-        self.clip_samples = int(dataset.shape[1])
+        self.representation = representation_of(self._file, features)
+        dataset = self._file[self.representation]
         if max_memory_bytes is None:
             max_memory_bytes = _available_memory_bytes() // 2
-        needed = len(self.rows) * self.clip_samples * dataset.dtype.itemsize
+        row_shape = dataset.shape[1:]
+        needed = len(self.rows) * int(np.prod(row_shape)) * dataset.dtype.itemsize
         self._memory: np.ndarray | None = None
         self._dataset = dataset
         if needed <= max_memory_bytes:
-            self._memory = np.empty((len(self.rows), self.clip_samples), dtype=dataset.dtype)
+            self._memory = np.empty((len(self.rows), *row_shape), dtype=dataset.dtype)
             # Chunks keep the peak at one copy of the clips plus one chunk.
             step = 64
             for start in range(0, len(self.rows), step):
@@ -229,6 +239,12 @@ class Waveforms:
             return self._memory[np.searchsorted(self.rows, rows)]
         unique, inverse = np.unique(rows, return_inverse=True)
         return self._dataset[unique][inverse]
+
+    def on_device(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The clips of `rows` as the model takes them, on `device`."""
+        from genreflow.features import model_input
+
+        return model_input(self.representation, self[rows], device)
 
     def close(self) -> None:
         if self._file is not None:
@@ -271,15 +287,6 @@ class EpochSampler:
         self.order = state["order"].numpy().astype(np.int64)
         self.position = int(state["position"])
         self.generator.bit_generator.state = state["generator"]
-
-
-def _on_device(waveforms: np.ndarray, device: torch.device) -> torch.Tensor:
-    """int16 clips -> float32 in [-1, 1] on `device` (int16 / 32767, as packing stored them).
-
-    The int16 travels and the device divides: half the bytes over PCIe, and no float
-    copy of a batch of 30 s clips on the host.
-    """
-    return torch.from_numpy(waveforms).to(device).float().div_(32767.0)
 
 
 # --- model and optimiser -----------------------------------------------------------------
@@ -329,13 +336,13 @@ def training_step(model, optimizer, batch, target, mixup_lambda, amp) -> torch.T
 
 # --- evaluation --------------------------------------------------------------------------
 @torch.inference_mode()
-def evaluate(model, waveforms: Waveforms, rows: np.ndarray, *, batch_size: int, device, amp):
+def evaluate(model, clips: PackedClips, rows: np.ndarray, *, batch_size: int, device, amp):
     """Per-clip genre probabilities (len(rows), len(GENRES)) of the model in eval mode."""
     was_training = model.training
     model.eval()
     probabilities = []
     for start in range(0, len(rows), batch_size):
-        batch = _on_device(waveforms[rows[start : start + batch_size]], device)
+        batch = clips.on_device(rows[start : start + batch_size], device)
         with amp():
             log_probs = model(batch)["clipwise_output"]
         probabilities.append(normalized_probabilities(log_probs))
@@ -456,6 +463,7 @@ def _train_fold_in(
 ) -> dict:
     """train_fold, writing to the local folder `out`; on_checkpoint(*names) is called with
     the files each checkpoint wrote, the commit point (resume.pt) last."""
+    from genreflow.features import check_fits_model
     from genreflow.models.checkpoints import save_checkpoint
     from genreflow.models.cnn14 import Mixup
 
@@ -474,7 +482,7 @@ def _train_fold_in(
     # Data: the index is read; now the clips of the split, once.
     split = index.split
     seed = split.seed(config.seed)
-    waveforms = Waveforms(features, np.concatenate([split.train, split.valid, split.test]))
+    clips = PackedClips(features, np.concatenate([split.train, split.valid, split.test]))
     one_hot = np.eye(len(GENRES), dtype=np.float32)[index.targets]
     sampler = EpochSampler(split.train, seed)
     mixup = Mixup(config.mixup_alpha, seed=seed + 1) if config.mixup else None
@@ -496,13 +504,15 @@ def _train_fold_in(
         )
         _log(f"fold {config.fold}: resuming from iteration {progress.iteration} in {out}")
     del saved
+    # Packed log-mel must come from the model's own front end, as loaded or resumed.
+    check_fits_model(features, index.attrs, model)
     out.mkdir(parents=True, exist_ok=True)
     metadata = _metadata(config, index)
-    _log_start(config, index, seed, device, precision, waveforms)
+    _log_start(config, index, seed, device, precision, clips)
 
     def accuracy_on(rows: np.ndarray) -> tuple[float, torch.Tensor]:
         probabilities = evaluate(
-            model, waveforms, rows, batch_size=config.batch_size, device=device, amp=amp
+            model, clips, rows, batch_size=config.batch_size, device=device, amp=amp
         )
         accuracy = float(np.mean(probabilities.argmax(1) == index.targets[rows]))
         return accuracy, torch.from_numpy(probabilities)
@@ -514,7 +524,7 @@ def _train_fold_in(
         # One step of the seed's recipe.
         step_start = time.monotonic()
         rows = sampler.next_batch(clips_per_step)
-        batch = _on_device(waveforms[rows], device)
+        batch = clips.on_device(rows, device)
         target = torch.from_numpy(one_hot[rows]).to(device)
         mixup_lambda = _mixup_weights(mixup, clips_per_step, device)
         loss = training_step(model, optimizer, batch, target, mixup_lambda, amp).item()
@@ -560,7 +570,7 @@ def _train_fold_in(
                 on_checkpoint(*([BEST] if improved else []), RESUME)
             rate.restart()  # the logged rate is of training steps, not of checkpointing
 
-    waveforms.close()
+    clips.close()
     return _report(config, out, index, progress, seed=seed, device=device, precision=precision)
 
 
@@ -616,7 +626,7 @@ class _Rate:
         return rate
 
 
-def _log_start(config, index: FoldIndex, seed: int, device, precision: str, waveforms) -> None:
+def _log_start(config, index: FoldIndex, seed: int, device, precision: str, clips) -> None:
     split = index.split
     chooser = "the test rows (selection heldout)" if split.valid_is_test else "validation"
     _log(
@@ -625,7 +635,8 @@ def _log_start(config, index: FoldIndex, seed: int, device, precision: str, wave
         f"{len(split.excluded)} excluded, {len(split.missing)} missing; "
         f"{index.clip_samples / SAMPLE_RATE:g} s each; seed {seed}; "
         f"{device.type} {'bf16 autocast' if precision == 'bf16' else 'fp32'}; "
-        f"clips {'in memory' if waveforms.in_memory else 'read from disk per batch'}"
+        f"{index.representation} clips "
+        f"{'in memory' if clips.in_memory else 'read from disk per batch'}"
     )
 
 

@@ -2,7 +2,8 @@
 
 1. start_run  open the MLflow parent run (every fold nests under it)
 2. download   fetch, verify and safely extract the dataset (cached)
-3. pack       decode, resample to 32 kHz mono, pack clips into HDF5 (cached)
+3. pack       decode, resample to 32 kHz mono, pack clips into HDF5 as Cnn14's log-mel
+              (representation=logmel, the default) or as waveforms (cached)
 4. per fold   freeze_base: embed every clip once (cached), then train only the head
               otherwise: fine-tune the whole Cnn14 on a GPU
 5. aggregate  pool the test predictions, report, log and register the fold ensemble
@@ -43,8 +44,9 @@ ACCELERATOR = "nvidia.com/gpu"
 # sizes its machines from the limits.
 TRAIN_CPU, TRAIN_MEMORY = "8", "32G"
 # A GPU step's local disk, a volume of its own beside the node's boot disk: the features
-# file (1.9 GB for GTZAN), the pretrained checkpoint and the fold's checkpoints in the cache
-# (genreflow.storage.cache_root: ~/.cache/genreflow of the images' user).
+# file (0.38 GB for GTZAN as log-mel, 1.9 GB as waveforms), the pretrained checkpoint and
+# the fold's checkpoints in the cache (genreflow.storage.cache_root: ~/.cache/genreflow of
+# the images' user).
 SCRATCH_PATH, SCRATCH_SIZE = "/home/genreflow/.cache/genreflow", "50Gi"
 # KFP's cache serves download, pack and embed results (the other steps keep it off) only
 # within one period of this many days: genreflow submit passes the period's number
@@ -52,6 +54,11 @@ SCRATCH_PATH, SCRATCH_SIZE = "/home/genreflow/.cache/genreflow", "50Gi"
 # rule must keep the pipeline root's objects longer than that (infra/terraform:
 # kfp_root_retention_days, validated against this), or a cache hit would name deleted files.
 CACHE_PERIOD_DAYS = 30
+# What pack stores the clips as. The log-mel is the frozen front end's output, the same
+# numbers as the waveform up to float16 rounding (tests/test_logmel.py), in a fifth of the
+# bytes that every fine-tune fold downloads (bench/bench_features.py); "waveform" packs
+# the seed's int16 clips, for a checkpoint whose frozen front end is not the standard one.
+REPRESENTATION = "logmel"
 
 
 def cache_epoch(now: float | None = None) -> str:
@@ -102,6 +109,7 @@ def build_pipeline(
         pretrained: str = "",
         freeze_base: bool = False,
         clip_seconds: float = 30.0,
+        representation: str = REPRESENTATION,
         seed: int = 0,
         folds: list[int] = FOLDS,
         min_folds: int = 0,  # 0: every fold must succeed
@@ -140,6 +148,7 @@ def build_pipeline(
                 pretrained=pretrained,
                 freeze_base=freeze_base,
                 clip_seconds=clip_seconds,
+                representation=representation,
                 seed=seed,
                 **recipe_parameters,
             ).set_display_name("open MLflow run")
@@ -151,6 +160,7 @@ def build_pipeline(
             packed = pack(
                 dataset=fetched.outputs["dataset"],
                 clip_seconds=clip_seconds,
+                representation=representation,
                 cache_epoch=cache_epoch,
             )
             packed.set_display_name("pack features")

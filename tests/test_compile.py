@@ -163,3 +163,13 @@ def test_a_recipe_argument_the_run_would_ignore_is_refused():
             assert hint in str(exc) and "not used by this run" in str(exc)
         else:
             raise AssertionError(f"{profile} {given} was accepted")
+
+
+def test_pack_takes_the_representation_the_pipeline_is_given(tmp_path):
+    doc, _ = _load_spec(compile_pipeline(tmp_path / "pipeline.yaml"))
+    parameters = doc["root"]["inputDefinitions"]["parameters"]
+    assert parameters["representation"]["defaultValue"] == "logmel"
+    guarded = _tasks(doc["components"]["comp-exit-handler-1"])
+    for task in ("pack", "start-run"):
+        given = guarded[task]["inputs"]["parameters"]["representation"]
+        assert given["componentInputParameter"] == "pipelinechannel--representation"

@@ -198,6 +198,49 @@ train.python_func(features=features, model=model, metrics=metrics, **args)
 """
 
 
+def test_both_branches_take_log_mel_features(steps, tmp_path):
+    """pack with the pipeline's default representation, then each branch's first step on
+    its output: the frozen base's embeddings match the waveform file's, and a fine-tune
+    fold trains on it."""
+    import numpy as np
+
+    from genreflow.frozen import read_embeddings
+
+    features = _artifact(dsl.Dataset, tmp_path, "features.h5")
+    pack.python_func(
+        dataset=steps["dataset"],
+        clip_seconds=1.0,
+        cache_epoch="",
+        features=features,
+        representation="logmel",
+    )
+    assert features.metadata["representation"] == "logmel"
+    embeddings = _artifact(dsl.Dataset, tmp_path, "embeddings")
+    embed.python_func(
+        features=features,
+        pretrained="",
+        seed=0,
+        precision="fp32",
+        cache_epoch="",
+        embeddings=embeddings,
+    )
+    ours = read_embeddings(tmp_path / "embeddings" / "embeddings.h5").embedding
+    waveform = read_embeddings(steps["root"] / "embeddings" / "embeddings.h5").embedding
+    np.testing.assert_allclose(ours, waveform, rtol=0, atol=1e-4 * np.abs(waveform).max())
+
+    tune = defaults(TrainConfig)
+    model, metrics = _artifact(dsl.Model, tmp_path, "fold1"), _artifact(dsl.Metrics, tmp_path, "m")
+    train.python_func(
+        features=features, fold=1, protocol="cv10", selection="validation", pretrained="",
+        iterations=1, batch_size=2, lr=tune["lr"], mixup=tune["mixup"], eval_every=1,
+        seed=0, precision="fp32", expected_folds=[1], min_folds=0, work_root="",
+        pipeline_root=str(tmp_path / "pipeline-root"), model=model, metrics=metrics,
+        **NO_TRACKING,
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "fold1" / "summary.json").read_text())
+    assert summary["path"] == "fine-tune" and summary["features"]["representation"] == "logmel"
+
+
 @pytest.mark.parametrize("where", ["folder", "gs"])
 def test_a_killed_fold_step_resumes_from_its_work_folder(
     where, steps, tmp_path, request, monkeypatch

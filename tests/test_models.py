@@ -23,6 +23,7 @@ from genreflow.models import (
     Cnn6,
     Cnn10,
     Cnn14,
+    LogmelFrontEnd,
     Mixup,
     Transfer,
     TransferCnn14,
@@ -251,6 +252,64 @@ def test_too_short_or_misshapen_input_is_a_clear_error(cnn14):
             cnn14(short)
     finally:
         cnn14.eval()
+
+
+def test_logmel_input_skips_the_front_end_and_gives_the_waveform_outputs(cnn14):
+    waveform = clips(batch=2)
+    with torch.no_grad():
+        logmel = cnn14.logmel(waveform)
+        from_waveform = cnn14(waveform)
+        calls = []
+        hook = cnn14.spectrogram_extractor.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            from_logmel = cnn14(logmel)
+            from_half = cnn14(logmel.half())  # any float dtype: packed log-mel is float16
+        finally:
+            hook.remove()
+    assert calls == []
+    for key in from_waveform:
+        assert torch.equal(from_logmel[key], from_waveform[key])
+    assert from_half["embedding"].dtype == torch.float32
+
+
+def test_logmel_input_in_training_draws_the_same_augmentation_and_mixup():
+    torch.manual_seed(0)
+    model = Cnn6().train()
+    waveform, lam = clips(batch=2), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        logmel = model.logmel(waveform)
+        torch.manual_seed(3)
+        from_waveform = model(waveform, lam)["embedding"]
+        torch.manual_seed(3)
+        from_logmel = model(logmel, lam)["embedding"]
+    assert from_logmel.shape == (1, 512)
+    assert torch.equal(from_logmel, from_waveform)
+
+
+def test_front_end_alone_is_the_networks_front_end(cnn14):
+    torch.manual_seed(7)  # its STFT draws initial weights, then sets the DFT: seed-free
+    front_end = LogmelFrontEnd().eval()
+    waveform = clips(batch=1)
+    with torch.no_grad():
+        assert torch.equal(front_end(waveform), cnn14.logmel(waveform))
+    assert front_end.front_end_config == cnn14.front_end_config
+    assert set(front_end.state_dict()) == {
+        "spectrogram_extractor.stft.conv_real.weight",
+        "spectrogram_extractor.stft.conv_imag.weight",
+        "logmel_extractor.melW",
+    }
+
+
+def test_misshapen_logmel_is_a_clear_error(cnn14):
+    frames = SAMPLE_RATE // HOP_SIZE + 1
+    with pytest.raises(GenreflowError, match=r"log-mels shaped \(batch, 1, frames, 64\)"):
+        cnn14(torch.zeros(1, 2, frames, MEL_BINS))
+    with pytest.raises(GenreflowError, match=r"log-mels shaped .*got shape \(1, 1, 100, 128\)"):
+        cnn14(torch.zeros(1, 1, 100, 128))
+    with pytest.raises(GenreflowError, match="float log-mels"):
+        cnn14(torch.zeros(1, 1, frames, MEL_BINS, dtype=torch.int16))
+    with pytest.raises(GenreflowError, match="at least 32 log-mel frames"):
+        cnn14(torch.zeros(1, 1, 31, MEL_BINS))
 
 
 def test_smaller_panns_models_share_the_interface():

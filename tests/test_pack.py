@@ -356,7 +356,7 @@ def test_float32_to_int16_into_an_array():
     ],
 )
 def test_workers_are_fewer_where_shared_memory_is_small(workers, shm_free, expected):
-    assert _plan_workers(workers, clip_samples(30.0), shm_free) == expected
+    assert _plan_workers(workers, clip_samples(30.0) * 2, shm_free) == expected
 
 
 def shm_segments():
@@ -397,9 +397,9 @@ def watchdog():
 @pytest.fixture
 def ring():
     """The shared memory _Workers' processes decode into: 8 rows of 1 s."""
-    n_samples = clip_samples(1.0)
-    shm = shared_memory.SharedMemory(create=True, size=8 * n_samples * 2)
-    yield (shm.name, 8, n_samples)
+    layout = features.RowLayout.of("waveform", clip_samples(1.0))
+    shm = shared_memory.SharedMemory(create=True, size=8 * layout.nbytes)
+    yield (shm.name, 8, layout)
     shm.close()
     shm.unlink()
 

@@ -39,8 +39,8 @@ from genreflow.runtime import (
 from genreflow.splits import clip_id, filtered_lists, split_sha256
 from genreflow.train import (
     EpochSampler,
+    PackedClips,
     TrainConfig,
-    Waveforms,
     evaluate,
     normalized_probabilities,
     train_fold,
@@ -332,7 +332,7 @@ def test_the_checkpoint_is_chosen_on_validation_and_reported_on_the_test_fold(wo
     model, _ = load_transfer_model(out / "best.pth")
     with h5py.File(work["features"]) as hf:
         test_rows = np.flatnonzero(hf["fold"][:] == 1)
-    waveforms = Waveforms(str(work["features"]), test_rows)
+    waveforms = PackedClips(str(work["features"]), test_rows)
     probabilities = evaluate(
         model,
         waveforms,
@@ -567,8 +567,8 @@ def test_full_fine_tuning_learns(tmp_path):
 
 def test_waveforms_read_from_disk_equal_those_held_in_memory(work):
     rows = np.array([7, 3, 3, 0, 19])  # unsorted, repeated: what an epoch boundary gives
-    in_memory = Waveforms(str(work["features"]), np.arange(20))
-    on_disk = Waveforms(str(work["features"]), np.arange(20), max_memory_bytes=0)
+    in_memory = PackedClips(str(work["features"]), np.arange(20))
+    on_disk = PackedClips(str(work["features"]), np.arange(20), max_memory_bytes=0)
     try:
         assert in_memory.in_memory and not on_disk.in_memory
         with h5py.File(work["features"]) as hf:
@@ -685,7 +685,7 @@ def test_probabilities_are_float32_and_normalised_under_bf16_autocast(work):
     assert probabilities.dtype == np.float64
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)
 
-    waveforms = Waveforms(str(work["features"]), np.arange(3))
+    waveforms = PackedClips(str(work["features"]), np.arange(3))
     rows = np.arange(3)
     amp = autocast_for(cpu, "bf16")
     evaluated = evaluate(model, waveforms, rows, batch_size=2, device=cpu, amp=amp)

@@ -147,18 +147,13 @@ class Mixup:
         self.random_state.set_state((name, keys, pos, has_gauss, cached))
 
 
-class PannsCnn(nn.Module):
-    """The shared skeleton of Cnn6, Cnn10 and Cnn14; subclasses fill in `BLOCKS`.
+class LogmelFrontEnd(nn.Module):
+    """The frozen front end alone: waveform -> STFT -> mel filter bank -> log (dB).
 
-    waveform -> frozen STFT -> frozen mel filter bank -> log (dB) -> bn0 over mel bins
-    -> [SpecAugment, mixup: training only] -> conv blocks (each followed by dropout 0.2)
-    -> mean over frequency -> max + mean over time -> dropout 0.5 -> fc1 + ReLU
-    (= the embedding, returned after a further dropout 0.5) -> fc_audioset + sigmoid.
+    PannsCnn builds on it, so its attribute names (and the checkpoints' keys) stay the
+    published ones; `genreflow pack --representation logmel` runs it on its own, so a
+    packed log-mel is exactly what the network would compute from the packed waveform.
     """
-
-    # (output channels, average-pooling size) per block, in order.
-    BLOCKS: ClassVar[tuple[tuple[int, tuple[int, int]], ...]] = ()
-    BLOCK_TYPE: ClassVar[type[ConvBlock] | type[ConvBlock5x5]] = ConvBlock
 
     def __init__(
         self,
@@ -168,7 +163,6 @@ class PannsCnn(nn.Module):
         mel_bins: int = MEL_BINS,
         fmin: float = FMIN,
         fmax: float = FMAX,
-        classes_num: int = AUDIOSET_CLASSES,
     ):
         super().__init__()
         self.config = {
@@ -179,19 +173,8 @@ class PannsCnn(nn.Module):
             "mel_bins": mel_bins,
             "fmin": fmin,
             "fmax": fmax,
-            "classes_num": classes_num,
         }
-        self.pool_sizes = [pool for _, pool in self.BLOCKS]
-        self.embedding_size = self.BLOCKS[-1][0]
-        self.frequency_reduction = int(np.prod([pool[1] for pool in self.pool_sizes]))
-        self.time_reduction = int(np.prod([pool[0] for pool in self.pool_sizes]))
-        if mel_bins < self.frequency_reduction:
-            raise GenreflowError(
-                f"{type(self).__name__} pools the mel axis by {self.frequency_reduction}: "
-                f"it needs at least that many mel bins, got {mel_bins}"
-            )
-
-        # Front end: frozen, so fine-tuning never moves the STFT or the filter bank.
+        # Frozen, so fine-tuning never moves the STFT or the filter bank.
         self.spectrogram_extractor = Spectrogram(
             n_fft=window_size,
             hop_length=hop_size,
@@ -212,30 +195,20 @@ class PannsCnn(nn.Module):
             top_db=None,
             freeze_parameters=True,
         )
-        self.spec_augmenter = SpecAugmentation(**SPEC_AUGMENT)
-        self.bn0 = nn.BatchNorm2d(mel_bins)
 
-        in_channels = 1
-        for index, (out_channels, _) in enumerate(self.BLOCKS, start=1):
-            self.add_module(f"conv_block{index}", self.BLOCK_TYPE(in_channels, out_channels))
-            in_channels = out_channels
-
-        self.fc1 = nn.Linear(self.embedding_size, self.embedding_size)
-        self.fc_audioset = nn.Linear(self.embedding_size, classes_num)
-
-        init_bn(self.bn0)
-        init_layer(self.fc1)
-        init_layer(self.fc_audioset)
+    @property
+    def front_end_config(self) -> dict:
+        """What fixes the log-mel: the parameters a packed log-mel must have been made with."""
+        return {key: self.config[key] for key in FRONT_END_KEYS}
 
     @property
     def min_samples(self) -> int:
-        """The shortest waveform the network accepts: enough frames for every time pool,
-        and longer than half a window so that reflect padding is defined."""
-        frames_needed = (self.time_reduction - 1) * self.config["hop_size"]
-        return max(frames_needed, self.config["window_size"] // 2 + 1)
+        """The shortest waveform the front end accepts: longer than half a window, so
+        that reflect padding is defined."""
+        return self.config["window_size"] // 2 + 1
 
     def logmel(self, waveform: Tensor) -> Tensor:
-        """The frozen front end: (batch, samples) -> log-mel in dB, (batch, 1, frames, mel).
+        """(batch, samples) -> log-mel in dB, (batch, 1, frames, mel).
 
         Always computed in float32: under mixed precision a float16 power spectrum
         underflows and the 1e-10 floor of the dB conversion becomes log(0).
@@ -260,6 +233,92 @@ class PannsCnn(nn.Module):
             x = self.spectrogram_extractor(waveform.float())  # (batch, 1, frames, freq)
             return self.logmel_extractor(x)  # (batch, 1, frames, mel)
 
+    def forward(self, waveform: Tensor) -> Tensor:
+        return self.logmel(waveform)
+
+
+# The parameters that fix a front end's output (the rest of torchlibrosa's are constants
+# here: Hann window, centred, reflect padding, ref 1.0, amin 1e-10, no top_db).
+FRONT_END_KEYS = ("sample_rate", "window_size", "hop_size", "mel_bins", "fmin", "fmax")
+
+
+class PannsCnn(LogmelFrontEnd):
+    """The shared skeleton of Cnn6, Cnn10 and Cnn14; subclasses fill in `BLOCKS`.
+
+    waveform -> frozen STFT -> frozen mel filter bank -> log (dB) -> bn0 over mel bins
+    -> [SpecAugment, mixup: training only] -> conv blocks (each followed by dropout 0.2)
+    -> mean over frequency -> max + mean over time -> dropout 0.5 -> fc1 + ReLU
+    (= the embedding, returned after a further dropout 0.5) -> fc_audioset + sigmoid.
+
+    `forward` takes waveforms or their log-mel: a log-mel packed by the front end skips
+    it, and the network computes exactly what it would from the waveform.
+    """
+
+    # (output channels, average-pooling size) per block, in order.
+    BLOCKS: ClassVar[tuple[tuple[int, tuple[int, int]], ...]] = ()
+    BLOCK_TYPE: ClassVar[type[ConvBlock] | type[ConvBlock5x5]] = ConvBlock
+
+    def __init__(
+        self,
+        sample_rate: int = SAMPLE_RATE,
+        window_size: int = WINDOW_SIZE,
+        hop_size: int = HOP_SIZE,
+        mel_bins: int = MEL_BINS,
+        fmin: float = FMIN,
+        fmax: float = FMAX,
+        classes_num: int = AUDIOSET_CLASSES,
+    ):
+        super().__init__(sample_rate, window_size, hop_size, mel_bins, fmin, fmax)
+        self.config["classes_num"] = classes_num
+        self.pool_sizes = [pool for _, pool in self.BLOCKS]
+        self.embedding_size = self.BLOCKS[-1][0]
+        self.frequency_reduction = int(np.prod([pool[1] for pool in self.pool_sizes]))
+        self.time_reduction = int(np.prod([pool[0] for pool in self.pool_sizes]))
+        if mel_bins < self.frequency_reduction:
+            raise GenreflowError(
+                f"{type(self).__name__} pools the mel axis by {self.frequency_reduction}: "
+                f"it needs at least that many mel bins, got {mel_bins}"
+            )
+
+        self.spec_augmenter = SpecAugmentation(**SPEC_AUGMENT)
+        self.bn0 = nn.BatchNorm2d(mel_bins)
+
+        in_channels = 1
+        for index, (out_channels, _) in enumerate(self.BLOCKS, start=1):
+            self.add_module(f"conv_block{index}", self.BLOCK_TYPE(in_channels, out_channels))
+            in_channels = out_channels
+
+        self.fc1 = nn.Linear(self.embedding_size, self.embedding_size)
+        self.fc_audioset = nn.Linear(self.embedding_size, classes_num)
+
+        init_bn(self.bn0)
+        init_layer(self.fc1)
+        init_layer(self.fc_audioset)
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest waveform the network accepts: enough frames for every time pool,
+        and longer than half a window so that reflect padding is defined."""
+        frames_needed = (self.time_reduction - 1) * self.config["hop_size"]
+        return max(frames_needed, super().min_samples)
+
+    def _checked_logmel(self, logmel: Tensor) -> Tensor:
+        """A log-mel given to forward, as the front end would have made it (float32)."""
+        expected = f"(batch, 1, frames, {self.config['mel_bins']})"
+        if logmel.dim() != 4 or logmel.shape[1] != 1 or logmel.shape[3] != self.config["mel_bins"]:
+            raise GenreflowError(
+                f"{type(self).__name__} takes log-mels shaped {expected}, "
+                f"got shape {tuple(logmel.shape)}"
+            )
+        if not logmel.is_floating_point():
+            raise GenreflowError(f"{type(self).__name__} takes float log-mels, got {logmel.dtype}")
+        if logmel.shape[2] < self.time_reduction:
+            raise GenreflowError(
+                f"{type(self).__name__} needs at least {self.time_reduction} log-mel frames "
+                f"per clip, got {logmel.shape[2]}"
+            )
+        return logmel.float()
+
     def _check_spec_augment_fits(self, logmel: Tensor) -> None:
         # torchlibrosa draws a stripe start in [0, width - stripe) and fails with an
         # obscure "random_ expects 'from' < 'to'" when the stripe can exceed the axis.
@@ -278,16 +337,18 @@ class PannsCnn(nn.Module):
         frames_needed = (SPEC_AUGMENT["time_drop_width"] - 1) * self.config["hop_size"]
         return max(self.min_samples, frames_needed)
 
-    def forward(self, waveform: Tensor, mixup_lambda: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, clips: Tensor, mixup_lambda: Tensor | None = None) -> dict[str, Tensor]:
         """Args:
-            waveform: (batch, samples) at the configured sample rate.
+            clips: waveforms (batch, samples) at the configured sample rate, or their
+                log-mel as the front end makes it (`logmel()`: (batch, 1, frames, mel) in
+                dB, any float dtype), which skips the front end. The rank tells them apart.
             mixup_lambda: (batch,) pair weights; used in training only, and halves the batch.
 
         Returns:
             'clipwise_output': (batch, classes) sigmoid probabilities;
             'embedding': (batch, embedding_size), the fc1 + ReLU features.
         """
-        x = self.logmel(waveform)  # (batch, 1, frames, mel)
+        x = self._checked_logmel(clips) if clips.dim() == 4 else self.logmel(clips)
         # bn0 normalises each mel bin, so the mel axis becomes the channel axis for it.
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
         if self.training:

@@ -61,16 +61,17 @@ class Transfer(nn.Module):
         """
         return torch.log_softmax(self.fc_transfer(embedding).float(), dim=-1)
 
-    def forward(self, waveform: Tensor, mixup_lambda: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, clips: Tensor, mixup_lambda: Tensor | None = None) -> dict[str, Tensor]:
         """Args:
-            waveform: (batch, samples).
+            clips: waveforms (batch, samples), or their log-mel (batch, 1, frames, mel) as
+                the base's front end makes it (see PannsCnn.forward).
             mixup_lambda: (batch,) pair weights, training only; halves the batch.
 
         Returns:
             'clipwise_output': (batch, classes) log-probabilities;
             'embedding': (batch, embedding_size), the base's embedding.
         """
-        embedding = self.base(waveform, mixup_lambda)["embedding"]
+        embedding = self.base(clips, mixup_lambda)["embedding"]
         return {"clipwise_output": self.head_forward(embedding), "embedding": embedding}
 
 
