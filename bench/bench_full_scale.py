@@ -184,6 +184,7 @@ def run_pipelines(archive: Path, sha256: str, workdir: Path, precisions: tuple) 
     from genreflow.data.download import download
     from genreflow.features import pack
     from genreflow.frozen import embed_features, train_head
+    from genreflow.pipelines.cv import REPRESENTATION  # what the pipeline packs by default
 
     def heads(embedded: dict, folder: Path) -> list[Path]:
         for fold in FOLDS:
@@ -195,7 +196,13 @@ def run_pipelines(archive: Path, sha256: str, workdir: Path, precisions: tuple) 
             archive.as_uri(), folder / "dataset", sha256=sha256, progress=False
         ),
         "pack": lambda run, folder: (
-            pack(run["download"], folder / "features.h5", clip_seconds=SECONDS, progress=False).path
+            pack(
+                run["download"],
+                folder / "features.h5",
+                clip_seconds=SECONDS,
+                representation=REPRESENTATION,
+                progress=False,
+            ).path
         ),
         "embed": lambda run, folder: embed_features(
             run["pack"], folder / "embeddings", precision=run["asked"], seed=0
