@@ -293,7 +293,8 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--model",
         metavar="URI",
-        help="a fold ensemble in MLflow: models:/NAME/VERSION or runs:/RUN_ID/model",
+        help="a fold ensemble in MLflow: models:/NAME/VERSION, models:/NAME@ALIAS (e.g. "
+        "@champion) or models:/MODEL_ID",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
     p.add_argument(
@@ -459,6 +460,48 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- promote -----------------------------------------------------------------------------
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="move the registered model's alias champion to its candidate, if no worse",
+        description="Compare the registered model's candidate (alias candidate, or "
+        "--version) with its champion as `genreflow compare` does (champion = A, candidate "
+        "= B) and move the alias champion to the candidate unless that shows a significant "
+        "loss (the corrected 95%% interval of B - A below 0), or cannot be made (another "
+        "protocol, data or split; too few folds); a candidate chosen on test data or partial "
+        "is held back; the first candidate becomes champion. Prints the verdict. Exit "
+        "status 0 when the candidate is the champion afterwards, 1 when held back.",
+    )
+    p.add_argument("model", metavar="NAME", help="the registered model, e.g. genreflow-gtzan-cnn14")
+    p.add_argument("--version", default=None, help="the version to promote (default: @candidate)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
+    )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the verdict (and the comparison) as Markdown, fit for a CI comment",
+    )
+    p.set_defaults(func=_run_promote)
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from genreflow.registry import promote, write_markdown
+    from genreflow.tracking import default_tracking_uri
+
+    result = promote(args.tracking_uri or default_tracking_uri(), args.model, version=args.version)
+    print(f"{args.model} version {result['candidate']['version']}: {result['decision']}")
+    if args.markdown is not None:
+        print(f"markdown: {write_markdown(result, args.markdown)}")
+    return 0 if result["promoted"] else 1
+
+
 # --- embed-features / train-head (the frozen-base fast path) -----------------------------
 def _add_frozen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -576,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_inference,
         _add_aggregate,
         _add_compare,
+        _add_promote,
         _add_frozen,
     ):
         add(sub)
