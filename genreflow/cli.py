@@ -405,17 +405,8 @@ def _run_aggregate(args: argparse.Namespace) -> int:
 
 
 # --- compare -----------------------------------------------------------------------------
-def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="compare two pipeline runs from MLflow: aggregate metrics and per-fold differences",
-        description="Read two pipeline runs (MLflow parent run ids) and their fold runs; print "
-        "their aggregate metrics side by side (A, B, B - A), the per-fold differences, a test "
-        "(paired with the Nadeau-Bengio correction for cv10, Welch's for filtered "
-        "repetitions) and a one-line verdict. Exit status 0 whatever the verdict.",
-    )
-    p.add_argument("run_a", metavar="RUN_A", help="run A's MLflow parent run id")
-    p.add_argument("run_b", metavar="RUN_B", help="run B's MLflow parent run id")
+def _add_mlflow_options(p: argparse.ArgumentParser, written: str) -> None:
+    """--tracking-uri and --markdown, for the commands that read MLflow and report to CI."""
     p.add_argument(
         "--tracking-uri",
         default=None,
@@ -427,8 +418,22 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help="also write the comparison as Markdown, fit for a CI comment",
+        help=f"also write {written} as Markdown, fit for a CI comment",
     )
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare two pipeline runs from MLflow: aggregate metrics and per-fold differences",
+        description="Read two pipeline runs (MLflow parent run ids) and their fold runs; print "
+        "their aggregate metrics side by side (A, B, B - A), the per-fold differences, a test "
+        "(paired with the Nadeau-Bengio correction for cv10, Welch's for filtered "
+        "repetitions) and a one-line verdict. Exit status 0 whatever the verdict.",
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="run A's MLflow parent run id")
+    p.add_argument("run_b", metavar="RUN_B", help="run B's MLflow parent run id")
+    _add_mlflow_options(p, "the comparison")
     p.add_argument(
         "--metric",
         default="final_accuracy",
@@ -475,19 +480,7 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="NAME", help="the registered model, e.g. genreflow-gtzan-cnn14")
     p.add_argument("--version", default=None, help="the version to promote (default: @candidate)")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        metavar="URI",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else workspace/mlflow.db)",
-    )
-    p.add_argument(
-        "--markdown",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="also write the verdict (and the comparison) as Markdown, fit for a CI comment",
-    )
+    _add_mlflow_options(p, "the verdict (and the comparison)")
     p.set_defaults(func=_run_promote)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from genreflow.atomic import write_text_atomic
 from genreflow.errors import GenreflowError
 
 CANDIDATE = "candidate"
@@ -269,9 +268,7 @@ def render_markdown(result: dict) -> str:
 
 
 def write_markdown(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    try:
-        write_text_atomic(path, render_markdown(result))
-    except OSError as exc:
-        raise GenreflowError(f"{path}: cannot write the Markdown verdict ({exc})") from exc
-    return path
+    """Write render_markdown(result) to path (atomically); the path."""
+    from genreflow.compare import write_markdown as write
+
+    return write(result, path, render=render_markdown)
