@@ -236,7 +236,7 @@ def fold_checkpoint_runs(client, parent_run_id: str) -> dict[int, tuple[str, dic
     """fold -> (the run that holds its logged files, {file name: size}) for the fold runs
     under the parent whose outputs are all logged; a reused fold's files are in the run it
     was reused from."""
-    from genreflow.tracking import FOLD_KEY_TAG, LOGGED_TAG, PARENT_TAG, REUSED_FROM_TAG
+    from genreflow.tracking import LOGGED_TAG, PARENT_TAG, REUSED_FROM_TAG
 
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
@@ -246,7 +246,7 @@ def fold_checkpoint_runs(client, parent_run_id: str) -> dict[int, tuple[str, dic
     )
     found = {}
     for child in children:
-        if FOLD_KEY_TAG not in child.data.tags and "fold" not in child.data.tags:
+        if "fold" not in child.data.tags:  # a nested run that is no fold
             continue
         holder = child.data.tags.get(REUSED_FROM_TAG, child.info.run_id)
         sizes = {a.path: a.file_size for a in client.list_artifacts(holder) if not a.is_dir}
