@@ -299,8 +299,14 @@ def log_ensemble(
             "device": "auto",
             "members": members,
         }
-        experiment_id = client.get_run(run_id).info.experiment_id
-        model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id)
+        parent = client.get_run(run_id)
+        # The run's parameters beside the model, as log_model gives a model of an active run.
+        model = client.create_logged_model(
+            parent.info.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=run_id,
+            params=dict(parent.data.params),
+        )
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
         with _tracking_uri(tracking_uri):
             mlflow.pyfunc.log_model(
