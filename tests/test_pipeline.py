@@ -450,7 +450,7 @@ def test_a_failed_fold_above_min_folds_gives_a_partial_result(
         folds=[1, 2, 11],
         min_folds=2,
         experiment="test-partial",
-        registered_model="",
+        registered_model="test-partial-model",  # a partial result: not registered
     )
     assert report["partial"] is True
     assert report["usable_folds"] == [1, 2]
@@ -462,6 +462,11 @@ def test_a_failed_fold_above_min_folds_gives_a_partial_result(
     assert parent.data.tags["partial"] == "true"
     status = {c.data.tags["fold"]: c.info.status for c in _children(client, parent)}
     assert status == {"1": "FINISHED", "2": "FINISHED", "11": "FAILED"}
+    # Logged on its run, but not registered: it was not asked for (register_anyway).
+    assert client.search_model_versions("name = 'test-partial-model'") == []
+    assert client.search_logged_models([parent.info.experiment_id])[0].source_run_id == (
+        parent.info.run_id
+    )
 
 
 @pytest.mark.xdist_group("fine-tune")  # its own runs: beside the rest
