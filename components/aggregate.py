@@ -14,6 +14,7 @@ def aggregate(
     tracking_uri: str,
     parent_run_id: str,
     registered_model: str,
+    register_anyway: bool,
     results: dsl.Output[dsl.Dataset],
     report: dsl.Output[dsl.HTML],
     metrics: dsl.Output[dsl.Metrics],
@@ -31,6 +32,8 @@ def aggregate(
         tracking_uri: MLflow tracking URI ("" = no tracking).
         parent_run_id: the parent run that receives the aggregate (the exit handler closes it).
         registered_model: registry name for the fold ensemble ("" = log, do not register).
+        register_anyway: register it even when its checkpoints were chosen on test data
+            (selection=heldout) or the result is partial.
         results: report.json, confusion.csv, per_genre.csv, confusion.png, report.html.
         report: the one-page HTML report, for the KFP UI.
         metrics: mean, standard deviation and pooled accuracy, for the KFP UI.
@@ -54,6 +57,7 @@ def aggregate(
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
         registered_model=registered_model,
+        register_anyway=register_anyway,
         base=os.path.join(embeddings.path, BASE) if embeddings else None,
     )
     shutil.copyfile(os.path.join(results.path, REPORT_HTML), report.path)

@@ -311,7 +311,8 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--model",
         metavar="URI",
-        help="a fold ensemble in MLflow: models:/NAME/VERSION or runs:/RUN_ID/model",
+        help="a fold ensemble in MLflow: models:/NAME/VERSION, models:/NAME@ALIAS (e.g. "
+        "@champion) or models:/MODEL_ID",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
     p.add_argument(
@@ -431,6 +432,18 @@ def _add_tracking_uri(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_mlflow_options(p: argparse.ArgumentParser, written: str) -> None:
+    """--tracking-uri and --markdown, for the commands that read MLflow and report to CI."""
+    _add_tracking_uri(p)
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"also write {written} as Markdown, fit for a CI comment",
+    )
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -442,14 +455,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_a", metavar="RUN_A", help="run A's MLflow parent run id")
     p.add_argument("run_b", metavar="RUN_B", help="run B's MLflow parent run id")
-    _add_tracking_uri(p)
-    p.add_argument(
-        "--markdown",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="also write the comparison as Markdown, fit for a CI comment",
-    )
+    _add_mlflow_options(p, "the comparison")
     p.add_argument(
         "--metric",
         default="final_accuracy",
@@ -527,6 +533,36 @@ def _run_ui(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     os.execv(sys.executable, [*command, "--host", args.host, "--port", str(args.port)])
     return 0  # not reached: the process is mlflow ui's now
+
+
+# --- promote -----------------------------------------------------------------------------
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="move the registered model's alias champion to its candidate, if no worse",
+        description="Compare the registered model's candidate (alias candidate, or "
+        "--version) with its champion as `genreflow compare` does (champion = A, candidate "
+        "= B) and move the alias champion to the candidate unless that shows a significant "
+        "loss (the corrected 95%% interval of B - A below 0), or cannot be made (another "
+        "protocol, data or split; too few folds); a candidate chosen on test data or partial "
+        "is held back; the first candidate becomes champion. Prints the verdict. Exit "
+        "status 0 when the candidate is the champion afterwards, 1 when held back.",
+    )
+    p.add_argument("model", metavar="NAME", help="the registered model, e.g. genreflow-gtzan-cnn14")
+    p.add_argument("--version", default=None, help="the version to promote (default: @candidate)")
+    _add_mlflow_options(p, "the verdict (and the comparison)")
+    p.set_defaults(func=_run_promote)
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from genreflow.registry import promote, write_markdown
+    from genreflow.tracking import default_tracking_uri
+
+    result = promote(args.tracking_uri or default_tracking_uri(), args.model, version=args.version)
+    print(f"{args.model} version {result['candidate']['version']}: {result['decision']}")
+    if args.markdown is not None:
+        print(f"markdown: {write_markdown(result, args.markdown)}")
+    return 0 if result["promoted"] else 1
 
 
 # --- embed-features / train-head (the frozen-base fast path) -----------------------------
@@ -662,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_inference,
         _add_aggregate,
         _add_compare,
+        _add_promote,
         _add_frozen,
         _add_ui,
     ):

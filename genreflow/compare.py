@@ -573,11 +573,11 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(result: dict, path: str | Path) -> Path:
-    """Write render_markdown(result) to path (atomically); the path."""
+def write_markdown(result: dict, path: str | Path, render=render_markdown) -> Path:
+    """Write render(result) (default: render_markdown) to path (atomically); the path."""
     path = Path(path)
     try:
-        write_text_atomic(path, render_markdown(result))
+        write_text_atomic(path, render(result))
     except OSError as exc:
         raise GenreflowError(f"{path}: cannot write the Markdown summary ({exc})") from exc
     return path

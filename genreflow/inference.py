@@ -52,10 +52,14 @@ def _clip_samples_for(metadata: dict, clip_seconds: float | None, checkpoint: st
     return clip_samples(CLIP_SECONDS)
 
 
-@torch.inference_mode()
 def _mean_over_clips(model, file: str, samples: int, device: torch.device, pick) -> np.ndarray:
     """pick(model output) averaged over the file's consecutive clips, in float64."""
-    segments = load_segments(file, samples)
+    return _mean_over_segments(model, load_segments(file, samples), device, pick)
+
+
+@torch.inference_mode()
+def _mean_over_segments(model, segments: np.ndarray, device: torch.device, pick) -> np.ndarray:
+    """pick(model output) averaged over a file's clips (load_segments' rows), in float64."""
     total = None
     for start in range(0, len(segments), BATCH_CLIPS):
         batch = torch.from_numpy(segments[start : start + BATCH_CLIPS]).to(device)
@@ -152,7 +156,8 @@ def predict(
 
 
 def predict_model(model_uri: str, files: Sequence[str], *, device: str = "auto") -> list[dict]:
-    """Genre probabilities per file from a fold ensemble logged to MLflow by the pipeline.
+    """Genre probabilities per file from a fold ensemble logged to MLflow by the pipeline
+    (genreflow.serving): the same code that serves it.
 
     Args:
         model_uri: `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `runs:/RUN_ID/model`;
@@ -163,20 +168,48 @@ def predict_model(model_uri: str, files: Sequence[str], *, device: str = "auto")
     import mlflow.pyfunc
 
     files = _check_files(files)
-    torch_device = resolve_device(device)
+    resolve_device(device)  # a bad name fails before the download
     try:
-        logged = mlflow.pyfunc.load_model(model_uri)
+        logged = mlflow.pyfunc.load_model(model_uri, model_config={"device": device})
+    except GenreflowError:
+        raise
     except Exception as exc:  # MLflow raises many types for a missing or foreign model
         raise GenreflowError(f"{model_uri}: cannot load the model ({exc})") from exc
-    info = logged.metadata.metadata or {}
-    if "clip_samples" not in info:
-        raise GenreflowError(f"{model_uri}: not a genreflow fold ensemble (no clip_samples)")
-    ensemble = logged.unwrap_python_model().ensemble.to(torch_device)
-    rows = [
-        _mean_over_clips(ensemble, file, int(info["clip_samples"]), torch_device, lambda p: p)
-        for file in files
-    ]
-    return _results(files, [str(g) for g in info.get("genres", GENRES)], np.stack(rows))
+    model = logged.unwrap_python_model()
+    if not hasattr(model, "probabilities"):
+        raise GenreflowError(f"{model_uri}: not a genreflow fold ensemble")
+    return _results(files, model.genres, model.probabilities(files))
+
+
+def ensemble_probabilities(
+    ensemble: nn.Module,
+    files: Sequence[str | os.PathLike],
+    *,
+    clip_samples: int,
+    device: torch.device,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """(files, genres) probabilities from a fold ensemble (`load_ensemble`): each file cut
+    into clips as `predict` cuts it, the ensemble's probabilities averaged over the clips.
+
+    Every file is decoded before the model runs, so one error names every file that cannot
+    be (as `names[i]` where given, e.g. "row 3" for a served request, else its path).
+
+    Raises:
+        GenreflowError: the files that cannot be decoded, each with the reason.
+    """
+    from genreflow.audio import AudioDecodeError
+
+    segments, errors = [], []
+    for i, file in enumerate(files):
+        try:
+            segments.append(load_segments(file, clip_samples))
+        except AudioDecodeError as exc:
+            errors.append(f"{names[i] if names else file}: {exc.reason}")
+    if errors:
+        raise GenreflowError("; ".join(errors))
+    rows = [_mean_over_segments(ensemble, s, device, lambda p: p) for s in segments]
+    return np.stack(rows) if rows else np.zeros((0, len(GENRES)))
 
 
 def _results(files: list[str], genres: list[str], probabilities: np.ndarray) -> list[dict]:

@@ -40,8 +40,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import mlflow.pyfunc
-
 from genreflow import __version__, storage
 from genreflow.atomic import write_atomic
 from genreflow.errors import GenreflowError
@@ -540,14 +538,19 @@ def report_step(
     tracking_uri: str,
     parent_run_id: str,
     registered_model: str,
+    register_anyway: bool = False,
     base: str | Path | None = None,
 ) -> dict:
     """The pipeline's last step: the report into `results` (genreflow.aggregate), then, when
-    tracking, the fold ensemble logged (and registered as `registered_model`, unless "")
-    and the aggregate metrics and report logged on the parent run, which stays open for
-    the exit handler. `base`: the frozen base the folds' heads share. Returns the report."""
+    tracking, the fold ensemble logged as the parent run's model (genreflow.serving) and
+    registered as `registered_model` (unless ""; a result chosen on test data or partial
+    only with `register_anyway`, see genreflow.registry), and the aggregate metrics and
+    report logged on the parent run, which stays open for the exit handler. `base`: the
+    frozen base the folds' heads share. Returns the report."""
     from genreflow.aggregate import aggregate, flat_metrics
     from genreflow.audio import clip_samples
+    from genreflow.registry import register_version, registration_refusal, version_tags
+    from genreflow.serving import log_ensemble
 
     needed = folds_required(min_folds, expected_folds)
     report = aggregate(fold_dirs, results, expected_folds=expected_folds, min_folds=needed)
@@ -555,20 +558,39 @@ def report_step(
         return report
     # The folds the report used (a failed fold may still hold a checkpoint), each with the
     # checkpoint its path selects: best.pth, or head.pth beside the shared base.
-    checkpoints = [
-        Path(row["dir"]) / SELECTED_CHECKPOINT[read_summary(row["dir"]).get("path", FINE_TUNE)]
+    checkpoints = {
+        int(row["fold"]): Path(row["dir"])
+        / SELECTED_CHECKPOINT[read_summary(row["dir"]).get("path", FINE_TUNE)]
         for row in report["folds"]
-    ]
-    model_uri = log_ensemble(
+    }
+    logged = log_ensemble(
         tracking_uri,
         parent_run_id,
         checkpoints,
         clip_samples=clip_samples(clip_seconds),
         base=base,
-        registered_name=registered_model,
         workdir=str(results) + ".mlflow",
     )
-    print(f"fold ensemble logged as {model_uri}")
+    print(
+        f"fold ensemble logged as {logged.model_uri}: {len(logged.referenced)} checkpoint(s) "
+        f"read from their fold runs, stored in the model: {', '.join(logged.stored) or 'none'}"
+    )
+    refusal = registration_refusal(report)
+    if registered_model and refusal and not register_anyway:
+        print(f"not registered as {registered_model}: {refusal} (register_anyway=true does)")
+    elif registered_model:
+        parent = _tracked(
+            "reading the parent run", lambda: _client(tracking_uri).get_run(parent_run_id)
+        )
+        tags = version_tags(
+            report,
+            parent_run_id=parent_run_id,
+            git_commit=parent.data.tags.get("git_commit") or git_commit(),
+        )
+        number = register_version(
+            tracking_uri, registered_model, logged.model_id, parent_run_id=parent_run_id, tags=tags
+        )
+        print(f"registered as models:/{registered_model}/{number} (alias candidate)")
     finish_pipeline_run(
         tracking_uri,
         parent_run_id,
@@ -1235,90 +1257,3 @@ def _fold_confusion_png(fold_dir: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / CONFUSION_PNG, lambda f: f.write(png))
     return out / CONFUSION_PNG
-
-
-# --- the fold ensemble as one MLflow model -------------------------------------------------
-ENSEMBLE_ARTIFACT = "model"
-
-
-class GenreEnsemble(mlflow.pyfunc.PythonModel):
-    """The fold models as one MLflow model: (n, clip_samples) float32 waveforms at 32 kHz
-    in, (n, 10) genre probabilities out (GENRES order), the folds' probabilities averaged."""
-
-    def load_context(self, context):
-        from genreflow.inference import load_ensemble
-
-        artifacts = context.artifacts
-        folds = [artifacts[k] for k in sorted(artifacts) if k.startswith("fold")]
-        self.ensemble = load_ensemble(folds, base=artifacts.get("base"))
-
-    def predict(self, context, model_input, params=None):
-        import numpy as np
-        import torch
-
-        waveforms = torch.from_numpy(np.asarray(model_input, dtype=np.float32))
-        with torch.inference_mode():
-            return self.ensemble(waveforms).numpy()
-
-
-def log_ensemble(
-    tracking_uri: str,
-    run_id: str,
-    checkpoints: list[str | Path],
-    *,
-    clip_samples: int,
-    base: str | Path | None = None,
-    registered_name: str = "",
-    workdir: str | Path,
-) -> str:
-    """Log the fold checkpoints as one pyfunc model on `run_id`; register it under
-    `registered_name` when given. Returns the model's URI (models:/NAME/VERSION or runs:/).
-
-    With a frozen base, `checkpoints` are the folds' head.pth files and `base` the base
-    they share (stored once); otherwise they are full fine-tuned checkpoints.
-    """
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.pyfunc import save_model
-    from mlflow.types import Schema, TensorSpec
-
-    from genreflow.data.genres import GENRES
-
-    artifacts = {f"fold{i:02d}": str(path) for i, path in enumerate(checkpoints, start=1)}
-    if base is not None:
-        artifacts["base"] = str(base)
-    signature = ModelSignature(
-        # Unnamed tensors: callers pass and get plain arrays, not {name: array} dicts.
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, clip_samples))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(GENRES)))]),
-    )
-    local = Path(workdir) / ENSEMBLE_ARTIFACT
-    save_model(
-        str(local),
-        python_model=GenreEnsemble(),
-        artifacts=artifacts,
-        signature=signature,
-        input_example=np.zeros((1, clip_samples), dtype=np.float32),
-        # The images and this environment install genreflow; inferring requirements
-        # would import-trace the model in a subprocess for nothing.
-        pip_requirements=[f"genreflow=={__version__}"],
-        metadata={"genres": list(GENRES), "clip_samples": clip_samples},
-    )
-
-    def log() -> str:
-        client = _client(tracking_uri)
-        client.log_artifacts(run_id, str(local), ENSEMBLE_ARTIFACT)
-        source = f"runs:/{run_id}/{ENSEMBLE_ARTIFACT}"
-        if not registered_name:
-            return source
-        try:
-            client.create_registered_model(registered_name)
-        except Exception:  # already registered: add a version
-            pass
-        run = client.get_run(run_id)
-        version = client.create_model_version(
-            registered_name, f"{run.info.artifact_uri}/{ENSEMBLE_ARTIFACT}", run_id=run_id
-        )
-        return f"models:/{registered_name}/{version.version}"
-
-    return _tracked(f"logging the fold ensemble to {tracking_uri}", log, keep=str(local))

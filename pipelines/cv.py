@@ -117,6 +117,8 @@ def build_pipeline(
         tracking_uri: str = "",
         experiment: str = "genreflow-gtzan",
         registered_model: str = "genreflow-gtzan-cnn14",
+        # a result chosen on test data (selection=heldout) or partial: registered only so
+        register_anyway: bool = False,
         profile: str = "custom",
         kfp_ui: str = "",
         work_root: str = "",  # fine-tune folds' working state ("": the pipeline root's)
@@ -181,6 +183,7 @@ def build_pipeline(
                 tracking_uri=tracking_uri,
                 parent_run_id=parent.outputs["Output"],
                 registered_model=registered_model,
+                register_anyway=register_anyway,
             )
 
             with dsl.If(freeze_base == True, name="frozen-base"):  # noqa: E712 (a KFP condition)

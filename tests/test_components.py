@@ -112,6 +112,7 @@ def test_train_head_then_aggregate_the_frozen_base(steps):
         tracking_uri="",
         parent_run_id="",
         registered_model="",
+        register_anyway=False,
         results=results,
         report=report,
         metrics=scores,

@@ -548,6 +548,11 @@ def test_retrain_workflow_triggers_jobs_and_secret_handling():
     assert retrain_job["needs"] == "test"
     scripts = "\n".join(step.get("run", "") for step in retrain_job["steps"])
     assert "genreflow submit" in scripts and "--wait" in scripts
+    # Trained with validation selection (the seed profile's is heldout: never registered),
+    # then promoted on the corrected comparison, the verdict in the job's summary.
+    assert "--param selection=validation" in scripts
+    assert "genreflow promote" in scripts and "GITHUB_STEP_SUMMARY" in scripts
+    assert scripts.index("genreflow submit") < scripts.index("genreflow promote")
     assert "docker/build.sh --push" in scripts or "make images" in scripts
     for job in jobs.values():
         for step in job["steps"]:

@@ -9,6 +9,7 @@ protocol runs on a set with the real lists' file names (1 s clips).
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,29 +139,180 @@ def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
         assert json.loads(given.dataset.profile)["sha256"].startswith(given.dataset.digest)
 
 
-def test_registered_ensemble_predicts(demo_run, mlflow_server, workspace, monkeypatch, capsys):
-    import mlflow.pyfunc
+def _wav(waveform, rate, channels=1) -> bytes:
+    import io
+
     import soundfile
+
+    buffer = io.BytesIO()
+    frames = np.stack([waveform] * channels, axis=1) if channels > 1 else waveform
+    soundfile.write(buffer, frames, rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def test_registered_ensemble_is_tagged_and_predicts_audio(
+    demo_run, source, mlflow_server, workspace, monkeypatch, capsys
+):
+    import mlflow.artifacts
+    import mlflow.pyfunc
+    import pandas as pd
+    import soxr
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     client = MlflowClient(mlflow_server)
-    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
-    assert len(versions) == 1
-    uri = f"models:/{MODEL_NAME}/{versions[0].version}"
-    model = mlflow.pyfunc.load_model(uri)
-    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 64000)
-    waveforms = np.random.default_rng(0).uniform(-0.1, 0.1, (3, 64000)).astype(np.float32)
-    probabilities = model.predict(waveforms)
-    assert probabilities.shape == (3, 10)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    (version,) = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert client.get_model_version_by_alias(MODEL_NAME, "candidate").version == version.version
+    parent = client.get_run(demo_run["mlflow_run_id"])
+    assert version.run_id == parent.info.run_id
+    tags = version.tags
+    assert tags["protocol"] == "cv10" and tags["selection"] == "validation"
+    assert tags["partial"] == "false" and tags["folds"] == "1,2,3,4,5,6,7,8,9,10"
+    assert tags["accuracy_mean"] == f"{demo_run['accuracy']['mean']:.4f}"
+    low, high = (
+        demo_run["accuracy"]["corrected_ci"]["low"],
+        demo_run["accuracy"]["corrected_ci"]["high"],
+    )
+    assert tags["accuracy_ci95"] == f"[{low:.4f}, {high:.4f}]"
+    assert tags["accuracy_ci95_method"].startswith("corrected resampled t interval")
+    assert tags["git_commit"] == parent.data.tags["git_commit"]
+    assert tags["data.sha256"] == source[1]
+    assert tags["split.sha256"] == parent.data.tags["split.sha256"]
+    assert tags["genreflow.parent_run"] == parent.info.run_id
+    assert version.description.startswith("Fold ensemble of 10 folds (10-fold cross-validation")
+    # A LoggedModel of the parent run (MLflow 3's Models tab), logged from code.
+    model_id = version.source.removeprefix("models:/")
+    assert client.get_logged_model(model_id).source_run_id == parent.info.run_id
 
-    # `genreflow predict --model` cuts a file into the model's clips and averages them.
+    uri = f"models:/{MODEL_NAME}@candidate"
+    model = mlflow.pyfunc.load_model(uri)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["audio"]
+    assert model.metadata.get_input_schema().inputs[0].type.name == "binary"
+    assert model.metadata.get_output_schema().input_names() == ["genre", *GENRES]
+    local = mlflow.artifacts.download_artifacts(uri)
+    requirements = open(f"{local}/requirements.txt").read()
+    assert "genreflow" not in requirements and "torch==" in requirements
+    assert (Path(local) / "code" / "genreflow" / "serving.py").is_file()
+    # Each checkpoint stored once: the heads are read from the fold runs, the frozen base
+    # (which no fold run holds) is the one checkpoint in the model.
+    stored = sorted(p.name for p in Path(local, "artifacts").iterdir())
+    assert stored == ["base.pth"]
+    members = model.model_config["members"]
+    assert [m["uri"].split("/")[-1] for m in members] == ["head.pth"] * 10
+
+    # A 4 s file at 32 kHz (two of the model's 2 s clips) and a 1 s file at 44.1 kHz stereo.
+    rng = np.random.default_rng(0)
+    clips = rng.uniform(-0.1, 0.1, (2, 64000)).astype(np.float32)
+    short = rng.uniform(-0.1, 0.1, 44100).astype(np.float32)
+    table = model.predict(
+        pd.DataFrame({"audio": [_wav(clips.reshape(-1), 32000), _wav(short, 44100, 2)]})
+    )
+    assert list(table.columns) == ["genre", *GENRES]
+    np.testing.assert_allclose(table[list(GENRES)].sum(axis=1), 1.0, rtol=1e-5)
+    # The long file is the mean of its two clips; the short one is resampled and padded.
+    ensemble = model.unwrap_python_model().ensemble
+    padded = np.zeros((1, 64000), dtype=np.float32)
+    resampled = soxr.resample(short, 44100, 32000, quality="HQ")
+    padded[0, : len(resampled)] = resampled
+    with torch.inference_mode():
+        by_clip = ensemble(torch.from_numpy(np.concatenate([clips, padded]))).numpy()
+    np.testing.assert_allclose(table[list(GENRES)].iloc[0], by_clip[:2].mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(table[list(GENRES)].iloc[1], by_clip[2], atol=1e-5)
+    assert list(table["genre"]) == [
+        GENRES[int(i)] for i in table[list(GENRES)].to_numpy().argmax(1)
+    ]
+
+    # `genreflow predict --model` reads the same model, the same way.
     song = workspace / "song.wav"
-    soundfile.write(song, np.concatenate([waveforms[0], waveforms[1]]), 32000)
+    song.write_bytes(_wav(clips.reshape(-1), 32000))
     assert main(["predict", "--model", uri, str(song), "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
-    expected = probabilities[:2].mean(axis=0)
-    np.testing.assert_allclose(list(result["probabilities"].values()), expected, atol=1e-4)
+    np.testing.assert_allclose(
+        list(result["probabilities"].values()), table[list(GENRES)].iloc[0], atol=1e-6
+    )
+
+
+def test_mlflow_models_serve_classifies_audio_files(
+    demo_run, source, mlflow_server, tmp_path, monkeypatch
+):
+    """`mlflow models serve` on the registered model: files as base64 in, genres out; a row
+    that is no audio is a 400 naming it, and the server goes on serving."""
+    import base64
+    import os
+    import sys
+    import tarfile
+    import urllib.error
+    import urllib.request
+
+    from conftest import free_port, serving
+
+    with tarfile.open(source[0].removeprefix("file://")) as archive:
+        blues, metal = (
+            archive.extractfile(f"genres/{g}/{g}.00000.au").read() for g in ("blues", "metal")
+        )
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "blues.au").write_bytes(blues)
+    (clips / "metal.au").write_bytes(metal)
+
+    def post(url, body):
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow), "models", "serve", "-m", f"models:/{MODEL_NAME}@candidate"]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    # The server runs uvicorn from PATH: this environment's, as with an activated venv.
+    path = f"{mlflow.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": path}
+    with serving(command, "/ping", tmp_path / "serve.log", port=port, timeout=180, env=env) as url:
+        records = {"dataframe_records": [{"audio": b64(blues)}, {"audio": b64(metal)}]}
+        status, answer = post(url, records)
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [row["genre"] for row in rows] == ["blues", "metal"]
+        for row in rows:
+            assert sum(row[g] for g in GENRES) == pytest.approx(1.0, abs=1e-5)
+
+        # Row 1 is no audio, row 2 is empty: both named in one error.
+        rows_in = [[b64(blues)], [b64(b"RIFF not a wave")], [""]]
+        corrupt = {"dataframe_split": {"columns": ["audio"], "data": rows_in}}
+        status, answer = post(url, corrupt)
+        assert status == 400
+        message = answer["message"]
+        assert "row 1: unknown or unreadable format" in message
+        assert "not a recognised audio format" in message
+        assert "row 2: empty file (0 bytes)" in message
+        assert "row 0" not in message
+
+        status, again = post(
+            url, {"dataframe_split": {"columns": ["audio"], "data": [[b64(metal)]]}}
+        )
+        assert status == 200 and again["predictions"] == rows[1:]
+
+    # The same answers from `genreflow predict --model` on the same files.
+    from genreflow.inference import predict_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    local = predict_model(
+        f"models:/{MODEL_NAME}@candidate", [clips / n for n in ("blues.au", "metal.au")]
+    )
+    for mine, served in zip(local, rows, strict=True):
+        assert mine["genre"] == served["genre"]
+        np.testing.assert_allclose(
+            [mine["probabilities"][g] for g in GENRES], [served[g] for g in GENRES], atol=1e-6
+        )
 
 
 def test_failing_fold_is_retried_then_fails_the_parent(
@@ -301,7 +453,7 @@ def test_a_failed_fold_above_min_folds_gives_a_partial_result(
         folds=[1, 2, 11],
         min_folds=2,
         experiment="test-partial",
-        registered_model="",
+        registered_model="test-partial-model",  # a partial result: not registered
     )
     assert report["partial"] is True
     assert report["usable_folds"] == [1, 2]
@@ -313,6 +465,11 @@ def test_a_failed_fold_above_min_folds_gives_a_partial_result(
     assert parent.data.tags["partial"] == "true"
     status = {c.data.tags["fold"]: c.info.status for c in _children(client, parent)}
     assert status == {"1": "FINISHED", "2": "FINISHED", "11": "FAILED"}
+    # Logged on its run, but not registered: it was not asked for (register_anyway).
+    assert client.search_model_versions("name = 'test-partial-model'") == []
+    assert client.search_logged_models([parent.info.experiment_id])[0].source_run_id == (
+        parent.info.run_id
+    )
 
 
 @pytest.mark.xdist_group("fine-tune")  # its own runs: beside the rest

@@ -1,0 +1,328 @@
+"""The fold ensemble as a servable MLflow model: audio files in, genre and probabilities out.
+
+The contract (the model's signature and input example say the same):
+
+- input: a DataFrame with a column `audio`, one audio file's bytes per row (in MLflow's
+  JSON `dataframe_split` / `dataframe_records`, base64 strings), any format, sample rate
+  and channel count that `genreflow pack` decodes;
+- output: a DataFrame with `genre` (the most probable genre's name) and one column per
+  genre with its probability, in GTZAN's genre order. A file longer than the ensemble's
+  clip is cut into clips and their probabilities averaged, as `genreflow predict` does
+  (one code path: `genreflow.inference.ensemble_probabilities`);
+- a row that cannot be decoded (not audio, empty) fails the request with an error naming
+  every such row (HTTP 400 from `mlflow models serve`, which goes on serving).
+
+It is logged as a model from code (`genreflow/mlflow_model.py`, run when the model loads),
+with this package bundled through `code_paths`, so no pickled object ties it to one
+version of genreflow and MLflow's environment managers rebuild its environment from
+`requirements.txt`.
+
+Each checkpoint is stored once: a fold's checkpoint that its fold run already holds (the
+fine-tuned best.pth, or the frozen-base path's head.pth) is referenced by a `runs:/` URI
+and its SHA-256, and downloaded from the tracking server when the model loads; only what
+no fold run holds (the frozen base, a checkpoint that was never logged) is stored in the
+model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import mlflow.pyfunc
+
+from genreflow import storage
+from genreflow.errors import GenreflowError
+
+AUDIO = "audio"
+GENRE = "genre"
+# The model's name beside its run (the LoggedModel) and its folder in the model.
+MODEL_NAME = "fold-ensemble"
+BASE_ARTIFACT = "base"
+# Run by MLflow when the model loads: builds a GenreEnsembleModel (models from code).
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+# The distributions the serving code imports, pinned to the versions that logged the
+# model (torchlibrosa needs librosa; audioread decodes what libsndfile cannot).
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchlibrosa",
+    "librosa",
+    "numpy",
+    "pandas",
+    "soundfile",
+    "soxr",
+    "audioread",
+    "h5py",
+)
+# Not bundled: the KFP side, which installs inside the package but is never imported here.
+NOT_BUNDLED = ("components", "pipelines", "__pycache__", "*.pyc")
+
+
+class GenreEnsembleModel(mlflow.pyfunc.PythonModel):
+    """The fold models as one MLflow model (see the module's docstring for the contract)."""
+
+    def load_context(self, context) -> None:
+        from genreflow.inference import load_ensemble
+        from genreflow.runtime import resolve_device
+
+        config = context.model_config
+        self.genres = [str(g) for g in config["genres"]]
+        self.clip_samples = int(config["clip_samples"])
+        self.device = resolve_device(str(config.get("device", "auto")))
+        artifacts = context.artifacts
+        with tempfile.TemporaryDirectory(prefix="genreflow-folds-") as fetched:
+            checkpoints = [_member_file(m, artifacts, fetched) for m in config["members"]]
+            # The weights are in memory once loaded: the downloaded files can go.
+            self.ensemble = load_ensemble(
+                checkpoints, base=artifacts.get(BASE_ARTIFACT), device=self.device
+            )
+
+    def probabilities(self, files: Sequence[str | os.PathLike], names=None):
+        """(files, genres) probabilities; see genreflow.inference.ensemble_probabilities."""
+        from genreflow.inference import ensemble_probabilities
+
+        return ensemble_probabilities(
+            self.ensemble, files, clip_samples=self.clip_samples, device=self.device, names=names
+        )
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            rows = _audio_rows(model_input)
+            with tempfile.TemporaryDirectory(prefix="genreflow-rows-") as folder:
+                files = []
+                for i, data in enumerate(rows):
+                    files.append(Path(folder) / f"row-{i}")
+                    files[-1].write_bytes(data)
+                probabilities = self.probabilities(files, [f"row {i}" for i in range(len(rows))])
+        except GenreflowError as exc:
+            # MLflow answers a request that raises this with HTTP 400 and its message.
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        table = pd.DataFrame(probabilities, columns=self.genres)
+        table.insert(0, GENRE, [self.genres[int(i)] for i in probabilities.argmax(axis=1)])
+        return table
+
+
+def _audio_rows(model_input) -> list[bytes]:
+    """The `audio` column's bytes, row by row; a row that holds no bytes is named."""
+    import pandas as pd
+
+    if not isinstance(model_input, pd.DataFrame) or AUDIO not in model_input.columns:
+        raise GenreflowError(
+            f"the input must be a table with a column '{AUDIO}' (one audio file's bytes per "
+            "row, base64 in JSON)"
+        )
+    rows, errors = [], []
+    for i, value in enumerate(model_input[AUDIO].tolist()):
+        if isinstance(value, (bytes, bytearray)):
+            rows.append(bytes(value))
+        else:
+            errors.append(f"row {i}: no audio file's bytes (got {type(value).__name__})")
+    if errors:
+        raise GenreflowError("; ".join(errors))
+    return rows
+
+
+def _member_file(member: dict, artifacts: dict, folder: str) -> str:
+    """A fold's checkpoint as a local file: from the model itself, or downloaded from the
+    fold run that holds it and checked against the SHA-256 recorded when it was logged."""
+    if "artifact" in member:
+        return artifacts[member["artifact"]]
+    uri = member["uri"]
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=os.path.join(folder, f"fold{member['fold']:02d}")
+        )
+    except Exception as exc:  # MLflow raises many types for a missing run or server
+        raise GenreflowError(
+            f"fold {member['fold']}'s checkpoint {uri}: cannot download it ({exc}); the model "
+            "reads it from the tracking server it was logged to: set MLFLOW_TRACKING_URI to "
+            "that server"
+        ) from exc
+    found = storage.sha256_of(path)
+    if found != member["sha256"]:
+        raise GenreflowError(
+            f"fold {member['fold']}'s checkpoint {uri}: SHA-256 {found}, but the model was "
+            f"logged with {member['sha256']}"
+        )
+    return path
+
+
+# --- logging -----------------------------------------------------------------------------
+@dataclass
+class LoggedEnsemble:
+    model_id: str
+    model_uri: str  # models:/<model_id>
+    stored: list[str]  # what the model itself carries (artifact keys)
+    referenced: list[str]  # the fold checkpoints it reads from their runs
+
+
+def requirements() -> list[str]:
+    """REQUIREMENTS pinned to what is installed here; a local build tag (torch's +cpu) is
+    left out, since package indexes other than PyTorch's do not serve it."""
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def input_example():
+    """One row: a second of a 440 Hz tone as 16-bit WAV bytes, at 44.1 kHz stereo (any
+    rate and channel count is accepted)."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    import soundfile
+
+    rate = 44100
+    tone = 0.1 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV", subtype="PCM_16")
+    return pd.DataFrame({AUDIO: [buffer.getvalue()]})
+
+
+def signature(genres: Sequence[str]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", AUDIO)]),
+        outputs=Schema([ColSpec("string", GENRE), *(ColSpec("double", g) for g in genres)]),
+    )
+
+
+def _bundle(workdir: Path) -> Path:
+    """The genreflow package's source, copied for code_paths (no caches, no KFP side)."""
+    package = Path(__file__).resolve().parent
+    out = workdir / "code" / package.name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(package, out, ignore=shutil.ignore_patterns(*NOT_BUNDLED))
+    return out
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's log_model talks to the process-wide tracking URI: set it for the block."""
+    from mlflow.tracking._tracking_service.utils import _tracking_uri as current
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = current
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def fold_checkpoint_runs(client, parent_run_id: str) -> dict[int, tuple[str, dict[str, int]]]:
+    """fold -> (the run that holds its logged files, {file name: size}) for the fold runs
+    under the parent whose outputs are all logged; a reused fold's files are in the run it
+    was reused from."""
+    from genreflow.tracking import LOGGED_TAG, PARENT_TAG, REUSED_FROM_TAG
+
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{LOGGED_TAG}` = 'true'",
+        max_results=1000,
+    )
+    found = {}
+    for child in children:
+        if "fold" not in child.data.tags:  # a nested run that is no fold
+            continue
+        holder = child.data.tags.get(REUSED_FROM_TAG, child.info.run_id)
+        sizes = {a.path: a.file_size for a in client.list_artifacts(holder) if not a.is_dir}
+        found[int(child.data.tags["fold"])] = (holder, sizes)
+    return found
+
+
+def log_ensemble(
+    tracking_uri: str,
+    run_id: str,
+    checkpoints: dict[int, str | Path],
+    *,
+    clip_samples: int,
+    base: str | Path | None = None,
+    workdir: str | Path,
+) -> LoggedEnsemble:
+    """Log the fold checkpoints (fold -> best.pth, or head.pth beside the frozen `base`)
+    as one model of the run `run_id` (the pipeline's parent), a LoggedModel in MLflow 3.
+
+    A checkpoint that the fold's run holds (same name and size) is referenced, not copied.
+    """
+    from mlflow.entities import LoggedModelOutput
+
+    from genreflow.data.genres import GENRES
+    from genreflow.tracking import _client, _tracked
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def log() -> LoggedEnsemble:
+        client = _client(tracking_uri)
+        held = fold_checkpoint_runs(client, run_id)
+        members, artifacts, referenced = [], {}, []
+        for fold, path in sorted(checkpoints.items()):
+            path = Path(path)
+            member = {"fold": fold, "sha256": storage.sha256_of(path)}
+            holder, sizes = held.get(fold, ("", {}))
+            if sizes.get(path.name) == path.stat().st_size:
+                member["uri"] = f"runs:/{holder}/{path.name}"
+                referenced.append(member["uri"])
+            else:
+                member["artifact"] = f"fold{fold:02d}"
+                artifacts[member["artifact"]] = str(path)
+            members.append(member)
+        if base is not None:
+            artifacts[BASE_ARTIFACT] = str(base)
+        config = {
+            "genres": list(GENRES),
+            "clip_samples": clip_samples,
+            "device": "auto",
+            "members": members,
+        }
+        parent = client.get_run(run_id)
+        # The run's parameters beside the model, as log_model gives a model of an active run.
+        model = client.create_logged_model(
+            parent.info.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=run_id,
+            params=dict(parent.data.params),
+        )
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        with _tracking_uri(tracking_uri):
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(MODEL_CODE),
+                code_paths=[str(_bundle(workdir))],
+                artifacts=artifacts,
+                model_config=config,
+                signature=signature(GENRES),
+                input_example=input_example(),
+                pip_requirements=requirements(),
+                metadata={"genres": list(GENRES), "clip_samples": clip_samples},
+                model_id=model.model_id,
+            )
+        return LoggedEnsemble(
+            model.model_id, f"models:/{model.model_id}", sorted(artifacts), referenced
+        )
+
+    return _tracked(f"logging the fold ensemble to {tracking_uri}", log, keep=str(workdir))
