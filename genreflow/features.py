@@ -613,7 +613,7 @@ def _decode_task(clips: list[tuple[str, int]]) -> list[str | None]:
 def _decode_into(path: str, row: np.ndarray) -> str | None:
     """Decode, pad or trim and store one clip into an int16 row; None, or why it is unreadable."""
     try:
-        audio = load_audio(path)
+        audio = load_audio(path, max_samples=len(row))  # only the frames the clip needs
     except AudioDecodeError as exc:
         return exc.reason
     except Exception as exc:  # not the file's fault (memory, a library bug): stop, naming it

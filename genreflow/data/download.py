@@ -27,6 +27,7 @@ from genreflow import __version__, storage
 from genreflow.data.genres import GENRES
 from genreflow.data.layout import AUDIO_SUFFIXES, find_dataset_root
 from genreflow.errors import ChecksumMismatch, GenreflowError
+from genreflow.limits import exceeded, limit
 
 # The original release, genres.tar.gz (about 1.2 GB). Its official address has been dead
 # since 2022 (pytorch/audio#2763, mir-dataset-loaders/mirdata#549 and #659), but copies of
@@ -274,6 +275,46 @@ def _target(staging: Path, rel: PurePosixPath, label: str, name: str) -> Path:
     return target
 
 
+class _Budget:
+    """What one extraction may still create: members, bytes, and bytes per archive byte.
+
+    Checked against each member's declared size before it is written; tarfile and zipfile
+    never give more bytes than a member declares (zipfile also checks its CRC).
+    """
+
+    def __init__(self, archive: Path, label: str):
+        self.label = label
+        self.archive_bytes = max(archive.stat().st_size, 1)
+        self.max_members = limit("GENREFLOW_MAX_ARCHIVE_MEMBERS")
+        self.max_bytes = limit("GENREFLOW_MAX_EXTRACT_BYTES")
+        self.max_ratio = limit("GENREFLOW_MAX_COMPRESSION_RATIO")
+        self.members = 0
+        self.bytes = 0
+
+    def take(self, member: str, size: int) -> None:
+        self.members += 1
+        self.bytes += max(size, 0)
+        at = f"(at member {member!r})"
+        if self.members > self.max_members:
+            raise exceeded(
+                self.label,
+                "GENREFLOW_MAX_ARCHIVE_MEMBERS",
+                f"holds more than {self.max_members} members {at}",
+            )
+        if self.bytes > self.max_bytes:
+            raise exceeded(
+                self.label,
+                "GENREFLOW_MAX_EXTRACT_BYTES",
+                f"extracts to more than {self.max_bytes} bytes {at}",
+            )
+        if self.bytes > self.max_ratio * self.archive_bytes:
+            raise exceeded(
+                self.label,
+                "GENREFLOW_MAX_COMPRESSION_RATIO",
+                f"extracts to more than {self.max_ratio} times its {self.archive_bytes} bytes {at}",
+            )
+
+
 def _write_member(source, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with source, open(target, "wb") as f:
@@ -300,7 +341,7 @@ def _check_tar_member(member: tarfile.TarInfo, staging: Path, label: str) -> Non
             raise _refuse(label, member.name, str(exc)) from exc
 
 
-def _extract_tar(archive: Path, staging: Path, label: str) -> None:
+def _extract_tar(archive: Path, staging: Path, label: str, budget: _Budget) -> None:
     try:
         tar = tarfile.open(archive, mode="r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -312,6 +353,7 @@ def _extract_tar(archive: Path, staging: Path, label: str) -> None:
                 name = member.name
                 rel = _safe_relative_path(member.name, label)
                 _check_tar_member(member, staging, label)
+                budget.take(member.name, member.size if member.isreg() else 0)
                 if rel is None:
                     continue
                 target = _target(staging, rel, label, member.name)
@@ -323,7 +365,7 @@ def _extract_tar(archive: Path, staging: Path, label: str) -> None:
             raise GenreflowError(f"{label}: extraction failed at {name!r}: {exc}") from exc
 
 
-def _extract_zip(archive: Path, staging: Path, label: str) -> None:
+def _extract_zip(archive: Path, staging: Path, label: str, budget: _Budget) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -344,6 +386,7 @@ def _extract_zip(archive: Path, staging: Path, label: str) -> None:
                 raise _refuse(label, name, f"special file (mode {oct(mode)})")
             if info.flag_bits & 0x1:
                 raise _refuse(label, name, "encrypted member")
+            budget.take(name, info.file_size)
             if rel is None:
                 continue
             target = _target(staging, rel, label, name)
@@ -364,9 +407,10 @@ def _extract_to_staging(archive: Path, out: Path, label: str) -> Path:
         extract = _extract_tar
     else:
         raise GenreflowError(f"{label}: not a .tar.gz, .tgz, .tar or .zip archive")
+    budget = _Budget(archive, label)
     staging = Path(tempfile.mkdtemp(prefix=_EXTRACT_PREFIX, dir=out))
     try:
-        extract(archive, staging, label)
+        extract(archive, staging, label, budget)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
