@@ -64,6 +64,8 @@ _OUT_OF_MEMORY_TEXT = ("out of memory", "can't allocate memory", "cannot allocat
 
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` (or what it wraps) is a failure a second try can get past."""
+    if _full_disk(exc) is not None:
+        return False  # a network error caused by a full disk is a full disk
     for link in _chain(exc):
         verdict = _classify(link)
         if verdict is not None:
@@ -77,6 +79,9 @@ def why_not_retried(exc: BaseException) -> str:
         return "bad input or a refused request"
     if _is_out_of_memory(exc):
         return "out of memory"
+    full = _full_disk(exc)
+    if full is not None:
+        return f"the disk is full ({full.strerror})"
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return "no space or no memory left, or a read-only file system"
     if isinstance(exc, _PROGRAMMING_ERRORS):
@@ -90,6 +95,17 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+
+
+def _full_disk(exc: BaseException) -> OSError | None:
+    """The no-space (or quota) error anywhere in `exc`'s chain, if there is one."""
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT):
+            return link
+        reason = getattr(link, "reason", None)  # urllib's URLError keeps its cause here
+        if isinstance(reason, OSError) and reason.errno in (errno.ENOSPC, errno.EDQUOT):
+            return reason
+    return None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

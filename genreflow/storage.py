@@ -15,12 +15,14 @@ back-off; gs:// goes through google-cloud-storage, imported only when a gs:// UR
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +33,10 @@ from pathlib import Path
 from typing import IO
 
 from genreflow import __version__
+from genreflow.atomic import write_atomic, write_text_atomic
 from genreflow.errors import ChecksumMismatch, GenreflowError
+from genreflow.limits import exceeded, limit
+from genreflow.locks import locked
 
 REMOTE_SCHEMES = frozenset({"http", "https", "gs"})
 CHUNK_BYTES = 1 << 20
@@ -98,6 +103,12 @@ def _gs_folder(uri: str) -> str:
     if not bucket or "//" in prefix:
         raise GenreflowError(f"{uri}: expected gs://BUCKET or gs://BUCKET/PREFIX for a folder")
     return f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
+
+
+def _gs_bucket_and_prefix(folder_uri: str) -> tuple[str, str]:
+    """gs://BUCKET/PREFIX (as _gs_folder gives it) -> (BUCKET, 'PREFIX/'), '' for no prefix."""
+    bucket, _, prefix = _gs_folder(folder_uri)[len("gs://") :].partition("/")
+    return bucket, f"{prefix}/" if prefix else ""
 
 
 def redacted(uri: str | Path) -> str:
@@ -201,6 +212,35 @@ def _copy_stream(src: IO[bytes], dst: IO[bytes], on_chunk: Callable[[int], objec
     return copied
 
 
+def _check_download_size(uri: str | Path, size: int | None) -> None:
+    """Refuse a download that would write more than GENREFLOW_MAX_DOWNLOAD_BYTES."""
+    cap = limit("GENREFLOW_MAX_DOWNLOAD_BYTES")
+    if size is not None and size > cap:
+        raise exceeded(redacted(uri), "GENREFLOW_MAX_DOWNLOAD_BYTES", f"{size} bytes")
+
+
+@contextmanager
+def _full_disk_said(dest: Path, uri: str | Path) -> Iterator[None]:
+    """A full disk or quota while writing `dest` becomes one error that says so: no retry
+    can get past it, and it must not read as a network failure."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise GenreflowError(
+            f"{dest.parent}: no space left on the disk ({exc.strerror}) while writing "
+            f"{dest.name} from {redacted(uri)}; free some space or write elsewhere"
+        ) from exc
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file to the disk before it is renamed into place: after a crash, a name
+    that says "complete" never points at a file the disk had not yet received."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 # --- fetch -------------------------------------------------------------------------------
 def fetch(
     uri: str | Path,
@@ -229,28 +269,35 @@ def fetch(
 
     Raises:
         GenreflowError: the source is missing or refused (404, 403, ...), retries ran out,
-            or a checksum does not match. On a mismatch the bad download is removed and
-            an existing ``dest`` is left as it was.
+            a checksum does not match, an https:// URL redirects to another scheme, the
+            file is larger than GENREFLOW_MAX_DOWNLOAD_BYTES, or the disk is full. On a
+            mismatch the bad download is removed and an existing ``dest`` is left as it was.
+
+    Two processes fetching to the same ``dest`` take turns (a lock beside it): the
+    ``.part`` keeps one name, so that a later run can resume it, and only the lock's
+    holder ever writes it.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     scheme = _scheme(uri)
-    if scheme in ("http", "https"):
-        _fetch_http(str(uri), part, progress=progress, retries=retries, backoff_s=backoff_s)
-    elif scheme == "gs":
-        _fetch_gs(str(uri), part, progress=progress)
-    else:
-        _fetch_local(local_path(uri), part, progress=progress)
-    try:
-        verify(part, sha256=sha256, md5=md5, label=str(uri))
-    except GenreflowError:
-        # Resuming from a file that fails its checksum would only fail again.
-        part.unlink(missing_ok=True)
+    with locked(dest, what=str(dest), wait=True), _full_disk_said(dest, uri):
+        if scheme in ("http", "https"):
+            _fetch_http(str(uri), part, progress=progress, retries=retries, backoff_s=backoff_s)
+        elif scheme == "gs":
+            _fetch_gs(str(uri), part, progress=progress)
+        else:
+            _fetch_local(local_path(uri), part, progress=progress)
+        try:
+            verify(part, sha256=sha256, md5=md5, label=redacted(uri))
+        except GenreflowError:
+            # Resuming from a file that fails its checksum would only fail again.
+            part.unlink(missing_ok=True)
+            _resume_record(part).unlink(missing_ok=True)
+            raise
+        _fsync(part)
+        os.replace(part, dest)
         _resume_record(part).unlink(missing_ok=True)
-        raise
-    os.replace(part, dest)
-    _resume_record(part).unlink(missing_ok=True)
     return dest
 
 
@@ -259,6 +306,7 @@ def _fetch_local(src: Path | None, part: Path, *, progress: bool) -> None:
     if not src.is_file():
         what = "is a folder, not a file" if src.is_dir() else "no such file"
         raise GenreflowError(f"{src}: {what}")
+    _check_download_size(src, src.stat().st_size)
     with (
         open(src, "rb") as fin,
         open(part, "wb") as fout,
@@ -351,8 +399,9 @@ def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
         if validator:
             headers["If-Range"] = validator
     request = urllib.request.Request(url, headers=headers)
+    opener = urllib.request.build_opener(_HttpsStaysHttps)
     try:
-        response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
+        response = opener.open(request, timeout=HTTP_TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
@@ -387,30 +436,60 @@ def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
             mode = "wb"
         else:
             raise GenreflowError(f"{url}: unexpected HTTP {status} {response.reason}")
+        _check_download_size(url, total)
 
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         # Only a strong ETag or a date may be sent back in If-Range.
         if new_validator and new_validator.startswith("W/"):
             new_validator = None
-        _resume_record(part).write_text(json.dumps({"url": url, "validator": new_validator}))
+        write_text_atomic(
+            _resume_record(part), json.dumps({"url": url, "validator": new_validator})
+        )
 
         written = offset
+        cap = limit("GENREFLOW_MAX_DOWNLOAD_BYTES")
         with (
             open(part, mode) as out,
             _progress_bar(total, offset, file_name_of(url) or url, progress) as bar,
         ):
-            try:
-                while chunk := response.read(CHUNK_BYTES):
-                    out.write(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as exc:
-                raise _TransientError(f"connection lost at byte {written}: {exc!r}") from exc
+            while True:
+                # Only the read is the network's: a failed write (a full disk) is not
+                # something a second request gets past.
+                try:
+                    chunk = response.read(CHUNK_BYTES)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _TransientError(f"connection lost at byte {written}: {exc!r}") from exc
+                if not chunk:
+                    break
+                if written + len(chunk) > cap:  # a server that sends more than it announced
+                    out.close()
+                    part.unlink(missing_ok=True)
+                    _check_download_size(url, written + len(chunk))
+                out.write(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
     if total is not None and written < total:
         raise _TransientError(f"connection closed at byte {written} of {total}")
     if total is not None and written > total:
         part.unlink(missing_ok=True)
         raise _TransientError(f"server sent {written} bytes, announced {total}; starting over")
+
+
+class _HttpsStaysHttps(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never from https:// to another scheme: a downgrade to http://
+    would let anyone on the path swap the bytes (a checksum catches that only when one is
+    pinned) and would send the rest of the request in the clear."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: PLR0913 (urllib's)
+        old = urllib.parse.urlsplit(req.full_url).scheme.lower()
+        new = urllib.parse.urlsplit(newurl).scheme.lower()
+        if old == "https" and new != "https":
+            fp.close()
+            raise GenreflowError(
+                f"{redacted(req.full_url)}: redirected (HTTP {code}) to {redacted(newurl)}; "
+                "refusing to leave https://"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int | None]:
@@ -499,6 +578,7 @@ def _fetch_gs(uri: str, part: Path, *, progress: bool) -> None:
         blob = gcs_client().bucket(bucket_name).get_blob(object_name)
         if blob is None:
             raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
+        _check_download_size(uri, blob.size)
         try:
             with (
                 open(part, "wb") as out,
@@ -528,23 +608,47 @@ def _gcs_exists(uri: str) -> bool:
         return gcs_client().bucket(bucket_name).get_blob(object_name) is not None
 
 
-def _upload_gs(local: Path, uri: str) -> dict[str, int]:
-    """Upload through the resumable protocol, checksum-checked; the new object's stamp."""
+def _gcs_generation(uri: str) -> int:
+    """The object's generation, 0 when there is none (what if_generation_match=0 means)."""
     bucket_name, object_name = _split_gs(uri)
     with _gcs_errors(uri):
-        blob = gcs_client().bucket(bucket_name).blob(object_name, chunk_size=GCS_CHUNK_BYTES)
-        # The object appears only when the last chunk is in and the server's checksum of
-        # the whole matches the client's ("auto": crc32c, else md5).
-        blob.upload_from_filename(str(local), checksum="auto")
-    return {"generation": int(blob.generation), "size": int(blob.size)}
+        blob = gcs_client().bucket(bucket_name).get_blob(object_name)
+    return 0 if blob is None else int(blob.generation)
 
 
-def _delete_gs(uri: str) -> None:
+def _upload_gs(local: Path, uri: str, generation: int | None) -> dict[str, int]:
+    """Upload through the resumable protocol, checksum-checked; the new object's stamp.
+
+    `generation` is the object this upload may replace (0: there must be none); another
+    writer's object in its place fails the upload (HTTP 412) instead of being overwritten.
+    None replaces whatever is there.
+    """
     from google.api_core import exceptions as api_exceptions
 
     bucket_name, object_name = _split_gs(uri)
+    with _gcs_errors(uri):
+        blob = gcs_client().bucket(bucket_name).blob(object_name, chunk_size=GCS_CHUNK_BYTES)
+        condition = {} if generation is None else {"if_generation_match": generation}
+        try:
+            # The object appears only when the last chunk is in and the server's checksum
+            # of the whole matches the client's ("auto": crc32c, else md5).
+            blob.upload_from_filename(str(local), checksum="auto", **condition)
+        except api_exceptions.PreconditionFailed as exc:
+            expected = "no object" if generation == 0 else f"generation {generation}"
+            raise GenreflowError(
+                f"{redacted(uri)}: another writer wrote it meanwhile (this one expected "
+                f"{expected} there); not overwritten"
+            ) from exc
+    return {"generation": int(blob.generation), "size": int(blob.size)}
+
+
+def _delete_gs(uri: str, generation: int | None = None) -> None:
+    from google.api_core import exceptions as api_exceptions
+
+    bucket_name, object_name = _split_gs(uri)
+    condition = {} if generation is None else {"if_generation_match": generation}
     with _gcs_errors(uri), contextlib.suppress(api_exceptions.NotFound):
-        gcs_client().bucket(bucket_name).blob(object_name).delete()
+        gcs_client().bucket(bucket_name).blob(object_name).delete(**condition)
 
 
 def copy_folder(source: str | Path, dest: str | Path) -> None:
@@ -556,7 +660,7 @@ def copy_folder(source: str | Path, dest: str | Path) -> None:
         shutil.copytree(path, dest, dirs_exist_ok=True)
         return
     prefix = _gs_folder(str(source))
-    bucket_name, object_prefix = _split_gs(prefix + "/")
+    bucket_name, object_prefix = _gs_bucket_and_prefix(prefix)
     with _gcs_errors(prefix):
         names = [b.name for b in gcs_client().list_blobs(bucket_name, prefix=object_prefix)]
     for name in names:
@@ -614,6 +718,14 @@ def cached(
             verify(path, sha256=sha256, md5=md5, label=str(uri))
         return path
     dest = _cache_slot(uri, cache_dir)
+    # Two runs sharing the cache take turns at a slot: the second finds the file there.
+    with locked(dest, what=str(dest), wait=True):
+        return _cached_in(uri, dest, sha256=sha256, md5=md5, progress=progress)
+
+
+def _cached_in(
+    uri: str | Path, dest: Path, *, sha256: str | None, md5: str | None, progress: bool
+) -> Path:
     stamp = None
     if _scheme(uri) == "gs" and not (sha256 or md5):
         stamp = _gcs_stamp(str(uri))
@@ -635,7 +747,7 @@ def cached(
     if stamp is not None:
         # The stamp read before the download: should the object have been replaced in
         # between, the next call sees a newer generation and downloads again.
-        _stamp_file(dest).write_text(json.dumps(stamp))
+        write_text_atomic(_stamp_file(dest), json.dumps(stamp))
     return dest
 
 
@@ -657,12 +769,17 @@ def input_path(
 
 
 # --- upload ------------------------------------------------------------------------------
-def upload(local: str | Path, uri: str | Path, *, progress: bool = True) -> None:
+def upload(
+    local: str | Path, uri: str | Path, *, progress: bool = True, generation: int | None = None
+) -> dict[str, int] | None:
     """Write a local file to a local path, file:// or gs:// URI, verified.
 
     gs:// uses the resumable upload protocol and the client's end-to-end checksum
     (crc32c where available, else md5): a corrupted transfer raises and leaves no object.
-    A local destination is written beside itself and renamed when complete.
+    With `generation` (0: no object may be there yet), the upload replaces only that
+    generation of the object and fails, naming it, if another writer got there first; it
+    returns the new object's generation and size. A local destination is written beside
+    itself under a name of its own and renamed when complete (returns None).
     """
     local = Path(local)
     if not local.is_file():
@@ -671,17 +788,17 @@ def upload(local: str | Path, uri: str | Path, *, progress: bool = True) -> None
     if scheme in ("http", "https"):
         raise GenreflowError(f"{uri}: cannot upload over HTTP; use a local path or gs://")
     if scheme == "gs":
-        _upload_gs(local, str(uri))
-        return
+        return _upload_gs(local, str(uri), generation)
     dest = local_path(uri)
     assert dest is not None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    _fetch_local(local, part, progress=progress)
-    if part.stat().st_size != local.stat().st_size:
-        part.unlink(missing_ok=True)
-        raise GenreflowError(f"{dest}: copy of {local} is incomplete")
-    os.replace(part, dest)
+    with (
+        open(local, "rb") as fin,
+        _progress_bar(local.stat().st_size, 0, local.name, progress) as bar,
+        _full_disk_said(dest, local),
+    ):
+        write_atomic(dest, lambda fout: _copy_stream(fin, fout, bar.update))
+    return None
 
 
 # --- writing outputs through a local stand-in ---------------------------------------------
@@ -706,19 +823,25 @@ def output_file(uri: str | Path) -> Iterator[Path]:
         return
     _check_writable(uri)
     _split_gs(str(uri))  # a malformed URI fails before the work, not after it
+    # The object as it is now is the one this write may replace: should another writer
+    # replace it meanwhile, the upload fails instead of silently overwriting theirs.
+    replaces = _gcs_generation(str(uri))
     dest = _cache_slot(uri)
-    staging = dest.parent / "publishing" / dest.name
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    staging.unlink(missing_ok=True)
+    (dest.parent / "publishing").mkdir(parents=True, exist_ok=True)
+    # A name of its own: two runs writing the same URI never share a staging file.
+    fd, name = tempfile.mkstemp(prefix=f"{dest.name}.", dir=dest.parent / "publishing")
+    os.close(fd)
+    staging = Path(name)
     try:
         yield staging
-        stamp = _upload_gs(staging, str(uri))
+        stamp = _upload_gs(staging, str(uri), replaces)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
-    _stamp_file(dest).unlink(missing_ok=True)
-    os.replace(staging, dest)
-    _stamp_file(dest).write_text(json.dumps(stamp))
+    with locked(dest, what=str(dest), wait=True):
+        _stamp_file(dest).unlink(missing_ok=True)
+        os.replace(staging, dest)
+        write_text_atomic(_stamp_file(dest), json.dumps(stamp))
 
 
 class OutputFolder:
@@ -729,9 +852,15 @@ class OutputFolder:
     and ``uri`` is None: publishing does nothing and there is nothing to pull.
     """
 
-    def __init__(self, path: Path, uri: str | None = None):
+    def __init__(
+        self, path: Path, uri: str | None = None, generations: dict[str, int] | None = None
+    ):
         self.path = path
         self.uri = uri
+        # The generation of each object under ``uri`` this folder may replace: what was
+        # there when it was opened, then what it wrote itself. Any other writer's object
+        # in its place makes the upload fail (generation preconditions) instead.
+        self.generations = dict(generations or {})
 
     def uri_of(self, name: str) -> str:
         """The object a file of this folder is published to."""
@@ -742,7 +871,10 @@ class OutputFolder:
         if self.uri is None:
             return
         for name in names:
-            upload(self.path / name, self.uri_of(name))
+            stamp = upload(
+                self.path / name, self.uri_of(name), generation=self.generations.get(name, 0)
+            )
+            self.generations[name] = stamp["generation"]
 
     def pull(self, name: str) -> bool:
         """Download ``name`` from ``uri`` into the folder; False if there is no such object."""
@@ -756,7 +888,8 @@ class OutputFolder:
         if self.uri is None:
             return
         for name in names:
-            _delete_gs(self.uri_of(name))
+            if name in self.generations:
+                _delete_gs(self.uri_of(name), self.generations.pop(name))
 
     def files(self) -> list[str]:
         """Relative paths of the folder's files, leaving out hidden ones (temporary files)."""
@@ -785,14 +918,33 @@ def output_folder(
     """
     path = local_path(uri)
     if path is not None:
-        yield OutputFolder(path)
+        # Two runs writing one folder would mix their files: the second refuses.
+        with locked(path, what=f"output folder {path}", wait=False):
+            yield OutputFolder(path)
         return
     _check_writable(uri)
     folder_uri = _gs_folder(str(uri))
     work = cache_root() / "work" / hashlib.sha256(folder_uri.encode()).hexdigest()[:16]
-    work.mkdir(parents=True, exist_ok=True)
-    folder = OutputFolder(work, folder_uri)
-    yield folder
+    with locked(work, what=f"output folder {redacted(folder_uri)} (working in {work})", wait=False):
+        work.mkdir(parents=True, exist_ok=True)
+        folder = OutputFolder(work, folder_uri, _gcs_generations(folder_uri))
+        yield folder
+        _publish_folder(folder, work, commit, transient)
+
+
+def _gcs_generations(folder_uri: str) -> dict[str, int]:
+    """Each object's generation under a gs:// folder, by its name relative to the folder."""
+    bucket_name, prefix = _gs_bucket_and_prefix(folder_uri)
+    with _gcs_errors(folder_uri):
+        return {
+            blob.name[len(prefix) :]: int(blob.generation)
+            for blob in gcs_client().list_blobs(bucket_name, prefix=prefix)
+        }
+
+
+def _publish_folder(
+    folder: OutputFolder, work: Path, commit: str | None, transient: tuple[str, ...]
+) -> None:
     names = folder.files()
     if commit in names:
         names.remove(commit)

@@ -24,10 +24,12 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from genreflow import __version__, storage
+from genreflow.atomic import write_text_atomic
 from genreflow.data.genres import GENRES
 from genreflow.data.layout import AUDIO_SUFFIXES, find_dataset_root
 from genreflow.errors import ChecksumMismatch, GenreflowError
 from genreflow.limits import exceeded, limit
+from genreflow.locks import locked
 
 # The original release, genres.tar.gz (about 1.2 GB). Its official address has been dead
 # since 2022 (pytorch/audio#2763, mir-dataset-loaders/mirdata#549 and #659), but copies of
@@ -158,8 +160,16 @@ def download(
         raise GenreflowError(f"{path}: no such file or folder")
 
     sha256, md5 = expected_checksums(source, sha256, md5)
-    source_key = path.resolve().as_uri() if path is not None else source
     out.mkdir(parents=True, exist_ok=True)
+    # Two runs downloading into one folder take turns: the second finds the first's result.
+    with locked(out, what=str(out), wait=True):
+        return _download_into(source, path, out, sha256, md5, progress)
+
+
+def _download_into(
+    source: str, path: Path | None, out: Path, sha256: str | None, md5: str | None, progress: bool
+) -> Path:
+    source_key = path.resolve().as_uri() if path is not None else source
     previous = _read_marker(out)
     root = _previous_result(out, previous, source_key, sha256, md5)
     if root is not None:
@@ -319,6 +329,9 @@ def _write_member(source, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with source, open(target, "wb") as f:
         shutil.copyfileobj(source, f, _CHUNK_BYTES)
+        # On the disk before the marker says the tree is complete.
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _check_tar_member(member: tarfile.TarInfo, staging: Path, label: str) -> None:
@@ -499,10 +512,7 @@ def _read_marker(out: Path) -> dict | None:
 
 
 def _write_marker(out: Path, record: dict) -> None:
-    marker = out / MARKER_NAME
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, marker)
+    write_text_atomic(out / MARKER_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def _previous_result(
