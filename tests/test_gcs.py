@@ -48,8 +48,7 @@ def emulator(tmp_path_factory) -> str:
         yield url
 
 
-@pytest.fixture
-def bucket(emulator, monkeypatch, tmp_path) -> str:
+def _fresh_bucket(emulator: str, monkeypatch, tmp_path) -> str:
     """A fresh bucket in the emulator, with the client pointed at it and a private cache."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "genreflow-test")
@@ -57,6 +56,11 @@ def bucket(emulator, monkeypatch, tmp_path) -> str:
     name = f"genreflow-{uuid.uuid4().hex[:12]}"
     storage.gcs_client().create_bucket(name)
     return name
+
+
+@pytest.fixture
+def bucket(emulator, monkeypatch, tmp_path) -> str:
+    return _fresh_bucket(emulator, monkeypatch, tmp_path)
 
 
 def object_names(bucket: str, prefix: str = "") -> set[str]:
@@ -295,12 +299,7 @@ def strict_emulator() -> str:
 
 @pytest.fixture
 def strict_bucket(strict_emulator, monkeypatch, tmp_path) -> str:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", strict_emulator)
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "genreflow-test")
-    monkeypatch.setenv("GENREFLOW_CACHE", str(tmp_path / "cache"))
-    name = f"genreflow-{uuid.uuid4().hex[:12]}"
-    storage.gcs_client().create_bucket(name)
-    return name
+    return _fresh_bucket(strict_emulator, monkeypatch, tmp_path)
 
 
 def test_a_write_never_silently_replaces_another_writers_object(strict_bucket, tmp_path):
