@@ -44,7 +44,7 @@ from genreflow.audio import (
 )
 from genreflow.data.download import recorded_sha256
 from genreflow.data.genres import FOLDS, GENRE_INDEX, GENRES, assign_folds
-from genreflow.data.layout import Clip, list_clips
+from genreflow.data.layout import AUDIO_SUFFIXES, Clip, list_clips
 from genreflow.errors import GenreflowError
 from genreflow.runtime import keep_freed_memory, libc_function
 
@@ -654,10 +654,16 @@ def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
                 f"{path}: not a genreflow features file, missing {', '.join(missing)}"
             )
         attrs = {key: _plain(value) for key, value in hf.attrs.items()}
-        names = np.array(hf["audio_name"].asstr()[:], dtype=str)
+        names = _clip_names(path, hf["audio_name"])
         target = hf["target"][:]
         folds = hf["fold"][:].astype(np.int32)
         waveform_shape = hf["waveform"].shape
+        if hf["waveform"].dtype != np.int16:
+            # Every reader scales by 1/32767: float clips would arrive near silent.
+            raise GenreflowError(
+                f"{path}: waveform is {hf['waveform'].dtype}, expected int16 (clips stored "
+                "as the seed stores them; float data would be silently rescaled)"
+            )
         skipped = [tuple(row) for row in hf["skipped"].asstr()[:]] if "skipped" in hf else []
 
     n = len(names)
@@ -683,6 +689,41 @@ def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
         raise GenreflowError(f"{path}: inconsistent features file: {'; '.join(problems)}")
     attrs["skipped"] = skipped
     return names, target.argmax(axis=1), folds, attrs
+
+
+def _clip_names(path: Path, dataset: h5py.Dataset) -> np.ndarray:
+    """audio_name as str, each row checked: UTF-8 text, a clip's file name, unique."""
+    if h5py.check_string_dtype(dataset.dtype) is None or dataset.ndim != 1:
+        raise GenreflowError(
+            f"{path}: audio_name is {dataset.dtype} of shape {dataset.shape}, expected one "
+            "UTF-8 string per clip"
+        )
+    names, rows = [], {}
+    for row, raw in enumerate(dataset[:]):
+        try:
+            name = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as exc:
+            raise GenreflowError(
+                f"{path}: audio_name row {row}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
+        if (
+            not name
+            or "/" in name
+            or "\\" in name
+            or "\x00" in name
+            or Path(name).suffix.lower() not in AUDIO_SUFFIXES
+        ):
+            raise GenreflowError(
+                f"{path}: audio_name row {row}: {name!r} is not a clip's file name "
+                "(expected e.g. blues.00000.au)"
+            )
+        if name in rows:
+            raise GenreflowError(
+                f"{path}: audio_name row {row}: {name!r} already names row {rows[name]}"
+            )
+        rows[name] = row
+        names.append(name)
+    return np.array(names, dtype=str)
 
 
 def _plain(value: object) -> object:
