@@ -94,6 +94,8 @@ FOLD_KEY_TAG = "genreflow.fold_key"
 REUSED_FROM_TAG = "genreflow.reused_from"
 FINAL_STATE_TAG = "genreflow.final_state"
 LOGGED_TAG = "genreflow.logged"  # set last: a fold run whose outputs are all there
+# genreflow.sha256.<artifact>: each fold file's SHA-256 as logged, checked when it is fetched
+SHA256_TAG_PREFIX = "genreflow.sha256."
 ADOPTED_TAG = "genreflow.adopted_from"  # the MLFLOW_RUN_ID the parent was adopted through
 PARENT_TAG = "mlflow.parentRunId"
 # KFP's final task states -> MLflow run statuses.
@@ -543,18 +545,38 @@ class FoldRun:
         )
 
     def reusable(self, key: str):
-        """A finished fold run with the same key under another parent, or None."""
+        """A finished fold run with the same key under another parent, or None: only one
+        that genreflow's pipeline logged (its own tags) in this experiment."""
         client = _client(self.tracking_uri)
         runs = client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and tags.`{LOGGED_TAG}` = 'true'",
+            filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and tags.`{LOGGED_TAG}` = 'true'"
+            f" and tags.`{ROLE_TAG}` = 'fold' and tags.`{OWNER_TAG}` = 'genreflow'",
             order_by=["attributes.start_time ASC"],
         )
         return next((r for r in runs if r.info.run_id != self.run_id), None)
 
-    def fetch(self, source, out: Path) -> None:
-        """Put the fold folder that `source` (a reusable run) logged into `out`."""
+    def _origin(self, client, source) -> tuple[str, dict[str, str]]:
+        """The run that holds `source`'s files (itself, or the run it was reused from) and
+        the SHA-256 recorded for each; a run genreflow's pipeline did not log in this
+        experiment is refused."""
         origin = source.data.tags.get(REUSED_FROM_TAG, source.info.run_id)
+        run = source if origin == source.info.run_id else client.get_run(origin)
+        tags = run.data.tags
+        if run.info.experiment_id != self.experiment_id:
+            raise GenreflowError(f"run {origin} is in another experiment")
+        if tags.get(OWNER_TAG) != "genreflow" or tags.get(ROLE_TAG) != "fold":
+            raise GenreflowError(f"run {origin} is not a fold run that genreflow's pipeline logged")
+        return origin, {
+            name[len(SHA256_TAG_PREFIX) :]: value
+            for name, value in tags.items()
+            if name.startswith(SHA256_TAG_PREFIX)
+        }
+
+    def fetch(self, source, out: Path) -> None:
+        """Put the fold folder that `source` (a reusable run) logged into `out`, every file
+        checked against the SHA-256 recorded when it was logged."""
+        origin, recorded = self._origin(_client(self.tracking_uri), source)
 
         def fetch() -> None:
             client = _client(self.tracking_uri)
@@ -564,11 +586,13 @@ class FoldRun:
                 set(CHECKPOINTS) & set(wanted)
             ):
                 raise GenreflowError(f"run {origin} lacks the fold's files ({sorted(logged)})")
-            out.mkdir(parents=True, exist_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fetch-"))
             try:
                 for name in wanted:
                     client.download_artifacts(origin, name, str(staging))
+                    _check_artifact(origin, name, staging / name, recorded.get(name))
+                out.mkdir(exist_ok=True)
                 # summary.json last: it is what marks a fold folder complete.
                 for name in sorted(os.listdir(staging), key=lambda n: n == SUMMARY):
                     os.replace(staging / name, out / name)
@@ -593,6 +617,8 @@ class FoldRun:
         artifacts = [fold_dir / n for n in FOLD_ARTIFACTS if (fold_dir / n).exists()]
         if reused_from:  # the checkpoints stay where they are, in the original run
             artifacts = [p for p in artifacts if p.name not in CHECKPOINTS]
+        # What fetch checks before it trusts a file of this run (reused or retried).
+        tags.update({f"{SHA256_TAG_PREFIX}{p.name}": storage.sha256_of(p) for p in artifacts})
         if (fold_dir / PREDICTIONS).exists():
             artifacts.append(_fold_confusion_png(fold_dir))
 
@@ -639,6 +665,21 @@ class FoldRun:
                 f"ending fold {self.fold}'s run {status}",
                 lambda: _client(self.tracking_uri).set_terminated(self.run_id, status),
             )
+
+
+def _check_artifact(run_id: str, name: str, path: Path, expected: str | None) -> None:
+    """A fetched fold file is trusted only if it is byte for byte what was logged."""
+    if expected is None:
+        raise GenreflowError(
+            f"run {run_id} records no sha256 for {name} (logged by a genreflow that did not "
+            "record checksums); not trusted"
+        )
+    actual = storage.sha256_of(path)
+    if actual != expected:
+        raise GenreflowError(
+            f"run {run_id}: artifact {name} has sha256 {actual}, but {expected} was logged "
+            "(changed in the artifact store since); not trusted"
+        )
 
 
 @contextlib.contextmanager

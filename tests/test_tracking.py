@@ -1,6 +1,7 @@
 """MLflow logging against a real tracking server started by the test suite."""
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -476,3 +477,69 @@ def test_a_retried_task_whose_fold_is_logged_does_not_train_again(mlflow_server,
     summary = _tracked(mlflow_server, parent, tmp_path, 3, train, inputs, reuse=False)
     assert len(calls) == 1 and summary["final_accuracy"] == 0.8
     assert (tmp_path / "fold3" / "predictions.csv").is_file()
+
+
+def _reuse_trainer(root, calls):
+    def train():
+        calls.append(root)
+        _fold_dir(root / "fold1", 1, 0.7)
+        return json.loads((root / "fold1" / "summary.json").read_text())
+
+    root.mkdir()
+    return train
+
+
+def test_a_fold_file_changed_in_the_artifact_store_is_not_reused(
+    mlflow_server, tmp_path, inputs, capsys
+):
+    client = MlflowClient(mlflow_server)
+    calls = []
+    first = start_pipeline_run(mlflow_server, "test-reuse-sha", pipeline_run_id="kfp-sha-1")
+    _tracked(mlflow_server, first, tmp_path / "a", 1, _reuse_trainer(tmp_path / "a", calls), inputs)
+    (original,) = _runs_under(client, first)
+    assert (
+        original.data.tags["genreflow.sha256.head.pth"]
+        == hashlib.sha256((tmp_path / "a" / "fold1" / "head.pth").read_bytes()).hexdigest()
+    )
+
+    # Someone with write access to the artifact store swaps the checkpoint.
+    swapped = tmp_path / "swapped" / "head.pth"
+    swapped.parent.mkdir()
+    torch.save({"weight": torch.full((2, 2), 666.0)}, swapped)
+    client.log_artifact(original.info.run_id, str(swapped))
+
+    second = start_pipeline_run(mlflow_server, "test-reuse-sha", pipeline_run_id="kfp-sha-2")
+    _tracked(
+        mlflow_server, second, tmp_path / "b", 1, _reuse_trainer(tmp_path / "b", calls), inputs
+    )
+    assert len(calls) == 2  # trained again rather than trusting the swapped file
+    said = capsys.readouterr().out
+    assert f"cannot reuse run {original.info.run_id}" in said
+    assert "artifact head.pth has sha256" in said and "not trusted" in said
+    (fresh,) = _runs_under(client, second)
+    assert "reused" not in fresh.data.tags
+    assert torch.load(tmp_path / "b" / "fold1" / "head.pth")["weight"][0, 0] == 1.0
+
+
+def test_only_fold_runs_that_genreflow_logged_are_reused(mlflow_server, tmp_path, inputs):
+    client = MlflowClient(mlflow_server)
+    calls = []
+    first = start_pipeline_run(mlflow_server, "test-reuse-own", pipeline_run_id="kfp-own-1")
+    _tracked(mlflow_server, first, tmp_path / "a", 1, _reuse_trainer(tmp_path / "a", calls), inputs)
+    (original,) = _runs_under(client, first)
+    # A look-alike run made by another client in the same experiment: the right key, the
+    # "logged" tag, checksums that match its files, but not the pipeline's own tags; and
+    # the pipeline's run itself taken out of the way.
+    tags = {k: v for k, v in original.data.tags.items() if k.startswith("genreflow.")}
+    del tags["genreflow.owner"]
+    client.delete_tag(original.info.run_id, "genreflow.logged")
+    forged = client.create_run(original.info.experiment_id, tags=tags).info.run_id
+    for path in sorted((tmp_path / "a" / "fold1").iterdir()):
+        client.log_artifact(forged, str(path))
+
+    second = start_pipeline_run(mlflow_server, "test-reuse-own", pipeline_run_id="kfp-own-2")
+    _tracked(
+        mlflow_server, second, tmp_path / "b", 1, _reuse_trainer(tmp_path / "b", calls), inputs
+    )
+    assert len(calls) == 2
+    assert "reused" not in _runs_under(client, second)[0].data.tags
