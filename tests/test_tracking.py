@@ -377,18 +377,22 @@ tracked_fold(train, out={str(tmp_path / "fold7")!r}, fold=7, inputs={[str(p) for
     assert child.info.status == "KILLED"
 
 
+def _reuse_trainer(root, calls):
+    def train():
+        calls.append(root)
+        _fold_dir(root / "fold1", 1, 0.7)
+        return json.loads((root / "fold1" / "summary.json").read_text())
+
+    root.mkdir()
+    return train
+
+
 def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_path, inputs):
     client = MlflowClient(mlflow_server)
     calls = []
 
     def trainer(root):
-        def train():
-            calls.append(root)
-            _fold_dir(root / "fold1", 1, 0.7)
-            return json.loads((root / "fold1" / "summary.json").read_text())
-
-        root.mkdir()
-        return train
+        return _reuse_trainer(root, calls)
 
     first = start_pipeline_run(mlflow_server, "test-reuse", pipeline_run_id="kfp-reuse-1")
     _tracked(mlflow_server, first, tmp_path / "a", 1, trainer(tmp_path / "a"), inputs)
@@ -477,16 +481,6 @@ def test_a_retried_task_whose_fold_is_logged_does_not_train_again(mlflow_server,
     summary = _tracked(mlflow_server, parent, tmp_path, 3, train, inputs, reuse=False)
     assert len(calls) == 1 and summary["final_accuracy"] == 0.8
     assert (tmp_path / "fold3" / "predictions.csv").is_file()
-
-
-def _reuse_trainer(root, calls):
-    def train():
-        calls.append(root)
-        _fold_dir(root / "fold1", 1, 0.7)
-        return json.loads((root / "fold1" / "summary.json").read_text())
-
-    root.mkdir()
-    return train
 
 
 def test_a_fold_file_changed_in_the_artifact_store_is_not_reused(
