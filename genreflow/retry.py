@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from genreflow.errors import GenreflowError
+from genreflow.storage import redacted_text
 
 T = TypeVar("T")
 
@@ -197,22 +198,23 @@ def retry_transient(
         try:
             return fn()
         except Exception as exc:
+            said = redacted_text(str(exc))  # messages may quote a URI with its secrets
             if not is_transient(exc):
                 print(
-                    f"{what}: {type(exc).__name__}: {exc} ({why_not_retried(exc)}: not retried)",
+                    f"{what}: {type(exc).__name__}: {said} ({why_not_retried(exc)}: not retried)",
                     file=sys.stderr,
                 )
                 raise
             late = time.monotonic() - started + delay > budget_seconds
             if attempt == tries or late:
                 print(
-                    f"{what}: {type(exc).__name__}: {exc} (transient, but "
+                    f"{what}: {type(exc).__name__}: {said} (transient, but "
                     f"{'the tries are' if attempt == tries else 'the time budget is'} used up)",
                     file=sys.stderr,
                 )
                 raise
             print(
-                f"{what}: {type(exc).__name__}: {exc} (transient); try {attempt + 1} of "
+                f"{what}: {type(exc).__name__}: {said} (transient); try {attempt + 1} of "
                 f"{tries} in {delay:.0f} s",
                 file=sys.stderr,
             )

@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -83,7 +84,8 @@ def local_path(uri: str | Path) -> Path | None:
     parsed = urllib.parse.urlparse(str(uri))
     if parsed.netloc not in ("", "localhost"):
         raise GenreflowError(
-            f"{uri}: file:// URIs must name a local file (file:///path), not host '{parsed.netloc}'"
+            f"{redacted(uri)}: file:// URIs must name a local file (file:///path), "
+            f"not host '{parsed.netloc.rpartition('@')[2]}'"
         )
     return Path(urllib.request.url2pathname(parsed.path))
 
@@ -92,7 +94,7 @@ def _split_gs(uri: str) -> tuple[str, str]:
     rest = str(uri)[len("gs://") :]
     bucket, _, name = rest.partition("/")
     if not bucket or not name or name.endswith("/"):
-        raise GenreflowError(f"{uri}: expected gs://BUCKET/OBJECT naming one object")
+        raise GenreflowError(f"{redacted(uri)}: expected gs://BUCKET/OBJECT naming one object")
     return bucket, name
 
 
@@ -101,7 +103,9 @@ def _gs_folder(uri: str) -> str:
     bucket, _, prefix = str(uri)[len("gs://") :].partition("/")
     prefix = prefix.strip("/")
     if not bucket or "//" in prefix:
-        raise GenreflowError(f"{uri}: expected gs://BUCKET or gs://BUCKET/PREFIX for a folder")
+        raise GenreflowError(
+            f"{redacted(uri)}: expected gs://BUCKET or gs://BUCKET/PREFIX for a folder"
+        )
     return f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
 
 
@@ -121,6 +125,28 @@ def redacted(uri: str | Path) -> str:
     netloc = parts.netloc.rpartition("@")[2]
     query = "REDACTED" if parts.query else ""
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# A URI inside free text (an error message, a JSON-encoded parameter): a scheme, "://", and
+# everything up to the next space, quote or bracket, less a final ":", ";", "," or ".".
+_URI_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}:;,.]")
+
+
+def redacted_text(text: str) -> str:
+    """`text` with every URI in it `redacted`: for messages and recorded values that may
+    quote a URI (MLflow params and tags, KFP metadata, stderr)."""
+    return _URI_IN_TEXT.sub(lambda match: redacted(match.group(0)), str(text))
+
+
+def redacted_values(value: object) -> object:
+    """A record (dicts, lists, strings) with every URI in its strings `redacted`."""
+    if isinstance(value, str):
+        return redacted_text(value)
+    if isinstance(value, dict):
+        return {key: redacted_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted_values(item) for item in value]
+    return value
 
 
 def file_name_of(uri: str | Path) -> str:
@@ -369,18 +395,18 @@ def _fetch_http(url: str, part: Path, *, progress: bool, retries: int, backoff_s
             if after > before:
                 # The transfer moved forward: resume at once and keep the full budget.
                 attempt = 0
-                print(f"{url}: {exc}; resuming at byte {after}", file=sys.stderr)
+                print(f"{redacted(url)}: {exc}; resuming at byte {after}", file=sys.stderr)
                 continue
             if attempt >= retries:
                 raise GenreflowError(
-                    f"{url}: download failed after {retries + 1} attempts: {exc}"
+                    f"{redacted(url)}: download failed after {retries + 1} attempts: {exc}"
                 ) from exc
             delay = backoff_s * 2**attempt
             if exc.retry_after_s is not None:
                 delay = max(delay, exc.retry_after_s)
             attempt += 1
             print(
-                f"{url}: {exc}; retry {attempt}/{retries} in {delay:.1f} s",
+                f"{redacted(url)}: {exc}; retry {attempt}/{retries} in {delay:.1f} s",
                 file=sys.stderr,
             )
             time.sleep(delay)
@@ -411,7 +437,7 @@ def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
             raise _TransientError(
                 f"HTTP {exc.code} {exc.reason}", _retry_after(exc.headers)
             ) from exc
-        raise GenreflowError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+        raise GenreflowError(f"{redacted(url)}: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
         raise _TransientError(f"cannot connect: {exc.reason}") from exc
     except (OSError, http.client.HTTPException) as exc:
@@ -435,7 +461,7 @@ def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
             total = int(length) if length and length.isdigit() else None
             mode = "wb"
         else:
-            raise GenreflowError(f"{url}: unexpected HTTP {status} {response.reason}")
+            raise GenreflowError(f"{redacted(url)}: unexpected HTTP {status} {response.reason}")
         _check_download_size(url, total)
 
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
@@ -543,15 +569,15 @@ def _gcs_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except api_exceptions.NotFound as exc:
-        raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)") from exc
+        raise GenreflowError(f"{redacted(uri)}: no such object or bucket (HTTP 404)") from exc
     except api_exceptions.Forbidden as exc:
-        raise GenreflowError(f"{uri}: access denied (HTTP 403): {exc.message}") from exc
+        raise GenreflowError(f"{redacted(uri)}: access denied (HTTP 403): {exc.message}") from exc
     except api_exceptions.GoogleAPICallError as exc:
-        raise GenreflowError(f"{uri}: {exc}") from exc
+        raise GenreflowError(f"{redacted(uri)}: {exc}") from exc
     except DataCorruption as exc:
         # The client's own message spans a dozen lines; the traceback keeps it.
         raise GenreflowError(
-            f"{uri}: transfer checksum mismatch: the bytes that arrived differ from the "
+            f"{redacted(uri)}: transfer checksum mismatch: the bytes that arrived differ from the "
             "object's crc32c/md5; nothing was kept"
         ) from exc
 
@@ -577,7 +603,7 @@ def _fetch_gs(uri: str, part: Path, *, progress: bool) -> None:
     with _gcs_errors(uri):
         blob = gcs_client().bucket(bucket_name).get_blob(object_name)
         if blob is None:
-            raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
+            raise GenreflowError(f"{redacted(uri)}: no such object or bucket (HTTP 404)")
         _check_download_size(uri, blob.size)
         try:
             with (
@@ -598,7 +624,7 @@ def _gcs_stamp(uri: str) -> dict[str, int]:
     with _gcs_errors(uri):
         blob = gcs_client().bucket(bucket_name).get_blob(object_name)
     if blob is None:
-        raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
+        raise GenreflowError(f"{redacted(uri)}: no such object or bucket (HTTP 404)")
     return {"generation": int(blob.generation), "size": int(blob.size)}
 
 
@@ -713,7 +739,7 @@ def cached(
     path = local_path(uri)
     if path is not None:
         if not path.is_file():
-            raise GenreflowError(f"{uri}: no such file")
+            raise GenreflowError(f"{redacted(uri)}: no such file")
         if sha256 or md5:
             verify(path, sha256=sha256, md5=md5, label=str(uri))
         return path
@@ -733,7 +759,10 @@ def _cached_in(
         if stamp is not None:
             if _read_stamp(dest) == stamp:
                 return dest
-            print(f"{uri}: changed since {dest} was downloaded; downloading again", file=sys.stderr)
+            print(
+                f"{redacted(uri)}: changed since {dest} was downloaded; downloading again",
+                file=sys.stderr,
+            )
         elif not (sha256 or md5):
             return dest  # fetch() renames into place only when complete
         else:
@@ -786,7 +815,7 @@ def upload(
         raise GenreflowError(f"{local}: no such file to upload")
     scheme = _scheme(uri)
     if scheme in ("http", "https"):
-        raise GenreflowError(f"{uri}: cannot upload over HTTP; use a local path or gs://")
+        raise GenreflowError(f"{redacted(uri)}: cannot upload over HTTP; use a local path or gs://")
     if scheme == "gs":
         return _upload_gs(local, str(uri), generation)
     dest = local_path(uri)
@@ -804,7 +833,9 @@ def upload(
 # --- writing outputs through a local stand-in ---------------------------------------------
 def _check_writable(uri: str | Path) -> None:
     if _scheme(uri) in ("http", "https"):
-        raise GenreflowError(f"{uri}: cannot write to an http(s):// URL; use a local path or gs://")
+        raise GenreflowError(
+            f"{redacted(uri)}: cannot write to an http(s):// URL; use a local path or gs://"
+        )
 
 
 @contextmanager
@@ -969,6 +1000,9 @@ __all__ = [
     "normalize_checksum",
     "output_file",
     "output_folder",
+    "redacted",
+    "redacted_text",
+    "redacted_values",
     "sha256_of",
     "upload",
     "verify",

@@ -121,15 +121,19 @@ def default_tracking_uri(workspace: str | Path = "workspace") -> str:
 
 def run_address(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where a person looks at a run: its page in the MLflow UI, or how to open one."""
+    shown = storage.redacted(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"run {run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"
+        return f"{shown.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {shown} (mlflow ui --backend-store-uri {shown})"
 
 
 def _client(tracking_uri: str):
     # MLflow's own HTTP retries back off for minutes; ours are bounded and say what failed.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow prints each ended run's page with the tracking URI as given, password and all;
+    # genreflow says where runs are itself, redacted (run_address).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -156,11 +160,12 @@ def retrying(
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            said = storage.redacted_text(str(exc))  # MLflow's messages quote the server's URL
             if attempt == attempts:
                 where = f"; local outputs are intact in {keep}" if keep else ""
-                raise error(f"{what} failed after {attempts} attempts: {exc}{where}") from exc
+                raise error(f"{what} failed after {attempts} attempts: {said}{where}") from exc
             print(
-                f"{what} failed ({type(exc).__name__}: {exc}); retry {attempt}/{attempts - 1}"
+                f"{what} failed ({type(exc).__name__}: {said}); retry {attempt}/{attempts - 1}"
                 f" in {delay:.0f} s",
                 file=sys.stderr,
             )
@@ -170,7 +175,7 @@ def retrying(
 
 
 def _tracked(what: str, fn: Callable[[], T], keep: str = "") -> T:
-    return retrying(f"MLflow: {what}", fn, keep=keep)
+    return retrying(f"MLflow: {storage.redacted_text(what)}", fn, keep=keep)
 
 
 def provenance() -> dict[str, str]:
@@ -219,7 +224,12 @@ def _experiment_id(client, name: str) -> str:
 
 
 def _stringify(params: dict) -> dict[str, str]:
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+    """Values as MLflow stores them, every URI in them redacted (a signed URL's query,
+    user:password@): everything genreflow records on a run goes through here."""
+    return {
+        k: storage.redacted_text(v if isinstance(v, str) else json.dumps(v))
+        for k, v in params.items()
+    }
 
 
 def _inherited_run(client, what: str):
@@ -258,13 +268,10 @@ def start_pipeline_run(
 
     def start() -> str:
         client = _client(tracking_uri)
-        all_tags = {
-            ROLE_TAG: "pipeline",
-            **provenance(),
-            **_stringify(tags or {}),
-        }
+        all_tags = {ROLE_TAG: "pipeline", **provenance(), **(tags or {})}
         if pipeline_run_id:
             all_tags[PIPELINE_RUN_ID_TAG] = pipeline_run_id
+        all_tags = _stringify(all_tags)
         inherited = _inherited_run(client, "the pipeline's parent run")
         if inherited is None:
             run = client.create_run(

@@ -169,12 +169,18 @@ def download(
 def _download_into(
     source: str, path: Path | None, out: Path, sha256: str | None, md5: str | None, progress: bool
 ) -> Path:
-    source_key = path.resolve().as_uri() if path is not None else source
+    shown = storage.redacted(source)
+    # A remote source is known by its hash: the marker must not keep a signed URL's query.
+    source_key = (
+        path.resolve().as_uri()
+        if path is not None
+        else "sha256:" + hashlib.sha256(source.encode()).hexdigest()
+    )
     previous = _read_marker(out)
     root = _previous_result(out, previous, source_key, sha256, md5)
     if root is not None:
         print(
-            f"{out}: already holds the verified download of {source}; nothing to do",
+            f"{out}: already holds the verified download of {shown}; nothing to do",
             file=sys.stderr,
         )
         return root
@@ -195,15 +201,15 @@ def _download_into(
         ) from exc
     if sha256 is None and md5 is None:
         if actual["sha256"] == ORIGINAL_CHECKSUMS["sha256"]:
-            print(f"{source}: the original {ORIGINAL_ARCHIVE} (its checksums)", file=sys.stderr)
+            print(f"{shown}: the original {ORIGINAL_ARCHIVE} (its checksums)", file=sys.stderr)
         else:
             print(
-                f"{source}: sha256 {actual['sha256']} (no checksum given; "
+                f"{shown}: sha256 {actual['sha256']} (no checksum given; "
                 f"pass --sha256 {actual['sha256']} to pin this archive)",
                 file=sys.stderr,
             )
 
-    label = f"{source} ({name})" if path is None else source
+    label = f"{shown} ({name})" if path is None else source
     staging = _extract_to_staging(archive, out, label)
     try:
         root_rel = find_dataset_root(staging).relative_to(staging)
@@ -216,7 +222,7 @@ def _download_into(
     _write_marker(
         out,
         {
-            "source": source,
+            "source": shown,
             "source_key": source_key,
             "sha256": actual["sha256"],
             "md5": actual["md5"],
