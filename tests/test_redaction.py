@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import start_run_arguments
 from kfp import dsl
 from mlflow.tracking import MlflowClient
 
@@ -24,7 +25,6 @@ from genreflow.components.start_run import start_run
 from genreflow.data.genres import GENRES
 from genreflow.data.synth import make_synthetic_gtzan
 from genreflow.fold_result import FoldSummary, write_summary
-from genreflow.recipe import HeadConfig, TrainConfig, defaults
 from genreflow.tracking import tracked_fold
 
 SIGNATURE, PASSWORD = "S1GNATURE-S3CRET", "PASSW0RD-S3CRET"
@@ -112,31 +112,15 @@ def test_no_step_records_or_prints_a_uri_secret(
     )
 
     # The pipeline's parent run, through its component, then one fold logged under it.
-    head, tune = defaults(HeadConfig), defaults(TrainConfig)
-    recipe = {name: tune[name] for name in ("iterations", "batch_size", "lr", "mixup")}
-    recipe.update(eval_every=tune["eval_every"], precision=tune["precision"])
-    for name in ("iterations", "batch_size", "lr", "weight_decay", "mixup", "eval_every"):
-        recipe[f"head_{name}"] = head[name]
     markdown = dsl.Markdown(uri=str(tmp_path / "run.md"))
-    parent = start_run.python_func(
-        tracking_uri=tracking,
-        mlflow_run=markdown,
+    arguments = start_run_arguments(
         experiment="test-redaction",
-        pipeline_run="run-1",
         pipeline_run_id="kfp-redaction",
-        kfp_ui="",
-        images="ghcr.io/genreflow/genreflow:test",
-        profile="custom",
-        protocol="cv10",
-        selection="validation",
         source=signed,
-        sha256="",
         pretrained=pretrained,
         freeze_base=False,
-        clip_seconds=2.0,
-        seed=0,
-        **recipe,
     )
+    parent = start_run.python_func(tracking_uri=tracking, mlflow_run=markdown, **arguments)
     recorded += (tmp_path / "run.md").read_text()
 
     def train():
