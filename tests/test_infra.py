@@ -222,7 +222,7 @@ def test_site_values_land_where_they_belong(tmp_path):
         "genreflow-pipeline@acme-ml.iam.gserviceaccount.com"
     )
     settings = generated(docs, "ConfigMap", "mlflow-settings")
-    assert settings["data"]["artifacts-destination"] == "gs://acme-genreflow/mlflow"
+    assert settings["data"]["artifacts-destination"] == "gs://acme-genreflow-mlflow/mlflow"
     # The Secret is generated from the team's own file, nothing else.
     secret = generated(docs, "Secret", "mlflow-db")
     assert base64.b64decode(secret["data"]["POSTGRES_PASSWORD"]).decode() == password
@@ -237,7 +237,7 @@ def test_site_values_land_where_they_belong(tmp_path):
         assert env[name] == site_credentials[name]
     args = expand(container["args"], env)
     assert not any("$(" in arg for arg in args)
-    assert "--artifacts-destination=gs://acme-genreflow/mlflow" in args
+    assert "--artifacts-destination=gs://acme-genreflow-mlflow/mlflow" in args
     # The runner's binding names the account in the namespace where it is created.
     binding = find(docs, "RoleBinding", "genreflow-pipeline-runner")
     assert binding["subjects"] == [
@@ -512,6 +512,66 @@ def test_terraform_is_well_formed():
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _terraform_resources() -> dict[tuple[str, str], str]:
+    """Each `resource "TYPE" "NAME" { ... }` of infra/terraform, as its body's text."""
+    text = "\n".join(path.read_text() for path in sorted((INFRA / "terraform").glob("*.tf")))
+    resources = {}
+    for match in re.finditer(r'^resource "([^"]+)" "([^"]+)" \{', text, re.M):
+        depth, at = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[at], 0)
+            at += 1
+        resources[(match[1], match[2])] = text[match.end() : at - 1]
+    return resources
+
+
+def _bindings(resources, account: str) -> list[str]:
+    """The bodies of the IAM bindings that grant something to google_service_account.<account>."""
+    member = f"google_service_account.{account}.email"
+    return [
+        body
+        for (kind, _), body in resources.items()
+        if kind.endswith(("_iam_member", "_iam_binding"))
+        and member in body
+        and "workloadIdentityUser" not in body
+    ]
+
+
+def test_terraform_gives_each_account_only_its_own_storage():
+    resources = _terraform_resources()
+    # The pipeline: read-only on the dataset's prefix, read-write on its runs' prefix only.
+    pipeline = _bindings(resources, "pipeline")
+    assert len(pipeline) == 2, pipeline
+    read = next(b for b in pipeline if "roles/storage.objectViewer" in b)
+    write = next(b for b in pipeline if "roles/storage.objectUser" in b)
+    assert "google_storage_bucket.genreflow.name" in read and "var.dataset_prefix" in read
+    assert "google_storage_bucket.genreflow.name" in write and "var.run_prefix" in write
+    for binding in pipeline:
+        assert re.search(r"condition \{[^}]*resource\.name\.startsWith", binding), binding
+    assert "var.dataset_prefix" not in write and "var.run_prefix" not in read
+    # MLflow: its own bucket, versioned, and nothing else.
+    (mlflow,) = _bindings(resources, "mlflow")
+    assert "bucket = google_storage_bucket.mlflow.name" in mlflow
+    assert re.search(
+        r"versioning \{\s*enabled\s*=\s*true", resources[("google_storage_bucket", "mlflow")]
+    )
+    assert "versioning" not in resources[("google_storage_bucket", "genreflow")]
+    # No account holds a project-wide storage or editor role.
+    for (kind, _), body in resources.items():
+        if kind == "google_project_iam_member":
+            assert "google_service_account.gpu_nodes.email" in body, body
+
+
+def test_terraform_gpu_nodes_run_as_a_least_privilege_account_of_their_own():
+    resources = _terraform_resources()
+    pool = resources[("google_container_node_pool", "gpu")]
+    assert re.search(r"service_account\s*=\s*google_service_account\.gpu_nodes\.email", pool)
+    assert 'mode = "GKE_METADATA"' in pool  # pods never act as the node's account
+    granted = resources[("google_project_iam_member", "gpu_nodes")]
+    roles = set(re.findall(r'"(roles/[^"]+)"', granted))
+    assert roles == {"roles/container.defaultNodeServiceAccount", "roles/artifactregistry.reader"}
 
 
 # --- the CI workflow ---------------------------------------------------------------------
