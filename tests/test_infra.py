@@ -192,6 +192,39 @@ def test_overlay_renders_and_every_document_passes_strict_validation(tmp_path):
 
 
 @needs_kubectl
+def test_a_managed_database_is_reached_with_tls_required_and_replaces_the_in_cluster_one(
+    tmp_path,
+):
+    import kubernetes_validate
+
+    site, password = make_site(tmp_path)
+    managed = site / "overlays/gke-managed-db"
+    for path in managed.glob("*.yaml"):
+        text = path.read_text().replace("MANAGED_DB_HOST", "10.20.0.5")
+        path.write_text(text.replace("MANAGED_DB_CIDR", "10.20.0.5/32"))
+    docs = render(managed)
+    assert not any(placeholder in yaml.safe_dump_all(docs) for placeholder in PLACEHOLDERS)
+    assert not [d for d in docs if d["metadata"]["name"] == "mlflow-postgres"]
+    deployment = find(docs, "Deployment", "mlflow")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = container_env(docs, container)
+    assert env["MLFLOW_BACKEND_STORE_URI"] == (
+        "postgresql+psycopg2://10.20.0.5:5432/mlflow?sslmode=require"
+    )
+    assert env["PGPASSWORD"] == password  # still from the Secret, never in the URI
+    egress = find(docs, "NetworkPolicy", "mlflow-managed-db-egress")["spec"]["egress"]
+    assert egress == [
+        {
+            "to": [{"ipBlock": {"cidr": "10.20.0.5/32"}}],
+            "ports": [{"protocol": "TCP", "port": 5432}],
+        }
+    ]
+    version = kubernetes_validate.utils.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@needs_kubectl
 def test_strict_validation_catches_a_misspelt_field(tmp_path):
     import kubernetes_validate
 
@@ -616,6 +649,46 @@ def test_retrain_workflow_triggers_jobs_and_secret_handling():
             assert "secrets." not in step.get("run", ""), step.get("name")
     for name in ("KF_PIPELINES_TOKEN",):
         assert any(name in step.get("env", {}) for step in retrain_job["steps"])
+
+
+def test_retrain_workflow_is_pinned_keyless_reviewed_and_hash_locked():
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    jobs = workflow["jobs"]
+    for job in jobs.values():
+        for step in job["steps"]:
+            if "uses" in step:
+                # A tag can be moved to other code; a commit cannot.
+                assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+            if step.get("uses", "").startswith("actions/checkout@"):
+                assert step.get("with", {}).get("persist-credentials") is False
+    retrain = jobs["retrain"]
+    # What registers a model waits for a person: the environment carries required reviewers.
+    assert retrain["environment"] == "retrain"
+    # Google through GitHub's OIDC token and workload identity federation, no stored token.
+    assert retrain["permissions"]["id-token"] == "write"
+    assert "id-token" not in jobs["test"].get("permissions", {})
+    (auth,) = [
+        s for s in retrain["steps"] if s.get("uses", "").startswith("google-github-actions/auth@")
+    ]
+    assert (
+        auth["with"]["workload_identity_provider"] == "${{ vars.GCP_WORKLOAD_IDENTITY_PROVIDER }}"
+    )
+    assert "credentials_json" not in auth["with"]
+    (submit,) = [s for s in retrain["steps"] if "genreflow submit" in s.get("run", "")]
+    assert submit["env"]["KF_PIPELINES_TOKEN"] == f"${{{{ steps.{auth['id']}.outputs.id_token }}}}"
+    assert "KFP_TOKEN" not in WORKFLOW.read_text()
+    # Runtime dependencies from a lock in which every requirement carries its hash.
+    scripts = "\n".join(step.get("run", "") for step in retrain["steps"])
+    assert "make install" not in scripts
+    assert "pip install --require-hashes --no-deps -r requirements/retrain.lock" in scripts
+    lock = (ROOT / "requirements" / "retrain.lock").read_text()
+    requirements = re.findall(
+        r"^([A-Za-z0-9_.-]+)==(\S+)((?: \\\n\s+--hash=sha256:[0-9a-f]{64})+)", lock, re.M
+    )
+    pinned = re.findall(r"^[A-Za-z0-9_.-]+==", lock, re.M)
+    assert len(requirements) == len(pinned) > 50
+    names = {name.lower().replace("_", "-") for name, _, _ in requirements}
+    assert {"torch", "kfp", "mlflow", "google-cloud-storage"} <= names
 
 
 # --- the MLflow server infra/ deploys, run for real on PostgreSQL ------------------------
