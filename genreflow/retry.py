@@ -82,7 +82,7 @@ def why_not_retried(exc: BaseException) -> str:
         return "out of memory"
     full = _full_disk(exc)
     if full is not None:
-        return f"the disk is full ({full.strerror})"
+        return f"no space left on the disk: {full.strerror}"
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return "no space or no memory left, or a read-only file system"
     if isinstance(exc, _PROGRAMMING_ERRORS):

@@ -553,15 +553,36 @@ class FoldRun:
 
     def reusable(self, key: str):
         """A finished fold run with the same key under another parent, or None: only one
-        that genreflow's pipeline logged (its own tags) in this experiment."""
+        that genreflow's pipeline logged in this experiment (`_logged_by_the_pipeline`)."""
         client = _client(self.tracking_uri)
         runs = client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and tags.`{LOGGED_TAG}` = 'true'"
-            f" and tags.`{ROLE_TAG}` = 'fold' and tags.`{OWNER_TAG}` = 'genreflow'",
+            f" and tags.`{ROLE_TAG}` = 'fold'",
             order_by=["attributes.start_time ASC"],
         )
-        return next((r for r in runs if r.info.run_id != self.run_id), None)
+        return next(
+            (
+                r
+                for r in runs
+                if r.info.run_id != self.run_id and self._logged_by_the_pipeline(client, r)
+            ),
+            None,
+        )
+
+    def _logged_by_the_pipeline(self, client, run) -> bool:
+        """A fold run (role tag) in this experiment, nested under a pipeline's parent run
+        (the tags genreflow's pipeline sets on both; a run that KFP's MLflow integration
+        opened for the step has them too)."""
+        if run.info.experiment_id != self.experiment_id:
+            return False
+        if run.data.tags.get(ROLE_TAG) != "fold" or not run.data.tags.get(PARENT_TAG):
+            return False
+        parent = client.get_run(run.data.tags[PARENT_TAG])
+        return (
+            parent.info.experiment_id == self.experiment_id
+            and parent.data.tags.get(ROLE_TAG) == "pipeline"
+        )
 
     def _origin(self, client, source) -> tuple[str, dict[str, str]]:
         """The run that holds `source`'s files (itself, or the run it was reused from) and
@@ -570,10 +591,11 @@ class FoldRun:
         origin = source.data.tags.get(REUSED_FROM_TAG, source.info.run_id)
         run = source if origin == source.info.run_id else client.get_run(origin)
         tags = run.data.tags
-        if run.info.experiment_id != self.experiment_id:
-            raise GenreflowError(f"run {origin} is in another experiment")
-        if tags.get(OWNER_TAG) != "genreflow" or tags.get(ROLE_TAG) != "fold":
-            raise GenreflowError(f"run {origin} is not a fold run that genreflow's pipeline logged")
+        if not self._logged_by_the_pipeline(client, run):
+            raise GenreflowError(
+                f"run {origin} is not a fold run that genreflow's pipeline logged in "
+                f"experiment {self.experiment_id}"
+            )
         return origin, {
             name[len(SHA256_TAG_PREFIX) :]: value
             for name, value in tags.items()

@@ -143,4 +143,4 @@ def test_no_tries_left_is_said():
 
 def test_a_full_disk_is_said_to_be_one():
     exc = urllib.error.URLError(OSError(errno.ENOSPC, "No space left on device"))
-    assert why_not_retried(exc) == "the disk is full (No space left on device)"
+    assert why_not_retried(exc) == "no space left on the disk: No space left on device"

@@ -521,15 +521,17 @@ def test_only_fold_runs_that_genreflow_logged_are_reused(mlflow_server, tmp_path
     first = start_pipeline_run(mlflow_server, "test-reuse-own", pipeline_run_id="kfp-own-1")
     _tracked(mlflow_server, first, tmp_path / "a", 1, _reuse_trainer(tmp_path / "a", calls), inputs)
     (original,) = _runs_under(client, first)
-    # A look-alike run made by another client in the same experiment: the right key, the
-    # "logged" tag, checksums that match its files, but not the pipeline's own tags; and
-    # the pipeline's run itself taken out of the way.
+    # Look-alike runs made by another client in the same experiment: the right key, the
+    # "logged" and role tags, checksums that match their files, but not under a pipeline's
+    # parent run (none, or an ordinary run); the pipeline's run itself taken out of the way.
     tags = {k: v for k, v in original.data.tags.items() if k.startswith("genreflow.")}
-    del tags["genreflow.owner"]
     client.delete_tag(original.info.run_id, "genreflow.logged")
-    forged = client.create_run(original.info.experiment_id, tags=tags).info.run_id
-    for path in sorted((tmp_path / "a" / "fold1").iterdir()):
-        client.log_artifact(forged, str(path))
+    experiment = original.info.experiment_id
+    ordinary = client.create_run(experiment).info.run_id
+    for parent in ({}, {"mlflow.parentRunId": ordinary}):
+        forged = client.create_run(experiment, tags={**tags, **parent}).info.run_id
+        for path in sorted((tmp_path / "a" / "fold1").iterdir()):
+            client.log_artifact(forged, str(path))
 
     second = start_pipeline_run(mlflow_server, "test-reuse-own", pipeline_run_id="kfp-own-2")
     _tracked(
