@@ -22,7 +22,8 @@ def download(
         dataset: the extracted tree, in any layout `genreflow pack` reads.
     """
     from genreflow.data.download import download as fetch
+    from genreflow.storage import redacted
 
     root = fetch(source, dataset.path, sha256=sha256 or None, md5=md5 or None)
-    dataset.metadata["source"] = source
+    dataset.metadata["source"] = redacted(source)  # KFP shows and stores metadata
     dataset.metadata["root"] = str(root)

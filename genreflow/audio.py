@@ -13,6 +13,7 @@ default, so clips match what the seed's `librosa.load(path, sr=32000)` gives.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import soundfile
 import soxr
 
 from genreflow.errors import GenreflowError
+from genreflow.limits import limit, over
 
 SAMPLE_RATE = 32000
 CLIP_SECONDS = 30.0
@@ -68,12 +70,19 @@ def logmel_frames(samples: int, hop_size: int = HOP_SIZE) -> int:
     return samples // hop_size + 1
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode a file to float32 mono at `sample_rate`, full length.
+def load_audio(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, *, max_samples: int | None = None
+) -> np.ndarray:
+    """Decode a file to float32 mono at `sample_rate`: full length, or its first
+    `max_samples` samples.
+
+    With `max_samples`, only the frames those samples need are decoded (a small compressed
+    file can decode to gigabytes), and the samples are exactly the first `max_samples` of
+    the full decode. Without it, a file longer than GENREFLOW_MAX_AUDIO_SECONDS is refused.
 
     Raises:
         AudioDecodeError: the file is empty, truncated, not audio, of an unknown format,
-            holds no samples or non-finite ones.
+            too long, holds no samples or non-finite ones.
     """
     path = Path(path)
     try:
@@ -82,12 +91,22 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioDecodeError(path, f"cannot read: {exc.strerror or exc}") from None
     if size == 0:
         raise AudioDecodeError(path, "empty file (0 bytes)")
+
+    def frames_wanted(rate: int) -> int:
+        return _frames_wanted(rate, sample_rate, max_samples)
+
     try:
-        frames, rate = _read_soundfile(path)
+        frames, rate = _read_soundfile(path, frames_wanted)
     except AudioDecodeError as exc:
         if path.suffix.lower() in _SOUNDFILE_SUFFIXES:
             raise
-        frames, rate = _read_audioread(path, soundfile_reason=exc.reason)
+        frames, rate = _read_audioread(path, frames_wanted, soundfile_reason=exc.reason)
+    if max_samples is None:
+        seconds = limit("GENREFLOW_MAX_AUDIO_SECONDS")
+        if frames.shape[0] > seconds * rate:
+            raise AudioDecodeError(
+                path, over("GENREFLOW_MAX_AUDIO_SECONDS", f"longer than {seconds} s")
+            )
     if frames.shape[0] == 0:
         raise AudioDecodeError(path, "no samples (the audio data is empty)")
     if not np.isfinite(frames).all():
@@ -97,11 +116,23 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     mono = np.ascontiguousarray(mono, dtype=np.float32)
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
-    return mono
+    return mono if max_samples is None else mono[:max_samples]
 
 
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
-    """(frames, channels) float32 and the sample rate, through libsndfile."""
+def _frames_wanted(rate: int, sample_rate: int, max_samples: int | None) -> int:
+    """How many frames at `rate` to decode: what `max_samples` output samples need, else
+    one past the longest audio allowed (so that a longer file shows itself)."""
+    if max_samples is None:
+        return limit("GENREFLOW_MAX_AUDIO_SECONDS") * rate + 1
+    # A quarter second beyond what the clip needs: soxr's filter looks ahead, and with this
+    # margin its first max_samples outputs are the full decode's, bit for bit (checked at
+    # 8 to 192 kHz in tests/test_audio.py).
+    return -(-max_samples * rate // sample_rate) + rate // 4
+
+
+def _read_soundfile(path: Path, frames_wanted: Callable[[int], int]) -> tuple[np.ndarray, int]:
+    """(frames, channels) float32 and the sample rate, through libsndfile: at most
+    frames_wanted(sample rate) frames."""
     try:
         f = soundfile.SoundFile(path)
     except (RuntimeError, OSError, ValueError) as exc:  # LibsndfileError is a RuntimeError
@@ -124,14 +155,16 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
                 f"truncated: the header declares {short[1]} bytes of audio, "
                 f"the file holds {short[2]}",
             )
-        declared = f.frames
+        wanted = frames_wanted(f.samplerate)
+        # What a complete file gives when read this far; fewer frames means truncated.
+        declared = min(f.frames, wanted)
         # 16-bit PCM (GTZAN's .au and .wav) is read as integers and scaled here: the very
         # floats libsndfile's own conversion gives (x / 32768, exact in float32), in less
         # time than its sample-by-sample big-endian-to-float loop (a fifth of a 30 s .au's
         # decoding).
         as_int16 = f.subtype == "PCM_16"
         try:
-            data = f.read(dtype="int16" if as_int16 else "float32", always_2d=True)
+            data = f.read(wanted, dtype="int16" if as_int16 else "float32", always_2d=True)
         except (RuntimeError, OSError, ValueError, EOFError) as exc:
             raise AudioDecodeError(
                 path, f"corrupt or truncated audio data; libsndfile: {_libsndfile_says(exc)}"
@@ -152,14 +185,24 @@ def _libsndfile_says(exc: Exception) -> str:
     return (getattr(exc, "error_string", None) or str(exc)).strip()
 
 
-def _read_audioread(path: Path, soundfile_reason: str) -> tuple[np.ndarray, int]:
-    """Decode what libsndfile cannot (e.g. mp3 on old builds) through audioread."""
+def _read_audioread(
+    path: Path, frames_wanted: Callable[[int], int], soundfile_reason: str
+) -> tuple[np.ndarray, int]:
+    """Decode what libsndfile cannot (e.g. mp3 on old builds) through audioread: at most
+    frames_wanted(sample rate) frames."""
     import audioread  # librosa's fallback decoder; needed only for such files
 
     try:
         with audioread.audio_open(str(path)) as f:
             rate, channels = int(f.samplerate), int(f.channels)
-            pcm = b"".join(bytes(block) for block in f)
+            wanted_bytes = frames_wanted(rate) * channels * 2
+            blocks, got = [], 0
+            for block in f:
+                blocks.append(bytes(block))
+                got += len(blocks[-1])
+                if got >= wanted_bytes:
+                    break  # the decoder stops with the loop; the rest is never decoded
+            pcm = b"".join(blocks)[:wanted_bytes]
     except (audioread.DecodeError, OSError, EOFError, ValueError) as exc:
         raise AudioDecodeError(
             path,
@@ -184,8 +227,9 @@ def fit_length(x: np.ndarray, clip_samples: int) -> np.ndarray:
 
 
 def load_clip(path: str | Path, clip_samples: int) -> np.ndarray:
-    """One fixed-length float32 clip: the start of the file, padded or trimmed."""
-    return fit_length(load_audio(path), clip_samples)
+    """One fixed-length float32 clip: the start of the file, padded or trimmed; only the
+    frames the clip needs are decoded."""
+    return fit_length(load_audio(path, max_samples=clip_samples), clip_samples)
 
 
 def load_segments(path: str | Path, clip_samples: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import NoReturn
 
-from genreflow import __version__
+from genreflow import __version__, storage
 from genreflow.errors import GenreflowError
 from genreflow.recipe import (
     PRECISIONS,
@@ -741,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc)
     except OSError as exc:  # a path argument the system refused: the user's to fix
         message = os_error_line(exc)
-    print(f"genreflow {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+    message = storage.redacted_text(" ".join(message.split()))
+    print(f"genreflow {args.command}: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -63,7 +63,7 @@ from genreflow.audio import (
 )
 from genreflow.data.download import recorded_sha256
 from genreflow.data.genres import FOLDS, GENRE_INDEX, GENRES, assign_folds
-from genreflow.data.layout import Clip, list_clips
+from genreflow.data.layout import AUDIO_SUFFIXES, Clip, list_clips
 from genreflow.errors import GenreflowError
 from genreflow.runtime import keep_freed_memory, libc_function
 
@@ -735,7 +735,7 @@ def _decode_task(clips: list[tuple[str, int]]) -> list[str | None]:
 def _decode_into(path: str, row: np.ndarray) -> str | None:
     """Decode, pad or trim and store one clip into an int16 row; None, or why it is unreadable."""
     try:
-        audio = load_audio(path)
+        audio = load_audio(path, max_samples=len(row))  # only the frames the clip needs
     except AudioDecodeError as exc:
         return exc.reason
     except Exception as exc:  # not the file's fault (memory, a library bug): stop, naming it
@@ -783,10 +783,16 @@ def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
         attrs["representation"] = representation
         if representation == "logmel":
             attrs["front_end"] = _front_end_of(attrs, path)
-        names = np.array(hf["audio_name"].asstr()[:], dtype=str)
+        names = _clip_names(path, hf["audio_name"])
         target = hf["target"][:]
         folds = hf["fold"][:].astype(np.int32)
         clips_shape, clips_dtype = hf[representation].shape, hf[representation].dtype
+        if representation == "waveform" and clips_dtype != np.int16:
+            # Every reader scales by 1/32767: float clips would arrive near silent.
+            raise GenreflowError(
+                f"{path}: waveform is {clips_dtype}, expected int16 (clips stored "
+                "as the seed stores them; float data would be silently rescaled)"
+            )
         skipped = [tuple(row) for row in hf["skipped"].asstr()[:]] if "skipped" in hf else []
 
     n = len(names)
@@ -903,6 +909,41 @@ def check_fits_model(path: str | Path, attrs: dict, model) -> None:
                 f"(from its checkpoint) differs in {key} (relative difference "
                 f"{difference:.1e}); pack waveforms (--representation waveform) for this model"
             )
+
+
+def _clip_names(path: Path, dataset: h5py.Dataset) -> np.ndarray:
+    """audio_name as str, each row checked: UTF-8 text, a clip's file name, unique."""
+    if h5py.check_string_dtype(dataset.dtype) is None or dataset.ndim != 1:
+        raise GenreflowError(
+            f"{path}: audio_name is {dataset.dtype} of shape {dataset.shape}, expected one "
+            "UTF-8 string per clip"
+        )
+    names, rows = [], {}
+    for row, raw in enumerate(dataset[:]):
+        try:
+            name = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as exc:
+            raise GenreflowError(
+                f"{path}: audio_name row {row}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
+        if (
+            not name
+            or "/" in name
+            or "\\" in name
+            or "\x00" in name
+            or Path(name).suffix.lower() not in AUDIO_SUFFIXES
+        ):
+            raise GenreflowError(
+                f"{path}: audio_name row {row}: {name!r} is not a clip's file name "
+                "(expected e.g. blues.00000.au)"
+            )
+        if name in rows:
+            raise GenreflowError(
+                f"{path}: audio_name row {row}: {name!r} already names row {rows[name]}"
+            )
+        rows[name] = row
+        names.append(name)
+    return np.array(names, dtype=str)
 
 
 def _plain(value: object) -> object:

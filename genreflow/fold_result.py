@@ -40,6 +40,7 @@ import numpy as np
 from genreflow.atomic import write_text_atomic
 from genreflow.data.genres import GENRE_INDEX, GENRES
 from genreflow.errors import GenreflowError
+from genreflow.storage import redacted_values
 
 METRICS = "metrics.csv"
 PREDICTIONS = "predictions.csv"
@@ -118,7 +119,8 @@ class FoldSummary:
 
     def as_dict(self) -> dict:
         fields = dataclasses.asdict(self)
-        return {key: fields[key] for key in self._ORDER if fields[key] is not None}
+        # Logged to MLflow as it is: no URI in it keeps a signature or a password.
+        return redacted_values({key: fields[key] for key in self._ORDER if fields[key] is not None})
 
 
 @dataclass

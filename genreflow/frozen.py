@@ -337,7 +337,8 @@ def embed_features(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GenreflowError(f"{out}: exists and is not a folder")
-    source = str(pretrained) if pretrained else f"random-init(seed={seed})"
+    # Recorded in the embeddings file and the step's result: never a signature or password.
+    source = storage.redacted(pretrained) if pretrained else f"random-init(seed={seed})"
     request = {
         "features_fingerprint": index.fingerprint,
         "pretrained": source,

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from genreflow.errors import GenreflowError
+from genreflow.storage import redacted_text
 
 T = TypeVar("T")
 
@@ -64,6 +65,8 @@ _OUT_OF_MEMORY_TEXT = ("out of memory", "can't allocate memory", "cannot allocat
 
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` (or what it wraps) is a failure a second try can get past."""
+    if _full_disk(exc) is not None:
+        return False  # a network error caused by a full disk is a full disk
     for link in _chain(exc):
         verdict = _classify(link)
         if verdict is not None:
@@ -77,6 +80,9 @@ def why_not_retried(exc: BaseException) -> str:
         return "bad input or a refused request"
     if _is_out_of_memory(exc):
         return "out of memory"
+    full = _full_disk(exc)
+    if full is not None:
+        return f"no space left on the disk: {full.strerror}"
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return "no space or no memory left, or a read-only file system"
     if isinstance(exc, _PROGRAMMING_ERRORS):
@@ -90,6 +96,17 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+
+
+def _full_disk(exc: BaseException) -> OSError | None:
+    """The no-space (or quota) error anywhere in `exc`'s chain, if there is one."""
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT):
+            return link
+        reason = getattr(link, "reason", None)  # urllib's URLError keeps its cause here
+        if isinstance(reason, OSError) and reason.errno in (errno.ENOSPC, errno.EDQUOT):
+            return reason
+    return None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -181,22 +198,23 @@ def retry_transient(
         try:
             return fn()
         except Exception as exc:
+            said = redacted_text(str(exc))  # messages may quote a URI with its secrets
             if not is_transient(exc):
                 print(
-                    f"{what}: {type(exc).__name__}: {exc} ({why_not_retried(exc)}: not retried)",
+                    f"{what}: {type(exc).__name__}: {said} ({why_not_retried(exc)}: not retried)",
                     file=sys.stderr,
                 )
                 raise
             late = time.monotonic() - started + delay > budget_seconds
             if attempt == tries or late:
                 print(
-                    f"{what}: {type(exc).__name__}: {exc} (transient, but "
+                    f"{what}: {type(exc).__name__}: {said} (transient, but "
                     f"{'the tries are' if attempt == tries else 'the time budget is'} used up)",
                     file=sys.stderr,
                 )
                 raise
             print(
-                f"{what}: {type(exc).__name__}: {exc} (transient); try {attempt + 1} of "
+                f"{what}: {type(exc).__name__}: {said} (transient); try {attempt + 1} of "
                 f"{tries} in {delay:.0f} s",
                 file=sys.stderr,
             )

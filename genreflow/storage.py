@@ -15,12 +15,15 @@ back-off; gs:// goes through google-cloud-storage, imported only when a gs:// UR
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +34,10 @@ from pathlib import Path
 from typing import IO
 
 from genreflow import __version__
+from genreflow.atomic import write_atomic, write_text_atomic
 from genreflow.errors import ChecksumMismatch, GenreflowError
+from genreflow.limits import exceeded, limit
+from genreflow.locks import locked
 
 REMOTE_SCHEMES = frozenset({"http", "https", "gs"})
 CHUNK_BYTES = 1 << 20
@@ -78,7 +84,8 @@ def local_path(uri: str | Path) -> Path | None:
     parsed = urllib.parse.urlparse(str(uri))
     if parsed.netloc not in ("", "localhost"):
         raise GenreflowError(
-            f"{uri}: file:// URIs must name a local file (file:///path), not host '{parsed.netloc}'"
+            f"{redacted(uri)}: file:// URIs must name a local file (file:///path), "
+            f"not host '{parsed.netloc.rpartition('@')[2]}'"
         )
     return Path(urllib.request.url2pathname(parsed.path))
 
@@ -87,7 +94,7 @@ def _split_gs(uri: str) -> tuple[str, str]:
     rest = str(uri)[len("gs://") :]
     bucket, _, name = rest.partition("/")
     if not bucket or not name or name.endswith("/"):
-        raise GenreflowError(f"{uri}: expected gs://BUCKET/OBJECT naming one object")
+        raise GenreflowError(f"{redacted(uri)}: expected gs://BUCKET/OBJECT naming one object")
     return bucket, name
 
 
@@ -96,8 +103,16 @@ def _gs_folder(uri: str) -> str:
     bucket, _, prefix = str(uri)[len("gs://") :].partition("/")
     prefix = prefix.strip("/")
     if not bucket or "//" in prefix:
-        raise GenreflowError(f"{uri}: expected gs://BUCKET or gs://BUCKET/PREFIX for a folder")
+        raise GenreflowError(
+            f"{redacted(uri)}: expected gs://BUCKET or gs://BUCKET/PREFIX for a folder"
+        )
     return f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
+
+
+def _gs_bucket_and_prefix(folder_uri: str) -> tuple[str, str]:
+    """gs://BUCKET/PREFIX (as _gs_folder gives it) -> (BUCKET, 'PREFIX/'), '' for no prefix."""
+    bucket, _, prefix = _gs_folder(folder_uri)[len("gs://") :].partition("/")
+    return bucket, f"{prefix}/" if prefix else ""
 
 
 def redacted(uri: str | Path) -> str:
@@ -110,6 +125,28 @@ def redacted(uri: str | Path) -> str:
     netloc = parts.netloc.rpartition("@")[2]
     query = "REDACTED" if parts.query else ""
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# A URI inside free text (an error message, a JSON-encoded parameter): a scheme, "://", and
+# everything up to the next space, quote or bracket, less a final ":", ";", "," or ".".
+_URI_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}:;,.]")
+
+
+def redacted_text(text: str) -> str:
+    """`text` with every URI in it `redacted`: for messages and recorded values that may
+    quote a URI (MLflow params and tags, KFP metadata, stderr)."""
+    return _URI_IN_TEXT.sub(lambda match: redacted(match.group(0)), str(text))
+
+
+def redacted_values(value: object) -> object:
+    """A record (dicts, lists, strings) with every URI in its strings `redacted`."""
+    if isinstance(value, str):
+        return redacted_text(value)
+    if isinstance(value, dict):
+        return {key: redacted_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted_values(item) for item in value]
+    return value
 
 
 def file_name_of(uri: str | Path) -> str:
@@ -201,6 +238,35 @@ def _copy_stream(src: IO[bytes], dst: IO[bytes], on_chunk: Callable[[int], objec
     return copied
 
 
+def _check_download_size(uri: str | Path, size: int | None) -> None:
+    """Refuse a download that would write more than GENREFLOW_MAX_DOWNLOAD_BYTES."""
+    cap = limit("GENREFLOW_MAX_DOWNLOAD_BYTES")
+    if size is not None and size > cap:
+        raise exceeded(redacted(uri), "GENREFLOW_MAX_DOWNLOAD_BYTES", f"{size} bytes")
+
+
+@contextmanager
+def _full_disk_said(dest: Path, uri: str | Path) -> Iterator[None]:
+    """A full disk or quota while writing `dest` becomes one error that says so: no retry
+    can get past it, and it must not read as a network failure."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise GenreflowError(
+            f"{dest.parent}: no space left on the disk ({exc.strerror}) while writing "
+            f"{dest.name} from {redacted(uri)}; free some space or write elsewhere"
+        ) from exc
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file to the disk before it is renamed into place: after a crash, a name
+    that says "complete" never points at a file the disk had not yet received."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 # --- fetch -------------------------------------------------------------------------------
 def fetch(
     uri: str | Path,
@@ -229,28 +295,35 @@ def fetch(
 
     Raises:
         GenreflowError: the source is missing or refused (404, 403, ...), retries ran out,
-            or a checksum does not match. On a mismatch the bad download is removed and
-            an existing ``dest`` is left as it was.
+            a checksum does not match, an https:// URL redirects to another scheme, the
+            file is larger than GENREFLOW_MAX_DOWNLOAD_BYTES, or the disk is full. On a
+            mismatch the bad download is removed and an existing ``dest`` is left as it was.
+
+    Two processes fetching to the same ``dest`` take turns (a lock beside it): the
+    ``.part`` keeps one name, so that a later run can resume it, and only the lock's
+    holder ever writes it.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     scheme = _scheme(uri)
-    if scheme in ("http", "https"):
-        _fetch_http(str(uri), part, progress=progress, retries=retries, backoff_s=backoff_s)
-    elif scheme == "gs":
-        _fetch_gs(str(uri), part, progress=progress)
-    else:
-        _fetch_local(local_path(uri), part, progress=progress)
-    try:
-        verify(part, sha256=sha256, md5=md5, label=str(uri))
-    except GenreflowError:
-        # Resuming from a file that fails its checksum would only fail again.
-        part.unlink(missing_ok=True)
+    with locked(dest, what=str(dest), wait=True), _full_disk_said(dest, uri):
+        if scheme in ("http", "https"):
+            _fetch_http(str(uri), part, progress=progress, retries=retries, backoff_s=backoff_s)
+        elif scheme == "gs":
+            _fetch_gs(str(uri), part, progress=progress)
+        else:
+            _fetch_local(local_path(uri), part, progress=progress)
+        try:
+            verify(part, sha256=sha256, md5=md5, label=redacted(uri))
+        except GenreflowError:
+            # Resuming from a file that fails its checksum would only fail again.
+            part.unlink(missing_ok=True)
+            _resume_record(part).unlink(missing_ok=True)
+            raise
+        _fsync(part)
+        os.replace(part, dest)
         _resume_record(part).unlink(missing_ok=True)
-        raise
-    os.replace(part, dest)
-    _resume_record(part).unlink(missing_ok=True)
     return dest
 
 
@@ -259,6 +332,7 @@ def _fetch_local(src: Path | None, part: Path, *, progress: bool) -> None:
     if not src.is_file():
         what = "is a folder, not a file" if src.is_dir() else "no such file"
         raise GenreflowError(f"{src}: {what}")
+    _check_download_size(src, src.stat().st_size)
     with (
         open(src, "rb") as fin,
         open(part, "wb") as fout,
@@ -321,18 +395,18 @@ def _fetch_http(url: str, part: Path, *, progress: bool, retries: int, backoff_s
             if after > before:
                 # The transfer moved forward: resume at once and keep the full budget.
                 attempt = 0
-                print(f"{url}: {exc}; resuming at byte {after}", file=sys.stderr)
+                print(f"{redacted(url)}: {exc}; resuming at byte {after}", file=sys.stderr)
                 continue
             if attempt >= retries:
                 raise GenreflowError(
-                    f"{url}: download failed after {retries + 1} attempts: {exc}"
+                    f"{redacted(url)}: download failed after {retries + 1} attempts: {exc}"
                 ) from exc
             delay = backoff_s * 2**attempt
             if exc.retry_after_s is not None:
                 delay = max(delay, exc.retry_after_s)
             attempt += 1
             print(
-                f"{url}: {exc}; retry {attempt}/{retries} in {delay:.1f} s",
+                f"{redacted(url)}: {exc}; retry {attempt}/{retries} in {delay:.1f} s",
                 file=sys.stderr,
             )
             time.sleep(delay)
@@ -351,8 +425,9 @@ def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
         if validator:
             headers["If-Range"] = validator
     request = urllib.request.Request(url, headers=headers)
+    opener = urllib.request.build_opener(_HttpsStaysHttps)
     try:
-        response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
+        response = opener.open(request, timeout=HTTP_TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
@@ -362,7 +437,7 @@ def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
             raise _TransientError(
                 f"HTTP {exc.code} {exc.reason}", _retry_after(exc.headers)
             ) from exc
-        raise GenreflowError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+        raise GenreflowError(f"{redacted(url)}: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
         raise _TransientError(f"cannot connect: {exc.reason}") from exc
     except (OSError, http.client.HTTPException) as exc:
@@ -386,31 +461,61 @@ def _http_attempt(url: str, part: Path, *, progress: bool) -> None:
             total = int(length) if length and length.isdigit() else None
             mode = "wb"
         else:
-            raise GenreflowError(f"{url}: unexpected HTTP {status} {response.reason}")
+            raise GenreflowError(f"{redacted(url)}: unexpected HTTP {status} {response.reason}")
+        _check_download_size(url, total)
 
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         # Only a strong ETag or a date may be sent back in If-Range.
         if new_validator and new_validator.startswith("W/"):
             new_validator = None
-        _resume_record(part).write_text(json.dumps({"url": url, "validator": new_validator}))
+        write_text_atomic(
+            _resume_record(part), json.dumps({"url": url, "validator": new_validator})
+        )
 
         written = offset
+        cap = limit("GENREFLOW_MAX_DOWNLOAD_BYTES")
         with (
             open(part, mode) as out,
             _progress_bar(total, offset, file_name_of(url) or url, progress) as bar,
         ):
-            try:
-                while chunk := response.read(CHUNK_BYTES):
-                    out.write(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as exc:
-                raise _TransientError(f"connection lost at byte {written}: {exc!r}") from exc
+            while True:
+                # Only the read is the network's: a failed write (a full disk) is not
+                # something a second request gets past.
+                try:
+                    chunk = response.read(CHUNK_BYTES)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _TransientError(f"connection lost at byte {written}: {exc!r}") from exc
+                if not chunk:
+                    break
+                if written + len(chunk) > cap:  # a server that sends more than it announced
+                    out.close()
+                    part.unlink(missing_ok=True)
+                    _check_download_size(url, written + len(chunk))
+                out.write(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
     if total is not None and written < total:
         raise _TransientError(f"connection closed at byte {written} of {total}")
     if total is not None and written > total:
         part.unlink(missing_ok=True)
         raise _TransientError(f"server sent {written} bytes, announced {total}; starting over")
+
+
+class _HttpsStaysHttps(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never from https:// to another scheme: a downgrade to http://
+    would let anyone on the path swap the bytes (a checksum catches that only when one is
+    pinned) and would send the rest of the request in the clear."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: PLR0913 (urllib's)
+        old = urllib.parse.urlsplit(req.full_url).scheme.lower()
+        new = urllib.parse.urlsplit(newurl).scheme.lower()
+        if old == "https" and new != "https":
+            fp.close()
+            raise GenreflowError(
+                f"{redacted(req.full_url)}: redirected (HTTP {code}) to {redacted(newurl)}; "
+                "refusing to leave https://"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int | None]:
@@ -464,15 +569,15 @@ def _gcs_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except api_exceptions.NotFound as exc:
-        raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)") from exc
+        raise GenreflowError(f"{redacted(uri)}: no such object or bucket (HTTP 404)") from exc
     except api_exceptions.Forbidden as exc:
-        raise GenreflowError(f"{uri}: access denied (HTTP 403): {exc.message}") from exc
+        raise GenreflowError(f"{redacted(uri)}: access denied (HTTP 403): {exc.message}") from exc
     except api_exceptions.GoogleAPICallError as exc:
-        raise GenreflowError(f"{uri}: {exc}") from exc
+        raise GenreflowError(f"{redacted(uri)}: {exc}") from exc
     except DataCorruption as exc:
         # The client's own message spans a dozen lines; the traceback keeps it.
         raise GenreflowError(
-            f"{uri}: transfer checksum mismatch: the bytes that arrived differ from the "
+            f"{redacted(uri)}: transfer checksum mismatch: the bytes that arrived differ from the "
             "object's crc32c/md5; nothing was kept"
         ) from exc
 
@@ -498,7 +603,8 @@ def _fetch_gs(uri: str, part: Path, *, progress: bool) -> None:
     with _gcs_errors(uri):
         blob = gcs_client().bucket(bucket_name).get_blob(object_name)
         if blob is None:
-            raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
+            raise GenreflowError(f"{redacted(uri)}: no such object or bucket (HTTP 404)")
+        _check_download_size(uri, blob.size)
         try:
             with (
                 open(part, "wb") as out,
@@ -518,7 +624,7 @@ def _gcs_stamp(uri: str) -> dict[str, int]:
     with _gcs_errors(uri):
         blob = gcs_client().bucket(bucket_name).get_blob(object_name)
     if blob is None:
-        raise GenreflowError(f"{uri}: no such object or bucket (HTTP 404)")
+        raise GenreflowError(f"{redacted(uri)}: no such object or bucket (HTTP 404)")
     return {"generation": int(blob.generation), "size": int(blob.size)}
 
 
@@ -528,23 +634,47 @@ def _gcs_exists(uri: str) -> bool:
         return gcs_client().bucket(bucket_name).get_blob(object_name) is not None
 
 
-def _upload_gs(local: Path, uri: str) -> dict[str, int]:
-    """Upload through the resumable protocol, checksum-checked; the new object's stamp."""
+def _gcs_generation(uri: str) -> int:
+    """The object's generation, 0 when there is none (what if_generation_match=0 means)."""
     bucket_name, object_name = _split_gs(uri)
     with _gcs_errors(uri):
-        blob = gcs_client().bucket(bucket_name).blob(object_name, chunk_size=GCS_CHUNK_BYTES)
-        # The object appears only when the last chunk is in and the server's checksum of
-        # the whole matches the client's ("auto": crc32c, else md5).
-        blob.upload_from_filename(str(local), checksum="auto")
-    return {"generation": int(blob.generation), "size": int(blob.size)}
+        blob = gcs_client().bucket(bucket_name).get_blob(object_name)
+    return 0 if blob is None else int(blob.generation)
 
 
-def _delete_gs(uri: str) -> None:
+def _upload_gs(local: Path, uri: str, generation: int | None) -> dict[str, int]:
+    """Upload through the resumable protocol, checksum-checked; the new object's stamp.
+
+    `generation` is the object this upload may replace (0: there must be none); another
+    writer's object in its place fails the upload (HTTP 412) instead of being overwritten.
+    None replaces whatever is there.
+    """
     from google.api_core import exceptions as api_exceptions
 
     bucket_name, object_name = _split_gs(uri)
+    with _gcs_errors(uri):
+        blob = gcs_client().bucket(bucket_name).blob(object_name, chunk_size=GCS_CHUNK_BYTES)
+        condition = {} if generation is None else {"if_generation_match": generation}
+        try:
+            # The object appears only when the last chunk is in and the server's checksum
+            # of the whole matches the client's ("auto": crc32c, else md5).
+            blob.upload_from_filename(str(local), checksum="auto", **condition)
+        except api_exceptions.PreconditionFailed as exc:
+            expected = "no object" if generation == 0 else f"generation {generation}"
+            raise GenreflowError(
+                f"{redacted(uri)}: another writer wrote it meanwhile (this one expected "
+                f"{expected} there); not overwritten"
+            ) from exc
+    return {"generation": int(blob.generation), "size": int(blob.size)}
+
+
+def _delete_gs(uri: str, generation: int | None = None) -> None:
+    from google.api_core import exceptions as api_exceptions
+
+    bucket_name, object_name = _split_gs(uri)
+    condition = {} if generation is None else {"if_generation_match": generation}
     with _gcs_errors(uri), contextlib.suppress(api_exceptions.NotFound):
-        gcs_client().bucket(bucket_name).blob(object_name).delete()
+        gcs_client().bucket(bucket_name).blob(object_name).delete(**condition)
 
 
 def copy_folder(source: str | Path, dest: str | Path) -> None:
@@ -556,8 +686,7 @@ def copy_folder(source: str | Path, dest: str | Path) -> None:
         shutil.copytree(path, dest, dirs_exist_ok=True)
         return
     prefix = _gs_folder(str(source))
-    bucket_name, _, object_prefix = prefix[len("gs://") :].partition("/")
-    object_prefix = f"{object_prefix}/" if object_prefix else ""
+    bucket_name, object_prefix = _gs_bucket_and_prefix(prefix)
     with _gcs_errors(prefix):
         names = [b.name for b in gcs_client().list_blobs(bucket_name, prefix=object_prefix)]
     for name in names:
@@ -610,11 +739,19 @@ def cached(
     path = local_path(uri)
     if path is not None:
         if not path.is_file():
-            raise GenreflowError(f"{uri}: no such file")
+            raise GenreflowError(f"{redacted(uri)}: no such file")
         if sha256 or md5:
             verify(path, sha256=sha256, md5=md5, label=str(uri))
         return path
     dest = _cache_slot(uri, cache_dir)
+    # Two runs sharing the cache take turns at a slot: the second finds the file there.
+    with locked(dest, what=str(dest), wait=True):
+        return _cached_in(uri, dest, sha256=sha256, md5=md5, progress=progress)
+
+
+def _cached_in(
+    uri: str | Path, dest: Path, *, sha256: str | None, md5: str | None, progress: bool
+) -> Path:
     stamp = None
     if _scheme(uri) == "gs" and not (sha256 or md5):
         stamp = _gcs_stamp(str(uri))
@@ -622,7 +759,10 @@ def cached(
         if stamp is not None:
             if _read_stamp(dest) == stamp:
                 return dest
-            print(f"{uri}: changed since {dest} was downloaded; downloading again", file=sys.stderr)
+            print(
+                f"{redacted(uri)}: changed since {dest} was downloaded; downloading again",
+                file=sys.stderr,
+            )
         elif not (sha256 or md5):
             return dest  # fetch() renames into place only when complete
         else:
@@ -636,7 +776,7 @@ def cached(
     if stamp is not None:
         # The stamp read before the download: should the object have been replaced in
         # between, the next call sees a newer generation and downloads again.
-        _stamp_file(dest).write_text(json.dumps(stamp))
+        write_text_atomic(_stamp_file(dest), json.dumps(stamp))
     return dest
 
 
@@ -658,37 +798,44 @@ def input_path(
 
 
 # --- upload ------------------------------------------------------------------------------
-def upload(local: str | Path, uri: str | Path, *, progress: bool = True) -> None:
+def upload(
+    local: str | Path, uri: str | Path, *, progress: bool = True, generation: int | None = None
+) -> dict[str, int] | None:
     """Write a local file to a local path, file:// or gs:// URI, verified.
 
     gs:// uses the resumable upload protocol and the client's end-to-end checksum
     (crc32c where available, else md5): a corrupted transfer raises and leaves no object.
-    A local destination is written beside itself and renamed when complete.
+    With `generation` (0: no object may be there yet), the upload replaces only that
+    generation of the object and fails, naming it, if another writer got there first; it
+    returns the new object's generation and size. A local destination is written beside
+    itself under a name of its own and renamed when complete (returns None).
     """
     local = Path(local)
     if not local.is_file():
         raise GenreflowError(f"{local}: no such file to upload")
     scheme = _scheme(uri)
     if scheme in ("http", "https"):
-        raise GenreflowError(f"{uri}: cannot upload over HTTP; use a local path or gs://")
+        raise GenreflowError(f"{redacted(uri)}: cannot upload over HTTP; use a local path or gs://")
     if scheme == "gs":
-        _upload_gs(local, str(uri))
-        return
+        return _upload_gs(local, str(uri), generation)
     dest = local_path(uri)
     assert dest is not None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    _fetch_local(local, part, progress=progress)
-    if part.stat().st_size != local.stat().st_size:
-        part.unlink(missing_ok=True)
-        raise GenreflowError(f"{dest}: copy of {local} is incomplete")
-    os.replace(part, dest)
+    with (
+        open(local, "rb") as fin,
+        _progress_bar(local.stat().st_size, 0, local.name, progress) as bar,
+        _full_disk_said(dest, local),
+    ):
+        write_atomic(dest, lambda fout: _copy_stream(fin, fout, bar.update))
+    return None
 
 
 # --- writing outputs through a local stand-in ---------------------------------------------
 def _check_writable(uri: str | Path) -> None:
     if _scheme(uri) in ("http", "https"):
-        raise GenreflowError(f"{uri}: cannot write to an http(s):// URL; use a local path or gs://")
+        raise GenreflowError(
+            f"{redacted(uri)}: cannot write to an http(s):// URL; use a local path or gs://"
+        )
 
 
 @contextmanager
@@ -707,19 +854,25 @@ def output_file(uri: str | Path) -> Iterator[Path]:
         return
     _check_writable(uri)
     _split_gs(str(uri))  # a malformed URI fails before the work, not after it
+    # The object as it is now is the one this write may replace: should another writer
+    # replace it meanwhile, the upload fails instead of silently overwriting theirs.
+    replaces = _gcs_generation(str(uri))
     dest = _cache_slot(uri)
-    staging = dest.parent / "publishing" / dest.name
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    staging.unlink(missing_ok=True)
+    (dest.parent / "publishing").mkdir(parents=True, exist_ok=True)
+    # A name of its own: two runs writing the same URI never share a staging file.
+    fd, name = tempfile.mkstemp(prefix=f"{dest.name}.", dir=dest.parent / "publishing")
+    os.close(fd)
+    staging = Path(name)
     try:
         yield staging
-        stamp = _upload_gs(staging, str(uri))
+        stamp = _upload_gs(staging, str(uri), replaces)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
-    _stamp_file(dest).unlink(missing_ok=True)
-    os.replace(staging, dest)
-    _stamp_file(dest).write_text(json.dumps(stamp))
+    with locked(dest, what=str(dest), wait=True):
+        _stamp_file(dest).unlink(missing_ok=True)
+        os.replace(staging, dest)
+        write_text_atomic(_stamp_file(dest), json.dumps(stamp))
 
 
 class OutputFolder:
@@ -730,9 +883,15 @@ class OutputFolder:
     and ``uri`` is None: publishing does nothing and there is nothing to pull.
     """
 
-    def __init__(self, path: Path, uri: str | None = None):
+    def __init__(
+        self, path: Path, uri: str | None = None, generations: dict[str, int] | None = None
+    ):
         self.path = path
         self.uri = uri
+        # The generation of each object under ``uri`` this folder may replace: what was
+        # there when it was opened, then what it wrote itself. Any other writer's object
+        # in its place makes the upload fail (generation preconditions) instead.
+        self.generations = dict(generations or {})
 
     def uri_of(self, name: str) -> str:
         """The object a file of this folder is published to."""
@@ -743,7 +902,10 @@ class OutputFolder:
         if self.uri is None:
             return
         for name in names:
-            upload(self.path / name, self.uri_of(name))
+            stamp = upload(
+                self.path / name, self.uri_of(name), generation=self.generations.get(name, 0)
+            )
+            self.generations[name] = stamp["generation"]
 
     def pull(self, name: str) -> bool:
         """Download ``name`` from ``uri`` into the folder; False if there is no such object."""
@@ -757,7 +919,8 @@ class OutputFolder:
         if self.uri is None:
             return
         for name in names:
-            _delete_gs(self.uri_of(name))
+            if name in self.generations:
+                _delete_gs(self.uri_of(name), self.generations.pop(name))
 
     def files(self) -> list[str]:
         """Relative paths of the folder's files, leaving out hidden ones (temporary files)."""
@@ -786,14 +949,33 @@ def output_folder(
     """
     path = local_path(uri)
     if path is not None:
-        yield OutputFolder(path)
+        # Two runs writing one folder would mix their files: the second refuses.
+        with locked(path, what=f"output folder {path}", wait=False):
+            yield OutputFolder(path)
         return
     _check_writable(uri)
     folder_uri = _gs_folder(str(uri))
     work = cache_root() / "work" / hashlib.sha256(folder_uri.encode()).hexdigest()[:16]
-    work.mkdir(parents=True, exist_ok=True)
-    folder = OutputFolder(work, folder_uri)
-    yield folder
+    with locked(work, what=f"output folder {redacted(folder_uri)} (working in {work})", wait=False):
+        work.mkdir(parents=True, exist_ok=True)
+        folder = OutputFolder(work, folder_uri, _gcs_generations(folder_uri))
+        yield folder
+        _publish_folder(folder, work, commit, transient)
+
+
+def _gcs_generations(folder_uri: str) -> dict[str, int]:
+    """Each object's generation under a gs:// folder, by its name relative to the folder."""
+    bucket_name, prefix = _gs_bucket_and_prefix(folder_uri)
+    with _gcs_errors(folder_uri):
+        return {
+            blob.name[len(prefix) :]: int(blob.generation)
+            for blob in gcs_client().list_blobs(bucket_name, prefix=prefix)
+        }
+
+
+def _publish_folder(
+    folder: OutputFolder, work: Path, commit: str | None, transient: tuple[str, ...]
+) -> None:
     names = folder.files()
     if commit in names:
         names.remove(commit)
@@ -818,6 +1000,9 @@ __all__ = [
     "normalize_checksum",
     "output_file",
     "output_folder",
+    "redacted",
+    "redacted_text",
+    "redacted_values",
     "sha256_of",
     "upload",
     "verify",

@@ -114,6 +114,8 @@ FOLD_KEY_TAG = "genreflow.fold_key"
 REUSED_FROM_TAG = "genreflow.reused_from"
 FINAL_STATE_TAG = "genreflow.final_state"
 LOGGED_TAG = "genreflow.logged"  # set last: a fold run whose outputs are all there
+# genreflow.sha256.<artifact>: each fold file's SHA-256 as logged, checked when it is fetched
+SHA256_TAG_PREFIX = "genreflow.sha256."
 ADOPTED_TAG = "genreflow.adopted_from"  # the MLFLOW_RUN_ID the parent was adopted through
 PARENT_TAG = "mlflow.parentRunId"
 # KFP's final task states -> MLflow run statuses.
@@ -143,7 +145,7 @@ def ui_address(tracking_uri: str, ui: str = "") -> str:
     if ui:
         return ui.rstrip("/")
     if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/")
+        return storage.redacted(tracking_uri).rstrip("/")  # shown: never a password
     return DEFAULT_UI
 
 
@@ -151,7 +153,8 @@ def ui_hint(tracking_uri: str) -> str:
     """How to start the UI those addresses need ("" where the tracking server serves it)."""
     if tracking_uri.startswith(("http://", "https://")):
         return ""
-    return f"serve them with `make ui` or `genreflow ui --tracking-uri {tracking_uri}`"
+    shown = storage.redacted(tracking_uri)
+    return f"serve them with `make ui` or `genreflow ui --tracking-uri {shown}`"
 
 
 def run_address(tracking_uri: str, experiment_id: str, run_id: str, ui: str = "") -> str:
@@ -232,6 +235,9 @@ def _client(tracking_uri: str):
     # MLflow's own HTTP retries back off for minutes; ours are bounded and say what failed.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow prints each ended run's page with the tracking URI as given, password and all;
+    # genreflow says where runs are itself, redacted (run_address).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -258,11 +264,12 @@ def retrying(
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            said = storage.redacted_text(str(exc))  # MLflow's messages quote the server's URL
             if attempt == attempts:
                 where = f"; local outputs are intact in {keep}" if keep else ""
-                raise error(f"{what} failed after {attempts} attempts: {exc}{where}") from exc
+                raise error(f"{what} failed after {attempts} attempts: {said}{where}") from exc
             print(
-                f"{what} failed ({type(exc).__name__}: {exc}); retry {attempt}/{attempts - 1}"
+                f"{what} failed ({type(exc).__name__}: {said}); retry {attempt}/{attempts - 1}"
                 f" in {delay:.0f} s",
                 file=sys.stderr,
             )
@@ -272,7 +279,7 @@ def retrying(
 
 
 def _tracked(what: str, fn: Callable[[], T], keep: str = "") -> T:
-    return retrying(f"MLflow: {what}", fn, keep=keep)
+    return retrying(f"MLflow: {storage.redacted_text(what)}", fn, keep=keep)
 
 
 def provenance() -> dict[str, str]:
@@ -321,7 +328,12 @@ def _experiment_id(client, name: str) -> str:
 
 
 def _stringify(params: dict) -> dict[str, str]:
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+    """Values as MLflow stores them, every URI in them redacted (a signed URL's query,
+    user:password@): everything genreflow records on a run goes through here."""
+    return {
+        k: storage.redacted_text(v if isinstance(v, str) else json.dumps(v))
+        for k, v in params.items()
+    }
 
 
 def _inherited_run(client, what: str):
@@ -360,13 +372,10 @@ def start_pipeline_run(
 
     def start() -> str:
         client = _client(tracking_uri)
-        all_tags = {
-            ROLE_TAG: "pipeline",
-            **provenance(),
-            **_stringify(tags or {}),
-        }
+        all_tags = {ROLE_TAG: "pipeline", **provenance(), **(tags or {})}
         if pipeline_run_id:
             all_tags[PIPELINE_RUN_ID_TAG] = pipeline_run_id
+        all_tags = _stringify(all_tags)
         inherited = _inherited_run(client, "the pipeline's parent run")
         if inherited is None:
             run = client.create_run(
@@ -843,18 +852,60 @@ class FoldRun:
         )
 
     def reusable(self, key: str):
-        """A finished fold run with the same key under another parent, or None."""
+        """A finished fold run with the same key under another parent, or None: only one
+        that genreflow's pipeline logged in this experiment (`_logged_by_the_pipeline`)."""
         client = _client(self.tracking_uri)
         runs = client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and tags.`{LOGGED_TAG}` = 'true'",
+            filter_string=f"tags.`{FOLD_KEY_TAG}` = '{key}' and tags.`{LOGGED_TAG}` = 'true'"
+            f" and tags.`{ROLE_TAG}` = 'fold'",
             order_by=["attributes.start_time ASC"],
         )
-        return next((r for r in runs if r.info.run_id != self.run_id), None)
+        return next(
+            (
+                r
+                for r in runs
+                if r.info.run_id != self.run_id and self._logged_by_the_pipeline(client, r)
+            ),
+            None,
+        )
+
+    def _logged_by_the_pipeline(self, client, run) -> bool:
+        """A fold run (role tag) in this experiment, nested under a pipeline's parent run
+        (the tags genreflow's pipeline sets on both; a run that KFP's MLflow integration
+        opened for the step has them too)."""
+        if run.info.experiment_id != self.experiment_id:
+            return False
+        if run.data.tags.get(ROLE_TAG) != "fold" or not run.data.tags.get(PARENT_TAG):
+            return False
+        parent = client.get_run(run.data.tags[PARENT_TAG])
+        return (
+            parent.info.experiment_id == self.experiment_id
+            and parent.data.tags.get(ROLE_TAG) == "pipeline"
+        )
+
+    def _origin(self, client, source) -> tuple[str, dict[str, str]]:
+        """The run that holds `source`'s files (itself, or the run it was reused from) and
+        the SHA-256 recorded for each; a run genreflow's pipeline did not log in this
+        experiment is refused."""
+        origin = source.data.tags.get(REUSED_FROM_TAG, source.info.run_id)
+        run = source if origin == source.info.run_id else client.get_run(origin)
+        tags = run.data.tags
+        if not self._logged_by_the_pipeline(client, run):
+            raise GenreflowError(
+                f"run {origin} is not a fold run that genreflow's pipeline logged in "
+                f"experiment {self.experiment_id}"
+            )
+        return origin, {
+            name[len(SHA256_TAG_PREFIX) :]: value
+            for name, value in tags.items()
+            if name.startswith(SHA256_TAG_PREFIX)
+        }
 
     def fetch(self, source, out: Path) -> None:
-        """Put the fold folder that `source` (a reusable run) logged into `out`."""
-        origin = source.data.tags.get(REUSED_FROM_TAG, source.info.run_id)
+        """Put the fold folder that `source` (a reusable run) logged into `out`, every file
+        checked against the SHA-256 recorded when it was logged."""
+        origin, recorded = self._origin(_client(self.tracking_uri), source)
 
         def fetch() -> None:
             client = _client(self.tracking_uri)
@@ -864,11 +915,13 @@ class FoldRun:
                 set(CHECKPOINTS) & set(wanted)
             ):
                 raise GenreflowError(f"run {origin} lacks the fold's files ({sorted(logged)})")
-            out.mkdir(parents=True, exist_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fetch-"))
             try:
                 for name in wanted:
                     client.download_artifacts(origin, name, str(staging))
+                    _check_artifact(origin, name, staging / name, recorded.get(name))
+                out.mkdir(exist_ok=True)
                 # summary.json last: it is what marks a fold folder complete.
                 for name in sorted(os.listdir(staging), key=lambda n: n == SUMMARY):
                     os.replace(staging / name, out / name)
@@ -909,6 +962,8 @@ class FoldRun:
         artifacts = [fold_dir / n for n in FOLD_ARTIFACTS if (fold_dir / n).exists()]
         if reused_from:  # the checkpoints stay where they are, in the original run
             artifacts = [p for p in artifacts if p.name not in CHECKPOINTS]
+        # What fetch checks before it trusts a file of this run (reused or retried).
+        tags.update({f"{SHA256_TAG_PREFIX}{p.name}": storage.sha256_of(p) for p in artifacts})
         if (fold_dir / PREDICTIONS).exists():
             artifacts.append(_fold_confusion_png(fold_dir))
 
@@ -969,6 +1024,21 @@ class FoldRun:
                 f"ending fold {self.fold}'s run {status}",
                 lambda: _client(self.tracking_uri).set_terminated(self.run_id, status),
             )
+
+
+def _check_artifact(run_id: str, name: str, path: Path, expected: str | None) -> None:
+    """A fetched fold file is trusted only if it is byte for byte what was logged."""
+    if expected is None:
+        raise GenreflowError(
+            f"run {run_id} records no sha256 for {name} (logged by a genreflow that did not "
+            "record checksums); not trusted"
+        )
+    actual = storage.sha256_of(path)
+    if actual != expected:
+        raise GenreflowError(
+            f"run {run_id}: artifact {name} has sha256 {actual}, but {expected} was logged "
+            "(changed in the artifact store since); not trusted"
+        )
 
 
 @contextlib.contextmanager

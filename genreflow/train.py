@@ -365,7 +365,8 @@ def _metadata(config: TrainConfig, index: FoldIndex) -> dict:
         "sample_rate": SAMPLE_RATE,
         "clip_samples": index.clip_samples,
         "fold": config.fold,
-        "config": dataclasses.asdict(config),
+        # The checkpoint is logged and registered: its URIs without signatures or passwords.
+        "config": storage.redacted_values(dataclasses.asdict(config)),
         "recipe": {
             "model": "TransferCnn14",
             "optimizer": "Adam",

@@ -99,3 +99,32 @@ def emulator(tmp_path_factory) -> str:
     log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
     with serving(command, "/", log_path, port=port, timeout=30) as url:
         yield url
+
+
+def start_run_arguments(**changes) -> dict:
+    """The start_run component's arguments but tracking_uri and mlflow_run: a frozen-base
+    run of the default recipes (genreflow.recipe), with `changes` applied."""
+    from genreflow.recipe import HeadConfig, TrainConfig, defaults
+
+    head, tune = defaults(HeadConfig), defaults(TrainConfig)
+    arguments = {name: tune[name] for name in ("iterations", "batch_size", "lr", "mixup")}
+    arguments.update(eval_every=tune["eval_every"], precision=tune["precision"])
+    for name in ("iterations", "batch_size", "lr", "weight_decay", "mixup", "eval_every"):
+        arguments[f"head_{name}"] = head[name]
+    arguments.update(
+        experiment="test",
+        pipeline_run="run-1",
+        pipeline_run_id="kfp-run-1",
+        kfp_ui="",
+        images="ghcr.io/genreflow/genreflow:test",
+        profile="custom",
+        protocol="cv10",
+        selection="validation",
+        source="file:///genres.tar.gz",
+        sha256="",
+        pretrained="",
+        freeze_base=True,
+        clip_seconds=2.0,
+        seed=0,
+    )
+    return {**arguments, **changes}

@@ -234,3 +234,49 @@ def test_int16_round_trip_follows_the_seed():
     back = int16_to_float32(stored)
     assert back.dtype == np.float32
     np.testing.assert_allclose(back, np.clip(x, -1, 1), atol=1 / 32767)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000, 96000, 192000])
+def test_a_clip_decodes_only_its_frames_and_equals_the_full_decode(tmp_path, rate):
+    path = tmp_path / "noise.wav"
+    rng = np.random.default_rng(rate)
+    soundfile.write(path, rng.uniform(-0.5, 0.5, (5 * rate, 2)).astype(np.float32), rate)
+    n = clip_samples(2.0)
+    np.testing.assert_array_equal(load_clip(path, n), load_audio(path)[:n])
+    np.testing.assert_array_equal(load_audio(path, max_samples=n), load_audio(path)[:n])
+
+
+def _silent_flac(path, seconds: int, rate: int = 48000) -> None:
+    """A FLAC of silence: a few kB on disk that decodes to `seconds` of audio."""
+    with soundfile.SoundFile(path, "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros(60 * rate, dtype=np.int16)
+        for _ in range(seconds // 60):
+            f.write(block)
+
+
+def test_a_small_file_that_decodes_to_gigabytes_is_bounded(tmp_path, monkeypatch):
+    import tracemalloc
+
+    path = tmp_path / "bomb.flac"
+    _silent_flac(path, seconds=600)  # 10 min: 115 MB as float32 at 48 kHz
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        clip = load_clip(path, clip_samples(2.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert clip.shape == (clip_samples(2.0),) and not clip.any()
+    assert peak < 5_000_000  # a few seconds of audio, not ten minutes of it
+
+    # Decoding a whole file (predict, embed) is capped, with the setting named.
+    monkeypatch.setenv("GENREFLOW_MAX_AUDIO_SECONDS", "300")
+    with pytest.raises(
+        AudioDecodeError, match=r"bomb\.flac: longer than 300 s.*GENREFLOW_MAX_AUDIO_SECONDS"
+    ):
+        load_segments(path, clip_samples(2.0))
+    monkeypatch.setenv("GENREFLOW_MAX_AUDIO_SECONDS", "601")
+    assert load_segments(path, clip_samples(30.0)).shape == (20, clip_samples(30.0))
+    monkeypatch.setenv("GENREFLOW_MAX_AUDIO_SECONDS", "lots")
+    with pytest.raises(GenreflowError, match="GENREFLOW_MAX_AUDIO_SECONDS='lots'"):
+        load_segments(path, clip_samples(2.0))

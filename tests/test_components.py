@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+from conftest import start_run_arguments
 from kfp import dsl
 
 from genreflow.components.aggregate import aggregate
@@ -328,27 +329,7 @@ def test_start_and_close_the_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     head, tune = defaults(HeadConfig), defaults(TrainConfig)
-    recipe = {name: tune[name] for name in ("iterations", "batch_size", "lr", "mixup")}
-    recipe.update(eval_every=tune["eval_every"], precision=tune["precision"])
-    for name in ("iterations", "batch_size", "lr", "weight_decay", "mixup", "eval_every"):
-        recipe[f"head_{name}"] = head[name]
-    common = dict(
-        experiment="test-components",
-        pipeline_run="run-1",
-        pipeline_run_id="kfp-run-1",
-        kfp_ui="",
-        images="ghcr.io/genreflow/genreflow:test",
-        profile="custom",
-        protocol="cv10",
-        selection="validation",
-        source="file:///genres.tar.gz",
-        sha256="",
-        pretrained="",
-        freeze_base=True,
-        clip_seconds=2.0,
-        seed=0,
-        **recipe,
-    )
+    common = start_run_arguments(experiment="test-components", source="file:///genres.tar.gz")
     off = _artifact(dsl.Markdown, tmp_path, "off.md")
     assert start_run.python_func(tracking_uri="", mlflow_run=off, **common) == ""
     assert "tracking was off" in (tmp_path / "off.md").read_text()

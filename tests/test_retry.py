@@ -17,7 +17,7 @@ from google.api_core import exceptions as google_errors
 from mlflow.exceptions import MlflowException, RestException
 
 from genreflow.errors import GenreflowError
-from genreflow.retry import FOLD_TRIES, is_transient, retry_transient
+from genreflow.retry import FOLD_TRIES, is_transient, retry_transient, why_not_retried
 
 
 def _http_error(code: int) -> urllib.error.HTTPError:
@@ -73,6 +73,12 @@ PERMANENT = [
     FileNotFoundError(errno.ENOENT, "No such file or directory"),
     # a full disk while talking to the server is still a full disk
     _wrapped(MlflowException("logging failed"), OSError(errno.ENOSPC, "No space left")),
+    # ... and so is a network-looking error that a full disk caused, however it is carried
+    urllib.error.URLError(OSError(errno.ENOSPC, "No space left on device")),
+    _wrapped(
+        requests.exceptions.ConnectionError("Connection aborted"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ),
 ]
 
 
@@ -133,3 +139,8 @@ def test_no_tries_left_is_said():
     with pytest.raises(GenreflowError, match="fold 5: no tries left"):
         retry_transient("fold 5", fn, tries=0)
     assert calls == []
+
+
+def test_a_full_disk_is_said_to_be_one():
+    exc = urllib.error.URLError(OSError(errno.ENOSPC, "No space left on device"))
+    assert why_not_retried(exc) == "no space left on the disk: No space left on device"

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import multiprocessing
+import os
 import re
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,6 +34,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         server: FileServer = self.server  # type: ignore[assignment]
         server.requests.append((self.path, self.headers.get("Range")))
+        if self.path in server.redirects:
+            self.send_response(302)
+            self.send_header("Location", server.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         action = server.script.pop(0) if server.script else "ok"
         if isinstance(action, int):
             self.send_response(action)
@@ -66,6 +80,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if server.chunk_delay:
+            for start in range(0, len(payload), len(payload) // 4 + 1):
+                self.wfile.write(payload[start : start + len(payload) // 4 + 1])
+                self.wfile.flush()
+                time.sleep(server.chunk_delay)
+            return
         self.wfile.write(payload)
 
 
@@ -75,19 +95,25 @@ class FileServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self):
+    def __init__(self, tls: ssl.SSLContext | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.scheme = "http"
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+            self.scheme = "https"
         self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
         self.forbidden: set[str] = set()
         self.script: list[str | int] = []
         self.drop_after = 0
+        self.chunk_delay = 0.0
         self.honour_range = True
         self.requests: list[tuple[str, str | None]] = []
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}{path}"
 
     def close(self):
         self.shutdown()
@@ -286,3 +312,109 @@ def test_upload_to_a_local_uri(tmp_path):
     assert sorted(p.name for p in dest.parent.iterdir()) == ["features.h5"]
     with pytest.raises(GenreflowError, match="cannot upload over HTTP"):
         storage.upload(src, "https://example.org/features.h5")
+
+
+# --- bounds, redirects, a full disk --------------------------------------------------------
+def test_a_download_larger_than_the_cap_is_refused_before_it_is_written(
+    server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("GENREFLOW_MAX_DOWNLOAD_BYTES", str(len(PAYLOAD) - 1))
+    url = server.url("/data/archive.bin")
+    with pytest.raises(GenreflowError) as err:
+        storage.fetch(url, tmp_path / "a.bin", progress=False, backoff_s=0.01)
+    assert f"{url}: {len(PAYLOAD)} bytes, over the limit" in str(err.value)
+    assert "GENREFLOW_MAX_DOWNLOAD_BYTES" in str(err.value)
+    assert len(server.requests) == 1 and list(tmp_path.iterdir()) == []
+    src = tmp_path / "local.bin"
+    src.write_bytes(PAYLOAD)
+    with pytest.raises(GenreflowError, match="GENREFLOW_MAX_DOWNLOAD_BYTES"):
+        storage.fetch(src, tmp_path / "b.bin", progress=False)
+    monkeypatch.setenv("GENREFLOW_MAX_DOWNLOAD_BYTES", str(len(PAYLOAD)))
+    assert storage.fetch(url, tmp_path / "a.bin", progress=False).read_bytes() == PAYLOAD
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """An HTTPS FileServer with a certificate made here, trusted through SSL_CERT_FILE."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the test server's certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    srv = FileServer(tls=context)
+    srv.files["/data/archive.bin"] = PAYLOAD
+    yield srv
+    srv.close()
+
+
+def test_https_never_follows_a_redirect_to_another_scheme(tls_server, server, tmp_path):
+    # https -> https is followed ...
+    tls_server.redirects["/moved.bin"] = tls_server.url("/data/archive.bin")
+    dest = storage.fetch(tls_server.url("/moved.bin"), tmp_path / "a.bin", progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    # ... https -> http is not, and nothing is asked of the http server.
+    tls_server.redirects["/downgrade.bin?X-Goog-Signature=s3cr3t"] = server.url("/data/archive.bin")
+    with pytest.raises(GenreflowError) as err:
+        storage.fetch(
+            tls_server.url("/downgrade.bin?X-Goog-Signature=s3cr3t"),
+            tmp_path / "b.bin",
+            progress=False,
+            backoff_s=0.01,
+        )
+    message = str(err.value)
+    assert "refusing to leave https://" in message and server.url("/data/archive.bin") in message
+    assert "s3cr3t" not in message
+    assert server.requests == [] and not (tmp_path / "b.bin").exists()
+    # http -> http stays allowed.
+    server.redirects["/moved.bin"] = server.url("/data/archive.bin")
+    assert storage.fetch(server.url("/moved.bin"), tmp_path / "c.bin", progress=False).is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (needs root, as in CI and on the dev machines)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_reported_as_one_and_not_retried(server, small_disk):
+    url = server.url("/data/archive.bin")  # 100 KiB into 64 KiB
+    with pytest.raises(GenreflowError) as err:
+        storage.fetch(url, small_disk / "a.bin", progress=False, backoff_s=0.01)
+    assert f"{small_disk}: no space left on the disk" in str(err.value)
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+    assert len(server.requests) == 1  # not retried as if the network had failed
+
+
+def _cached_in(url: str, cache: str, sha256: str) -> str:
+    return str(storage.cached(url, sha256=sha256, cache_dir=cache, progress=False))
+
+
+def test_two_runs_sharing_a_cache_take_turns_at_a_slot(server, tmp_path):
+    # Each download takes 0.2 s, so the two overlap; repeated, so that a race shows.
+    server.chunk_delay = 0.05
+    url = server.url("/data/archive.bin")
+    rounds = 20
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        for round_ in range(rounds):
+            cache = tmp_path / f"cache{round_}"
+            runs = [pool.submit(_cached_in, url, str(cache), _sha256(PAYLOAD)) for _ in range(2)]
+            paths = {run.result(timeout=60) for run in runs}
+            assert len(paths) == 1 and Path(paths.pop()).read_bytes() == PAYLOAD
+            # The second waited for the first and found the file: one download per round.
+            assert len(server.requests) == round_ + 1, f"round {round_}: {server.requests}"
+            slot = next(cache.iterdir())
+            assert sorted(p.name for p in slot.iterdir()) == ["archive.bin"]

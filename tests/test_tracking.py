@@ -1,6 +1,7 @@
 """MLflow logging against a real tracking server started by the test suite."""
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -376,18 +377,22 @@ tracked_fold(train, out={str(tmp_path / "fold7")!r}, fold=7, inputs={[str(p) for
     assert child.info.status == "KILLED"
 
 
+def _reuse_trainer(root, calls):
+    def train(on_evaluation=None):
+        calls.append(root)
+        _fold_dir(root / "fold1", 1, 0.7)
+        return json.loads((root / "fold1" / "summary.json").read_text())
+
+    root.mkdir()
+    return train
+
+
 def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_path, inputs):
     client = MlflowClient(mlflow_server)
     calls = []
 
     def trainer(root):
-        def train(on_evaluation=None):
-            calls.append(root)
-            _fold_dir(root / "fold1", 1, 0.7)
-            return json.loads((root / "fold1" / "summary.json").read_text())
-
-        root.mkdir()
-        return train
+        return _reuse_trainer(root, calls)
 
     first = start_pipeline_run(mlflow_server, "test-reuse", pipeline_run_id="kfp-reuse-1")
     _tracked(mlflow_server, first, tmp_path / "a", 1, trainer(tmp_path / "a"), inputs)
@@ -706,3 +711,61 @@ def test_ui_without_a_database_says_so(tmp_path, capsys):
     assert main(["ui", "--tracking-uri", uri, "--no-serve"]) == 2
     assert "no MLflow database there yet (make run writes one)" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_a_fold_file_changed_in_the_artifact_store_is_not_reused(
+    mlflow_server, tmp_path, inputs, capsys
+):
+    client = MlflowClient(mlflow_server)
+    calls = []
+    first = start_pipeline_run(mlflow_server, "test-reuse-sha", pipeline_run_id="kfp-sha-1")
+    _tracked(mlflow_server, first, tmp_path / "a", 1, _reuse_trainer(tmp_path / "a", calls), inputs)
+    (original,) = _runs_under(client, first)
+    assert (
+        original.data.tags["genreflow.sha256.head.pth"]
+        == hashlib.sha256((tmp_path / "a" / "fold1" / "head.pth").read_bytes()).hexdigest()
+    )
+
+    # Someone with write access to the artifact store swaps the checkpoint.
+    swapped = tmp_path / "swapped" / "head.pth"
+    swapped.parent.mkdir()
+    torch.save({"weight": torch.full((2, 2), 666.0)}, swapped)
+    client.log_artifact(original.info.run_id, str(swapped))
+
+    second = start_pipeline_run(mlflow_server, "test-reuse-sha", pipeline_run_id="kfp-sha-2")
+    _tracked(
+        mlflow_server, second, tmp_path / "b", 1, _reuse_trainer(tmp_path / "b", calls), inputs
+    )
+    assert len(calls) == 2  # trained again rather than trusting the swapped file
+    said = capsys.readouterr().out
+    assert f"cannot reuse run {original.info.run_id}" in said
+    assert "artifact head.pth has sha256" in said and "not trusted" in said
+    (fresh,) = _runs_under(client, second)
+    assert "reused" not in fresh.data.tags
+    assert torch.load(tmp_path / "b" / "fold1" / "head.pth")["weight"][0, 0] == 1.0
+
+
+def test_only_fold_runs_that_genreflow_logged_are_reused(mlflow_server, tmp_path, inputs):
+    client = MlflowClient(mlflow_server)
+    calls = []
+    first = start_pipeline_run(mlflow_server, "test-reuse-own", pipeline_run_id="kfp-own-1")
+    _tracked(mlflow_server, first, tmp_path / "a", 1, _reuse_trainer(tmp_path / "a", calls), inputs)
+    (original,) = _runs_under(client, first)
+    # Look-alike runs made by another client in the same experiment: the right key, the
+    # "logged" and role tags, checksums that match their files, but not under a pipeline's
+    # parent run (none, or an ordinary run); the pipeline's run itself taken out of the way.
+    tags = {k: v for k, v in original.data.tags.items() if k.startswith("genreflow.")}
+    client.delete_tag(original.info.run_id, "genreflow.logged")
+    experiment = original.info.experiment_id
+    ordinary = client.create_run(experiment).info.run_id
+    for parent in ({}, {"mlflow.parentRunId": ordinary}):
+        forged = client.create_run(experiment, tags={**tags, **parent}).info.run_id
+        for path in sorted((tmp_path / "a" / "fold1").iterdir()):
+            client.log_artifact(forged, str(path))
+
+    second = start_pipeline_run(mlflow_server, "test-reuse-own", pipeline_run_id="kfp-own-2")
+    _tracked(
+        mlflow_server, second, tmp_path / "b", 1, _reuse_trainer(tmp_path / "b", calls), inputs
+    )
+    assert len(calls) == 2
+    assert "reused" not in _runs_under(client, second)[0].data.tags

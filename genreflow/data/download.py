@@ -24,9 +24,12 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from genreflow import __version__, storage
+from genreflow.atomic import write_text_atomic
 from genreflow.data.genres import GENRES
 from genreflow.data.layout import AUDIO_SUFFIXES, find_dataset_root
 from genreflow.errors import ChecksumMismatch, GenreflowError
+from genreflow.limits import exceeded, limit
+from genreflow.locks import locked
 
 # The original release, genres.tar.gz (about 1.2 GB). Its official address has been dead
 # since 2022 (pytorch/audio#2763, mir-dataset-loaders/mirdata#549 and #659), but copies of
@@ -157,13 +160,27 @@ def download(
         raise GenreflowError(f"{path}: no such file or folder")
 
     sha256, md5 = expected_checksums(source, sha256, md5)
-    source_key = path.resolve().as_uri() if path is not None else source
     out.mkdir(parents=True, exist_ok=True)
+    # Two runs downloading into one folder take turns: the second finds the first's result.
+    with locked(out, what=str(out), wait=True):
+        return _download_into(source, path, out, sha256, md5, progress)
+
+
+def _download_into(
+    source: str, path: Path | None, out: Path, sha256: str | None, md5: str | None, progress: bool
+) -> Path:
+    shown = storage.redacted(source)
+    # A remote source is known by its hash: the marker must not keep a signed URL's query.
+    source_key = (
+        path.resolve().as_uri()
+        if path is not None
+        else "sha256:" + hashlib.sha256(source.encode()).hexdigest()
+    )
     previous = _read_marker(out)
     root = _previous_result(out, previous, source_key, sha256, md5)
     if root is not None:
         print(
-            f"{out}: already holds the verified download of {source}; nothing to do",
+            f"{out}: already holds the verified download of {shown}; nothing to do",
             file=sys.stderr,
         )
         return root
@@ -184,15 +201,15 @@ def download(
         ) from exc
     if sha256 is None and md5 is None:
         if actual["sha256"] == ORIGINAL_CHECKSUMS["sha256"]:
-            print(f"{source}: the original {ORIGINAL_ARCHIVE} (its checksums)", file=sys.stderr)
+            print(f"{shown}: the original {ORIGINAL_ARCHIVE} (its checksums)", file=sys.stderr)
         else:
             print(
-                f"{source}: sha256 {actual['sha256']} (no checksum given; "
+                f"{shown}: sha256 {actual['sha256']} (no checksum given; "
                 f"pass --sha256 {actual['sha256']} to pin this archive)",
                 file=sys.stderr,
             )
 
-    label = f"{source} ({name})" if path is None else source
+    label = f"{shown} ({name})" if path is None else source
     staging = _extract_to_staging(archive, out, label)
     try:
         root_rel = find_dataset_root(staging).relative_to(staging)
@@ -205,7 +222,7 @@ def download(
     _write_marker(
         out,
         {
-            "source": source,
+            "source": shown,
             "source_key": source_key,
             "sha256": actual["sha256"],
             "md5": actual["md5"],
@@ -274,10 +291,53 @@ def _target(staging: Path, rel: PurePosixPath, label: str, name: str) -> Path:
     return target
 
 
+class _Budget:
+    """What one extraction may still create: members, bytes, and bytes per archive byte.
+
+    Checked against each member's declared size before it is written; tarfile and zipfile
+    never give more bytes than a member declares (zipfile also checks its CRC).
+    """
+
+    def __init__(self, archive: Path, label: str):
+        self.label = label
+        self.archive_bytes = max(archive.stat().st_size, 1)
+        self.max_members = limit("GENREFLOW_MAX_ARCHIVE_MEMBERS")
+        self.max_bytes = limit("GENREFLOW_MAX_EXTRACT_BYTES")
+        self.max_ratio = limit("GENREFLOW_MAX_COMPRESSION_RATIO")
+        self.members = 0
+        self.bytes = 0
+
+    def take(self, member: str, size: int) -> None:
+        self.members += 1
+        self.bytes += max(size, 0)
+        at = f"(at member {member!r})"
+        if self.members > self.max_members:
+            raise exceeded(
+                self.label,
+                "GENREFLOW_MAX_ARCHIVE_MEMBERS",
+                f"holds more than {self.max_members} members {at}",
+            )
+        if self.bytes > self.max_bytes:
+            raise exceeded(
+                self.label,
+                "GENREFLOW_MAX_EXTRACT_BYTES",
+                f"extracts to more than {self.max_bytes} bytes {at}",
+            )
+        if self.bytes > self.max_ratio * self.archive_bytes:
+            raise exceeded(
+                self.label,
+                "GENREFLOW_MAX_COMPRESSION_RATIO",
+                f"extracts to more than {self.max_ratio} times its {self.archive_bytes} bytes {at}",
+            )
+
+
 def _write_member(source, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with source, open(target, "wb") as f:
         shutil.copyfileobj(source, f, _CHUNK_BYTES)
+        # On the disk before the marker says the tree is complete.
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _check_tar_member(member: tarfile.TarInfo, staging: Path, label: str) -> None:
@@ -300,7 +360,7 @@ def _check_tar_member(member: tarfile.TarInfo, staging: Path, label: str) -> Non
             raise _refuse(label, member.name, str(exc)) from exc
 
 
-def _extract_tar(archive: Path, staging: Path, label: str) -> None:
+def _extract_tar(archive: Path, staging: Path, label: str, budget: _Budget) -> None:
     try:
         tar = tarfile.open(archive, mode="r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -312,6 +372,7 @@ def _extract_tar(archive: Path, staging: Path, label: str) -> None:
                 name = member.name
                 rel = _safe_relative_path(member.name, label)
                 _check_tar_member(member, staging, label)
+                budget.take(member.name, member.size if member.isreg() else 0)
                 if rel is None:
                     continue
                 target = _target(staging, rel, label, member.name)
@@ -323,7 +384,7 @@ def _extract_tar(archive: Path, staging: Path, label: str) -> None:
             raise GenreflowError(f"{label}: extraction failed at {name!r}: {exc}") from exc
 
 
-def _extract_zip(archive: Path, staging: Path, label: str) -> None:
+def _extract_zip(archive: Path, staging: Path, label: str, budget: _Budget) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -344,6 +405,7 @@ def _extract_zip(archive: Path, staging: Path, label: str) -> None:
                 raise _refuse(label, name, f"special file (mode {oct(mode)})")
             if info.flag_bits & 0x1:
                 raise _refuse(label, name, "encrypted member")
+            budget.take(name, info.file_size)
             if rel is None:
                 continue
             target = _target(staging, rel, label, name)
@@ -364,9 +426,10 @@ def _extract_to_staging(archive: Path, out: Path, label: str) -> Path:
         extract = _extract_tar
     else:
         raise GenreflowError(f"{label}: not a .tar.gz, .tgz, .tar or .zip archive")
+    budget = _Budget(archive, label)
     staging = Path(tempfile.mkdtemp(prefix=_EXTRACT_PREFIX, dir=out))
     try:
-        extract(archive, staging, label)
+        extract(archive, staging, label, budget)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -455,10 +518,7 @@ def _read_marker(out: Path) -> dict | None:
 
 
 def _write_marker(out: Path, record: dict) -> None:
-    marker = out / MARKER_NAME
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, marker)
+    write_text_atomic(out / MARKER_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def _previous_result(

@@ -1,6 +1,8 @@
-# What genreflow needs in Google Cloud beside an existing GKE cluster: one bucket, a GPU node
-# pool that scales to zero, and two Google service accounts that the Kubernetes service
-# accounts of infra/ act as through workload identity (no key files).
+# What genreflow needs in Google Cloud beside an existing GKE cluster: a bucket for the dataset
+# and the runs, a versioned one for MLflow's artifacts, a GPU node pool that scales to zero
+# with its own least-privilege node account, and two Google service accounts that the
+# Kubernetes service accounts of infra/ act as through workload identity (no key files),
+# each allowed only its own part of the storage.
 
 locals {
   workload_pool = "${var.project}.svc.id.goog"
@@ -12,14 +14,14 @@ resource "google_storage_bucket" "genreflow" {
   uniform_bucket_level_access = true
   public_access_prevention    = "enforced"
 
-  # Intermediate outputs of runs (features, fold folders) are cheap to remake; the MLflow
-  # artifacts under mlflow/ are the record and are kept.
+  # Intermediate outputs of runs (features, fold folders) are cheap to remake; MLflow's
+  # artifacts, the record, are in their own bucket (below).
   dynamic "lifecycle_rule" {
     for_each = var.kfp_root_retention_days > 0 ? [1] : []
     content {
       condition {
         age            = var.kfp_root_retention_days
-        matches_prefix = ["kfp/"]
+        matches_prefix = [var.run_prefix]
       }
       action {
         type = "Delete"
@@ -49,10 +51,11 @@ resource "google_container_node_pool" "gpu" {
   }
 
   node_config {
-    machine_type = var.gpu_machine_type
-    spot         = var.gpu_spot
-    disk_size_gb = 200
-    oauth_scopes = ["https://www.googleapis.com/auth/cloud-platform"]
+    service_account = google_service_account.gpu_nodes.email
+    machine_type    = var.gpu_machine_type
+    spot            = var.gpu_spot
+    disk_size_gb    = 200
+    oauth_scopes    = ["https://www.googleapis.com/auth/cloud-platform"]
 
     guest_accelerator {
       type  = var.gpu_type
@@ -79,22 +82,79 @@ resource "google_service_account" "mlflow" {
   display_name = "genreflow MLflow tracking server"
 }
 
-# The pipeline's pods: read the dataset, read and write KFP's pipeline root.
+# The pipeline's pods: read the dataset, read and write their runs under KFP's pipeline root.
 resource "google_service_account" "pipeline" {
   account_id   = "genreflow-pipeline"
   display_name = "genreflow pipeline runs"
 }
 
+# The GPU nodes' own identity, instead of the project's default compute account (which holds
+# Editor): only what a node needs to run (GKE's node role: logs, metrics, its metadata) and
+# to pull images. Pods never act as it (GKE_METADATA above); they act as the accounts here.
+resource "google_service_account" "gpu_nodes" {
+  account_id   = "genreflow-gpu-nodes"
+  display_name = "genreflow GPU nodes"
+}
+
+resource "google_project_iam_member" "gpu_nodes" {
+  for_each = toset(["roles/container.defaultNodeServiceAccount", "roles/artifactregistry.reader"])
+  project  = var.project
+  role     = each.value
+  member   = "serviceAccount:${google_service_account.gpu_nodes.email}"
+}
+
+# MLflow's artifacts: the record of every run, in a bucket of their own, because versioning
+# is a whole bucket's setting and only these should keep their overwritten and deleted
+# versions (for mlflow_noncurrent_days), against a mistake or a compromised writer.
+resource "google_storage_bucket" "mlflow" {
+  name                        = "${var.bucket_name}-mlflow"
+  location                    = var.region
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+
+  versioning {
+    enabled = true
+  }
+
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.mlflow_noncurrent_days
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+}
+
 resource "google_storage_bucket_iam_member" "mlflow_objects" {
-  bucket = google_storage_bucket.genreflow.name
+  bucket = google_storage_bucket.mlflow.name
   role   = "roles/storage.objectUser"
   member = "serviceAccount:${google_service_account.mlflow.email}"
 }
 
-resource "google_storage_bucket_iam_member" "pipeline_objects" {
+# The pipeline reads the dataset and nothing else of it: a condition on the object's name.
+# Listing is granted on the bucket (a list is checked against the bucket, not an object), so
+# the pipeline can see object names outside the prefix, never their content.
+resource "google_storage_bucket_iam_member" "pipeline_dataset_read" {
+  bucket = google_storage_bucket.genreflow.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.pipeline.email}"
+  condition {
+    title      = "dataset-read-only"
+    expression = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.genreflow.name}/objects/${var.dataset_prefix}\") || resource.name == \"projects/_/buckets/${google_storage_bucket.genreflow.name}\""
+  }
+}
+
+# ... and writes only where its runs go: KFP's pipeline root (the fold work folders are in it).
+resource "google_storage_bucket_iam_member" "pipeline_runs_write" {
   bucket = google_storage_bucket.genreflow.name
   role   = "roles/storage.objectUser"
   member = "serviceAccount:${google_service_account.pipeline.email}"
+  condition {
+    title      = "runs-read-write"
+    expression = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.genreflow.name}/objects/${var.run_prefix}\")"
+  }
 }
 
 resource "google_service_account_iam_member" "mlflow_workload_identity" {

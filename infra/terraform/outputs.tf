@@ -3,6 +3,15 @@ output "bucket" {
   value       = "gs://${google_storage_bucket.genreflow.name}"
 }
 
+output "mlflow_bucket" {
+  description = "MLflow's artifacts (versioned); the overlay's artifacts-destination is gs://<this>/mlflow."
+  value       = "gs://${google_storage_bucket.mlflow.name}"
+}
+
+output "gpu_node_service_account" {
+  value = google_service_account.gpu_nodes.email
+}
+
 output "mlflow_service_account" {
   value = google_service_account.mlflow.email
 }

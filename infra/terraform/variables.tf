@@ -20,7 +20,7 @@ variable "cluster_location" {
 }
 
 variable "bucket_name" {
-  description = "Bucket for the dataset, KFP's pipeline root (kfp/) and MLflow's artifacts (mlflow/)."
+  description = "Bucket for the dataset (dataset_prefix) and KFP's pipeline root (run_prefix); MLflow's artifacts go to <this>-mlflow."
   type        = string
 }
 
@@ -76,4 +76,22 @@ variable "kfp_root_retention_days" {
     condition     = var.kfp_root_retention_days == 0 || var.kfp_root_retention_days > 30
     error_message = "kfp_root_retention_days must be 0 (keep) or more than the 30-day cache period."
   }
+}
+
+variable "dataset_prefix" {
+  description = "Where the dataset lies in the bucket: the pipeline may read this and no other object."
+  type        = string
+  default     = "data/"
+}
+
+variable "run_prefix" {
+  description = "KFP's pipeline root in the bucket (--pipeline-root gs://<bucket>/<this>): the only prefix the pipeline writes."
+  type        = string
+  default     = "kfp/"
+}
+
+variable "mlflow_noncurrent_days" {
+  description = "Days an overwritten or deleted MLflow artifact's old version is kept."
+  type        = number
+  default     = 90
 }
