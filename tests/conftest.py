@@ -83,7 +83,8 @@ def mlflow_server(tmp_path_factory) -> str:
         "1",
     ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    with serving(command, "/health", root / "server.log", port=port, env=env) as uri:
+    # A loaded CI machine (two test workers, each importing torch) can take minutes.
+    with serving(command, "/health", root / "server.log", port=port, env=env, timeout=240) as uri:
         yield uri
 
 

@@ -500,7 +500,8 @@ def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(tmp_path, w
         killer.start()
         try:
             with pytest.raises(GenreflowError, match="a decoding worker process died"):
-                pack(root, out, clip_seconds=1.0, workers=2, progress=False)
+                # Whole 20 s clips: pack decodes only what a clip needs.
+                pack(root, out, clip_seconds=20.0, workers=2, progress=False)
         finally:
             stop.set()
             killer.join()

@@ -706,9 +706,11 @@ def test_cache_and_lifecycle_agree(tmp_path):
     assert bound == CACHE_PERIOD_DAYS < default
     main_tf = (Path(__file__).parents[1] / "infra/terraform/main.tf").read_text()
     assert (
-        'matches_prefix = ["kfp/"]' in main_tf
+        "matches_prefix = [var.run_prefix]" in main_tf
         and "age            = var.kfp_root_retention_days" in main_tf
     )
+    run_prefix = variables[variables.index('variable "run_prefix"') :]
+    assert re.search(r'default\s*=\s*"kfp/"', run_prefix[: run_prefix.index("\n}\n")])
 
     day = 86400
     assert cache_epoch(0) == cache_epoch((CACHE_PERIOD_DAYS - 1) * day) == "0"
