@@ -123,10 +123,10 @@ def test_no_step_records_or_prints_a_uri_secret(
     parent = start_run.python_func(tracking_uri=tracking, mlflow_run=markdown, **arguments)
     recorded += (tmp_path / "run.md").read_text()
 
-    def train():
+    def train(on_evaluation=None):
         fold = tmp_path / "fold1"
         fold.mkdir()
-        (fold / "metrics.csv").write_text("iteration,heldout_accuracy,seconds\n10,0.5,1.0\n")
+        (fold / "metrics.csv").write_text("iteration,test_accuracy,seconds\n10,0.5,1.0\n")
         rows = [
             f"{g}.00000.au,1,{g}," + ",".join("1" if h == g else "0" for h in GENRES)
             for g in GENRES
@@ -143,10 +143,10 @@ def test_no_step_records_or_prints_a_uri_secret(
             final_accuracy=0.5,
             valid_accuracy=0.5,
             selected_iteration=10,
-            best_accuracy=0.5,
-            best_iteration=10,
+            peak_test_accuracy=0.5,
+            peak_test_iteration=10,
             n_train=8,
-            n_heldout=10,
+            n_test=10,
             split={},
             split_sha256="0" * 64,
             data_sha256="0" * 64,
