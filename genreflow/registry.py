@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from genreflow.errors import GenreflowError
@@ -91,6 +93,18 @@ def describe(tags: dict[str, str]) -> str:
     )
 
 
+@contextlib.contextmanager
+def _global_tracking_uri(tracking_uri: str):
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps it in step
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again
+
+
 def register_version(
     tracking_uri: str, name: str, model_id: str, *, parent_run_id: str, tags: dict[str, str]
 ) -> str:
@@ -105,14 +119,18 @@ def register_version(
                 client.create_registered_model(name)
             except Exception:  # created meanwhile by a parallel run
                 pass
-        version = client.create_model_version(
-            name,
-            f"models:/{model_id}",
-            run_id=parent_run_id,
-            tags=tags,
-            description=describe(tags),
-            model_id=model_id,
-        )
+        # MLflow's database registry looks the LoggedModel up through the process-wide
+        # tracking URI, not the client's: with a sqlite store (make run's) it would look in
+        # another database and fail. Point it at this one while registering.
+        with _global_tracking_uri(tracking_uri):
+            version = client.create_model_version(
+                name,
+                f"models:/{model_id}",
+                run_id=parent_run_id,
+                tags=tags,
+                description=describe(tags),
+                model_id=model_id,
+            )
         client.set_registered_model_alias(name, CANDIDATE, version.version)
         return str(version.version)
 

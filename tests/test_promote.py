@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -163,3 +164,21 @@ def test_results_chosen_on_test_data_or_partial_are_not_registered_unless_asked(
     assert "selection=heldout" in registration_refusal({**trusted, "selection": "heldout"})
     partial = {**trusted, "partial": True, "usable_folds": [1, 2], "expected_folds": [1, 2, 3]}
     assert registration_refusal(partial) == "it is partial (2 of 3 folds)"
+
+
+def test_a_version_registers_in_a_sqlite_store_whatever_the_global_uri(tmp_path, monkeypatch):
+    """make run's store is a sqlite database: MLflow's database registry looks the logged
+    model up through the process-wide tracking URI, which here names another one."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("sqlite-registry")
+    parent = client.create_run(experiment_id).info.run_id
+    model = client.create_logged_model(experiment_id, name="fold-ensemble", source_run_id=parent)
+    tags = {
+        "protocol": "cv10", "selection": "validation", "partial": "false", "folds": "1,2",
+        "accuracy_mean": "0.9000", "git_commit": "0" * 40, PARENT_RUN_TAG: parent,
+    }  # fmt: skip
+    number = register_version(uri, "sqlite-model", model.model_id, parent_run_id=parent, tags=tags)
+    assert str(client.get_model_version_by_alias("sqlite-model", "candidate").version) == number
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'elsewhere.db'}"
