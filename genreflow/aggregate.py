@@ -65,6 +65,7 @@ from genreflow.fold_result import (
     csv_text,
     read_fold,
 )
+from genreflow.recipe import RECIPE_VERSION, recipe_label, recipe_version_of
 from genreflow.splits import DEFAULT_PROTOCOL, SELECTIONS  # "heldout": the seed's choice
 
 PROTOCOL_LABELS: dict[str, str] = {
@@ -450,6 +451,8 @@ def headline(report: dict) -> list[str]:
     ]
     if report.get("selection_label"):
         lines.append(report["selection_label"])
+    if old := old_recipe_note(report):
+        lines.append(old)
     if report["partial"]:
         lines.append(
             f"PARTIAL: missing {noun}(s) "
@@ -482,6 +485,17 @@ def headline(report: dict) -> list[str]:
     if split:  # the names (70 excluded on the real lists) are in report.json and the page
         lines.append(_split_text(split, with_names=False))
     return lines
+
+
+def old_recipe_note(report: dict) -> str:
+    """A line saying the folds were trained under an earlier recipe ("" for today's)."""
+    version = report.get("recipe_version")
+    if version is None or version == RECIPE_VERSION:
+        return ""
+    return (
+        f"OLDER RECIPE: trained under {recipe_label(version)}, not today's "
+        f"{recipe_label(RECIPE_VERSION)}"
+    )
 
 
 def _count_text(value) -> str:
@@ -663,6 +677,8 @@ def _report_html(report: dict, png: bytes) -> str:
             f"of {len(report['expected_folds'])} {noun}s usable; {noun}(s) {esc(missing)} "
             f"missing. Every statistic below is over the usable {noun}s only.</p>"
         )
+    if old := old_recipe_note(report):
+        parts.append(f'<p class="partial">{esc(old)}</p>')
     parts += [
         f'<p class="note">genre classification report, genreflow {esc(report["version"])}</p>',
         '<p class="headline">Accuracy '
@@ -1038,6 +1054,12 @@ def _report(
     )
     data_sha256 = _agreed(folds, "the data checksum", lambda f: f.summary.get("data_sha256"))
     split_sha256 = _agreed(folds, "the split checksum", lambda f: f.summary.get("split_sha256"))
+    # None where the summaries record no config at all (hand-made folders): not labelled.
+    recipe_version = _agreed(
+        folds,
+        "the recipe version",
+        lambda f: recipe_version_of(f.summary["config"]) if f.summary.get("config") else None,
+    )
     fold_rows = [_fold_row(fold) for fold in folds]
     confusion = confusion_matrix(folds)
     per_genre, macro_f1 = _per_genre(confusion)
@@ -1053,6 +1075,8 @@ def _report(
         "selection": selection,
         "selection_label": selection_label(selection, protocol),
         "version": __version__,
+        "recipe_version": recipe_version,
+        "recipe": recipe_label(recipe_version) if recipe_version is not None else None,
         "partial": len(usable) < len(expected),
         "expected_folds": expected,
         "usable_folds": usable,

@@ -39,6 +39,7 @@ from genreflow.aggregate import (
 from genreflow.atomic import write_text_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import RENAMED, current_names
+from genreflow.recipe import RECIPE_VERSION, recipe_label, recipe_version_of
 
 DEFAULT_METRIC = "final_accuracy"
 PARENT_TAG = "mlflow.parentRunId"
@@ -79,6 +80,7 @@ class PipelineRun:
     unscored: dict[int, str] = field(default_factory=dict)  # fold -> its run's status
     notes: list[str] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)  # data.sha256, split.sha256
+    recipe_versions: set[int] = field(default_factory=set)  # of its scored fold runs
 
     @property
     def label(self) -> str:
@@ -190,6 +192,10 @@ def read_pipeline_run(
                 f"({chosen.info.run_id}) is used, not {others}"
             )
         run.scores[fold] = float(current_names(chosen.data.metrics)[metric])
+        # Fold runs log their config as params, with no recipe_version before versions were
+        # recorded (recipe 1); a run with no params at all is not genreflow's: unknown.
+        if chosen.data.params:
+            run.recipe_versions.add(recipe_version_of(chosen.data.params))
     return run
 
 
@@ -204,6 +210,24 @@ def _checksum_notes(a: PipelineRun, b: PipelineRun) -> list[str]:
                 f"the runs record different {tag} ({value_a[:12]}... vs {value_b[:12]}...): "
                 "fold K of one is not fold K of the other, so the per-fold pairing is suspect"
             )
+    return notes
+
+
+def _recipe_notes(a: PipelineRun, b: PipelineRun) -> list[str]:
+    """Say so where a run's folds were trained under another recipe than today's, or the
+    two runs' under different ones: their difference then includes the recipe's."""
+    notes = []
+    for run, key in ((a, "A"), (b, "B")):
+        if len(run.recipe_versions) > 1:
+            versions = ", ".join(recipe_label(v) for v in sorted(run.recipe_versions))
+            notes.append(f"run {key}: its folds were trained under several recipes: {versions}")
+        elif run.recipe_versions and run.recipe_versions != {RECIPE_VERSION}:
+            notes.append(f"run {key}: trained under {recipe_label(min(run.recipe_versions))}")
+    if a.recipe_versions and b.recipe_versions and a.recipe_versions != b.recipe_versions:
+        notes.append(
+            "A and B were trained under different recipes: the difference includes the "
+            "recipe's change, not only what the runs were meant to compare"
+        )
     return notes
 
 
@@ -354,7 +378,7 @@ def compare_runs(
         ],
         "only_in_a": sorted(set(a.scores) - set(b.scores)),
         "only_in_b": sorted(set(b.scores) - set(a.scores)),
-        "notes": a.notes + b.notes + _checksum_notes(a, b),
+        "notes": a.notes + b.notes + _checksum_notes(a, b) + _recipe_notes(a, b),
         "comparable": a.protocol == b.protocol,
         "test": None,
         "no_test": None,
@@ -430,6 +454,7 @@ def _run_dict(run: PipelineRun) -> dict:
         if run.selection in ("validation", "heldout")
         else run.selection,
         "folds": sorted(run.scores),
+        "recipe_versions": sorted(run.recipe_versions),
         "scores": {str(f): v for f, v in run.scores.items()},
         "unscored": {str(f): s for f, s in run.unscored.items()},
     }

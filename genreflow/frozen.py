@@ -26,8 +26,9 @@ The head recipe (`genreflow.recipe.HeadConfig`, `DEFAULT_RECIPE` here):
   the training folds (dead ReLUs) are left unscaled and get no weight;
 - full batch (the whole training set is a few MB, and it leaves no sampling noise), AdamW
   with lr 1e-3 for 1000 steps and decoupled weight decay 1.0, the seed's clip_nll loss on
-  log-softmax, a zero-initialised head (the problem is convex; zero keeps it
-  deterministic). Which rows train, which choose and which are reported is
+  log-softmax (genreflow.losses: the seed's own reduction, a mean over clips x genres, as
+  its freeze_base mode trains fc_transfer with), a zero-initialised head (the problem is
+  convex; zero keeps it deterministic). Which rows train, which choose and which are reported is
   genreflow.splits' decision (`protocol`, `selection`, as in genreflow.train): the head is
   evaluated every `eval_every` steps and the one with the best validation accuracy (ties:
   the earlier) is saved and reported on the test rows;
@@ -96,7 +97,9 @@ from genreflow.fold_result import (  # noqa: F401 (the fold folder's names, re-e
     write_predictions,
     write_summary,
 )
-from genreflow.recipe import HeadConfig
+from genreflow.losses import NAME as LOSS
+from genreflow.losses import clip_nll
+from genreflow.recipe import RECIPE_VERSION, HeadConfig, check_recipe_version
 from genreflow.runtime import (
     autocast_for,
     cpu_threads_for_training,
@@ -117,7 +120,6 @@ from genreflow.splits import (
 EMBEDDINGS, BASE, PARTIAL = "embeddings.h5", "base.pth", "embeddings.partial"
 BASE_MODEL = "Cnn14"
 EMBEDDING_SIZE = 2048
-LOSS = "clip_nll"
 
 # torch.compile of the base (inductor with frozen weights: batch norm folded into the
 # convolutions, weights pre-packed for oneDNN) ran Cnn14's bf16 eval forward about 1.4x
@@ -683,6 +685,7 @@ def _check_head_config(config: HeadConfig) -> None:
     if config.batch_size < 0:
         raise GenreflowError(f"batch size must be 0 (full batch) or positive: {config.batch_size}")
     check_protocol(config.protocol, config.selection, config.fold)
+    check_recipe_version(config.recipe_version)
     if not config.lr > 0:
         raise GenreflowError(f"learning rate must be positive, got {config.lr}")
     if not config.weight_decay >= 0:
@@ -722,6 +725,7 @@ def train_head(
     seed: int = DEFAULT_RECIPE["seed"],
     protocol: str = DEFAULT_PROTOCOL,
     selection: str = DEFAULT_SELECTION,
+    recipe_version: int = RECIPE_VERSION,
     on_evaluation: Callable[[dict], object] | None = None,
 ) -> dict:
     """Train the genre head on stored embeddings of the training rows, keep the head that
@@ -744,6 +748,7 @@ def train_head(
         protocol: "cv10" or "filtered" (the fault-filtered lists).
         selection: "validation" chooses the head on rows neither trained on nor reported
             (cv10: the next fold); "heldout" on the test rows, as the seed did.
+        recipe_version: genreflow.recipe.RECIPE_VERSION (the only one this code trains).
         on_evaluation: given each evaluation's metrics.csv row as it happens (the fold's
             live curve: genreflow.tracking.LiveLog).
 
@@ -764,6 +769,7 @@ def train_head(
         seed=seed,
         protocol=protocol,
         selection=selection,
+        recipe_version=recipe_version,
     )
     _check_head_config(config)
     data = read_embeddings(embeddings)
@@ -882,8 +888,7 @@ def _mix(x: Tensor, y: Tensor, rng: np.random.Generator, alpha: float) -> tuple[
 
 def _head_step(head: nn.Linear, optimizer, x: Tensor, y: Tensor) -> float:
     """One step: the seed's clip_nll on log-softmax, backward, AdamW. Returns the loss."""
-    log_probs = torch.log_softmax(head(x), dim=-1)
-    loss = -torch.mean(torch.sum(y * log_probs, dim=-1))
+    loss = clip_nll(torch.log_softmax(head(x), dim=-1), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -26,6 +26,15 @@ from dataclasses import dataclass, field
 from genreflow.splits import DEFAULT_PROTOCOL, DEFAULT_SELECTION
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+# What the same knobs train changes with the code now and then; the version says which code,
+# and is part of every config (so of checkpoints, summaries, resume state, the fold runs'
+# params and the fold key): a fold of another version is never resumed or reused as this one.
+RECIPE_VERSIONS = {
+    1: "clip_nll summed over genres (10x the seed's loss); genreflow before recipe 2",
+    2: "the seed's clip_nll, a mean over clips x genres (genreflow.losses)",
+}
+RECIPE_VERSION = 2
 FINE_TUNE_PREFIX, HEAD_PREFIX = "", "head_"
 
 
@@ -67,6 +76,7 @@ class TrainConfig:
     # genreflow.splits: cv10 | filtered, and validation | heldout (what chooses best.pth).
     protocol: str = DEFAULT_PROTOCOL
     selection: str = DEFAULT_SELECTION
+    recipe_version: int = RECIPE_VERSION
 
 
 @dataclass
@@ -90,6 +100,28 @@ class HeadConfig:
     # genreflow.splits: which rows train, choose the head and are reported.
     protocol: str = DEFAULT_PROTOCOL
     selection: str = DEFAULT_SELECTION
+    recipe_version: int = RECIPE_VERSION
+
+
+def recipe_version_of(config: dict) -> int:
+    """The recipe version a recorded config (summary.json's, resume.pt's, a checkpoint's)
+    was trained under: 1 where none is recorded (before versions were)."""
+    return int(config.get("recipe_version", 1))
+
+
+def recipe_label(version: int) -> str:
+    """`recipe N (what it means)`, for reports and comparisons."""
+    return f"recipe {version} ({RECIPE_VERSIONS.get(version, 'unknown to this genreflow')})"
+
+
+def check_recipe_version(version: int) -> None:
+    """This code trains only its own recipe version."""
+    from genreflow.errors import GenreflowError
+
+    if version != RECIPE_VERSION:
+        raise GenreflowError(
+            f"recipe_version {version!r}: this genreflow trains only {recipe_label(RECIPE_VERSION)}"
+        )
 
 
 def knobs(config: type) -> list[dataclasses.Field]:

@@ -19,6 +19,7 @@ import torch
 from genreflow.atomic import write_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import SUMMARY, Progress, current_names, read_summary
+from genreflow.recipe import recipe_version_of
 
 RESUME = "resume.pt"
 
@@ -37,6 +38,7 @@ RESULT_FIELDS = (
     "seed",
     "protocol",
     "selection",
+    "recipe_version",
 )
 
 
@@ -109,10 +111,11 @@ def _as_tuples(value):
 # --- what a folder holds -----------------------------------------------------------------
 def check_same_run(out: Path, saved: dict, config, fingerprint: dict) -> None:
     """A run found in `out` must be this config's on the same features, or it is an error."""
-    differ = [f for f in RESULT_FIELDS if saved["config"].get(f) != getattr(config, f)]
+    there = {**saved["config"], "recipe_version": recipe_version_of(saved["config"])}
+    differ = [f for f in RESULT_FIELDS if there.get(f) != getattr(config, f)]
     if differ:
         details = ", ".join(
-            f"{f}={saved['config'].get(f)!r} there, {getattr(config, f)!r} now" for f in differ
+            f"{f}={there.get(f)!r} there, {getattr(config, f)!r} now" for f in differ
         )
         raise GenreflowError(
             f"{out}: holds a run with other settings ({details}); rerun with the same "

@@ -5,7 +5,8 @@ evaluation, checkpoint. The defaults are the recipe of the seed
 (qiuqiangkong/panns_transfer_to_gtzan, pytorch/main.py and runme.sh): Adam with lr 1e-4,
 betas (0.9, 0.999), eps 1e-8, no weight decay, amsgrad; batch 32; mixup with alpha 1 on
 pairs of clips (the sampler draws twice the batch and the model mixes them two by two);
-the clip_nll loss; evaluation every 200 iterations; 10000 iterations.
+the clip_nll loss (genreflow.losses: a mean over batch x classes, as the seed's);
+evaluation every 200 iterations; 10000 iterations.
 
 Which rows train, which choose the checkpoint and which are reported is genreflow.splits'
 decision (`protocol`, `selection`): by default 10-fold CV with fold K reported and the
@@ -73,8 +74,10 @@ from genreflow.fold_result import (
     write_predictions,
     write_summary,
 )
+from genreflow.losses import NAME as LOSS
+from genreflow.losses import clip_nll
 from genreflow.progress import format_duration
-from genreflow.recipe import TrainConfig
+from genreflow.recipe import TrainConfig, check_recipe_version
 from genreflow.resume import RESUME
 from genreflow.runtime import (
     PRECISIONS,
@@ -97,7 +100,6 @@ LAST = "last.pth"
 
 # The seed's optimiser, spelled out so that it lands in every checkpoint's metadata.
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": True}
-LOSS = "clip_nll"
 
 
 # --- config ------------------------------------------------------------------------------
@@ -121,6 +123,7 @@ def _check_config(config: TrainConfig) -> None:
             f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"
         )
     check_protocol(config.protocol, config.selection, config.fold)
+    check_recipe_version(config.recipe_version)
 
 
 # --- data --------------------------------------------------------------------------------
@@ -327,7 +330,7 @@ def training_step(model, optimizer, batch, target, mixup_lambda, amp) -> torch.T
         output = model(batch, mixup_lambda)
     if mixup_lambda is not None:
         target = do_mixup(target, mixup_lambda)
-    loss = -torch.mean(torch.sum(target * output["clipwise_output"].float(), dim=-1))
+    loss = clip_nll(output["clipwise_output"], target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

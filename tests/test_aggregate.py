@@ -17,6 +17,7 @@ from genreflow.aggregate import (
     aggregate,
     flat_metrics,
     fold_statistics,
+    headline,
     paired_comparison,
     wilson_interval,
 )
@@ -24,6 +25,7 @@ from genreflow.cli import main
 from genreflow.data.genres import GENRES
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import PROBABILITY_SUM_TOLERANCE, read_predictions
+from genreflow.recipe import RECIPE_VERSION
 
 # Student's t quantiles t_{0.975, dof}, from printed tables
 T975 = {1: 12.706205, 6: 2.446912, 9: 2.262157}
@@ -732,6 +734,32 @@ def test_heldout_selection_is_named_first(tmp_path: Path) -> None:
     # selection recorded by one fold and not by another: mixed runs, refused
     write_fold(tmp_path / "folds", 2, standard_rows(2), protocol="cv10")
     with pytest.raises(GenreflowError, match="disagree on the checkpoint selection"):
+        aggregate(folds, out, expected_folds=[1, 2], min_folds=2)
+
+
+def test_folds_of_an_earlier_recipe_are_labelled_and_never_mixed(tmp_path: Path) -> None:
+    """A fold whose config records no recipe_version was trained under recipe 1 (the loss
+    summed over genres): its report still reads, and says so first thing."""
+    today = {"recipe_version": RECIPE_VERSION, "seed": 0}
+    old = {"seed": 0}
+    folds = [write_fold(tmp_path / "old", k, standard_rows(k), config=old) for k in (1, 2)]
+    out = tmp_path / "out"
+    report = aggregate(folds, out, expected_folds=[1, 2], min_folds=2)
+    assert report["recipe_version"] == 1
+    assert "summed over genres" in report["recipe"]
+    note = next(line for line in headline(report) if line.startswith("OLDER RECIPE"))
+    assert "recipe 1" in note and f"recipe {RECIPE_VERSION}" in note
+    assert any(
+        line.startswith("OLDER RECIPE") for line in visible_lines((out / "report.html").read_text())
+    )
+
+    folds = [write_fold(tmp_path / "new", k, standard_rows(k), config=today) for k in (1, 2)]
+    report = aggregate(folds, out, expected_folds=[1, 2], min_folds=2)
+    assert report["recipe_version"] == RECIPE_VERSION
+    assert not any(line.startswith("OLDER RECIPE") for line in headline(report))
+
+    write_fold(tmp_path / "new", 2, standard_rows(2), config=old)
+    with pytest.raises(GenreflowError, match="disagree on the recipe version"):
         aggregate(folds, out, expected_folds=[1, 2], min_folds=2)
 
 

@@ -55,9 +55,10 @@ def pipeline_run(
     scores: dict[int, float],
     *,
     protocol: str | None = None,
+    fold_params: dict[str, str] | None = None,
 ) -> str:
     """A parent run with its aggregate metrics and one child run per fold, as the pipeline
-    leaves them; its id."""
+    leaves them (`fold_params`: the config a fold run logs as params); its id."""
     tags = {"genreflow.role": "pipeline"}
     if protocol is not None:
         tags["protocol"] = protocol
@@ -72,6 +73,8 @@ def pipeline_run(
             tags={"mlflow.parentRunId": parent, "fold": str(fold), "genreflow.role": "fold"},
         ).info.run_id
         client.log_metric(child, "final_accuracy", score)
+        for key, value in (fold_params or {}).items():
+            client.log_param(child, key, value)
         client.set_terminated(child)
     client.set_terminated(parent)
     return parent
@@ -206,3 +209,29 @@ def test_fold_runs_logged_under_the_old_name_compare_under_the_new(
         assert result["metric"] == "test_accuracy"
         pairs = {row["fold"]: (row["a"], row["b"]) for row in result["per_fold"]}
         assert pairs == {k: (A_SCORES[k], B_SCORES[k]) for k in range(1, 11)}
+
+
+def test_runs_of_an_earlier_recipe_compare_labelled(
+    experiment: tuple[MlflowClient, str], mlflow_server: str, capsys
+) -> None:
+    """A run whose fold runs' params hold no recipe_version was trained under recipe 1 (the
+    loss summed over genres): it still compares, and the comparison says so."""
+    from genreflow.recipe import RECIPE_VERSION
+
+    client, experiment_id = experiment
+    old = pipeline_run(client, experiment_id, "recipe-1", A_SCORES, fold_params={"seed": "0"})
+    today = {"seed": "0", "recipe_version": str(RECIPE_VERSION)}
+    new = pipeline_run(client, experiment_id, "recipe-now", B_SCORES, fold_params=today)
+    also_new = pipeline_run(client, experiment_id, "recipe-now-2", A_SCORES, fold_params=today)
+
+    assert main(["compare", old, new, "--tracking-uri", mlflow_server]) == 0
+    out = capsys.readouterr().out
+    assert "run A: trained under recipe 1 (clip_nll summed over genres" in out
+    assert "A and B were trained under different recipes" in out
+    assert "difference" in out  # the paired test is still made and shown
+
+    from genreflow.compare import compare_runs
+
+    result = compare_runs(new, also_new, tracking_uri=mlflow_server)
+    assert result["runs"]["a"]["recipe_versions"] == [RECIPE_VERSION]
+    assert not [note for note in result["notes"] if "recipe" in note]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -429,6 +430,31 @@ def test_a_resume_with_other_settings_is_refused(work, uninterrupted):
         train_fold(_config(work, uninterrupted, selection="heldout"))
     with pytest.raises(GenreflowError, match="finished at iteration 6"):
         train_fold(_config(work, uninterrupted, iterations=8))
+
+
+def test_a_run_of_an_earlier_recipe_is_neither_resumed_nor_taken_as_finished(
+    work, uninterrupted, tmp_path
+):
+    """Folders trained before recipe versions were recorded (recipe 1: the loss summed over
+    genres) are refused, finished or not: resuming one under today's loss would splice two
+    recipes into one run."""
+    from genreflow import resume
+
+    old = tmp_path / "old"
+    shutil.copytree(uninterrupted, old)
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["config"]["recipe_version"]
+    (old / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(GenreflowError, match="other settings.*recipe_version=1 there, 2 now"):
+        train_fold(_config(work, old))
+
+    config = _config(work, tmp_path / "unfinished")
+    fingerprint = summary["features"]
+    saved = {"iteration": 2, "config": summary["config"], "features": fingerprint}
+    Path(config.out).mkdir()
+    torch.save(saved, Path(config.out) / resume.RESUME)
+    with pytest.raises(GenreflowError, match="recipe_version=1 there, 2 now"):
+        resume.load(Path(config.out), config, fingerprint)
 
 
 def _filtered_sample() -> list[str]:
