@@ -107,6 +107,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.torch.startswith("torch==") or "+" in args.torch:
         parser.error(f"--torch {args.torch!r}: expected torch==X.Y.Z, one release")
+    wheels = args.torch_wheels
+    if "://" not in wheels and not Path(wheels).is_dir():
+        parser.error(
+            f"--torch-wheels {wheels!r}: neither a URL nor a folder (TORCH_WHEELS: the torch "
+            "page of PyTorch's CPU index, or a folder holding torch's CPU wheel)"
+        )
     with open(ROOT / "pyproject.toml", "rb") as f:
         build_requires = tomllib.load(f)["build-system"]["requires"]
     for name in LOCKS:
