@@ -71,7 +71,7 @@ images: ## build and tag the CPU and CUDA images (docker or podman); ids and dig
 	TORCH_INDEX="$(TORCH_INDEX)" docker/build.sh --out $(WORKSPACE)/images.json $(IMAGE_BUILD_ARGS)
 
 image-test: install ## as root: build both images with podman, run pack and a fold in the CPU one, compare with outside
-	TORCH_PIN="$(TORCH_PIN)" TORCH_INDEX="$(TORCH_INDEX)" VENV=$(VENV) docker/image-test.sh
+	TORCH_INDEX="$(TORCH_INDEX)" VENV=$(VENV) docker/image-test.sh
 
 dag-test: image-test ## as root: the whole DAG (both branches), every step in those images via podman, equal to the subprocess run
 	$(BIN)/pytest -m containers tests/containers $(PYTEST_ARGS)
@@ -88,3 +88,33 @@ bench-full-scale: install ## GTZAN's scale (1000 x 30 s, set made once into $(WO
 
 gpu-check: install ## the seed recipe's fine-tune step on a CUDA GPU (fp32, bf16, channels_last, compile) in under 8 minutes; a dry run on a CPU
 	$(BIN)/python bench/gpu_check.py
+
+## uv, which `make lock` runs (this release: its output is the locks' form)
+UV_PIN ?= uv==0.13.10
+## where `make lock` finds torch's CPU wheel: TORCH_INDEX's torch page, or a folder of wheels
+TORCH_WHEELS ?= $(TORCH_INDEX)/torch/
+## `make lock` leaves out releases after this day: the same day, the same locks
+LOCK_DATE ?= 2026-12-07
+## the venv `make test-floors` makes, and the part of the suite it runs there: the library
+## (audio, packing, the models, MLflow on a real server, the registry, gs://) and the
+## component tier (each step through kfp.local, the compiled DAG, submit)
+FLOORS_VENV ?= .venv-floors
+FLOORS_TESTS ?= tests/test_audio.py tests/test_pack.py tests/test_models.py \
+    tests/test_tracking.py tests/test_promote.py tests/test_gcs.py \
+    tests/test_components.py tests/test_compile.py tests/test_submit.py
+.PHONY: lock test-floors
+
+$(BIN)/uv: $(BIN)/python
+	$(BIN)/pip install --quiet "$(UV_PIN)"
+
+lock: $(BIN)/uv ## requirements/{runtime,cuda,retrain}.lock from pyproject.toml with uv, every file by sha256
+	$(BIN)/python requirements/lock.py --uv $(BIN)/uv --torch "$(TORCH_PIN)" --torch-wheels "$(TORCH_WHEELS)" --date $(LOCK_DATE)
+
+# torch stays at TORCH_PIN: its older releases are multi-GB CUDA builds on PyPI.
+test-floors: ## the lowest versions pyproject admits (torch: TORCH_PIN) in $(FLOORS_VENV), then FLOORS_TESTS on them
+	rm -rf $(FLOORS_VENV) && $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLOORS_VENV)/bin/pip install --quiet $(if $(TORCH_INDEX),$$($(FLOORS_VENV)/bin/python docker/torch_index.py --pip-option '$(TORCH_INDEX)') )"$(TORCH_PIN)"
+	$(FLOORS_VENV)/bin/python requirements/floors.py pyproject.toml --keep torch | tee $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/pip install --quiet --constraint $(FLOORS_VENV)/floors.txt -e '.[test]'
+	$(FLOORS_VENV)/bin/pytest -n 0 -p no:cacheprovider $(PYTEST_ARGS) $(FLOORS_TESTS)

@@ -13,7 +13,6 @@ cd "$(dirname "$0")/.."
 
 STATE=${IMAGE_TEST_DIR:-/var/tmp/genreflow-image-test}
 VENV=$(realpath "${VENV:-.venv}")
-TORCH_PIN=${TORCH_PIN:?set TORCH_PIN to the exact CPU torch release (make image-test passes it)}
 TORCH_INDEX=${TORCH_INDEX-$(sed -n 's/^TORCH_INDEX ?= *//p' Makefile)}
 BASE_IMAGE=localhost/base:ci
 PY=$VENV/bin/python
@@ -123,7 +122,7 @@ build_base() {
 
 build_images() {
   local flags=(--isolation chroot --network host --pull=never
-    --build-arg "BASE=$BASE_IMAGE" --build-arg "TORCH_PIN=$TORCH_PIN"
+    --build-arg "BASE=$BASE_IMAGE" --build-arg "LOCK=requirements/runtime.lock"
     -v "$STATE/pip.conf:/etc/pip.conf:ro")
   local kind value host_index="" torch_index
   while read -r kind value; do

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,16 +19,46 @@ from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES, run_arguments
 RUNNERS = ("subprocess", "docker")
 
 
-def _wait_for_every_container() -> None:
-    """Make kfp.local's DockerRunner read each container's exit status for certain.
+# The kfp releases whose DockerRunner internals _wait_for_every_container was read from and
+# checked against (docker_task_handler.run_docker_container, its signature and its
+# add_latest_tag_if_not_present). 2.16.0 to 2.17.3 take a removed container for a success
+# (kubeflow/pipelines#13332, open; fixes proposed in #13402 and #13907); 2.15.0 to 2.15.2 read
+# the status right but never remove a container. A later release may fix or move this code.
+PATCHED_KFP = ((2, 15, 0), (2, 17, 3))
 
-    kfp 2.17's docker_task_handler.run_docker_container starts containers with
+
+def _kfp_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version("kfp"))
+    return tuple(int(part) for part in match.groups()) if match else ()
+
+
+def _wait_for_every_container() -> bool:
+    """Make kfp.local's DockerRunner read each container's exit status for certain, on the
+    kfp releases in PATCHED_KFP; elsewhere leave kfp's own, say so, and return False.
+
+    kfp 2.16 and 2.17's docker_task_handler.run_docker_container start containers with
     auto_remove=True and, when the container is gone before it asks how it ended, takes
-    that for success (status 0). A step that fails fast can then pass; and podman answers
+    that for success (status 0). A step that fails fast can then pass; podman answers
     such a late question with HTTP 500, not 404, which kfp does not catch. Here a container
     is kept until its status is read, then removed.
     """
     from kfp.local import docker_task_handler
+
+    found = _kfp_version()
+    lowest, highest = PATCHED_KFP
+    if not lowest <= found <= highest:
+        shown = ".".join(map(str, found)) or "unknown"
+        print(
+            f"genreflow run --runner docker: kfp {shown} is outside the releases genreflow's "
+            f"fix for kubeflow/pipelines#13332 was checked against "
+            f"({'.'.join(map(str, lowest))} to {'.'.join(map(str, highest))}); kfp's own "
+            "DockerRunner runs the steps, and may report a step that fails at once as "
+            "succeeded",
+            file=sys.stderr,
+        )
+        return False
 
     def run_container(client, image, command, volumes, **run_args) -> int:
         image = docker_task_handler.add_latest_tag_if_not_present(image=image)
@@ -45,6 +76,7 @@ def _wait_for_every_container() -> None:
             container.remove(force=True)
 
     docker_task_handler.run_docker_container = run_container
+    return True
 
 
 def demo_source(workspace: Path) -> tuple[str, str]:

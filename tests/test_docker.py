@@ -99,14 +99,42 @@ def test_dockerfile_keeps_the_image_contract(dockerfile):
         assert f"org.opencontainers.image.{key}=" + (value or "") in labels, key
     assert ("ENV", "GENREFLOW_GIT_COMMIT=$GIT_COMMIT") in instructions
 
-    # The package is installed from this repository; its pins stay in pyproject.toml.
+    # Every dependency from the image's lock, each file by its hash; then the package from
+    # this repository, resolving nothing more; no package named anywhere else.
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "pip install --no-deps ." in runs
-    assert "requirements.py pyproject.toml" in runs
+    assert "pip install --require-hashes --no-deps" in runs and '-r "$LOCK"' in runs
+    assert "pip install --no-deps --no-build-isolation ." in runs and "pip check" in runs
     names = [re.match(r"[A-Za-z0-9._-]+", d).group(0) for d in PYPROJECT["project"]["dependencies"]]
     for name in names:
         if name != "torch":
             assert not re.search(rf"\b{re.escape(name)}\b", runs), f"{name} named in a RUN"
+
+
+def _arg(dockerfile: str, name: str) -> str:
+    instructions = _instructions(DOCKER / dockerfile)
+    (value,) = [
+        a.partition("=")[2] for k, a in instructions if k == "ARG" and a.startswith(name + "=")
+    ]
+    return value
+
+
+def _torch_in(lock: str) -> str:
+    return re.search(r"^torch==(\S+) \\$", (ROOT / lock).read_text(), re.M)[1]
+
+
+def test_the_cpu_and_cuda_images_name_the_torch_release_make_install_tests():
+    """issue 23: one torch release in both images, make install's (the Makefile's
+    TORCH_PIN), in its CPU and its CUDA build, on one base; the CUDA image with nvidia-ml-py
+    so that MLflow's system metrics read the GPU."""
+    pin = re.search(r"^TORCH_PIN \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)[1]
+    cpu_lock, cuda_lock = _arg("Dockerfile.cpu", "LOCK"), _arg("Dockerfile.cuda", "LOCK")
+    assert (cpu_lock, cuda_lock) == ("requirements/runtime.lock", "requirements/cuda.lock")
+    assert _torch_in(cpu_lock) == f"{pin}+cpu"  # PyTorch's CPU index's name for its CPU build
+    assert _torch_in(cuda_lock) == pin  # PyPI's: the CUDA build
+    assert re.search(r"^nvidia-ml-py==", (ROOT / cuda_lock).read_text(), re.M)
+    assert _arg("Dockerfile.cpu", "BASE") == _arg("Dockerfile.cuda", "BASE") == "python:3.11-slim"
+    # make image-test builds the CUDA Dockerfile with the CPU lock (no GPU, no CUDA wheels here).
+    assert '--build-arg "LOCK=requirements/runtime.lock"' in (DOCKER / "image-test.sh").read_text()
 
 
 def test_dockerignore_lets_in_exactly_what_the_dockerfiles_copy():
@@ -122,18 +150,6 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfiles_copy():
                 copied.update(arguments.split()[:-1])
     assert copied == allowed
     assert "*" in (ROOT / ".dockerignore").read_text().splitlines()  # everything else stays out
-
-
-def test_requirements_script_prints_pyproject_dependencies():
-    script = [sys.executable, str(DOCKER / "requirements.py"), str(ROOT / "pyproject.toml")]
-    every = subprocess.run(script, capture_output=True, text=True, check=True).stdout
-    assert every.splitlines() == PYPROJECT["project"]["dependencies"]
-    torch = subprocess.run([*script, "torch"], capture_output=True, text=True, check=True)
-    assert [torch.stdout.strip()] == [
-        d for d in PYPROJECT["project"]["dependencies"] if re.match(r"torch\b(?!lib)", d)
-    ]
-    missing = subprocess.run([*script, "no-such-package"], capture_output=True, text=True)
-    assert missing.returncode != 0 and "no-such-package" in missing.stderr
 
 
 def test_scripts_parse():
