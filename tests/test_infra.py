@@ -220,7 +220,7 @@ def test_a_managed_database_is_reached_with_tls_required_and_replaces_the_in_clu
 
     site, password = make_site(tmp_path)
     managed = site / "overlays/gke-managed-db"
-    for path in managed.glob("*.yaml"):
+    for path in [*managed.glob("*.yaml"), *managed.glob("auth/*.ini")]:  # as the README's sed
         text = path.read_text().replace("MANAGED_DB_HOST", "10.20.0.5")
         path.write_text(text.replace("MANAGED_DB_CIDR", "10.20.0.5/32"))
     docs = render(managed)
@@ -233,6 +233,10 @@ def test_a_managed_database_is_reached_with_tls_required_and_replaces_the_in_clu
         "postgresql+psycopg2://10.20.0.5:5432/mlflow?sslmode=require"
     )
     assert env["PGPASSWORD"] == password  # still from the Secret, never in the URI
+    # The auth app's users are in the same database, not in the one left out.
+    auth_ini = generated(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
+    (auth_uri,) = re.findall(r"(?m)^database_uri\s*=\s*(\S+)$", auth_ini)
+    assert auth_uri == env["MLFLOW_BACKEND_STORE_URI"]
     egress = find(docs, "NetworkPolicy", "mlflow-managed-db-egress")["spec"]["egress"]
     assert egress == [
         {
@@ -337,7 +341,7 @@ def test_every_kustomization_renders_without_a_warning(tmp_path):
 
     site, _ = make_site(tmp_path)
     managed = site / "overlays/gke-managed-db"
-    for path in managed.glob("*.yaml"):
+    for path in [*managed.glob("*.yaml"), *managed.glob("auth/*.ini")]:
         text = path.read_text().replace("MANAGED_DB_HOST", "10.20.0.5")
         path.write_text(text.replace("MANAGED_DB_CIDR", "10.20.0.5/32"))
     version = kubernetes_validate.utils.latest_version()
