@@ -54,8 +54,8 @@ run: install ## the whole pipeline through kfp.local on the embedded default (PR
 	$(GF) run --profile $(PROFILE) --workspace $(WORKSPACE) --protocol filtered \
 	    --set folds='$(FILTERED_REPETITIONS)'
 
-compile: install ## compile the KFP pipeline to $(WORKSPACE)/pipeline.yaml
-	$(GF) compile --out $(WORKSPACE)/pipeline.yaml
+compile: install ## compile the KFP pipeline, with the images make images pushed, to $(WORKSPACE)/pipeline.yaml
+	$(GF) compile --images $(WORKSPACE)/images.json --out $(WORKSPACE)/pipeline.yaml
 
 ui: install ## the MLflow UI on the workspace's runs (http://127.0.0.1:$(UI_PORT)); prints where the latest run is
 	$(GF) ui --tracking-uri sqlite:///$(abspath $(WORKSPACE))/mlflow.db --host 127.0.0.1 --port $(UI_PORT)

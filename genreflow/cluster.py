@@ -14,3 +14,6 @@ MLFLOW_CREDENTIALS_ENV = {
 }
 # The pod label MLflow's NetworkPolicy lets in.
 MLFLOW_CLIENT_LABEL = {"genreflow.io/mlflow-client": "true"}
+# The pod label every step of the pipeline carries: the pipeline's NetworkPolicy and the
+# admission policy that checks its security settings select it (infra/runner).
+PIPELINE_STEP_LABEL = {"genreflow.io/pipeline-step": "true"}

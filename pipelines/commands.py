@@ -25,12 +25,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_compile_and_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compile", help="compile the KFP pipeline to IR YAML")
+    p = sub.add_parser(
+        "compile",
+        help="compile the KFP pipeline to IR YAML, ready to upload",
+        description="Write the pipeline's IR YAML with everything a cluster needs fixed in it "
+        "(images, the MLflow Secret, GPU placement, each step's resources and timeout), to "
+        "upload as it is (KFP UI, kfp run create, Vertex AI). The run's service account is "
+        "not part of a pipeline: choose it when creating the run (infra/README.md).",
+    )
     p.add_argument("--out", type=Path, default=Path("pipeline.yaml"), help="the YAML to write")
-    p.add_argument("--parallelism", type=int, default=10, help="folds trained at once")
-    p.add_argument("--accelerator", default=None, help="GPU type (default nvidia.com/gpu)")
-    p.add_argument("--image-cpu", default=None, help="image for the CPU steps (tag or digest)")
-    p.add_argument("--image-gpu", default=None, help="image for the GPU steps (tag or digest)")
+    p.add_argument(
+        "--accelerator",
+        help="GPU resource (default nvidia.com/gpu; for Vertex AI: NVIDIA_L4, ...)",
+    )
+    _add_cluster_flags(p)
     p.set_defaults(func=_run_compile)
 
     p = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
@@ -87,16 +95,87 @@ def _add_compile_and_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_run)
 
 
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """What compile and submit both fix in the compiled pipeline, defined once. (No kfp
+    import here: building the parser must stay instant.)"""
+    p.add_argument("--parallelism", type=int, default=10, help="folds trained at once")
+    p.add_argument("--image-cpu", help="image for the CPU steps (a digest from make images)")
+    p.add_argument("--image-gpu", help="image for the GPU steps (a digest from make images)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        metavar="FILE",
+        help="the pushed images of `make images IMAGE_BUILD_ARGS=--push` (default: "
+        "workspace/images.json when it exists and no --image-* is given)",
+    )
+    p.add_argument(
+        "--mlflow-secret",
+        default=MLFLOW_CREDENTIALS_SECRET,
+        metavar="NAME",
+        help="the Kubernetes Secret whose keys sign the steps in to MLflow (default "
+        f"{MLFLOW_CREDENTIALS_SECRET}, made by infra/runner; optional: a step starts without "
+        "it; '' for none)",
+    )
+    p.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label the GPU steps require, e.g. cloud.google.com/gke-accelerator=nvidia-l4",
+    )
+    p.add_argument(
+        "--gpu-toleration",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]:EFFECT",
+        help="taint the GPU steps tolerate, e.g. nvidia.com/gpu:NoSchedule",
+    )
+    p.add_argument(
+        "--step",
+        action="append",
+        default=[],
+        metavar="NAME:cpu=Q,memory=Q,timeout=T",
+        help="one step's CPU and memory (requests = limits) or timeout, e.g. "
+        "aggregate:memory=16Gi or train:timeout=12h (pipelines/cv.py, RESOURCES, has them all)",
+    )
+    p.add_argument(
+        "--ttl",
+        metavar="T",
+        help="how long a finished run's pods stay on the cluster, e.g. 12h (default 3d; 0 "
+        "keeps them)",
+    )
+
+
+def _cluster_settings(args: argparse.Namespace) -> dict:
+    """compile_pipeline's settings from the flags _add_cluster_flags defines."""
+    from genreflow.pipelines.compile import (
+        cluster_images,
+        parse_duration,
+        parse_node_selector,
+        parse_step_resources,
+        parse_toleration,
+    )
+
+    image_cpu, image_gpu = cluster_images(args.image_cpu, args.image_gpu, args.images)
+    ttl = {} if args.ttl is None else {"ttl_seconds": parse_duration(args.ttl, flag="--ttl")}
+    return dict(
+        image_cpu=image_cpu,
+        image_gpu=image_gpu,
+        parallelism=args.parallelism,
+        mlflow_secret=args.mlflow_secret,
+        gpu_node_selector=parse_node_selector(args.gpu_node_selector),
+        gpu_tolerations=[parse_toleration(t) for t in args.gpu_toleration],
+        resources=parse_step_resources(args.step),
+        **ttl,
+    )
+
+
 def _run_compile(args: argparse.Namespace) -> int:
     from genreflow.pipelines.compile import compile_pipeline
     from genreflow.pipelines.cv import ACCELERATOR
 
     out = compile_pipeline(
-        args.out,
-        parallelism=args.parallelism,
-        accelerator=args.accelerator or ACCELERATOR,
-        image_cpu=args.image_cpu,
-        image_gpu=args.image_gpu,
+        args.out, accelerator=args.accelerator or ACCELERATOR, **_cluster_settings(args)
     )
     print(out)
     return 0
@@ -186,44 +265,15 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
         help="a pipeline argument, JSON when it parses (folds=[1,2], lr=3e-4), else text; "
         "repeat for each (source=gs://BUCKET/genres.tar.gz is required)",
     )
-    p.add_argument("--parallelism", type=int, default=10, help="folds trained at once")
     p.add_argument(
         "--accelerator", help="GPU resource (default nvidia.com/gpu; Vertex: NVIDIA_L4, ...)"
     )
-    p.add_argument("--image-cpu", help="image for the CPU steps (a digest from make images)")
-    p.add_argument("--image-gpu", help="image for the GPU steps (a digest from make images)")
-    p.add_argument(
-        "--images",
-        type=Path,
-        metavar="FILE",
-        help="the pushed images of `make images IMAGE_BUILD_ARGS=--push` (workspace/images.json)",
-    )
-    p.add_argument(
-        "--mlflow-secret",
-        default=MLFLOW_CREDENTIALS_SECRET,
-        metavar="NAME",
-        help="the Kubernetes Secret whose keys sign the steps in to MLflow (default "
-        f"{MLFLOW_CREDENTIALS_SECRET}, made by infra/runner; '' for a server without sign-in)",
-    )
+    _add_cluster_flags(p)
     p.add_argument(
         "--no-tracking",
         action="store_true",
         help="submit a run that logs nothing to MLflow (otherwise --param tracking_uri or "
         "MLFLOW_TRACKING_URI must name a server the pods reach)",
-    )
-    p.add_argument(
-        "--gpu-node-selector",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="node label the GPU steps require, e.g. cloud.google.com/gke-accelerator=nvidia-l4",
-    )
-    p.add_argument(
-        "--gpu-toleration",
-        action="append",
-        default=[],
-        metavar="KEY[=VALUE]:EFFECT",
-        help="taint the GPU steps tolerate, e.g. nvidia.com/gpu:NoSchedule",
     )
     p.add_argument(
         "--service-account",
@@ -254,14 +304,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
 
 def _run_submit(args: argparse.Namespace) -> int:
     from genreflow.pipelines.profiles import run_arguments
-    from genreflow.pipelines.submit import (
-        SubmitError,
-        parse_node_selector,
-        parse_params,
-        parse_toleration,
-        submit,
-        submit_vertex,
-    )
+    from genreflow.pipelines.submit import SubmitError, parse_params, submit, submit_vertex
 
     given = {"profile": args.profile} if args.profile else {}
     arguments = run_arguments(args.profile, {**given, **parse_params(args.param)})
@@ -275,14 +318,11 @@ def _run_submit(args: argparse.Namespace) -> int:
     common = dict(
         run_name=args.run_name,
         service_account=args.service_account,
-        parallelism=args.parallelism,
         accelerator=args.accelerator,
-        image_cpu=args.image_cpu,
-        image_gpu=args.image_gpu,
-        images_file=args.images,
         no_tracking=args.no_tracking,
         on_created=created,
         wait=args.wait,
+        **_cluster_settings(args),
     )
     if args.vertex:
         if args.gpu_node_selector or args.gpu_toleration:
@@ -297,9 +337,6 @@ def _run_submit(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             experiment=args.experiment,
             pipeline_root=args.pipeline_root,
-            gpu_node_selector=parse_node_selector(args.gpu_node_selector),
-            gpu_tolerations=[parse_toleration(t) for t in args.gpu_toleration],
-            mlflow_secret=args.mlflow_secret,
             skip_version_check=args.skip_version_check,
             keep_package=args.package_out,
             timeout=args.timeout,

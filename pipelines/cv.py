@@ -21,15 +21,22 @@ freeze_base=true trains every head with the head's recipe; `precision` serves bo
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 
 from genreflow import recipe
-from genreflow.cluster import MLFLOW_CLIENT_LABEL, MLFLOW_CREDENTIALS_ENV, MLFLOW_CREDENTIALS_SECRET
+from genreflow.cluster import (
+    MLFLOW_CLIENT_LABEL,
+    MLFLOW_CREDENTIALS_ENV,
+    MLFLOW_CREDENTIALS_SECRET,
+    PIPELINE_STEP_LABEL,
+)
 from genreflow.components.aggregate import aggregate
 from genreflow.components.close_run import close_run
 from genreflow.components.download import download
 from genreflow.components.embed import embed
+from genreflow.components.images import CPU_IMAGE, GPU_IMAGE, IMAGE_UID
 from genreflow.components.pack import pack
 from genreflow.components.start_run import start_run
 from genreflow.components.train import train
@@ -40,13 +47,47 @@ PIPELINE_NAME = "genreflow-cv"
 FOLDS = list(range(1, 11))
 # GPU requests land in the compiled YAML; kfp.local ignores them (with a warning).
 ACCELERATOR = "nvidia.com/gpu"
-# Requests equal to limits: the pod's CPU and memory are its own (Guaranteed), and Vertex AI
-# sizes its machines from the limits.
-TRAIN_CPU, TRAIN_MEMORY = "8", "32G"
-# A GPU step's local disk, a volume of its own beside the node's boot disk: the features
-# file (0.38 GB for GTZAN as log-mel, 1.9 GB as waveforms), the pretrained checkpoint and
-# the fold's checkpoints in the cache (genreflow.storage.cache_root: ~/.cache/genreflow of
-# the images' user).
+
+
+@dataclass(frozen=True)
+class StepResources:
+    """What one step's pod gets: CPU and memory, requested and limited alike (the pod's
+    resources are its own, Guaranteed, and Vertex AI sizes its machines from the limits),
+    and how long it may run before Kubernetes stops it (its activeDeadlineSeconds)."""
+
+    cpu: str
+    memory: str
+    timeout_seconds: int
+
+
+# Every step's resources, in one place; `genreflow compile/submit --step NAME:memory=...`
+# changes one for a compiled file. Memory: the peak RSS of each step's processes, measured
+# on the demo profile's DAG at 30 s clips (100 clips, frozen base, kfp.local; infra/README.md,
+# "Sizing the steps"): start-run 237 MiB, close-run 228, download under 100, pack 1116 (two
+# workers; four CPUs run four, hence twice that), embed 2886, train-head 597, aggregate 1282 (the frozen
+# base and ten heads), with room for GTZAN's 1000 clips (pack streams them; the embeddings
+# are 8 KiB a clip) and, for the fine-tune aggregate, the ten fine-tuned Cnn14s it holds
+# (3.3 GB). The GPU steps keep the CPU and memory that feed one GPU. Timeouts: a few times
+# the longest run seen (README.md's full-scale table; the seed's 30 minutes a fold on a
+# V100), and for a fold the step's own three tries.
+RESOURCES = {
+    "start-run": StepResources(cpu="500m", memory="512Mi", timeout_seconds=600),
+    "download": StepResources(cpu="1", memory="1Gi", timeout_seconds=3600),
+    "pack": StepResources(cpu="4", memory="4Gi", timeout_seconds=3600),
+    "embed": StepResources(cpu="8", memory="32G", timeout_seconds=2 * 3600),
+    "train-head": StepResources(cpu="1", memory="2Gi", timeout_seconds=900),
+    "train": StepResources(cpu="8", memory="32G", timeout_seconds=8 * 3600),
+    "aggregate": StepResources(cpu="2", memory="8Gi", timeout_seconds=3600),
+    "close-run": StepResources(cpu="500m", memory="512Mi", timeout_seconds=600),
+}
+# How long a finished run's workflow and pods stay on the cluster (their logs with them);
+# KFP keeps the run's record and outputs either way.
+PIPELINE_TTL_SECONDS = 3 * 86400
+# A GPU step's local disk, beside the node's boot disk: the features file (0.38 GB for GTZAN
+# as log-mel, 1.9 GB as waveforms), the pretrained checkpoint and the fold's checkpoints in
+# the cache (genreflow.storage.cache_root: ~/.cache/genreflow of the images' user). An
+# emptyDir, which the images' user can write: a fresh volume's root belongs to root, and
+# kfp-kubernetes cannot set the fsGroup that would hand it over.
 SCRATCH_PATH, SCRATCH_SIZE = "/home/genreflow/.cache/genreflow", "50Gi"
 # KFP's cache serves download, pack and embed results (the other steps keep it off) only
 # within one period of this many days: genreflow submit passes the period's number
@@ -78,17 +119,26 @@ FOLD_RETRY_BACKOFF = "30s"  # doubles on each retry
 def build_pipeline(
     parallelism: int = 10,
     accelerator: str = ACCELERATOR,
-    images: str = "",
+    image_cpu: str | None = None,
+    image_gpu: str | None = None,
     gpu_node_selector: dict[str, str] | None = None,
     gpu_tolerations: list[dict] | None = None,
     mlflow_secret: str = MLFLOW_CREDENTIALS_SECRET,
+    resources: dict[str, StepResources] | None = None,
+    ttl_seconds: int = PIPELINE_TTL_SECONDS,
 ):
-    """The pipeline function. Fixed when compiling: `parallelism` (folds at once), the GPU
+    """The pipeline function. Fixed when compiling: `parallelism` (folds at once), the
+    images of the CPU and the GPU steps (None: the components' own, for kfp.local), the GPU
     steps' accelerator and node placement (a node selector, tolerations), the Kubernetes
-    Secret whose keys sign the steps in to MLflow ("" for none); `images` (the image
-    references the steps run in) lands as a tag on the MLflow run. On Kubernetes every
-    step that talks to MLflow carries MLFLOW_CLIENT_LABEL, which its NetworkPolicy lets in
-    (infra/base/network-policy.yaml); kfp.local and Vertex AI ignore both."""
+    Secret whose keys sign the steps in to MLflow ("" for none; a Secret that is missing
+    leaves the steps unsigned rather than unstartable), each step's resources and timeout
+    (RESOURCES, with `resources` replacing entries), how long a finished run stays on the
+    cluster. On Kubernetes every step runs as the images' non-root user and carries
+    PIPELINE_STEP_LABEL, which its NetworkPolicy and admission policy select
+    (infra/runner); a step that talks to MLflow also carries MLFLOW_CLIENT_LABEL, which
+    MLflow's NetworkPolicy lets in. kfp.local ignores all of it but the images."""
+    images = {CPU_IMAGE: image_cpu or CPU_IMAGE, GPU_IMAGE: image_gpu or GPU_IMAGE}
+    step = functools.partial(_step, images=images, resources={**RESOURCES, **(resources or {})})
     on_gpu = functools.partial(
         _on_gpu,
         accelerator=accelerator,
@@ -96,9 +146,7 @@ def build_pipeline(
         tolerations=gpu_tolerations or [],
     )
     tracked = functools.partial(_tracked, secret=mlflow_secret)
-    images = images or " ".join(
-        dict.fromkeys(c.component_spec.implementation.container.image for c in COMPONENTS)
-    )
+    images_tag = " ".join(dict.fromkeys(images.values()))
 
     def cross_validation(
         source: str,
@@ -131,7 +179,7 @@ def build_pipeline(
             tracking_uri=tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
         ).set_display_name("close MLflow run")
         closing_run.set_caching_options(False)
-        tracked(closing_run)
+        tracked(step(closing_run, close_run))
         # Everything runs inside the exit handler, so that the MLflow run ends with the
         # pipeline's true final state even when a step fails or the run is terminated.
         with dsl.ExitHandler(closing_run, name="tracked"):
@@ -141,7 +189,7 @@ def build_pipeline(
                 pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 kfp_ui=kfp_ui,
-                images=images,
+                images=images_tag,
                 profile=profile,
                 protocol=protocol,
                 selection=selection,
@@ -155,17 +203,17 @@ def build_pipeline(
                 **recipe_parameters,
             ).set_display_name("open MLflow run")
             parent.set_caching_options(False)
-            tracked(parent)
+            tracked(step(parent, start_run))
 
             fetched = download(source=source, sha256=sha256, md5=md5, cache_epoch=cache_epoch)
-            fetched.set_display_name("download")
+            step(fetched.set_display_name("download"), download)
             packed = pack(
                 dataset=fetched.outputs["dataset"],
                 clip_seconds=clip_seconds,
                 representation=representation,
                 cache_epoch=cache_epoch,
             )
-            packed.set_display_name("pack features")
+            step(packed.set_display_name("pack features"), pack)
             fold_step = dict(
                 protocol=protocol,
                 selection=selection,
@@ -194,21 +242,21 @@ def build_pipeline(
                     precision=fine_tune["precision"],
                     cache_epoch=cache_epoch,
                 ).set_display_name("embed every clip once")
-                on_gpu(embedded)
+                on_gpu(step(embedded, embed))
                 with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:
                     heads = train_head(
                         embeddings=embedded.outputs["embeddings"], fold=fold, **fold_step, **head
                     )
                     heads.set_display_name("train head").set_caching_options(False)
                     heads.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
-                    tracked(heads)
+                    tracked(step(heads, train_head))
                 frozen_report = aggregate(
                     folds=dsl.Collected(heads.outputs["model"]),
                     embeddings=embedded.outputs["embeddings"],
                     **closing,
                 )
                 frozen_report.set_display_name("aggregate").set_caching_options(False)
-                tracked(frozen_report)
+                tracked(step(frozen_report, aggregate))
 
             with dsl.Else(name="fine-tune"):
                 with dsl.ParallelFor(folds, parallelism=parallelism, name="folds") as fold:
@@ -223,13 +271,17 @@ def build_pipeline(
                     )
                     tuned.set_display_name("fine-tune fold").set_caching_options(False)
                     tuned.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
-                    tracked(on_gpu(tuned))
+                    tracked(on_gpu(step(tuned, train)))
                 tuned_report = aggregate(folds=dsl.Collected(tuned.outputs["model"]), **closing)
                 tuned_report.set_display_name("aggregate").set_caching_options(False)
-                tracked(tuned_report)
+                tracked(step(tuned_report, aggregate))
 
     description = __doc__.splitlines()[0]
-    return dsl.pipeline(name=PIPELINE_NAME, description=description)(_with_recipe(cross_validation))
+    # Argo's ttlStrategy: the finished run's workflow and pods are deleted after this.
+    config = dsl.PipelineConfig(ttl_seconds_after_finished=ttl_seconds or None)
+    return dsl.pipeline(name=PIPELINE_NAME, description=description, pipeline_config=config)(
+        _with_recipe(cross_validation)
+    )
 
 
 def _with_recipe(pipeline_func):
@@ -253,18 +305,30 @@ def _with_recipe(pipeline_func):
     return with_recipe
 
 
+def _step(task, component, *, images: dict[str, str], resources: dict[str, StepResources]):
+    """What every step gets: its image, its CPU and memory (requests equal to limits), a
+    timeout, the images' non-root user and the label that the pipeline's NetworkPolicy and
+    admission policy select (infra/runner). KFP applies the rest of a restricted pod itself
+    (no privilege escalation, no capabilities, the runtime's seccomp profile;
+    kubeflow/pipelines#12782), which kfp-kubernetes cannot set."""
+    task.set_container_image(images[component.component_spec.implementation.container.image])
+    sized = resources[component.name]
+    task.set_cpu_request(sized.cpu).set_cpu_limit(sized.cpu)
+    task.set_memory_request(sized.memory).set_memory_limit(sized.memory)
+    kubernetes.set_timeout(task, sized.timeout_seconds)
+    kubernetes.set_security_context(
+        task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True
+    )
+    for label, value in PIPELINE_STEP_LABEL.items():
+        kubernetes.add_pod_label(task, label_key=label, label_value=value)
+    return task
+
+
 def _on_gpu(task, *, accelerator: str, node_selector: dict, tolerations: list[dict]):
-    """One GPU, the CPU and memory that keep it fed, a local disk of its own, on the nodes
-    that have the GPU."""
+    """One GPU, a local disk of its own, on the nodes that have the GPU."""
     task.set_accelerator_type(accelerator).set_accelerator_limit(1)
-    task.set_cpu_request(TRAIN_CPU).set_cpu_limit(TRAIN_CPU)
-    task.set_memory_request(TRAIN_MEMORY).set_memory_limit(TRAIN_MEMORY)
-    kubernetes.add_ephemeral_volume(
-        task,
-        volume_name="scratch",
-        mount_path=SCRATCH_PATH,
-        access_modes=["ReadWriteOnce"],
-        size=SCRATCH_SIZE,
+    kubernetes.empty_dir_mount(
+        task, volume_name="scratch", mount_path=SCRATCH_PATH, size_limit=SCRATCH_SIZE
     )
     for label, value in node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
@@ -274,11 +338,15 @@ def _on_gpu(task, *, accelerator: str, node_selector: dict, tolerations: list[di
 
 
 def _tracked(task, *, secret: str):
-    """A step that talks to MLflow: signed in (the Secret's keys as its environment) and let
-    through MLflow's NetworkPolicy (the client label)."""
+    """A step that talks to MLflow: signed in (the Secret's keys as its environment; a
+    Secret that is not there leaves them unset instead of keeping the pod from starting)
+    and let through MLflow's NetworkPolicy (the client label)."""
     if secret:
         kubernetes.use_secret_as_env(
-            task, secret_name=secret, secret_key_to_env=dict(MLFLOW_CREDENTIALS_ENV)
+            task,
+            secret_name=secret,
+            secret_key_to_env=dict(MLFLOW_CREDENTIALS_ENV),
+            optional=True,
         )
     for label, value in MLFLOW_CLIENT_LABEL.items():
         kubernetes.add_pod_label(task, label_key=label, label_value=value)

@@ -136,7 +136,6 @@ def run_local(
         raise GenreflowError(f"unknown runner {runner!r}; known: {', '.join(RUNNERS)}")
     from kfp import local
 
-    from genreflow.pipelines.compile import images as pipeline_images
     from genreflow.pipelines.cv import build_pipeline
     from genreflow.tracking import WORK_FOLDER, default_tracking_uri
 
@@ -174,8 +173,8 @@ def run_local(
     original_print = builtins.print
     before = set(runs.iterdir())
     try:
-        with pipeline_images(**(images or {})):
-            build_pipeline()(**arguments)
+        images = images or {}
+        build_pipeline(image_cpu=images.get("cpu"), image_gpu=images.get("gpu"))(**arguments)
     finally:
         builtins.print = original_print
     # A pipeline returns no output from inside an exit handler: the run's outputs are

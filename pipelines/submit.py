@@ -1,6 +1,6 @@
 """Submit the cross-validation pipeline to a Kubeflow Pipelines backend, or to Vertex AI.
 
-1. compile   the pipeline into a temporary file: images, parallelism, GPU placement
+1. compile   the pipeline into a temporary file, as `genreflow compile` does
 2. check     the arguments against the compiled pipeline's own parameters
 3. version   ask the backend its version and refuse one older than MIN_BACKEND
 4. create    the run (creating the KFP experiment if needed); its address is returned
@@ -29,9 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from genreflow.cluster import MLFLOW_CREDENTIALS_SECRET
-from genreflow.components.images import CPU_IMAGE, GPU_IMAGE
 from genreflow.errors import GenreflowError
+from genreflow.pipelines.compile import compile_pipeline
 from genreflow.pipelines.cv import ACCELERATOR, PIPELINE_NAME, cache_epoch
 from genreflow.storage import redacted
 
@@ -47,7 +46,6 @@ UI_ENV = "KF_PIPELINES_UI_ENDPOINT"
 DEFAULT_EXPERIMENT = "genreflow"
 HTTP_TIMEOUT_SECONDS = 15.0
 FINAL_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
-TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # Polling a long run survives this many failed reads in a row (a restarting API server).
 WAIT_READ_FAILURES = 5
 
@@ -174,60 +172,6 @@ def _typed(parameter: Parameter, value: object):
     raise SubmitError(f"pipeline parameter {parameter.name} must be {expected}; got {value!r}")
 
 
-# --- the package -------------------------------------------------------------------------
-def parse_node_selector(pairs: list[str]) -> dict[str, str]:
-    """`KEY=VALUE` strings -> {label: value}."""
-    labels = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SubmitError(f"--gpu-node-selector {pair!r}: expected KEY=VALUE")
-        labels[key] = value
-    return labels
-
-
-def parse_toleration(text: str) -> dict[str, str]:
-    """A toleration in kubectl's taint syntax, KEY[=VALUE]:EFFECT (no value: operator Exists)."""
-    spec, sep, effect = text.rpartition(":")
-    if not sep or effect not in TAINT_EFFECTS or not spec:
-        raise SubmitError(
-            f"--gpu-toleration {text!r}: expected KEY[=VALUE]:EFFECT, EFFECT one of "
-            f"{', '.join(TAINT_EFFECTS)}"
-        )
-    key, has_value, value = spec.partition("=")
-    if has_value:
-        return {"effect": effect, "key": key, "operator": "Equal", "value": value}
-    return {"effect": effect, "key": key, "operator": "Exists"}
-
-
-def prepare_package(
-    out: str | Path,
-    *,
-    parallelism: int = 10,
-    accelerator: str | None = None,
-    image_cpu: str | None = None,
-    image_gpu: str | None = None,
-    gpu_node_selector: Mapping[str, str] | None = None,
-    gpu_tolerations: list[dict] | None = None,
-    mlflow_secret: str = MLFLOW_CREDENTIALS_SECRET,
-) -> Path:
-    """Compile the pipeline to `out` exactly as it will be submitted."""
-    from genreflow.pipelines.compile import compile_pipeline
-
-    if parallelism < 1:
-        raise SubmitError(f"--parallelism must be 1 or more; got {parallelism}")
-    return compile_pipeline(
-        out,
-        parallelism=parallelism,
-        accelerator=accelerator or ACCELERATOR,
-        image_cpu=image_cpu,
-        image_gpu=image_gpu,
-        gpu_node_selector=dict(gpu_node_selector or {}),
-        gpu_tolerations=list(gpu_tolerations or []),
-        mlflow_secret=mlflow_secret,
-    )
-
-
 # --- what a cluster run needs that a local one does not ----------------------------------
 # Kubernetes names a GPU as an extended resource (vendor domain / name); Vertex AI by its
 # own enum (google.cloud.aiplatform_v1.types.AcceleratorType): NVIDIA_L4, NVIDIA_H100_80GB...
@@ -280,43 +224,6 @@ def tracked_arguments(
             "server they reach, e.g. http://mlflow.genreflow.svc.cluster.local:5000"
         )
     return {**arguments, "tracking_uri": uri}
-
-
-def cluster_images(
-    image_cpu: str | None, image_gpu: str | None, images_file: str | Path | None
-) -> tuple[str, str]:
-    """(cpu, gpu): the references a cluster pulls, --image-cpu/--image-gpu over the pushed
-    refs of `make images`' images.json. The components' own names are placeholders that no
-    registry serves, and an image built but not pushed exists only on the machine that
-    built it: both are refused."""
-    refs: dict[str, str] = {}
-    if images_file:
-        path = Path(images_file)
-        try:
-            built = json.loads(path.read_text())
-            pushed = built["pushed"]
-            refs = {kind: built[kind]["ref"] for kind in ("cpu", "gpu")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SubmitError(
-                f"{path}: not an images file of `make images` ({type(exc).__name__}: {exc})"
-            ) from None
-        if not pushed and not (image_cpu and image_gpu):
-            raise SubmitError(
-                f"{path}: its images were built but not pushed, so no cluster can pull them; "
-                "make images IMAGE_BUILD_ARGS=--push records the registry's digests"
-            )
-    chosen = {"cpu": image_cpu or refs.get("cpu"), "gpu": image_gpu or refs.get("gpu")}
-    placeholders = {"cpu": CPU_IMAGE, "gpu": GPU_IMAGE}
-    missing = [kind for kind, ref in chosen.items() if not ref or ref == placeholders[kind]]
-    if missing:
-        kinds = " and ".join(kind.upper() for kind in missing)
-        raise SubmitError(
-            f"no image a cluster can pull for the {kinds} steps (the "
-            f"components name {', '.join(placeholders[k] for k in missing)}, which no registry "
-            "serves): push them with make images IMAGE_BUILD_ARGS=--push and pass --images "
-            "workspace/images.json, or --image-cpu/--image-gpu REF"
-        )
-    return chosen["cpu"], chosen["gpu"]
 
 
 # --- credentials and the backend's version -----------------------------------------------
@@ -639,15 +546,8 @@ def submit(
     run_name: str | None = None,
     service_account: str | None = None,
     pipeline_root: str | None = None,
-    parallelism: int = 10,
     accelerator: str | None = None,
-    image_cpu: str | None = None,
-    image_gpu: str | None = None,
-    images_file: str | Path | None = None,
     no_tracking: bool = False,
-    gpu_node_selector: Mapping[str, str] | None = None,
-    gpu_tolerations: list[dict] | None = None,
-    mlflow_secret: str = MLFLOW_CREDENTIALS_SECRET,
     skip_version_check: bool = False,
     keep_package: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -656,31 +556,27 @@ def submit(
     timeout: float = 12 * 3600,
     poll_seconds: float = 30.0,
     on_state: Callable[[str], None] | None = None,
+    **cluster,
 ) -> SubmittedRun:
-    """Compile, check and submit one run; with `wait`, follow it to its end.
+    """Compile, check and submit one run; with `wait`, follow it to its end. `cluster` is
+    compile_pipeline's: the images (image_cpu, image_gpu), parallelism, GPU placement, the
+    MLflow Secret, the steps' resources, the run's time to live.
 
-    Returns the run; `run.succeeded` says how it ended when waited for. Raises SubmitError
-    (a GenreflowError) for anything that stops the submission, with a one-line message:
-    among them no tracking URI (see tracked_arguments), placeholder or unpushed images (see
-    cluster_images), an accelerator named the Vertex way.
+    Returns the run; `run.succeeded` says how it ended when waited for. Raises a
+    GenreflowError (SubmitError for the submission's own) for anything that stops the
+    submission, with a one-line message: among them no tracking URI (see
+    tracked_arguments), no image a cluster can pull (compile.check_pullable), an
+    accelerator named the Vertex way.
     """
     host = normalise_host(host)
     environ = os.environ if environ is None else environ
     arguments = tracked_arguments(arguments, environ=environ, no_tracking=no_tracking)
     arguments = {"cache_epoch": cache_epoch(), **arguments}
-    image_cpu, image_gpu = cluster_images(image_cpu, image_gpu, images_file)
     accelerator = check_accelerator(accelerator, vertex=False)
     credentials = resolve_credentials(environ)
     with tempfile.TemporaryDirectory(prefix="genreflow-submit-") as tmp:
-        package = prepare_package(
-            Path(tmp) / f"{PIPELINE_NAME}.yaml",
-            parallelism=parallelism,
-            accelerator=accelerator,
-            image_cpu=image_cpu,
-            image_gpu=image_gpu,
-            gpu_node_selector=gpu_node_selector,
-            gpu_tolerations=gpu_tolerations,
-            mlflow_secret=mlflow_secret,
+        package = compile_pipeline(
+            Path(tmp) / f"{PIPELINE_NAME}.yaml", accelerator=accelerator, **cluster
         )
         typed = check_arguments(arguments, pipeline_parameters(package))
         if keep_package:
@@ -716,21 +612,18 @@ def submit_vertex(
     pipeline_root: str | None,
     run_name: str | None = None,
     service_account: str | None = None,
-    parallelism: int = 10,
     accelerator: str | None = None,
-    image_cpu: str | None = None,
-    image_gpu: str | None = None,
-    images_file: str | Path | None = None,
     no_tracking: bool = False,
     environ: Mapping[str, str] | None = None,
     on_created: Callable[[SubmittedRun], None] | None = None,
     wait: bool = False,
+    **cluster,
 ) -> SubmittedRun:
     """The same run on Vertex AI Pipelines, through google-cloud-aiplatform when installed.
 
     Vertex takes its own accelerator names (accelerator="NVIDIA_L4", say) and a gs://
     pipeline root; it places GPU steps itself, so no node selector applies. Credentials are
-    Google's application default credentials.
+    Google's application default credentials. `cluster`: as for submit.
     """
     project, _, region = project_region.partition("/")
     if not project or not region or "/" in region:
@@ -740,7 +633,6 @@ def submit_vertex(
     environ = os.environ if environ is None else environ
     arguments = tracked_arguments(arguments, environ=environ, no_tracking=no_tracking)
     arguments = {"cache_epoch": cache_epoch(), **arguments}
-    image_cpu, image_gpu = cluster_images(image_cpu, image_gpu, images_file)
     accelerator = check_accelerator(accelerator, vertex=True)
     try:
         from google.cloud import aiplatform
@@ -751,12 +643,8 @@ def submit_vertex(
         ) from None
     run_name = run_name or time.strftime(f"{PIPELINE_NAME}-%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="genreflow-submit-") as tmp:
-        package = prepare_package(
-            Path(tmp) / f"{PIPELINE_NAME}.yaml",
-            parallelism=parallelism,
-            accelerator=accelerator,
-            image_cpu=image_cpu,
-            image_gpu=image_gpu,
+        package = compile_pipeline(
+            Path(tmp) / f"{PIPELINE_NAME}.yaml", accelerator=accelerator, **cluster
         )
         typed = check_arguments(arguments, pipeline_parameters(package))
         aiplatform.init(project=project, location=region)

@@ -74,14 +74,16 @@ def test_a_path_the_system_refuses_is_one_line(tmp_path, capsys):
 def test_a_folder_where_a_file_goes_is_one_line(tmp_path, capsys):
     folder = tmp_path / "pipeline.yaml"
     folder.mkdir()
-    status, err = _run(["compile", "--out", str(folder)], capsys)
+    image = "registry.example/genreflow@sha256:" + "a" * 64
+    images = ["--image-cpu", image, "--image-gpu", image]
+    status, err = _run(["compile", "--out", str(folder), *images], capsys)
     assert status == 2
     assert (
         err
         == f"genreflow compile: error: {folder}: Is a directory (give a file there, not a folder)\n"
     )
     # And a name the compiler cannot write at all (it raised a ValueError).
-    status, err = _run(["compile", "--out", str(tmp_path)], capsys)
+    status, err = _run(["compile", "--out", str(tmp_path), *images], capsys)
     assert status == 2 and "name a file ending in .yaml" in err
 
 

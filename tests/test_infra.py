@@ -2,9 +2,10 @@
 server infra/ deploys run for real on PostgreSQL with the Deployment's own arguments.
 
 No Kubernetes API server can run here. The manifests are rendered with `kubectl kustomize`
-(Debian's kubernetes-client, kustomize v2.0.3 inside, or a newer kubectl), every rendered
-document is validated strictly against the Kubernetes schemas (kubernetes-validate), and the
-container settings a reviewer would look for are checked one by one.
+(kustomize v5 inside, kubectl 1.27 or later), without a warning; every rendered document is
+validated strictly against the Kubernetes schemas (kubernetes-validate), the container
+settings a reviewer would look for are checked one by one, and the admission policies'
+CEL rules are evaluated (cel-python) on the objects they are meant to admit and refuse.
 """
 
 from __future__ import annotations
@@ -40,14 +41,29 @@ SECRET_FILES = (
     "base/secrets/mlflow-admin.env",
     "runner/secrets/mlflow-pipeline.env",
 )
-# What infra/README.md tells a team to run once for the overlay's two placeholders.
+# What infra/README.md tells a team to run once for the overlay's two placeholders, and for
+# the MLflow image's digest in the base (here a made-up one of the right form).
 SITE_SED = "s/GCP_PROJECT/{project}/g; s/GCS_BUCKET/{bucket}/g"
+MLFLOW_DIGEST = "c0ffee" + "0" * 58
+DIGEST_SED = f"s/REPLACE_WITH_THE_MLFLOW_IMAGE_DIGEST/{MLFLOW_DIGEST}/"
 PLACEHOLDERS = ("GCP_PROJECT", "GCS_BUCKET", "REPLACE_WITH")
+
+
+def _kustomize_version() -> tuple[int, ...] | None:
+    """The major and minor version of the kustomize inside kubectl, if any."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None
+    done = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True)
+    found = re.search(r"Kustomize Version: v(\d+)\.(\d+)", done.stdout)
+    return tuple(map(int, found.groups())) if found else None
+
 
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
-    KUBECTL is None,
-    reason="kubectl not found: install Debian's kubernetes-client (.ci/run does) to render infra/",
+    (_kustomize_version() or (0,)) < (5, 0),
+    reason="needs kubectl 1.27 or later (kustomize v5: resources, patches, replacements); "
+    f"found {KUBECTL or 'no kubectl'} with kustomize {_kustomize_version()}",
 )
 
 
@@ -74,6 +90,7 @@ def make_site(tmp_path: Path, *, project="acme-ml", bucket="acme-genreflow") -> 
     subprocess.run(
         ["sed", "-i", SITE_SED.format(project=project, bucket=bucket), *files], check=True
     )
+    subprocess.run(["sed", "-i", DIGEST_SED, str(site / "base/kustomization.yaml")], check=True)
     return site, password
 
 
@@ -89,10 +106,13 @@ def credentials(site: Path) -> dict[str, str]:
 
 
 def render(folder: Path) -> list[dict]:
+    """`kubectl kustomize FOLDER`: it must succeed and warn about nothing (kustomize writes
+    its deprecation warnings to stderr)."""
     done = subprocess.run(
         [KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, f"kubectl kustomize {folder} failed:\n{done.stderr}"
+    assert done.stderr == "", f"kubectl kustomize {folder} warned:\n{done.stderr}"
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
@@ -177,6 +197,7 @@ def test_overlay_renders_and_every_document_passes_strict_validation(tmp_path):
         "NetworkPolicy/dns-egress",
         "NetworkPolicy/mlflow",
         "NetworkPolicy/mlflow-google-egress",
+        "NetworkPolicy/genreflow-pipeline-steps",
         "Secret/mlflow-pipeline-credentials",
         "ServiceAccount/genreflow-pipeline-runner",
         "Role/genreflow-pipeline-runner",
@@ -199,7 +220,7 @@ def test_a_managed_database_is_reached_with_tls_required_and_replaces_the_in_clu
 
     site, password = make_site(tmp_path)
     managed = site / "overlays/gke-managed-db"
-    for path in managed.glob("*.yaml"):
+    for path in [*managed.glob("*.yaml"), *managed.glob("auth/*.ini")]:  # as the README's sed
         text = path.read_text().replace("MANAGED_DB_HOST", "10.20.0.5")
         path.write_text(text.replace("MANAGED_DB_CIDR", "10.20.0.5/32"))
     docs = render(managed)
@@ -212,6 +233,10 @@ def test_a_managed_database_is_reached_with_tls_required_and_replaces_the_in_clu
         "postgresql+psycopg2://10.20.0.5:5432/mlflow?sslmode=require"
     )
     assert env["PGPASSWORD"] == password  # still from the Secret, never in the URI
+    # The auth app's users are in the same database, not in the one left out.
+    auth_ini = generated(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
+    (auth_uri,) = re.findall(r"(?m)^database_uri\s*=\s*(\S+)$", auth_ini)
+    assert auth_uri == env["MLFLOW_BACKEND_STORE_URI"]
     egress = find(docs, "NetworkPolicy", "mlflow-managed-db-egress")["spec"]["egress"]
     assert egress == [
         {
@@ -295,6 +320,41 @@ def test_runner_namespace_is_set_in_one_place(tmp_path):
         assert find(docs, kind, "genreflow-pipeline-runner")["metadata"]["namespace"] == "team-a"
     binding = find(docs, "RoleBinding", "genreflow-pipeline-runner")
     assert binding["subjects"][0]["namespace"] == "team-a"
+    # The steps' own policy moves with them, and MLflow admits that namespace and no other.
+    assert find(docs, "NetworkPolicy", "genreflow-pipeline-steps")["metadata"]["namespace"] == (
+        "team-a"
+    )
+    (rule,) = find(docs, "NetworkPolicy", "mlflow")["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "team-a"}}
+
+
+# Every kustomization a team applies or builds on.
+KUSTOMIZATIONS = ("base", "runner", "policy", "overlays/gke", "overlays/gke-managed-db")
+# Fields kustomize v5 warns about (or will): each has a successor in the same file.
+DEPRECATED_FIELDS = {"bases", "patchesStrategicMerge", "patchesJson6902", "vars", "commonLabels"}
+
+
+@needs_kubectl
+def test_every_kustomization_renders_without_a_warning(tmp_path):
+    import kubernetes_validate
+
+    site, _ = make_site(tmp_path)
+    managed = site / "overlays/gke-managed-db"
+    for path in [*managed.glob("*.yaml"), *managed.glob("auth/*.ini")]:
+        text = path.read_text().replace("MANAGED_DB_HOST", "10.20.0.5")
+        path.write_text(text.replace("MANAGED_DB_CIDR", "10.20.0.5/32"))
+    version = kubernetes_validate.utils.latest_version()
+    for folder in KUSTOMIZATIONS:
+        for doc in render(site / folder):  # render() fails on any warning
+            kubernetes_validate.validate(doc, version, strict=True)
+    for path in sorted(INFRA.rglob("kustomization.yaml")):
+        kustomization = yaml.safe_load(path.read_text())
+        assert not DEPRECATED_FIELDS & set(kustomization), path
+        generators = kustomization.get("secretGenerator", []) + kustomization.get(
+            "configMapGenerator", []
+        )
+        assert not any("env" in generator for generator in generators), path  # now `envs`
 
 
 @needs_kubectl
@@ -386,8 +446,20 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def peer_matches(peer: dict, pod: dict) -> bool:
+    """Whether a policy's peer names `pod`: a pod ({namespace, labels}) or an address
+    outside the cluster ({ip})."""
+    import ipaddress
+
     if "ipBlock" in peer:
-        return False  # addresses outside the cluster, never a pod
+        if "ip" not in pod:
+            return False  # ipBlocks are meant for addresses outside the cluster, never a pod
+        ip = ipaddress.ip_address(pod["ip"])
+        block = peer["ipBlock"]
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(cidr) for cidr in block.get("except", [])
+        )
+    if "ip" in pod:
+        return False
     if "namespaceSelector" in peer:
         namespace_labels = {"kubernetes.io/metadata.name": pod["namespace"]}
         if not selects(peer["namespaceSelector"], namespace_labels):
@@ -424,15 +496,26 @@ def allowed(policies: list[dict], direction: str, pod: dict, other: dict, port: 
 
 
 def connects(policies, source: dict, target: dict, port: int) -> bool:
+    if "ip" in target:  # outside the cluster: only the source's egress applies
+        return allowed(policies, "Egress", source, target, port)
     return allowed(policies, "Egress", source, target, port) and allowed(
         policies, "Ingress", target, source, port
     )
 
 
+def compiled_step_labels(tmp_path: Path) -> dict[str, dict]:
+    """Each step's pod labels, as the compiled pipeline gives them."""
+    from genreflow.pipelines.compile import compile_pipeline
+
+    image = "registry.example/genreflow@sha256:" + "a" * 64
+    out = compile_pipeline(tmp_path / "pipeline.yaml", image_cpu=image, image_gpu=image)
+    platform = list(yaml.safe_load_all(out.read_text()))[1]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {name: config["podMetadata"]["labels"] for name, config in executors.items()}
+
+
 @needs_kubectl
 def test_network_policies_let_through_exactly_what_the_system_needs(tmp_path):
-    from genreflow.cluster import MLFLOW_CLIENT_LABEL
-
     site, _ = make_site(tmp_path)
     docs = render(site / OVERLAY)
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
@@ -453,46 +536,210 @@ def test_network_policies_let_through_exactly_what_the_system_needs(tmp_path):
     (mlflow_port,) = mlflow["ports"]
     (postgres_port,) = postgres["ports"]
     runs = find(docs, "ServiceAccount", "genreflow-pipeline-runner")["metadata"]["namespace"]
-    step = {"namespace": runs, "labels": dict(MLFLOW_CLIENT_LABEL)}
+    # The pipeline's steps with the labels the compiled pipeline gives their pods.
+    labels = compiled_step_labels(tmp_path)
+    tracked = {"namespace": runs, "labels": labels["exec-aggregate"]}
+    untracked = {"namespace": runs, "labels": labels["exec-download"]}
     stranger = {"namespace": runs, "labels": {"app": "other"}}
+    # The same labels in another namespace, which anyone who may create pods there can set.
+    impostor = {"namespace": "team-b", "labels": labels["exec-aggregate"]}
     neighbour = {"namespace": "genreflow", "labels": {"app": "other"}}
     dns = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+    kfp_api = {"namespace": runs, "labels": {"app": "ml-pipeline"}}
+    kfp_database = {"namespace": runs, "labels": {"app": "mysql"}}
+    elsewhere = {"namespace": "team-b", "labels": {"app": "ml-pipeline"}}
+    internet, private = {"ip": "142.250.74.100"}, {"ip": "10.20.0.5"}
+    metadata_server = {"ip": "169.254.169.254"}
 
     # Every policy selects pods that exist (a misspelt label would select none).
+    steps = [tracked, untracked]
     for policy in policies:
         selector = policy["spec"]["podSelector"]
         assert selector == {} or any(
             p["namespace"] == policy["metadata"]["namespace"] and selects(selector, p["labels"])
-            for p in pods.values()
+            for p in [*pods.values(), *steps]
         ), policy["metadata"]["name"]
     # Default deny: a pod in the namespace that no other policy names gets nothing, either way.
     assert not allowed(policies, "Ingress", neighbour, mlflow, 8080)
     assert not allowed(policies, "Egress", neighbour, mlflow, mlflow_port)
-    # The pipeline's steps reach MLflow; other pods in their namespace do not.
-    assert allowed(policies, "Ingress", mlflow, step, mlflow_port)
+    # MLflow: the steps that log to it, from the runs' namespace only (its name label).
+    assert connects(policies, tracked, mlflow, mlflow_port)
+    assert not connects(policies, untracked, mlflow, mlflow_port)  # no client label
     assert not allowed(policies, "Ingress", mlflow, stranger, mlflow_port)
+    assert not allowed(policies, "Ingress", mlflow, impostor, mlflow_port)
+    # The steps take no connections, and go only where a step needs to.
+    for step in steps:
+        for source in (stranger, neighbour, tracked, impostor):
+            assert not allowed(policies, "Ingress", step, source, 8080)
+        assert connects(policies, step, dns, 53)
+        assert connects(policies, step, kfp_api, 8887) and connects(policies, step, kfp_api, 8888)
+        assert not connects(policies, step, kfp_database, 3306)
+        assert not connects(policies, step, elsewhere, 8888)
+        assert not connects(policies, step, postgres, postgres_port)
+        assert connects(policies, step, internet, 443) and connects(policies, step, internet, 80)
+        assert not connects(policies, step, internet, 22)
+        assert not connects(policies, step, private, 443)
+        assert connects(policies, step, metadata_server, 80)
     # The Service sends its port to the container port the policy opens.
     service = find(docs, "Service", "mlflow")
     assert selects({"matchLabels": service["spec"]["selector"]}, mlflow["labels"])
     # PostgreSQL: only MLflow, only on its port.
     assert connects(policies, mlflow, postgres, postgres_port)
     assert not connects(policies, neighbour, postgres, postgres_port)
-    assert not allowed(policies, "Ingress", postgres, step, postgres_port)
+    assert not allowed(policies, "Ingress", postgres, tracked, postgres_port)
     assert not connects(policies, postgres, mlflow, mlflow_port)
     # DNS for every pod of the namespace, and nothing else on the way out of PostgreSQL.
     for pod in (mlflow, postgres, neighbour):
         assert allowed(policies, "Egress", pod, dns, 53)
     assert not allowed(policies, "Egress", postgres, {**dns, "labels": {}}, 443)
     # MLflow's way to Google (artifacts over HTTPS, the metadata server) is the overlay's.
-    google = find(docs, "NetworkPolicy", "mlflow-google-egress")
-    assert selects(google["spec"]["podSelector"], mlflow["labels"])
-    blocks = {
-        (peer["ipBlock"]["cidr"], port["port"])
-        for rule in google["spec"]["egress"]
-        for peer in rule["to"]
-        for port in rule["ports"]
+    assert connects(policies, mlflow, internet, 443)
+    assert not connects(policies, mlflow, private, 443)
+    assert connects(policies, mlflow, metadata_server, 80)
+
+
+# --- admission policies, their CEL evaluated -----------------------------------------------
+def admission_failures(policy: dict, obj: dict, **context) -> list[str]:
+    """The messages of the validations of `policy` (a ValidatingAdmissionPolicy) that `obj`
+    fails, evaluated as the API server does: the policy's variables first, then each
+    validation's expression. [] when the object is admitted."""
+    celpy = pytest.importorskip(
+        "celpy", reason="cel-python evaluates the admission policies' CEL: pip install cel-python"
+    )
+    from celpy import celtypes
+
+    environment = celpy.Environment()
+    activation = {"object": celpy.json_to_cel(obj), **context}
+
+    def evaluate(expression: str):
+        return environment.program(environment.compile(expression)).evaluate(activation)
+
+    variables = celtypes.MapType()
+    activation["variables"] = variables
+    for variable in policy["spec"].get("variables", []):
+        variables[celtypes.StringType(variable["name"])] = evaluate(variable["expression"])
+    failures = []
+    for validation in policy["spec"]["validations"]:
+        result = evaluate(validation["expression"])
+        assert isinstance(result, celtypes.BoolType), (validation["expression"], result)
+        if not result:
+            failures.append(" ".join(validation["message"].split()))
+    return failures
+
+
+def step_pod(tmp_path: Path, *, backend_defaults: bool) -> dict:
+    """A pipeline step's pod as the backend builds it from the compiled pipeline: the task's
+    container with the security context the compiled file asks for, beside Argo's and KFP's
+    own containers; with `backend_defaults`, what KFP adds to every container
+    (kubeflow/pipelines#12782), without it, an older backend's pod."""
+    from genreflow.pipelines.compile import compile_pipeline
+
+    image = "registry.example/genreflow@sha256:" + "a" * 64
+    out = compile_pipeline(tmp_path / "pipeline.yaml", image_cpu=image, image_gpu=image)
+    platform = list(yaml.safe_load_all(out.read_text()))[1]
+    config = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pack"]
+    asked = {k: int(v) if k != "runAsNonRoot" else v for k, v in config["securityContext"].items()}
+    system = {"runAsNonRoot": True}  # Argo's and KFP's own images run as non-root
+    containers = [{"name": "main", "image": image, "securityContext": dict(asked)}]
+    containers.append({"name": "wait", "image": "argoexec", "securityContext": dict(system)})
+    init = [{"name": "kfp-launcher", "image": "kfp-launcher", "securityContext": dict(system)}]
+    pod = {
+        "metadata": {"labels": config["podMetadata"]["labels"]},
+        "spec": {"containers": containers, "initContainers": init},
     }
-    assert {("0.0.0.0/0", 443), ("169.254.169.254/32", 80)} <= blocks
+    if backend_defaults:
+        pod["spec"]["securityContext"] = {"seccompProfile": {"type": "RuntimeDefault"}}
+        for container in containers + init:
+            container["securityContext"].update(
+                allowPrivilegeEscalation=False,
+                capabilities={"drop": ["ALL"]},
+                seccompProfile={"type": "RuntimeDefault"},
+            )
+    return pod
+
+
+@needs_kubectl
+def test_pipeline_steps_are_admitted_only_hardened(tmp_path):
+    import copy
+
+    from genreflow.cluster import PIPELINE_STEP_LABEL
+
+    policy = find(render(INFRA / "policy"), "ValidatingAdmissionPolicy",
+                  "genreflow-pipeline-step-security")  # fmt: skip
+    # It looks at the pods that carry the label every compiled step carries, wherever they run.
+    constraints = policy["spec"]["matchConstraints"]
+    assert constraints["objectSelector"] == {"matchLabels": PIPELINE_STEP_LABEL}
+    assert "namespaceSelector" not in constraints
+    assert constraints["resourceRules"][0]["resources"] == ["pods"]
+    hardened = step_pod(tmp_path, backend_defaults=True)
+    assert PIPELINE_STEP_LABEL.items() <= hardened["metadata"]["labels"].items()
+    assert admission_failures(policy, hardened) == []
+    # An older backend's pod: the compiled file's non-root user is there, the rest is not.
+    older = step_pod(tmp_path, backend_defaults=False)
+    failures = admission_failures(policy, older)
+    assert len(failures) == 3 and not any("non-root" in f for f in failures)
+    for change, words in (
+        (lambda p: p["spec"]["containers"][0]["securityContext"].pop("runAsNonRoot"), "non-root"),
+        (
+            lambda p: p["spec"]["initContainers"][0]["securityContext"].update(
+                allowPrivilegeEscalation=True
+            ),
+            "allowPrivilegeEscalation",
+        ),  # fmt: skip
+        (
+            lambda p: p["spec"]["containers"][1]["securityContext"]["capabilities"].update(
+                add=["NET_RAW"]
+            ),
+            "drop all capabilities",
+        ),  # fmt: skip
+        (
+            lambda p: p["spec"]["containers"][0]["securityContext"].update(
+                seccompProfile={"type": "Unconfined"}
+            ),
+            "RuntimeDefault",
+        ),  # fmt: skip
+    ):
+        pod = copy.deepcopy(hardened)
+        change(pod)
+        (failure,) = admission_failures(policy, pod)
+        assert words in failure
+    # The pod-level settings count for a container that sets none of its own.
+    pod = copy.deepcopy(hardened)
+    pod["spec"]["securityContext"]["runAsNonRoot"] = True
+    del pod["spec"]["containers"][1]["securityContext"]["runAsNonRoot"]
+    del pod["spec"]["containers"][1]["securityContext"]["seccompProfile"]
+    assert admission_failures(policy, pod) == []
+
+
+@needs_kubectl
+def test_genreflows_workloads_run_third_party_images_by_digest(tmp_path):
+    policy = find(render(INFRA / "policy"), "ValidatingAdmissionPolicy",
+                  "genreflow-images-by-digest")  # fmt: skip
+    constraints = policy["spec"]["matchConstraints"]
+    assert constraints["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "genreflow"}
+    }
+    site, _ = make_site(tmp_path)
+    workloads = [d for d in render(site / OVERLAY) if d["kind"] in ("Deployment", "StatefulSet")]
+    assert {d["metadata"]["name"] for d in workloads} == {"mlflow", "mlflow-postgres"}
+    for workload in workloads:
+        assert selects(constraints["objectSelector"], workload["metadata"]["labels"])
+        images = [c["image"] for c in workload["spec"]["template"]["spec"]["containers"]]
+        # The tag it was chosen by, and the digest that pins it.
+        assert all(re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", i) for i in images)
+        assert admission_failures(policy, workload) == []
+    images = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"]
+              for d in workloads}  # fmt: skip
+    assert images["mlflow"] == f"ghcr.io/mlflow/mlflow:v3.17.2-full@sha256:{MLFLOW_DIGEST}"
+    # As committed, MLflow's digest is a placeholder to fill in: refused, as a bare tag is.
+    committed, _ = make_site(tmp_path / "committed")
+    base = committed / "base/kustomization.yaml"
+    base.write_text(base.read_text().replace(MLFLOW_DIGEST, "REPLACE_WITH_THE_MLFLOW_IMAGE_DIGEST"))
+    deployment = find(render(committed / OVERLAY), "Deployment", "mlflow")
+    (failure,) = admission_failures(policy, deployment)
+    assert "pinned by digest" in failure and "infra/base/kustomization.yaml" in failure
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "postgres:16.9-bookworm"
+    assert admission_failures(policy, deployment)
 
 
 def test_the_repository_holds_no_secret_values():
@@ -605,6 +852,43 @@ def test_terraform_gpu_nodes_run_as_a_least_privilege_account_of_their_own():
     granted = resources[("google_project_iam_member", "gpu_nodes")]
     roles = set(re.findall(r'"(roles/[^"]+)"', granted))
     assert roles == {"roles/container.defaultNodeServiceAccount", "roles/artifactregistry.reader"}
+
+
+def test_terraform_federates_only_the_retrain_environment_on_main():
+    """GitHub's OIDC token buys the CI account only from this repository's workflow running
+    in the environment `retrain` on refs/heads/main: the provider's condition, evaluated."""
+    resources = _terraform_resources()
+    provider = resources[("google_iam_workload_identity_pool_provider", "github")]
+    assert 'issuer_uri = "https://token.actions.githubusercontent.com"' in provider
+    (condition,) = re.findall(r'attribute_condition\s*=\s*"((?:[^"\\]|\\.)*)"', provider)
+    condition = condition.replace('\\"', '"').replace("${var.github_repository}", "acme/genreflow")
+    token = {"repository": "acme/genreflow", "environment": "retrain", "ref": "refs/heads/main"}
+
+    def admitted(**claims) -> bool:
+        celpy = pytest.importorskip("celpy", reason="cel-python evaluates the condition")
+        environment = celpy.Environment()
+        program = environment.program(environment.compile(condition))
+        return bool(program.evaluate({"assertion": celpy.json_to_cel({**token, **claims})}))
+
+    assert admitted()
+    assert not admitted(ref="refs/heads/feature")  # a workflow run on another branch
+    assert not admitted(ref="refs/pull/7/merge")
+    assert not admitted(environment="test")  # a job outside the reviewed environment
+    assert not admitted(repository="someone/genreflow")
+    # The attributes the condition and the binding use are mapped from the token.
+    for attribute in ("repository", "environment", "ref"):
+        assert f'"attribute.{attribute}" = "assertion.{attribute}"' in re.sub(r" +", " ", provider)
+    binding = resources[("google_service_account_iam_member", "ci_workload_identity")]
+    assert "service_account_id = google_service_account.ci.name" in binding
+    assert 'role               = "roles/iam.workloadIdentityUser"' in binding
+    assert (
+        "principalSet://iam.googleapis.com/${google_iam_workload_identity_pool.github.name}"
+        "/attribute.repository/${var.github_repository}" in binding
+    )
+    # The workflow asks for its token where the condition admits it.
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    assert workflow["jobs"]["retrain"]["environment"] == "retrain"
+    assert workflow[True]["push"]["branches"] == ["main"]
 
 
 # --- the CI workflow ---------------------------------------------------------------------

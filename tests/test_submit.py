@@ -19,6 +19,8 @@ import yaml
 from conftest import free_port
 
 from genreflow.cli import main
+from genreflow.errors import GenreflowError
+from genreflow.pipelines.compile import compile_pipeline, parse_toleration
 from genreflow.pipelines.cv import CACHE_PERIOD_DAYS, cache_epoch
 from genreflow.pipelines.submit import (
     Credentials,
@@ -26,10 +28,8 @@ from genreflow.pipelines.submit import (
     check_accelerator,
     check_arguments,
     parse_params,
-    parse_toleration,
     parse_version,
     pipeline_parameters,
-    prepare_package,
     resolve_credentials,
     submit,
 )
@@ -39,6 +39,12 @@ SOURCE = "gs://genreflow-data/genres.tar.gz"
 MLFLOW = "http://mlflow.genreflow.svc.cluster.local:5000"
 IMAGE_CPU = "registry.example/genreflow@sha256:" + "a" * 64
 IMAGE_GPU = "registry.example/genreflow-cuda@sha256:" + "b" * 64
+IMAGES = dict(image_cpu=IMAGE_CPU, image_gpu=IMAGE_GPU)
+
+
+def compiled(out, **settings):
+    """The package as submit compiles it: compile_pipeline, with pushed images by default."""
+    return compile_pipeline(out, **{**IMAGES, **settings})
 
 
 # --- a recording stand-in for the KFP REST API -------------------------------------------
@@ -158,7 +164,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 # --- arguments ---------------------------------------------------------------------------
 def test_params_are_json_when_they_parse_and_typed_by_the_pipeline(tmp_path):
-    package = prepare_package(tmp_path / "p.yaml")
+    package = compiled(tmp_path / "p.yaml")
     parameters = pipeline_parameters(package)
     raw = parse_params(
         [f"source={SOURCE}", "folds=[1,2]", "lr=3e-4", "mixup=false", "sha256=0123", "seed=7"]
@@ -228,7 +234,7 @@ def test_tolerations_in_taint_syntax():
         "value": "gpu",
     }
     for bad in ("nvidia.com/gpu", "nvidia.com/gpu:Sometimes", ":NoSchedule"):
-        with pytest.raises(SubmitError, match="KEY\\[=VALUE\\]:EFFECT"):
+        with pytest.raises(GenreflowError, match="KEY\\[=VALUE\\]:EFFECT"):
             parse_toleration(bad)
 
 
@@ -241,7 +247,7 @@ def test_versions_read_from_release_tags():
 
 # --- the package it sends ----------------------------------------------------------------
 def test_package_carries_images_parallelism_and_gpu_placement(tmp_path):
-    package = prepare_package(
+    package = compiled(
         tmp_path / "p.yaml",
         parallelism=3,
         image_cpu="registry.example/genreflow@sha256:" + "a" * 64,
@@ -299,7 +305,7 @@ def test_gpu_placement_matches_kfp_kubernetes(tmp_path):
 
     compiler.Compiler().compile(reference, str(tmp_path / "reference.yaml"))
     expected = list(yaml.safe_load_all((tmp_path / "reference.yaml").read_text()))[1]
-    ours = prepare_package(
+    ours = compiled(
         tmp_path / "ours.yaml",
         gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
         gpu_tolerations=[parse_toleration("nvidia.com/gpu:NoSchedule")],
@@ -315,30 +321,33 @@ def test_steps_get_mlflow_credentials_limits_and_a_disk_of_their_own(tmp_path):
         MLFLOW_CLIENT_LABEL,
         MLFLOW_CREDENTIALS_ENV,
         MLFLOW_CREDENTIALS_SECRET,
+        PIPELINE_STEP_LABEL,
     )
 
-    spec, platform = yaml.safe_load_all(prepare_package(tmp_path / "p.yaml").read_text())
+    spec, platform = yaml.safe_load_all(compiled(tmp_path / "p.yaml").read_text())
     placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     talks_to_mlflow = ["exec-aggregate", "exec-close-run", "exec-start-run", "exec-train"]
     for name in [*talks_to_mlflow, "exec-train-head"]:
         config = placed[name]
-        assert config["podMetadata"]["labels"] == MLFLOW_CLIENT_LABEL, name
+        assert config["podMetadata"]["labels"] == {**MLFLOW_CLIENT_LABEL, **PIPELINE_STEP_LABEL}
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == MLFLOW_CREDENTIALS_SECRET
+        assert secret["optional"] is True  # a missing Secret cannot keep the pod from starting
         assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == MLFLOW_CREDENTIALS_ENV
-    assert "exec-download" not in placed and "exec-pack" not in placed
+    for name in ("exec-download", "exec-pack", "exec-embed"):  # they never talk to MLflow
+        assert "secretAsEnv" not in placed[name]
+        assert MLFLOW_CLIENT_LABEL.items() - placed[name]["podMetadata"]["labels"].items()
     executors = spec["deploymentSpec"]["executors"]
     for name in ("exec-train", "exec-embed"):
         resources = executors[name]["container"]["resources"]
         assert resources["cpuLimit"] == resources["cpuRequest"] == 8
         assert resources["memoryLimit"] == resources["memoryRequest"]
-        (volume,) = placed[name]["genericEphemeralVolume"]
+        # An emptyDir: the images' user can write it (a fresh volume's root is root's).
+        (volume,) = placed[name]["emptyDirMounts"]
         assert volume["mountPath"] == "/home/genreflow/.cache/genreflow"
-        assert volume["defaultStorageClass"] and volume["size"] == "50Gi"
+        assert volume["sizeLimit"] == "50Gi"
     # Without the Secret (a server with no sign-in), the label stays.
-    _, platform = yaml.safe_load_all(
-        prepare_package(tmp_path / "q.yaml", mlflow_secret="").read_text()
-    )
+    _, platform = yaml.safe_load_all(compiled(tmp_path / "q.yaml", mlflow_secret="").read_text())
     placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert "secretAsEnv" not in placed["exec-train"] and placed["exec-train"]["podMetadata"]
 
@@ -681,7 +690,7 @@ def test_cache_and_lifecycle_agree(tmp_path):
     longer than a period (infra/terraform)."""
     import re
 
-    spec = next(yaml.safe_load_all(prepare_package(tmp_path / "p.yaml").read_text()))
+    spec = next(yaml.safe_load_all(compiled(tmp_path / "p.yaml").read_text()))
     tasks = {}
 
     def walk(dag):

@@ -168,3 +168,50 @@ resource "google_service_account_iam_member" "pipeline_workload_identity" {
   role               = "roles/iam.workloadIdentityUser"
   member             = "serviceAccount:${local.workload_pool}[${var.kfp_namespace}/genreflow-pipeline-runner]"
 }
+
+# CI (.github/workflows/retrain.yaml) signs in to Google with GitHub's OIDC token through
+# workload identity federation: no key is stored anywhere. The provider admits a token only
+# from this repository's workflow, running in the environment `retrain` (whose required
+# reviewers approve each run) on the main branch: a workflow on any other branch, a pull
+# request or another repository gets nothing.
+resource "google_iam_workload_identity_pool" "github" {
+  workload_identity_pool_id = "genreflow-github"
+  display_name              = "genreflow GitHub Actions"
+}
+
+resource "google_iam_workload_identity_pool_provider" "github" {
+  workload_identity_pool_id          = google_iam_workload_identity_pool.github.workload_identity_pool_id
+  workload_identity_pool_provider_id = "github"
+  display_name                       = "GitHub Actions (retrain on main)"
+  attribute_mapping = {
+    "google.subject"        = "assertion.sub"
+    "attribute.repository"  = "assertion.repository"
+    "attribute.environment" = "assertion.environment"
+    "attribute.ref"         = "assertion.ref"
+  }
+  attribute_condition = "assertion.repository == \"${var.github_repository}\" && assertion.environment == \"retrain\" && assertion.ref == \"refs/heads/main\""
+  oidc {
+    issuer_uri = "https://token.actions.githubusercontent.com"
+  }
+}
+
+# The account the retrain job acts as (the workflow's variable GCP_SERVICE_ACCOUNT), and
+# the tokens that pass the provider's condition may act as it. Its one other grant, calling
+# KFP behind Identity-Aware Proxy, is on KFP's front door (below, when named).
+resource "google_service_account" "ci" {
+  account_id   = "genreflow-ci"
+  display_name = "genreflow CI retraining"
+}
+
+resource "google_service_account_iam_member" "ci_workload_identity" {
+  service_account_id = google_service_account.ci.name
+  role               = "roles/iam.workloadIdentityUser"
+  member             = "principalSet://iam.googleapis.com/${google_iam_workload_identity_pool.github.name}/attribute.repository/${var.github_repository}"
+}
+
+resource "google_iap_web_backend_service_iam_member" "ci_kfp" {
+  count               = var.kfp_iap_backend_service == "" ? 0 : 1
+  web_backend_service = var.kfp_iap_backend_service
+  role                = "roles/iap.httpsResourceAccessor"
+  member              = "serviceAccount:${google_service_account.ci.email}"
+}

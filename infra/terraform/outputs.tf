@@ -24,3 +24,13 @@ output "overlay_values" {
   description = "The command that puts this project and bucket into infra/overlays/gke."
   value       = "sed -i 's/GCP_PROJECT/${var.project}/g; s/GCS_BUCKET/${google_storage_bucket.genreflow.name}/g' infra/overlays/gke/*.yaml"
 }
+
+output "ci_service_account" {
+  description = "The retrain workflow's variable GCP_SERVICE_ACCOUNT."
+  value       = google_service_account.ci.email
+}
+
+output "github_workload_identity_provider" {
+  description = "The retrain workflow's variable GCP_WORKLOAD_IDENTITY_PROVIDER."
+  value       = google_iam_workload_identity_pool_provider.github.name
+}

@@ -95,3 +95,18 @@ variable "mlflow_noncurrent_days" {
   type        = number
   default     = 90
 }
+
+variable "github_repository" {
+  description = "The GitHub repository whose retrain workflow may act as the CI account (OWNER/NAME)."
+  type        = string
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", var.github_repository))
+    error_message = "github_repository must be OWNER/NAME."
+  }
+}
+
+variable "kfp_iap_backend_service" {
+  description = "KFP's front door behind Identity-Aware Proxy, the backend service's name, which the CI account may call (empty: grant it yourself)."
+  type        = string
+  default     = ""
+}
