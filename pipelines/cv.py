@@ -64,9 +64,9 @@ class StepResources:
 # changes one for a compiled file. Memory: the peak RSS of each step's processes, measured
 # on the demo profile's DAG at 30 s clips (100 clips, frozen base, kfp.local; infra/README.md,
 # "Sizing the steps"): start-run 237 MiB, close-run 228, download under 100, pack 1116 (two
-# workers; four CPUs run four, hence twice that), embed 2886, train-head 597, aggregate 1282 (the frozen
-# base and ten heads), with room for GTZAN's 1000 clips (pack streams them; the embeddings
-# are 8 KiB a clip) and, for the fine-tune aggregate, the ten fine-tuned Cnn14s it holds
+# workers; four CPUs run four, hence twice that), embed 2886, train-head 597, aggregate 1282
+# (the frozen base and ten heads), with room for GTZAN's 1000 clips (pack streams them; the
+# embeddings are 8 KiB a clip) and, for the fine-tune aggregate, the ten fine-tuned Cnn14s it holds
 # (3.3 GB). The GPU steps keep the CPU and memory that feed one GPU. Timeouts: a few times
 # the longest run seen (README.md's full-scale table; the seed's 30 minutes a fold on a
 # V100), and for a fold the step's own three tries.
