@@ -24,7 +24,9 @@ from genreflow.tracking.names import (
     CHECKSUM_TAGS,
     DATA_SHA256_TAG,
     GIT_COMMIT_TAG,
+    PARENT_RUN_TAG,
     PARTIAL_TAG,
+    PROMOTION_TAG,
     PROTOCOL_TAG,
     SELECTION_TAG,
     SPLIT_SHA256_TAG,
@@ -32,8 +34,6 @@ from genreflow.tracking.names import (
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-PARENT_RUN_TAG = "genreflow.parent_run"
-PROMOTION_TAG = "genreflow.promotion"
 # What must agree between champion and candidate for their folds to be paired samples.
 SAME = (PROTOCOL_TAG, *CHECKSUM_TAGS)
 

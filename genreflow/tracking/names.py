@@ -36,6 +36,9 @@ PARTIAL_TAG = "partial"
 GIT_COMMIT_TAG = "git_commit"
 DATA_SHA256_TAG = "data.sha256"
 SPLIT_SHA256_TAG = "split.sha256"
+# On registered versions: the pipeline run that made one; what promotion decided.
+PARENT_RUN_TAG = "genreflow.parent_run"
+PROMOTION_TAG = "genreflow.promotion"
 # Pairing folds means the same clips in the same folds: the same data and the same split.
 CHECKSUM_TAGS = (DATA_SHA256_TAG, SPLIT_SHA256_TAG)
 
