@@ -1,4 +1,5 @@
-"""KFP v2 components: one file per pipeline step, each a thin typed call into genreflow.
+"""KFP v2 components: one file per pipeline step, each a thin typed call into its step
+(genreflow.steps), the function that `genreflow <step>` and the Python API call too.
 
 Only the standard library and kfp at module level, so compiling never imports torch. Each
 component imports genreflow inside its body: kfp.local runs it in the installed

@@ -46,9 +46,9 @@ def aggregate(
     from genreflow.aggregate import REPORT_HTML, flat_metrics
     from genreflow.data.genres import GENRES
     from genreflow.frozen import BASE
-    from genreflow.tracking import report_step
+    from genreflow.steps.report import report as write_report
 
-    summary = report_step(
+    summary = write_report(
         [fold.path for fold in folds],
         results.path,
         expected_folds=expected_folds,

@@ -17,8 +17,7 @@ def close_run(tracking_uri: str, pipeline_run_id: str, status: dsl.PipelineTaskF
         pipeline_run_id: the KFP run's id, which the parent run carries as a tag.
         status: the final state of the steps this handler guards (set by KFP).
     """
-    from genreflow.tracking import close_pipeline_run
+    from genreflow.steps.run import close_run as close
 
     print(f"pipeline run {pipeline_run_id}: {status.state} {status.error_message or ''}")
-    if tracking_uri:
-        close_pipeline_run(tracking_uri, pipeline_run_id, status.state)
+    close(tracking_uri, pipeline_run_id, status.state)

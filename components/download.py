@@ -21,9 +21,8 @@ def download(
             bucket still holds it (infra/terraform's kfp_root_retention_days).
         dataset: the extracted tree, in any layout `genreflow pack` reads.
     """
-    from genreflow.data.download import download as fetch
-    from genreflow.storage import redacted
+    from genreflow.steps.download import download as fetch
 
-    root = fetch(source, dataset.path, sha256=sha256 or None, md5=md5 or None)
-    dataset.metadata["source"] = redacted(source)  # KFP shows and stores metadata
-    dataset.metadata["root"] = str(root)
+    fetched = fetch(source, dataset.path, sha256=sha256, md5=md5)
+    dataset.metadata["source"] = fetched.source  # redacted: KFP shows and stores metadata
+    dataset.metadata["root"] = str(fetched.root)

@@ -27,12 +27,8 @@ def embed(
             bucket still holds it (infra/terraform's kfp_root_retention_days).
         embeddings: a folder with embeddings.h5 and base.pth.
     """
-    from genreflow.frozen import embed_features
+    from genreflow.steps.embed import embed as embed_clips
 
-    embed_features(
-        features.path,
-        embeddings.path,
-        pretrained=pretrained or None,
-        seed=seed,
-        precision=precision,
+    embed_clips(
+        features.path, embeddings.path, pretrained=pretrained, seed=seed, precision=precision
     )

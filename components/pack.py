@@ -26,7 +26,7 @@ def pack(
             (Cnn14's float16 front-end output: a fifth of the bytes, the same numbers up
             to float16 rounding; genreflow.features).
     """
-    from genreflow.features import pack as pack_clips
+    from genreflow.steps.pack import pack as pack_clips
 
     summary = pack_clips(
         dataset.path, features.path, clip_seconds=clip_seconds, representation=representation

@@ -54,7 +54,15 @@ def start_run(
             head_*: the head's (genreflow.recipe); the one the run takes is logged.
         mlflow_run: where the parent run is (Markdown, shown in the KFP UI).
     """
-    parameters = {name: value for name, value in locals().items() if name != "mlflow_run"}
-    from genreflow.tracking import open_pipeline_run
+    arguments = {name: value for name, value in locals().items() if name != "mlflow_run"}
+    from genreflow.recipe import PIPELINE_RECIPE
+    from genreflow.steps.run import open_run
+    from genreflow.tracking.addresses import print_addresses
 
-    return open_pipeline_run(parameters, mlflow_run.path)
+    recipe = {name: arguments.pop(name) for name, _, _ in PIPELINE_RECIPE}
+    parent = open_run(arguments.pop("tracking_uri"), **arguments, recipe=recipe)
+    with open(mlflow_run.path, "w") as markdown:
+        markdown.write(parent.markdown)
+    if parent.run_id:
+        print_addresses(tracking_uri, parent.run_id)
+    return parent.run_id

@@ -52,8 +52,9 @@ def train(
         model: the fold folder: checkpoints, metrics.csv, predictions.csv, summary.json.
         metrics: the test accuracy, for the KFP UI.
     """
+    from genreflow.fold_result import fold_outcome
     from genreflow.recipe import TrainConfig
-    from genreflow.tracking import fold_step, fold_step_outputs
+    from genreflow.steps.fold import fine_tune_fold
 
     config = TrainConfig(
         features=features.path,
@@ -70,7 +71,7 @@ def train(
         seed=seed,
         precision=precision,
     )
-    summary = fold_step(
+    result = fine_tune_fold(
         config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
@@ -80,7 +81,7 @@ def train(
         work_root=work_root,
         pipeline_root=pipeline_root,
     )
-    metadata, accuracy = fold_step_outputs(summary)
-    model.metadata.update(metadata)
-    if accuracy is not None:
-        metrics.log_metric("test_accuracy", accuracy)
+    outcome = fold_outcome(result)
+    model.metadata.update(outcome)
+    if "test_accuracy" in outcome:
+        metrics.log_metric("test_accuracy", outcome["test_accuracy"])

@@ -46,9 +46,10 @@ def train_head(
     """
     import os
 
+    from genreflow.fold_result import fold_outcome
     from genreflow.frozen import EMBEDDINGS
     from genreflow.recipe import HeadConfig
-    from genreflow.tracking import fold_step, fold_step_outputs
+    from genreflow.steps.head import head_fold
 
     config = HeadConfig(
         embeddings=os.path.join(embeddings.path, EMBEDDINGS),
@@ -64,7 +65,7 @@ def train_head(
         eval_every=eval_every,
         seed=seed,
     )
-    summary = fold_step(
+    result = head_fold(
         config,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
@@ -72,7 +73,7 @@ def train_head(
         min_folds=min_folds,
         expected_folds=expected_folds,
     )
-    metadata, accuracy = fold_step_outputs(summary)
-    model.metadata.update(metadata)
-    if accuracy is not None:
-        metrics.log_metric("test_accuracy", accuracy)
+    outcome = fold_outcome(result)
+    model.metadata.update(outcome)
+    if "test_accuracy" in outcome:
+        metrics.log_metric("test_accuracy", outcome["test_accuracy"])

@@ -154,8 +154,8 @@ check_image_basics() {
     [[ $(in_image "$image" id -u) == 10001 ]] || die "$image: does not run as uid 10001"
     [[ $(podman image inspect --format '{{index .Labels "org.opencontainers.image.revision"}}' "$image") == "$commit" ]] ||
       die "$image: label org.opencontainers.image.revision is not $commit"
-    [[ $(in_image "$image" python -c 'from genreflow.tracking import git_commit; print(git_commit())') == "$commit" ]] ||
-      die "$image: genreflow.tracking.git_commit() does not give $commit"
+    [[ $(in_image "$image" python -c 'from genreflow.tracking.runs import git_commit; print(git_commit())') == "$commit" ]] ||
+      die "$image: genreflow.tracking.runs.git_commit() does not give $commit"
     echo "$image: $outside, uid 10001, commit $commit (label and tracking)"
   done
   # Only the mounted output is writable: not the root, the Python environment, /etc, the input.

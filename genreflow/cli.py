@@ -1,10 +1,15 @@
 """The `genreflow` command: one subcommand per pipeline step.
 
-Each subcommand parses its arguments and calls one library function; the KFP components
-call the same functions, so a step behaves the same from the shell, from Python and in
-a pipeline. The pipeline's own subcommands (compile, run, submit) come from the pipelines
-package through the `genreflow.commands` entry point. Heavy imports (torch, h5py, kfp,
-mlflow) happen inside the handlers so that `genreflow --help` stays instant.
+Each step's subcommand parses its arguments and calls its step function (genreflow.steps);
+the KFP components call the same functions, so a step behaves the same from the shell, from
+Python and in a pipeline: retry, reuse, failed.json and tracking included. The pipeline's
+own subcommands (compile, run, submit) come from the pipelines package through the
+`genreflow.commands` entry point. Heavy imports (torch, h5py, kfp, mlflow) happen inside the
+handlers so that `genreflow --help` stays instant.
+
+Why one file of this size: it is a flat list of sections, one per subcommand (its parser,
+then its handler), and most of its lines are the options' help, which is the command's
+documentation; splitting it would scatter that without separating any two jobs.
 """
 
 from __future__ import annotations
@@ -110,11 +115,11 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from genreflow.data.download import count_clips, download
+    from genreflow.steps.download import download
 
-    root = download(args.source, args.out, sha256=args.sha256, md5=args.md5)
-    counts = count_clips(root)
-    print(root)
+    fetched = download(args.source, args.out, sha256=args.sha256 or "", md5=args.md5 or "")
+    counts = fetched.clips()
+    print(fetched.root)
     for genre, count in counts.items():
         print(f"  {genre:<10} {count:>5}")
     print(f"  {'total':<10} {sum(counts.values()):>5}")
@@ -166,7 +171,8 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pack(args: argparse.Namespace) -> int:
-    from genreflow.features import describe, pack
+    from genreflow.features import describe
+    from genreflow.steps.pack import pack
 
     summary = pack(
         args.dataset,
@@ -175,7 +181,7 @@ def _run_pack(args: argparse.Namespace) -> int:
         representation=args.representation,
         workers=args.workers,
         on_error=args.on_error,
-        source_sha256=args.source_sha256,
+        source_sha256=args.source_sha256 or "",
         progress=not args.no_progress,
     )
     print(describe(summary.path))
@@ -193,8 +199,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "metrics.csv, predictions.csv and summary.json to DIR. --protocol cv10 (default): "
         "fold K is the test fold and fold K+1 (10 -> 1) the validation fold; --protocol "
         "filtered: the fault-filtered GTZAN lists. Killed, the same command resumes from "
-        "the last checkpoint; rerun when finished, it does nothing. The recipe's defaults "
-        "are the seed's (panns_transfer_to_gtzan).",
+        "the last checkpoint; rerun when finished, it does nothing. A transient failure (the "
+        "network, storage) is retried from the last checkpoint, 3 tries in all. The recipe's "
+        "defaults are the seed's (panns_transfer_to_gtzan). With --parent-run-id the fold "
+        "is the pipeline step exactly: an MLflow child run, reused when an identical fold "
+        "was logged before.",
     )
     p.add_argument(
         "--features",
@@ -229,7 +238,79 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_options(p, TrainConfig)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="(default 0)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _add_fold_step_options(p)
+    p.add_argument(
+        "--work-root",
+        default="",
+        metavar="DIR|gs://",
+        help="train in WORK_ROOT/folds/fold-KK-<identity> (a folder or gs:// prefix that "
+        "outlives this machine), checkpointing there, and copy the outputs into --out: run "
+        "again anywhere, the fold resumes from its last checkpoint (default: train in --out)",
+    )
     p.set_defaults(func=_run_train)
+
+
+def _add_fold_step_options(p: argparse.ArgumentParser) -> None:
+    """What the fold steps (train, train-head) take beside the recipe, as in the pipeline."""
+    p.add_argument(
+        "--parent-run-id",
+        default="",
+        metavar="ID",
+        help="log the fold as a child run of this MLflow run (a pipeline's parent run, "
+        "from `genreflow open-run`); default: no tracking",
+    )
+    _add_tracking_uri(p)
+    p.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_false",
+        help="train even when MLflow holds an identical fold (same input, recipe, code)",
+    )
+    _add_folds_options(
+        p,
+        "fewest usable folds the run accepts: below the number of --folds, "
+        "a fold that fails for good writes failed.json into --out and exits 0, so that the "
+        "run goes on to a partial result (default 0: every fold must succeed)",
+    )
+
+
+def _add_folds_options(p: argparse.ArgumentParser, min_folds_help: str) -> None:
+    p.add_argument("--min-folds", type=int, default=0, metavar="N", help=min_folds_help)
+    p.add_argument(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=list(range(1, 11)),
+        metavar="K",
+        help="the folds (repetitions, under filtered) the run was meant to have (default: 1 to 10)",
+    )
+
+
+def _tracking(args: argparse.Namespace) -> str:
+    """The tracking URI of a step given --parent-run-id ("" without: no tracking)."""
+    from genreflow.tracking.client import default_tracking_uri
+
+    if not args.parent_run_id:
+        if args.tracking_uri:
+            raise GenreflowError(
+                "--tracking-uri needs --parent-run-id, the run to log under "
+                "(`genreflow open-run` opens one)"
+            )
+        return ""
+    return args.tracking_uri or default_tracking_uri()
+
+
+def _said_fold(result, out: str) -> str:
+    """A fold step's result in one line: its accuracy, or why it failed."""
+    from genreflow.fold_result import FailedFold
+
+    if isinstance(result, FailedFold):
+        return f"fold {result.fold} failed ({result.reason}): recorded in {out}/failed.json"
+    return (
+        f"fold {result['fold']} ({result['protocol']}): test accuracy "
+        f"{result['final_accuracy']:.3f} of the checkpoint of iteration "
+        f"{result['selected_iteration']} (chosen on {result['selection']}) -> {out}"
+    )
 
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
@@ -251,7 +332,7 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from genreflow.train import train_fold
+    from genreflow.steps.fold import fine_tune_fold
 
     config = from_options(
         TrainConfig,
@@ -267,12 +348,16 @@ def _run_train(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         selection=args.selection,
     )
-    summary = train_fold(config)
-    print(
-        f"fold {summary['fold']} ({summary['protocol']}): test accuracy "
-        f"{summary['final_accuracy']:.3f} of the checkpoint of iteration "
-        f"{summary['selected_iteration']} (chosen on {summary['selection']}) -> {args.out}"
+    result = fine_tune_fold(
+        config,
+        tracking_uri=_tracking(args),
+        parent_run_id=args.parent_run_id,
+        reuse=args.reuse,
+        min_folds=args.min_folds,
+        expected_folds=args.folds,
+        work_root=args.work_root,
     )
+    print(_said_fold(result, args.out))
     return 0
 
 
@@ -361,7 +446,10 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         "aggregate",
         help="pool the folds' held-out predictions into the cross-validation report",
         description="Read each fold folder's predictions.csv and summary.json and write "
-        "report.json, report.html, confusion.csv, confusion.png and per_genre.csv into --out.",
+        "report.json, report.html, confusion.csv, confusion.png and per_genre.csv into --out. "
+        "With --parent-run-id, the pipeline's report step exactly: the fold ensemble logged "
+        "as the parent run's model (and registered with --registered-model), the aggregate "
+        "metrics and the report logged on the parent run.",
     )
     p.add_argument(
         "--fold-dir",
@@ -373,12 +461,8 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         help="a fold's training output folder (repeat once per fold)",
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder")
-    p.add_argument(
-        "--min-folds",
-        type=int,
-        default=10,
-        metavar="N",
-        help="fewest usable folds for a (partial) report; fewer is an error (default: 10)",
+    _add_folds_options(
+        p, "fewest usable folds for a (partial) report; fewer is an error (default 0: every fold)"
     )
     p.add_argument(
         "--protocol",
@@ -388,37 +472,166 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
         "summary.json record; cv10 where they record none); given, it must agree with them",
     )
     p.add_argument(
-        "--folds",
-        type=int,
-        nargs="+",
-        default=list(range(1, 11)),
-        metavar="K",
-        help="the folds (repetitions, under filtered) the run was meant to have (default: 1 to 10)",
-    )
-    p.add_argument(
         "--train-fraction",
         type=float,
         default=None,
         help="cv10: n_train / (n_train + n_test) of one fold for the interval correction "
         "(default: derived from the fold sizes)",
     )
+    p.add_argument(
+        "--parent-run-id",
+        default="",
+        metavar="ID",
+        help="log the report and the fold ensemble on this MLflow run (the folds' parent); "
+        "default: no tracking",
+    )
+    _add_tracking_uri(p)
+    p.add_argument(
+        "--registered-model",
+        default="",
+        metavar="NAME",
+        help="register the fold ensemble as a version of NAME, alias candidate (default: "
+        "log it, do not register)",
+    )
+    p.add_argument(
+        "--register-anyway",
+        action="store_true",
+        help="register it even when chosen on test data (selection heldout) or partial",
+    )
+    p.add_argument(
+        "--clip-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="the clip length the fold models read: the logged ensemble's input (default 30)",
+    )
+    p.add_argument(
+        "--embeddings",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="frozen base: the embed-features folder whose base.pth the heads share",
+    )
     p.set_defaults(func=_run_aggregate)
 
 
 def _run_aggregate(args: argparse.Namespace) -> int:
-    from genreflow.aggregate import REPORT_HTML, REPORT_JSON, aggregate, headline
+    from genreflow.aggregate import REPORT_HTML, REPORT_JSON, headline
+    from genreflow.frozen import BASE
+    from genreflow.steps.report import report as write_report
 
-    report = aggregate(
+    report = write_report(
         args.fold_dirs,
         args.out,
         expected_folds=args.folds,
         min_folds=args.min_folds,
         protocol=args.protocol,
         train_fraction=args.train_fraction,
+        clip_seconds=args.clip_seconds,
+        tracking_uri=_tracking(args),
+        parent_run_id=args.parent_run_id,
+        registered_model=args.registered_model,
+        register_anyway=args.register_anyway,
+        base=args.embeddings / BASE if args.embeddings else None,
     )
     for line in headline(report):
         print(line)
     print(f"report: {args.out / REPORT_HTML} (data: {args.out / REPORT_JSON})")
+    return 0
+
+
+# --- open-run / close-run ---------------------------------------------------------------
+def _add_run_steps(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "open-run",
+        help="open a pipeline run's MLflow parent run, for folds run by hand to nest under",
+        description="Open the MLflow parent run that the pipeline's first step opens, tagged "
+        "and with the parameters given; print its id on stdout (for --parent-run-id of "
+        "train, train-head and aggregate) and where to look at it on stderr. Close it with "
+        "close-run.",
+    )
+    _add_tracking_uri(p)
+    p.add_argument("--experiment", default=None, help="the experiment (default genreflow-gtzan)")
+    p.add_argument("--name", default="", help="the run's name (default: MLflow's)")
+    p.add_argument(
+        "--pipeline-run-id",
+        default=None,
+        metavar="ID",
+        help="the pipeline run's id, a tag by which close-run finds the run (default: a new one)",
+    )
+    p.add_argument("--profile", default="custom", help="a tag (default custom)")
+    _add_split_options(p)
+    p.add_argument("--source", default="", help="the dataset's source, a param")
+    p.add_argument("--sha256", default="", help="its checksum (or 'original'), the data.sha256 tag")
+    p.add_argument("--pretrained", default="", help="the checkpoint the folds start from, a param")
+    p.add_argument("--freeze-base", action="store_true", help="the frozen-base path (a tag)")
+    p.add_argument("--clip-seconds", type=float, default=30.0, help="a param (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="a param (default 0)")
+    p.add_argument(
+        "--representation", choices=("waveform", "logmel"), default="waveform", help="a param"
+    )
+    p.set_defaults(func=_run_open_run)
+
+    p = sub.add_parser(
+        "close-run",
+        help="close a pipeline run's MLflow parent run with its final state",
+        description="End the parent run that open-run (or the pipeline) opened for this "
+        "pipeline run id: SUCCEEDED -> FINISHED, FAILED, CANCELED -> KILLED; a fold run left "
+        "RUNNING ends too.",
+    )
+    _add_tracking_uri(p)
+    p.add_argument("--pipeline-run-id", required=True, metavar="ID", help="as open-run said")
+    p.add_argument(
+        "--state",
+        required=True,
+        type=str.upper,
+        choices=("SUCCEEDED", "FAILED", "CANCELED"),
+        help="the pipeline run's final state",
+    )
+    p.set_defaults(func=_run_close_run)
+
+
+def _run_open_run(args: argparse.Namespace) -> int:
+    import uuid
+
+    from genreflow.steps.run import open_run
+    from genreflow.tracking.addresses import print_addresses
+    from genreflow.tracking.client import DEFAULT_EXPERIMENT, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    pipeline_run_id = args.pipeline_run_id or f"genreflow-{uuid.uuid4().hex[:12]}"
+    parent = open_run(
+        uri,
+        experiment=args.experiment or DEFAULT_EXPERIMENT,
+        pipeline_run=args.name,
+        pipeline_run_id=pipeline_run_id,
+        profile=args.profile,
+        protocol=args.protocol,
+        selection=args.selection,
+        source=args.source,
+        sha256=args.sha256,
+        pretrained=args.pretrained,
+        freeze_base=args.freeze_base,
+        clip_seconds=args.clip_seconds,
+        seed=args.seed,
+        representation=args.representation,
+    )
+    print(parent.run_id)
+    print_addresses(uri, parent.run_id, file=sys.stderr)
+    print(
+        f"close it with: genreflow close-run --pipeline-run-id {pipeline_run_id} --state SUCCEEDED",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run_close_run(args: argparse.Namespace) -> int:
+    from genreflow.steps.run import close_run
+    from genreflow.tracking.client import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    if close_run(uri, args.pipeline_run_id, args.state) is None:
+        raise GenreflowError(f"{uri}: no parent run of pipeline run {args.pipeline_run_id}")
     return 0
 
 
@@ -507,12 +720,9 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ui(args: argparse.Namespace) -> int:
-    from genreflow.tracking import (
-        DEFAULT_EXPERIMENT,
-        default_tracking_uri,
-        latest_pipeline_run,
-        print_addresses,
-    )
+    from genreflow.tracking.addresses import print_addresses
+    from genreflow.tracking.client import DEFAULT_EXPERIMENT, default_tracking_uri
+    from genreflow.tracking.runs import latest_pipeline_run
 
     uri = args.tracking_uri or default_tracking_uri()
     served = not uri.startswith(("http://", "https://"))
@@ -556,7 +766,7 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
 
 def _run_promote(args: argparse.Namespace) -> int:
     from genreflow.registry import promote, write_markdown
-    from genreflow.tracking import default_tracking_uri
+    from genreflow.tracking.client import default_tracking_uri
 
     result = promote(args.tracking_uri or default_tracking_uri(), args.model, version=args.version)
     print(f"{args.model} version {result['candidate']['version']}: {result['decision']}")
@@ -614,7 +824,7 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
         description="Train fc_transfer on the training rows' embeddings, keep the head that "
         "does best on the validation rows, report it on the test rows (--protocol and "
         "--selection as for train); writes metrics.csv, predictions.csv, summary.json and "
-        "head.pth to --out. "
+        "head.pth to --out; retried, reused and tracked as train is. "
         f"The head's recipe (genreflow.recipe.HeadConfig): {head['iterations']} full-batch "
         f"steps (batch size {head['batch_size']}), lr {head['lr']}, weight decay "
         f"{head['weight_decay']}, {'mixup' if head['mixup'] else 'no mixup'} (alpha "
@@ -638,19 +848,20 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_options(p, HeadConfig)
     p.add_argument("--seed", type=int, default=HeadConfig.seed, help="seeds sampling and mixup")
+    _add_fold_step_options(p)
     p.set_defaults(func=_run_train_head)
 
 
 def _run_embed_features(args: argparse.Namespace) -> int:
     import json
 
-    from genreflow.frozen import embed_features
+    from genreflow.steps.embed import embed
 
-    summary = embed_features(
+    summary = embed(
         args.features,
         args.out,
-        pretrained=args.pretrained,
-        pretrained_sha256=args.pretrained_sha256,
+        pretrained=args.pretrained or "",
+        pretrained_sha256=args.pretrained_sha256 or "",
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
@@ -662,10 +873,10 @@ def _run_embed_features(args: argparse.Namespace) -> int:
 
 
 def _run_train_head(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
-    from genreflow.frozen import train_head
+    from genreflow.fold_result import FailedFold
+    from genreflow.steps.head import head_fold
 
     config = from_options(
         HeadConfig,
@@ -677,8 +888,16 @@ def _run_train_head(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         selection=args.selection,
     )
-    summary = train_head(**dataclasses.asdict(config))
-    print(json.dumps(summary, indent=2))
+    result = head_fold(
+        config,
+        tracking_uri=_tracking(args),
+        parent_run_id=args.parent_run_id,
+        reuse=args.reuse,
+        min_folds=args.min_folds,
+        expected_folds=args.folds,
+    )
+    failed = isinstance(result, FailedFold)
+    print(_said_fold(result, args.out) if failed else json.dumps(result, indent=2))
     return 0
 
 
@@ -697,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_inference,
         _add_aggregate,
+        _add_run_steps,
         _add_compare,
         _add_promote,
         _add_frozen,

@@ -40,12 +40,15 @@ from genreflow.atomic import write_text_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import RENAMED, current_names
 from genreflow.recipe import RECIPE_VERSION, recipe_label, recipe_version_of
+from genreflow.tracking.names import (
+    CHECKSUM_TAGS,
+    FOLD_TAG,
+    PARENT_TAG,
+    PROTOCOL_TAG,
+    SELECTION_TAG,
+)
 
 DEFAULT_METRIC = "final_accuracy"
-PARENT_TAG = "mlflow.parentRunId"
-FOLD_TAG = "fold"
-# Pairing folds means the same clips in the same folds: the same data and the same split.
-CHECKSUM_TAGS = ("data.sha256", "split.sha256")
 # The aggregate metrics first, in the order a reader wants them; any others follow by name.
 METRIC_ORDER = (
     "accuracy_mean",
@@ -135,7 +138,7 @@ def read_pipeline_run(
     # compared under today's names, whichever name the caller gives.
     metric = RENAMED.get(metric, metric)
     parent = _get_run(client, run_id, where)
-    protocol = _recorded(parent, "protocol")
+    protocol = _recorded(parent, PROTOCOL_TAG)
     if protocol is not None and protocol not in PROTOCOL_LABELS:
         raise GenreflowError(
             f"{where}: run {run_id} records an unknown protocol {protocol!r} "
@@ -167,7 +170,7 @@ def read_pipeline_run(
         status=parent.info.status,
         protocol=protocol or DEFAULT_PROTOCOL,
         protocol_recorded=protocol is not None,
-        selection=_recorded(parent, "selection"),
+        selection=_recorded(parent, SELECTION_TAG),
         metrics=dict(parent.data.metrics),
         scores={},
         checksums={k: parent.data.tags.get(k, "") for k in CHECKSUM_TAGS},
@@ -339,7 +342,8 @@ def compare_runs(
 
     Args:
         run_a, run_b: the parent runs' ids.
-        tracking_uri: the MLflow tracking URI; None: `tracking.default_tracking_uri()`.
+        tracking_uri: the MLflow tracking URI; None: its default
+            (genreflow.tracking.client.default_tracking_uri).
         metric: the fold runs' metric to compare fold by fold.
         train_fraction: cv10 only: n_train / (n_train + n_test) of one fold for the
             correction; None takes the parents' `test_train_ratio` metric (the larger of
@@ -353,13 +357,13 @@ def compare_runs(
     Raises:
         GenreflowError: an unknown run id, or a run with no fold children (naming it).
     """
-    from genreflow.tracking import _client, default_tracking_uri
+    from genreflow.tracking.client import client, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     metric = RENAMED.get(metric, metric)
-    client = _client(uri)
-    a = read_pipeline_run(client, run_a, metric=metric, tracking_uri=uri)
-    b = read_pipeline_run(client, run_b, metric=metric, tracking_uri=uri)
+    store = client(uri)
+    a = read_pipeline_run(store, run_a, metric=metric, tracking_uri=uri)
+    b = read_pipeline_run(store, run_b, metric=metric, tracking_uri=uri)
 
     common = sorted(set(a.scores) & set(b.scores))
     result: dict = {

@@ -1,8 +1,8 @@
 """What one fold leaves in its folder: the one definition of the files, their names and fields.
 
 Both training paths (genreflow.train, genreflow.frozen) write a fold folder through this
-module; aggregate, tracking and the KFP components read it through this module. A fold
-folder holds:
+module; the steps, aggregate and tracking read it through this module. A fold folder
+holds:
 
 - `metrics.csv`: one row per evaluation, METRICS_COLUMNS: iteration, train_loss (mean since
   the previous evaluation), valid_accuracy (what chooses the checkpoint), test_accuracy
@@ -14,7 +14,7 @@ folder holds:
   the folder finished.
 - the selected checkpoint: `best.pth` (fine-tune) or `head.pth` (frozen base).
 - `failed.json` instead, when a fold failed while the pipeline accepts partial results:
-  `{"fold": K, "error": "..."}`.
+  `{"fold": K, "error": "..."}`, a `FailedFold` written down.
 
 Reading is lenient where older runs recorded less (a summary may hold only `{"fold": K}`)
 or named things otherwise (`RENAMED`: folders written before the names said what they
@@ -72,6 +72,18 @@ SPLIT_NAMES = ("excluded_names", "missing_names")
 # as a fold trained under bf16 autocast before its head was kept in float32 wrote them.
 # Accepted rows are renormalised, so every later average is over distributions.
 PROBABILITY_SUM_TOLERANCE = 2.0**-8
+
+
+@dataclass
+class FailedFold:
+    """A fold without a result, the one shape of a failure: the fold step returns it for a
+    failure it tolerates (min_folds) and writes it as failed.json (`write_failure`); the
+    aggregate reads it back, or makes one for a folder whose files are missing or
+    unreadable (`read_fold`). fold is None where no readable file names it."""
+
+    fold: int | None
+    directory: Path
+    reason: str
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -223,9 +235,11 @@ def write_summary(out: Path, summary: FoldSummary) -> dict:
     return content
 
 
-def write_failure(out: Path, fold: int, error: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / FAILED, json.dumps({"fold": fold, "error": error}) + "\n")
+def write_failure(failure: FailedFold) -> None:
+    """Write failed.json into the failed fold's folder: {"fold": K, "error": "..."}."""
+    failure.directory.mkdir(parents=True, exist_ok=True)
+    record = {"fold": failure.fold, "error": failure.reason}
+    write_text_atomic(failure.directory / FAILED, json.dumps(record) + "\n")
 
 
 def folds_required(min_folds: int, expected_folds: Sequence[int]) -> int:
@@ -233,6 +247,13 @@ def folds_required(min_folds: int, expected_folds: Sequence[int]) -> int:
     Below all of them, partial results are allowed: a fold that fails for good records why
     (failed.json) instead of failing its step, and so the whole DAG (kubeflow/pipelines#7330)."""
     return min_folds or len(expected_folds)
+
+
+def partial_allowed(min_folds: int, expected_folds: Sequence[int]) -> bool:
+    """Whether a run of these folds accepts partial results: a fold that fails for good
+    then leaves failed.json and the run goes on (see `folds_required`)."""
+    expected = list(expected_folds)
+    return folds_required(min_folds, expected) < len(expected)
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -253,9 +274,24 @@ def read_metrics(directory: Path) -> list[dict[str, str]]:
         return [current_names(row) for row in csv.DictReader(f)]
 
 
-def read_failure(directory: Path) -> dict:
-    """failed.json: {"fold": K, "error": "..."}."""
-    return json.loads((Path(directory) / FAILED).read_text())
+def read_failure(directory: str | Path) -> FailedFold:
+    """failed.json, as `write_failure` wrote it."""
+    directory = Path(directory)
+    record = json.loads((directory / FAILED).read_text())
+    return FailedFold(int(record["fold"]), directory, str(record["error"]))
+
+
+def fold_outcome(result: dict | FailedFold) -> dict:
+    """A fold step's result (summary.json's content, or a tolerated FailedFold) in brief, as
+    the pipeline shows it: fold, test_accuracy, path and protocol; or fold and why it failed."""
+    if isinstance(result, FailedFold):
+        return {"fold": result.fold, "failed": result.reason}
+    return {
+        "fold": result["fold"],
+        "test_accuracy": float(result["final_accuracy"]),
+        "path": result["path"],
+        "protocol": result["protocol"],
+    }
 
 
 @dataclass
@@ -311,15 +347,6 @@ class FoldResult:
         return _summary_split(self.summary, self.summary_path)
 
 
-@dataclass
-class FailedFold:
-    """A fold folder that did not finish: missing or unreadable files, or failed.json."""
-
-    fold: int | None
-    directory: Path
-    reason: str
-
-
 def read_fold(directory: str | Path) -> FoldResult | FailedFold:
     """Read one fold folder: its result, or why it has none.
 
@@ -330,10 +357,9 @@ def read_fold(directory: str | Path) -> FoldResult | FailedFold:
     if not directory.is_dir():
         return FailedFold(None, directory, f"{directory}: folder does not exist")
     failure = directory / FAILED
-    if failure.is_file():  # the fold step failed and said why (genreflow.tracking)
+    if failure.is_file():  # the fold step failed and said why (genreflow.steps.fold)
         try:
-            record = read_failure(directory)
-            return FailedFold(int(record["fold"]), directory, f"failed: {record['error']}")
+            return read_failure(directory)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return FailedFold(None, directory, f"{failure}: unreadable ({exc})")
     summary, why = _read_summary_checked(directory)

@@ -10,23 +10,32 @@
   `genreflow compare`'s statistics (genreflow.compare) find no significant loss against
   the current champion on the same protocol, data and split; the first candidate becomes
   champion. The verdict is Markdown, fit for a CI comment.
+
+This is the policy; the registry's calls are genreflow.tracking.models'.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 from genreflow.errors import GenreflowError
+from genreflow.tracking.names import (
+    CHECKSUM_TAGS,
+    DATA_SHA256_TAG,
+    GIT_COMMIT_TAG,
+    PARENT_RUN_TAG,
+    PARTIAL_TAG,
+    PROMOTION_TAG,
+    PROTOCOL_TAG,
+    SELECTION_TAG,
+    SPLIT_SHA256_TAG,
+)
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-PARENT_RUN_TAG = "genreflow.parent_run"
-PROMOTION_TAG = "genreflow.promotion"
 # What must agree between champion and candidate for their folds to be paired samples.
-SAME = ("protocol", "data.sha256", "split.sha256")
+SAME = (PROTOCOL_TAG, *CHECKSUM_TAGS)
 
 
 def registration_refusal(report: dict) -> str:
@@ -53,14 +62,14 @@ def version_tags(report: dict, *, parent_run_id: str, git_commit: str) -> dict[s
     accuracy = report["accuracy"]
     interval = accuracy.get("reported_ci") or accuracy.get("corrected_ci") or {}
     tags = {
-        "protocol": report["protocol"],
-        "selection": str(report.get("selection")),
-        "partial": json.dumps(bool(report.get("partial"))),
+        PROTOCOL_TAG: report["protocol"],
+        SELECTION_TAG: str(report.get("selection")),
+        PARTIAL_TAG: json.dumps(bool(report.get("partial"))),
         "folds": ",".join(str(f) for f in report["usable_folds"]),
         "accuracy_mean": f"{metrics['accuracy_mean']:.4f}",
-        "git_commit": git_commit,
-        "data.sha256": str(report.get("data_sha256") or ""),
-        "split.sha256": str(report.get("split_sha256") or ""),
+        GIT_COMMIT_TAG: git_commit,
+        DATA_SHA256_TAG: str(report.get("data_sha256") or ""),
+        SPLIT_SHA256_TAG: str(report.get("split_sha256") or ""),
         PARENT_RUN_TAG: parent_run_id,
     }
     if "accuracy_ci95_low" in metrics:
@@ -75,34 +84,22 @@ def describe(tags: dict[str, str]) -> str:
     """A version's description: what it is and how good, in one paragraph."""
     from genreflow.aggregate import PROTOCOL_LABELS, selection_label
 
-    protocol = tags["protocol"]
+    protocol = tags[PROTOCOL_TAG]
     folds = tags["folds"].split(",")
     noun = "fold" if protocol == "cv10" else "repetition"
     text = (
         f"Fold ensemble of {len(folds)} {noun}s ({PROTOCOL_LABELS.get(protocol, protocol)}; "
-        f"{selection_label(tags['selection'], protocol)}). Accuracy {tags['accuracy_mean']}"
+        f"{selection_label(tags[SELECTION_TAG], protocol)}). Accuracy {tags['accuracy_mean']}"
     )
     if "accuracy_ci95" in tags:
         text += f", 95% interval {tags['accuracy_ci95']} ({tags['accuracy_ci95_method']})"
-    if tags["partial"] == "true":
+    if tags[PARTIAL_TAG] == "true":
         text += "; a partial result"
     return (
-        f"{text}. Pipeline run {tags[PARENT_RUN_TAG]}, commit {tags['git_commit']}. "
+        f"{text}. Pipeline run {tags[PARENT_RUN_TAG]}, commit {tags[GIT_COMMIT_TAG]}. "
         "Input: a table with a column 'audio' of audio files' bytes; output: 'genre' and "
         "one probability per genre."
     )
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(tracking_uri: str):
-    import mlflow
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri keeps it in step
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)  # None: unset again
 
 
 def register_version(
@@ -110,53 +107,28 @@ def register_version(
 ) -> str:
     """Register the LoggedModel `model_id` as a new version of `name`, tagged, described
     and given the alias `candidate`; the version's number."""
-    from genreflow.tracking import _client, _tracked
+    from genreflow.tracking.models import register_version as register
 
-    def register() -> str:
-        client = _client(tracking_uri)
-        if not client.search_registered_models(filter_string=f"name = '{name}'"):
-            try:
-                client.create_registered_model(name)
-            except Exception:  # created meanwhile by a parallel run
-                pass
-        # MLflow's database registry looks the LoggedModel up through the process-wide
-        # tracking URI, not the client's: with a sqlite store (make run's) it would look in
-        # another database and fail. Point it at this one while registering.
-        with _global_tracking_uri(tracking_uri):
-            version = client.create_model_version(
-                name,
-                f"models:/{model_id}",
-                run_id=parent_run_id,
-                tags=tags,
-                description=describe(tags),
-                model_id=model_id,
-            )
-        client.set_registered_model_alias(name, CANDIDATE, version.version)
-        return str(version.version)
-
-    return _tracked(f"registering the fold ensemble as {name}", register)
+    return register(
+        tracking_uri,
+        name,
+        model_id,
+        run_id=parent_run_id,
+        tags=tags,
+        description=describe(tags),
+        alias=CANDIDATE,
+    )
 
 
 # --- promotion ---------------------------------------------------------------------------
-def _version_by_alias(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
 def _summary(version) -> dict:
     tags = version.tags
     return {
         "version": str(version.version),
         "run_id": version.run_id or tags.get(PARENT_RUN_TAG, ""),
-        **{k: tags.get(k, "") for k in ("protocol", "selection", "partial", "accuracy_mean")},
+        **{k: tags.get(k, "") for k in (PROTOCOL_TAG, SELECTION_TAG, PARTIAL_TAG, "accuracy_mean")},
         "accuracy_ci95": tags.get("accuracy_ci95", ""),
-        **{k: tags.get(k, "") for k in SAME if k != "protocol"},
+        **{k: tags.get(k, "") for k in CHECKSUM_TAGS},
     }
 
 
@@ -177,12 +149,13 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None) -> dict
     from mlflow.exceptions import MlflowException
 
     from genreflow.compare import compare_runs
-    from genreflow.tracking import _client
+    from genreflow.tracking.client import client as tracking_client
+    from genreflow.tracking.models import version_by_alias
 
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     try:
         if version is None:
-            chosen = _version_by_alias(client, name, CANDIDATE)
+            chosen = version_by_alias(client, name, CANDIDATE)
             if chosen is None:
                 raise GenreflowError(
                     f"{tracking_uri}: registered model {name!r} has no version with the alias "
@@ -193,7 +166,7 @@ def promote(tracking_uri: str, name: str, *, version: str | None = None) -> dict
     except MlflowException as exc:
         raise GenreflowError(f"{tracking_uri}: {name!r} version {version}: {exc.message}") from None
     candidate = _summary(chosen)
-    current = _version_by_alias(client, name, CHAMPION)
+    current = version_by_alias(client, name, CHAMPION)
     champion = _summary(current) if current is not None else None
     result = {
         "model": name,

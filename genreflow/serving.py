@@ -26,7 +26,6 @@ model itself.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -214,46 +213,6 @@ def _bundle(workdir: Path) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _tracking_uri(uri: str):
-    """MLflow's log_model talks to the process-wide tracking URI: set it for the block."""
-    from mlflow.tracking._tracking_service.utils import _tracking_uri as current
-
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    saved = current
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved)
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-
-def fold_checkpoint_runs(client, parent_run_id: str) -> dict[int, tuple[str, dict[str, int]]]:
-    """fold -> (the run that holds its logged files, {file name: size}) for the fold runs
-    under the parent whose outputs are all logged; a reused fold's files are in the run it
-    was reused from."""
-    from genreflow.tracking import LOGGED_TAG, PARENT_TAG, REUSED_FROM_TAG
-
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{LOGGED_TAG}` = 'true'",
-        max_results=1000,
-    )
-    found = {}
-    for child in children:
-        if "fold" not in child.data.tags:  # a nested run that is no fold
-            continue
-        holder = child.data.tags.get(REUSED_FROM_TAG, child.info.run_id)
-        sizes = {a.path: a.file_size for a in client.list_artifacts(holder) if not a.is_dir}
-        found[int(child.data.tags["fold"])] = (holder, sizes)
-    return found
-
-
 def log_ensemble(
     tracking_uri: str,
     run_id: str,
@@ -268,17 +227,16 @@ def log_ensemble(
 
     A checkpoint that the fold's run holds (same name and size) is referenced, not copied.
     """
-    from mlflow.entities import LoggedModelOutput
-
     from genreflow.data.genres import GENRES
-    from genreflow.tracking import _client, _tracked
+    from genreflow.tracking.client import client, tracked
+    from genreflow.tracking.fold_runs import fold_checkpoint_runs
+    from genreflow.tracking.models import log_pyfunc_model
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
     def log() -> LoggedEnsemble:
-        client = _client(tracking_uri)
-        held = fold_checkpoint_runs(client, run_id)
+        held = fold_checkpoint_runs(client(tracking_uri), run_id)
         members, artifacts, referenced = [], {}, []
         for fold, path in sorted(checkpoints.items()):
             path = Path(path)
@@ -299,30 +257,19 @@ def log_ensemble(
             "device": "auto",
             "members": members,
         }
-        parent = client.get_run(run_id)
-        # The run's parameters beside the model, as log_model gives a model of an active run.
-        model = client.create_logged_model(
-            parent.info.experiment_id,
+        model_id = log_pyfunc_model(
+            tracking_uri,
+            run_id,
             name=MODEL_NAME,
-            source_run_id=run_id,
-            params=dict(parent.data.params),
+            python_model=str(MODEL_CODE),
+            code_paths=[str(_bundle(workdir))],
+            artifacts=artifacts,
+            model_config=config,
+            signature=signature(GENRES),
+            input_example=input_example(),
+            pip_requirements=requirements(),
+            metadata={"genres": list(GENRES), "clip_samples": clip_samples},
         )
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-        with _tracking_uri(tracking_uri):
-            mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(MODEL_CODE),
-                code_paths=[str(_bundle(workdir))],
-                artifacts=artifacts,
-                model_config=config,
-                signature=signature(GENRES),
-                input_example=input_example(),
-                pip_requirements=requirements(),
-                metadata={"genres": list(GENRES), "clip_samples": clip_samples},
-                model_id=model.model_id,
-            )
-        return LoggedEnsemble(
-            model.model_id, f"models:/{model.model_id}", sorted(artifacts), referenced
-        )
+        return LoggedEnsemble(model_id, f"models:/{model_id}", sorted(artifacts), referenced)
 
-    return _tracked(f"logging the fold ensemble to {tracking_uri}", log, keep=str(workdir))
+    return tracked(f"logging the fold ensemble to {tracking_uri}", log, keep=str(workdir))

@@ -219,7 +219,7 @@ def _run_run(args: argparse.Namespace) -> int:
     print("\n".join(headline(report)))
     print(f"report: {report['results_dir']}/report.html")
     if report.get("mlflow_run_id"):
-        from genreflow.tracking import print_addresses
+        from genreflow.tracking.addresses import print_addresses
 
         print_addresses(report["tracking_uri"], report["mlflow_run_id"])
     return 0

@@ -137,7 +137,8 @@ def run_local(
     from kfp import local
 
     from genreflow.pipelines.cv import build_pipeline
-    from genreflow.tracking import WORK_FOLDER, default_tracking_uri
+    from genreflow.steps.fold import WORK_FOLDER
+    from genreflow.tracking.client import default_tracking_uri
 
     workspace = Path(workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ def test_train_head_then_aggregate_the_frozen_base(steps):
 
 def test_a_fold_that_fails_for_good_is_recorded_when_min_folds_allows(steps, monkeypatch):
     root = steps["root"]
-    monkeypatch.setattr("genreflow.tracking.FOLD_RETRY_FIRST_DELAY_SECONDS", 0.0)
+    monkeypatch.setattr("genreflow.steps.fold.FOLD_RETRY_FIRST_DELAY_SECONDS", 0.0)
     model, metrics = _artifact(dsl.Model, root, "bad"), _artifact(dsl.Metrics, root, "mb")
     arguments = dict(
         embeddings=steps["embeddings"],

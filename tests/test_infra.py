@@ -1155,7 +1155,8 @@ def test_mlflow_server_as_deployed_runs_on_postgres_with_the_artifact_proxy(tmp_
             # Imported while the server starts: both are slow on a busy machine.
             from mlflow.tracking import MlflowClient
 
-            from genreflow.tracking import finish_pipeline_run, log_fold, start_pipeline_run
+            from genreflow.steps.fold import log_fold
+            from genreflow.tracking.runs import finish_pipeline_run, start_pipeline_run
 
             try:
                 wait_for_http(f"{tracking_uri}/health", server, timeout=120)

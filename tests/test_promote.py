@@ -11,13 +11,8 @@ from mlflow.tracking import MlflowClient
 from test_compare import A_SCORES, B_SCORES, pipeline_run
 
 from genreflow.cli import main
-from genreflow.registry import (
-    CANDIDATE,
-    CHAMPION,
-    PARENT_RUN_TAG,
-    register_version,
-    registration_refusal,
-)
+from genreflow.registry import CANDIDATE, CHAMPION, register_version, registration_refusal
+from genreflow.tracking.names import PARENT_RUN_TAG
 
 # B's gains taken away instead: the candidate loses 0.023 a fold, a significant loss.
 WORSE_SCORES = {fold: round(2 * A_SCORES[fold] - B_SCORES[fold], 2) for fold in A_SCORES}

@@ -25,7 +25,7 @@ from genreflow.components.start_run import start_run
 from genreflow.data.genres import GENRES
 from genreflow.data.synth import make_synthetic_gtzan
 from genreflow.fold_result import FoldSummary, write_summary
-from genreflow.tracking import tracked_fold
+from genreflow.steps.fold import tracked_fold
 
 SIGNATURE, PASSWORD = "S1GNATURE-S3CRET", "PASSW0RD-S3CRET"
 SECRETS = (SIGNATURE, PASSWORD)

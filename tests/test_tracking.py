@@ -9,12 +9,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from genreflow.data.genres import GENRES
-from genreflow.tracking import (
-    TrackingError,
-    finish_pipeline_run,
-    log_fold,
-    start_pipeline_run,
-)
+from genreflow.steps.fold import log_fold
+from genreflow.tracking.client import TrackingError
+from genreflow.tracking.runs import finish_pipeline_run, start_pipeline_run
 
 
 def _fold_dir(path, fold, accuracy):
@@ -87,9 +84,9 @@ def test_parent_with_nested_folds(mlflow_server, tmp_path):
 
 
 def test_unreachable_server_fails_clearly_and_keeps_outputs(tmp_path, monkeypatch):
-    import genreflow.tracking
+    import genreflow.tracking.client
 
-    monkeypatch.setattr(genreflow.tracking, "RETRY_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(genreflow.tracking.client, "RETRY_FIRST_DELAY_SECONDS", 0.01)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     fold_dir = _fold_dir(tmp_path / "fold1", 1, 0.5)
     # Nothing listens on port 9 (discard) on loopback: every request is refused.
@@ -135,7 +132,7 @@ def inputs(tmp_path):
 
 
 def _tracked(mlflow_server, parent, tmp_path, fold, train, inputs, **kwargs):
-    from genreflow.tracking import tracked_fold
+    from genreflow.steps.fold import tracked_fold
 
     return tracked_fold(
         train,
@@ -152,7 +149,7 @@ def _tracked(mlflow_server, parent, tmp_path, fold, train, inputs, **kwargs):
 def test_caller_mlflow_run_id_becomes_the_parent_and_is_not_closed(
     mlflow_server, tmp_path, monkeypatch, inputs
 ):
-    from genreflow.tracking import close_pipeline_run
+    from genreflow.tracking.runs import close_pipeline_run
 
     client = MlflowClient(mlflow_server)
     experiment = client.create_experiment("test-caller-run")
@@ -218,7 +215,7 @@ def test_a_failing_fold_ends_failed_and_the_exit_handler_fails_the_parent(
     mlflow_server, tmp_path, inputs
 ):
     from genreflow.errors import GenreflowError
-    from genreflow.tracking import close_pipeline_run
+    from genreflow.tracking.runs import close_pipeline_run
 
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-fail", pipeline_run_id="kfp-fail")
@@ -244,7 +241,7 @@ def test_a_failing_fold_ends_failed_and_the_exit_handler_fails_the_parent(
 
 
 def test_a_canceled_pipeline_ends_killed(mlflow_server):
-    from genreflow.tracking import close_pipeline_run
+    from genreflow.tracking.runs import close_pipeline_run
 
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-cancel", pipeline_run_id="kfp-cancel")
@@ -256,9 +253,9 @@ def test_a_canceled_pipeline_ends_killed(mlflow_server):
 def test_a_transient_failure_is_retried_in_step_with_one_run(
     mlflow_server, tmp_path, inputs, monkeypatch, capfd
 ):
-    import genreflow.tracking
+    import genreflow.steps.fold
 
-    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(genreflow.steps.fold, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-retry", pipeline_run_id="kfp-retry")
     flaky, calls = _trainer(tmp_path, 4, failures=[ConnectionResetError("storage reset")])
@@ -290,9 +287,9 @@ def test_a_transient_failure_is_retried_in_step_with_one_run(
 def test_what_cannot_change_fails_at_once(
     failure, kind, mlflow_server, tmp_path, inputs, monkeypatch, capfd
 ):
-    import genreflow.tracking
+    import genreflow.steps.fold
 
-    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(genreflow.steps.fold, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-no-retry", pipeline_run_id="kfp-nr")
     broken, calls = _trainer(tmp_path, 7, failures=[failure] * 3)
@@ -306,9 +303,9 @@ def test_what_cannot_change_fails_at_once(
 
 
 def test_a_retried_task_takes_up_its_fold_run_again(mlflow_server, tmp_path, inputs, monkeypatch):
-    import genreflow.tracking
+    import genreflow.steps.fold
 
-    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(genreflow.steps.fold, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-task-retry", pipeline_run_id="kfp-tr")
     # The step's first start uses two tries and dies (a pod lost mid-fold: KFP restarts it).
@@ -326,9 +323,9 @@ def test_a_retried_task_takes_up_its_fold_run_again(mlflow_server, tmp_path, inp
 def test_a_fold_gets_three_tries_in_all_task_restarts_included(
     mlflow_server, tmp_path, inputs, monkeypatch
 ):
-    import genreflow.tracking
+    import genreflow.steps.fold
 
-    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(genreflow.steps.fold, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
     parent = start_pipeline_run(mlflow_server, "test-tries", pipeline_run_id="kfp-tries")
     flaky, calls = _trainer(tmp_path, 8, failures=[ConnectionError("down")] * 3)
     with pytest.raises(ConnectionError):
@@ -353,7 +350,7 @@ def test_sigterm_ends_the_fold_run_killed(mlflow_server, tmp_path, inputs):
     parent = start_pipeline_run(mlflow_server, "test-sigterm", pipeline_run_id="kfp-term")
     script = f"""
 import sys, time
-from genreflow.tracking import tracked_fold
+from genreflow.steps.fold import tracked_fold
 
 def train(on_evaluation=None):
     print("training", flush=True)
@@ -424,17 +421,17 @@ def test_a_rerun_reuses_identical_folds_under_its_new_parent(mlflow_server, tmp_
 
 
 def test_a_tolerated_failure_is_recorded_not_raised(mlflow_server, tmp_path, inputs, monkeypatch):
-    import genreflow.tracking
+    import genreflow.steps.fold
     from genreflow.aggregate import aggregate
 
-    monkeypatch.setattr(genreflow.tracking, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(genreflow.steps.fold, "FOLD_RETRY_FIRST_DELAY_SECONDS", 0.01)
     client = MlflowClient(mlflow_server)
     parent = start_pipeline_run(mlflow_server, "test-tolerated", pipeline_run_id="kfp-tol")
     good, _ = _trainer(tmp_path, 1)
     _tracked(mlflow_server, parent, tmp_path, 1, good, inputs, tolerate_failure=True)
     broken, calls = _trainer(tmp_path, 2, failures=[ConnectionError("CUDA error")] * 3)
     summary = _tracked(mlflow_server, parent, tmp_path, 2, broken, inputs, tolerate_failure=True)
-    assert len(calls) == 3 and "CUDA error" in summary["failed"]
+    assert len(calls) == 3 and "CUDA error" in summary.reason
     record = json.loads((tmp_path / "fold2" / "failed.json").read_text())
     assert record["fold"] == 2 and "CUDA error" in record["error"]
     status = {r.data.tags["fold"]: r.info.status for r in _runs_under(client, parent)}
@@ -525,11 +522,11 @@ def test_a_running_fold_shows_its_curve_system_metrics_and_input_before_it_ends(
     parent = start_pipeline_run(mlflow_server, "test-live", pipeline_run_id="kfp-live")
     script = f"""
 from genreflow.recipe import HeadConfig
-from genreflow.tracking import fold_step
+from genreflow.steps.head import head_fold
 
 config = HeadConfig(embeddings={str(embeddings)!r}, fold=3, out={str(tmp_path / "fold3")!r},
                     iterations=10**9, eval_every=200, batch_size=16)
-fold_step(config, tracking_uri={mlflow_server!r}, parent_run_id={parent!r}, reuse=False,
+head_fold(config, tracking_uri={mlflow_server!r}, parent_run_id={parent!r}, reuse=False,
           min_folds=0, expected_folds=[3])
 """
     env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}
@@ -577,7 +574,7 @@ fold_step(config, tracking_uri={mlflow_server!r}, parent_run_id={parent!r}, reus
 
 def test_a_finished_fold_holds_each_point_once_and_no_peak_metric(mlflow_server, tmp_path):
     from genreflow.recipe import HeadConfig
-    from genreflow.tracking import fold_step
+    from genreflow.steps.head import head_fold
 
     embeddings = _embeddings(tmp_path / "embeddings.h5")
     client = MlflowClient(mlflow_server)
@@ -586,7 +583,7 @@ def test_a_finished_fold_holds_each_point_once_and_no_peak_metric(mlflow_server,
         embeddings=str(embeddings), fold=1, out=str(tmp_path / "fold1"), iterations=300,
         eval_every=100,
     )  # fmt: skip
-    fold_step(
+    head_fold(
         config, tracking_uri=mlflow_server, parent_run_id=parent, reuse=False, min_folds=0,
         expected_folds=[1],
     )  # fmt: skip
@@ -610,11 +607,11 @@ def test_live_logging_to_a_lost_server_never_fails_the_fold(tmp_path, monkeypatc
     the failure is said once, and closing does not wait on retries."""
     import time
 
-    import genreflow.tracking
+    import genreflow.tracking.live
     from genreflow.frozen import train_head
-    from genreflow.tracking import LiveLog
+    from genreflow.tracking.live import LiveLog
 
-    monkeypatch.setattr(genreflow.tracking, "LIVE_FIRST_DELAY_SECONDS", 0.01)
+    monkeypatch.setattr(genreflow.tracking.live, "LIVE_FIRST_DELAY_SECONDS", 0.01)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     live = LiveLog("http://127.0.0.1:9", "0" * 32, 2)
     summary = train_head(
