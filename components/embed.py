@@ -27,7 +27,7 @@ def embed(
             bucket still holds it (infra/terraform's kfp_root_retention_days).
         embeddings: a folder with embeddings.h5 and base.pth.
     """
-    from genreflow.frozen import embed_features
+    from genreflow.embedding import embed_features
 
     embed_features(
         features.path,

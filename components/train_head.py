@@ -46,7 +46,7 @@ def train_head(
     """
     import os
 
-    from genreflow.frozen import EMBEDDINGS
+    from genreflow.embedding import EMBEDDINGS
     from genreflow.recipe import HeadConfig
     from genreflow.tracking import fold_step, fold_step_outputs
 

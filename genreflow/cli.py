@@ -644,7 +644,7 @@ def _add_frozen(sub: argparse._SubParsersAction) -> None:
 def _run_embed_features(args: argparse.Namespace) -> int:
     import json
 
-    from genreflow.frozen import embed_features
+    from genreflow.embedding import embed_features
 
     summary = embed_features(
         args.features,
@@ -662,10 +662,9 @@ def _run_embed_features(args: argparse.Namespace) -> int:
 
 
 def _run_train_head(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
-    from genreflow.frozen import train_head
+    from genreflow.head import train_head
 
     config = from_options(
         HeadConfig,
@@ -677,7 +676,7 @@ def _run_train_head(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         selection=args.selection,
     )
-    summary = train_head(**dataclasses.asdict(config))
+    summary = train_head(config)
     print(json.dumps(summary, indent=2))
     return 0
 

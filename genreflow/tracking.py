@@ -1238,10 +1238,10 @@ def fold_step(
     from genreflow.recipe import HeadConfig
 
     if isinstance(config, HeadConfig):
-        from genreflow.frozen import train_head
+        from genreflow.head import train_head
 
         path, inputs = FROZEN_BASE, [config.embeddings]
-        train = functools.partial(train_head, **dataclasses.asdict(config))
+        train = functools.partial(train_head, config)
     else:
         from genreflow.train import train_fold
 
