@@ -31,7 +31,6 @@ from scipy import stats
 
 from genreflow.aggregate import (
     CONFIDENCE_LEVEL,
-    DEFAULT_PROTOCOL,
     PROTOCOL_LABELS,
     paired_comparison,
     selection_label,
@@ -39,6 +38,7 @@ from genreflow.aggregate import (
 from genreflow.atomic import write_text_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import RENAMED, current_names
+from genreflow.splits import DEFAULT_PROTOCOL
 
 DEFAULT_METRIC = "final_accuracy"
 PARENT_TAG = "mlflow.parentRunId"

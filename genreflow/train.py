@@ -1,7 +1,8 @@
 """One fold: fine-tune Cnn14 on the training rows, choose the checkpoint, report on the test rows.
 
 Reads top to bottom like nanoGPT's train.py: config, data, model, optimiser, loop,
-evaluation, checkpoint. The defaults are the recipe of the seed
+evaluation, checkpoint; it is one file past the 600 lines a module keeps to for that
+reason, so that the loop is read in one place. The defaults are the recipe of the seed
 (qiuqiangkong/panns_transfer_to_gtzan, pytorch/main.py and runme.sh): Adam with lr 1e-4,
 betas (0.9, 0.999), eps 1e-8, no weight decay, amsgrad; batch 32; mixup with alpha 1 on
 pairs of clips (the sampler draws twice the batch and the model mixes them two by two);
