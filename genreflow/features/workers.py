@@ -232,7 +232,8 @@ def shm_name(pid: int | None = None) -> str:
 def _worker_context() -> multiprocessing.context.BaseContext:
     # Forking a process that already runs threads (tqdm's monitor, BLAS, torch) can
     # deadlock; a fork server preloaded with this module starts workers in milliseconds
-    # after its own start (about half a second, once per process).
+    # after its own start (once per process: 1.5 to 3 s on 2 busy cores, half of it
+    # importing torch, which the log-mel encoder needs and each worker then shares).
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
