@@ -40,7 +40,7 @@ def main() -> None:
 
     import torch
 
-    from genreflow.frozen import _build_base
+    from genreflow.embedding import _build_base
     from genreflow.runtime import cpu_threads, torch_threads
 
     base = _build_base(None, None, seed=0)

@@ -1,7 +1,7 @@
 """Frozen-base 10-fold cross-validation: embed once and train heads, against training each
 fold through the frozen base.
 
-On the same packed clips and the head's recipe (genreflow.frozen.DEFAULT_RECIPE: full
+On the same packed clips and the head's recipe (genreflow.head.DEFAULT_RECIPE: full
 batch, AdamW, 1000 iterations per fold):
 
 - ours, end to end as the pipeline runs it: `embed_features` (every clip through Cnn14
@@ -45,7 +45,7 @@ def main() -> None:
     clips_per_genre = args.clips_per_genre or (10 if args.quick else 20)
     measured = args.measured or (1 if args.quick else 3)
 
-    from genreflow.frozen import DEFAULT_RECIPE
+    from genreflow.head import DEFAULT_RECIPE
 
     iterations = DEFAULT_RECIPE["iterations"]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_frozen."))
@@ -109,14 +109,16 @@ def main() -> None:
 
 def embed_once(features: Path, workdir: Path) -> dict:
     """The fast path end to end, as the pipeline runs it: embed, then 10 fold heads."""
-    from genreflow.frozen import embed_features, train_head
+    from genreflow.embedding import embed_features
+    from genreflow.head import train_head
+    from genreflow.recipe import HeadConfig
 
     started = time.perf_counter()
     embedded = embed_features(features, workdir / "embed", device="cpu", seed=0)
     embedded_at = time.perf_counter()
     accuracies = []
     for fold in range(1, FOLDS + 1):
-        summary = train_head(embedded["embeddings"], fold, workdir / f"head{fold}")
+        summary = train_head(HeadConfig(embedded["embeddings"], fold, str(workdir / f"head{fold}")))
         accuracies.append(summary["final_accuracy"])
     finished = time.perf_counter()
     common.log(f"embed once + {FOLDS} heads: {finished - started:.1f} s")
@@ -137,16 +139,17 @@ def through_the_base(features: Path, workdir: Path, measured: int) -> dict:
     import torch
 
     from genreflow.audio import int16_to_float32
-    from genreflow.frozen import (
+    from genreflow.embedding import _build_base
+    from genreflow.head import (
         ADAM_BETAS,
         ADAM_EPS,
         DEFAULT_RECIPE,
-        _build_base,
         _standardisation,
         fold_standardisation,
         read_head,
         train_head,
     )
+    from genreflow.recipe import HeadConfig
     from genreflow.train import read_fold_index
 
     index = read_fold_index(str(features), fold=1)
@@ -184,11 +187,13 @@ def through_the_base(features: Path, workdir: Path, measured: int) -> dict:
     # The same number of iterations of the fast path, on the stored embeddings.
     reference = workdir / "reference_head"
     train_head(
-        workdir / "embed" / "embeddings.h5",
-        1,
-        reference,
-        iterations=measured,
-        eval_every=measured,
+        HeadConfig(
+            str(workdir / "embed" / "embeddings.h5"),
+            1,
+            str(reference),
+            iterations=measured,
+            eval_every=measured,
+        )
     )
     want, _, _ = read_head(reference / "head.pth")
     weight, _ = fold_standardisation(

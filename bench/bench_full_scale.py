@@ -182,13 +182,15 @@ def run_pipelines(archive: Path, sha256: str, workdir: Path, precisions: tuple) 
     machine's load falls on both alike."""
     from genreflow.aggregate import aggregate
     from genreflow.data.download import download
+    from genreflow.embedding import embed_features
     from genreflow.features import pack
-    from genreflow.frozen import embed_features, train_head
+    from genreflow.head import train_head
     from genreflow.pipelines.cv import REPRESENTATION  # what the pipeline packs by default
+    from genreflow.recipe import HeadConfig
 
     def heads(embedded: dict, folder: Path) -> list[Path]:
         for fold in FOLDS:
-            train_head(embedded["embeddings"], fold, folder / f"fold{fold}")
+            train_head(HeadConfig(embedded["embeddings"], fold, str(folder / f"fold{fold}")))
         return [folder / f"fold{fold}" for fold in FOLDS]
 
     steps = {
@@ -254,7 +256,7 @@ def paired(ours: dict, base: dict) -> dict:
 def embedding_agreement(ours: str, base: str) -> dict:
     import numpy as np
 
-    from genreflow.frozen import read_embeddings
+    from genreflow.embedding import read_embeddings
 
     a = read_embeddings(ours).embedding.astype(np.float64)
     b = read_embeddings(base).embedding.astype(np.float64)

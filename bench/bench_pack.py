@@ -56,7 +56,7 @@ def decode_alone(paths: list[str], clip_samples: int) -> float:
     no writing; run in a worker process. Returns the seconds it took there."""
     import numpy as np
 
-    from genreflow.features import _decode_into
+    from genreflow.features.workers import _decode_into
 
     row = np.empty(clip_samples, dtype=np.int16)
     started = time.perf_counter()
@@ -70,7 +70,7 @@ def decode_alone(paths: list[str], clip_samples: int) -> float:
 def one_core_worker() -> ProcessPoolExecutor:
     """One process started as pack starts its workers (fork server, allocator settings):
     the bench's own process keeps its defaults, which the seed's way runs under."""
-    from genreflow.features import _worker_context
+    from genreflow.features.workers import _worker_context
     from genreflow.runtime import keep_freed_memory
 
     return ProcessPoolExecutor(1, mp_context=_worker_context(), initializer=keep_freed_memory)

@@ -45,7 +45,7 @@ def aggregate(
 
     from genreflow.aggregate import REPORT_HTML, flat_metrics
     from genreflow.data.genres import GENRES
-    from genreflow.frozen import BASE
+    from genreflow.embedding import BASE
     from genreflow.steps.report import report as write_report
 
     summary = write_report(

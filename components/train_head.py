@@ -46,8 +46,8 @@ def train_head(
     """
     import os
 
+    from genreflow.embedding import EMBEDDINGS
     from genreflow.fold_result import fold_outcome
-    from genreflow.frozen import EMBEDDINGS
     from genreflow.recipe import HeadConfig
     from genreflow.steps.head import head_fold
 

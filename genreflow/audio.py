@@ -1,7 +1,7 @@
-"""Audio as Cnn14 expects it: 32 kHz mono, fixed-length clips, and the log-mel recipe.
+"""Audio as Cnn14 expects it: 32 kHz mono, fixed-length clips (its log-mel: genreflow.logmel).
 
-The constants match the published PANNs checkpoints (audioset_tagging_cnn, Cnn14 at
-32 kHz); change them and the pretrained weights no longer fit the features.
+The rate matches the published PANNs checkpoints (audioset_tagging_cnn, Cnn14 at 32 kHz);
+change it and the pretrained weights no longer fit the features.
 
 Decoding goes through soundfile (libsndfile): .au, .wav, .flac, .ogg and the other formats
 it knows by their header. Only a file whose extension libsndfile does not handle natively
@@ -25,13 +25,6 @@ from genreflow.limits import limit, over
 
 SAMPLE_RATE = 32000
 CLIP_SECONDS = 30.0
-
-# torchlibrosa Spectrogram + LogmelFilterBank, as PANNs' Cnn14 builds them.
-WINDOW_SIZE = 1024
-HOP_SIZE = 320
-MEL_BINS = 64
-FMIN = 50
-FMAX = 14000
 
 # load_segments drops a trailing remainder shorter than this: a fraction of a second of
 # fade-out padded to a whole clip would add a near-silent segment that skews averages.
@@ -62,12 +55,6 @@ def clip_samples(seconds: float) -> int:
     if not seconds > 0:
         raise GenreflowError(f"clip length must be a positive number of seconds, got {seconds}")
     return int(round(seconds * SAMPLE_RATE))
-
-
-def logmel_frames(samples: int, hop_size: int = HOP_SIZE) -> int:
-    """Frames of the front end's log-mel of `samples` samples (centred STFT: one frame per
-    hop, plus one): 960000 -> 3001."""
-    return samples // hop_size + 1
 
 
 def load_audio(

@@ -517,7 +517,7 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:
 
 def _run_aggregate(args: argparse.Namespace) -> int:
     from genreflow.aggregate import REPORT_HTML, REPORT_JSON, headline
-    from genreflow.frozen import BASE
+    from genreflow.embedding import BASE
     from genreflow.steps.report import report as write_report
 
     report = write_report(

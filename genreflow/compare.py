@@ -31,7 +31,6 @@ from scipy import stats
 
 from genreflow.aggregate import (
     CONFIDENCE_LEVEL,
-    DEFAULT_PROTOCOL,
     PROTOCOL_LABELS,
     paired_comparison,
     selection_label,
@@ -40,6 +39,7 @@ from genreflow.atomic import write_text_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import RENAMED, current_names
 from genreflow.recipe import RECIPE_VERSION, recipe_label, recipe_version_of
+from genreflow.splits import DEFAULT_PROTOCOL
 from genreflow.tracking.names import (
     CHECKSUM_TAGS,
     FOLD_TAG,

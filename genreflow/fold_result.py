@@ -1,6 +1,6 @@
 """What one fold leaves in its folder: the one definition of the files, their names and fields.
 
-Both training paths (genreflow.train, genreflow.frozen) write a fold folder through this
+Both training paths (genreflow.train, genreflow.head) write a fold folder through this
 module; the steps, aggregate and tracking read it through this module. A fold folder
 holds:
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from genreflow.audio import CLIP_SECONDS, SAMPLE_RATE, clip_samples, load_segments
 from genreflow.data.genres import GENRES
+from genreflow.ensemble import check_same_genres, load_fine_tuned
 from genreflow.errors import GenreflowError
 from genreflow.runtime import resolve_device
 
@@ -142,11 +143,11 @@ def predict(
     # One model in memory at a time: ten Cnn14s would hold 3 GB; decoding a file again
     # per model costs far less than the model's forward pass.
     for checkpoint in checkpoints:
-        model, metadata, names = _load_fine_tuned(checkpoint, torch_device)
+        model, metadata, names = load_fine_tuned(checkpoint, torch_device)
         if genres is None:
             genres = names
             total = np.zeros((len(files), len(genres)))
-        _check_same_genres(checkpoint, names, checkpoints[0], genres)
+        check_same_genres(checkpoint, names, checkpoints[0], genres)
         samples = _clip_samples_for(metadata, clip_seconds, checkpoint)
         for i, file in enumerate(files):
             total[i] += _mean_over_clips(model, file, samples, torch_device, _probabilities)
@@ -189,7 +190,7 @@ def ensemble_probabilities(
     device: torch.device,
     names: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """(files, genres) probabilities from a fold ensemble (`load_ensemble`): each file cut
+    """(files, genres) probabilities from a fold ensemble (genreflow.ensemble): each file cut
     into clips as `predict` cuts it, the ensemble's probabilities averaged over the clips.
 
     Every file is decoded before the model runs, so one error names every file that cannot
@@ -221,85 +222,6 @@ def _results(files: list[str], genres: list[str], probabilities: np.ndarray) -> 
         }
         for file, row in zip(files, probabilities, strict=True)
     ]
-
-
-def _load_fine_tuned(checkpoint: str, device: torch.device) -> tuple[nn.Module, dict, list[str]]:
-    """A fine-tuned transfer model in eval mode, its metadata and the genres it names."""
-    from genreflow.models.checkpoints import load_transfer_model
-
-    model, metadata = load_transfer_model(checkpoint, device=device)
-    # The seed's checkpoints carry no metadata; their genre order is GTZAN's, ours.
-    genres = [str(g) for g in metadata.get("genres", GENRES)]
-    classes = model.fc_transfer.out_features
-    if len(genres) != classes:
-        raise GenreflowError(
-            f"{checkpoint}: its head has {classes} classes but it names {len(genres)} genres"
-        )
-    return model, metadata, genres
-
-
-def _check_same_genres(checkpoint: str, genres: list[str], first: str, expected: list[str]):
-    if genres != expected:
-        raise GenreflowError(
-            f"{checkpoint}: genres {genres} differ from {first}'s {expected}; "
-            "an ensemble needs one genre order"
-        )
-
-
-class TransferEnsemble(nn.Module):
-    """Fine-tuned fold models as one module: waveforms -> their averaged probabilities.
-
-    Always in eval mode (no dropout, no SpecAugment), whatever the caller asks.
-    """
-
-    def __init__(self, models: Sequence[nn.Module], metadata: Sequence[dict], genres: list[str]):
-        super().__init__()
-        self.models = nn.ModuleList(models)
-        self.metadata = list(metadata)
-        self.genres = list(genres)
-        for param in self.parameters():
-            param.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> TransferEnsemble:
-        return super().train(False)
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(batch, samples) float32 at 32 kHz -> (batch, genres) averaged probabilities."""
-        return torch.stack([m(waveform)["clipwise_output"].exp() for m in self.models]).mean(0)
-
-
-def load_ensemble(
-    checkpoints: Sequence[str | os.PathLike],
-    *,
-    base: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """The fold models as one module mapping (batch, samples) waveforms to (batch, genres)
-    probabilities, averaged over the folds; every model is held in memory (a Cnn14 is
-    330 MB), unlike `predict`, which loads one at a time.
-
-    Args:
-        checkpoints: fine-tuned transfer checkpoints; or, with `base`, the head.pth files
-            of the frozen-base path (genreflow.frozen), all trained on that base.
-        base: the frozen-base path's base.pth.
-        device: where the module lives.
-    """
-    checkpoints = [os.fspath(c) for c in checkpoints]
-    if not checkpoints:
-        raise GenreflowError("an ensemble needs at least one checkpoint")
-    if base is not None:
-        from genreflow.frozen import load_head_ensemble
-
-        return load_head_ensemble(base, checkpoints, device=device)
-    models, metadata, genres = [], [], None
-    for checkpoint in checkpoints:
-        model, meta, names = _load_fine_tuned(checkpoint, torch.device(device))
-        genres = genres or names
-        _check_same_genres(checkpoint, names, checkpoints[0], genres)
-        models.append(model)
-        metadata.append(meta)
-    return TransferEnsemble(models, metadata, genres)
 
 
 def format_table(results: list[dict]) -> str:

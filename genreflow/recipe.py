@@ -4,7 +4,7 @@
   seed's recipe as its defaults (qiuqiangkong/panns_transfer_to_gtzan: Adam lr 1e-4,
   batch 32, mixup, evaluation every 200 of 10,000 iterations).
 - `HeadConfig`: one fold's genre head on stored embeddings of a frozen base
-  (genreflow.frozen), with its own recipe (full batch, AdamW lr 1e-3, weight decay 1, 1000
+  (genreflow.head), with its own recipe (full batch, AdamW lr 1e-3, weight decay 1, 1000
   steps): the seed's fine-tuning defaults are far from right for a 2048 -> 10 linear head.
 
 Each is saved as it is into every checkpoint's metadata and every summary.json (`config`).

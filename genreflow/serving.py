@@ -68,7 +68,7 @@ class GenreEnsembleModel(mlflow.pyfunc.PythonModel):
     """The fold models as one MLflow model (see the module's docstring for the contract)."""
 
     def load_context(self, context) -> None:
-        from genreflow.inference import load_ensemble
+        from genreflow.ensemble import load_ensemble
         from genreflow.runtime import resolve_device
 
         config = context.model_config

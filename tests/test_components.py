@@ -206,7 +206,7 @@ def test_both_branches_take_log_mel_features(steps, tmp_path):
     fold trains on it."""
     import numpy as np
 
-    from genreflow.frozen import read_embeddings
+    from genreflow.embedding import read_embeddings
 
     features = _artifact(dsl.Dataset, tmp_path, "features.h5")
     pack.python_func(

@@ -27,23 +27,13 @@ from genreflow import __version__
 from genreflow.audio import int16_to_float32
 from genreflow.cli import main
 from genreflow.data.genres import GENRE_INDEX, GENRES
+from genreflow.embedding import BASE, EMBEDDINGS, PARTIAL, embed_features, read_embeddings
+from genreflow.ensemble import load_head_ensemble
 from genreflow.errors import GenreflowError
-from genreflow.frozen import (
-    BASE,
-    EMBEDDINGS,
-    HEAD,
-    METRICS,
-    METRICS_COLUMNS,
-    PARTIAL,
-    PREDICTIONS,
-    SUMMARY,
-    embed_features,
-    fold_standardisation,
-    load_head_ensemble,
-    read_embeddings,
-    train_head,
-)
+from genreflow.fold_result import HEAD, METRICS, METRICS_COLUMNS, PREDICTIONS, SUMMARY
+from genreflow.head import fold_standardisation, train_head
 from genreflow.models.transfer import TransferCnn14
+from genreflow.recipe import HeadConfig
 from genreflow.splits import clip_id, filtered_lists, split_sha256
 
 SR = 32000
@@ -123,7 +113,7 @@ def embedded(features, tmp_path_factory) -> Path:
 def heads(embedded, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("heads")
     for fold in (1, 2):
-        train_head(embedded / EMBEDDINGS, fold, root / f"fold{fold}")
+        train_head(HeadConfig(embedded / EMBEDDINGS, fold, root / f"fold{fold}"))
     return [root / f"fold{fold}" for fold in (1, 2)]
 
 
@@ -269,7 +259,7 @@ def test_killed_embed_resumes_and_ends_where_an_uninterrupted_run_does(embedded,
     first_clips = write_features(tmp_path / "first.h5", ALL_NAMES[:20], FOLDS)
     out = tmp_path / "killed"
     code = (
-        "from genreflow.frozen import embed_features; "
+        "from genreflow.embedding import embed_features; "
         f"embed_features({str(first_clips)!r}, {str(out)!r}, batch_size={BATCH}, "
         "device='cpu', precision='fp32')"
     )
@@ -476,7 +466,7 @@ def test_head_copes_with_dead_and_badly_scaled_dimensions(tmp_path):
     folds = np.arange(300) % 10 + 1
     x[:, :8] = np.where(folds[:, None] == 3, rng.uniform(0, 5, (300, 8)), 0.0)
     path = write_embeddings(tmp_path / "e.h5", x, genre_index, folds)
-    summary = train_head(path, 3, tmp_path / "head")
+    summary = train_head(HeadConfig(path, 3, tmp_path / "head"))
     assert summary["final_accuracy"] >= 0.8  # chance: 0.1
     weight = torch.load(tmp_path / "head" / HEAD, weights_only=True)["model"]
     assert torch.all(weight["fc_transfer.weight"][:, :8] == 0)
@@ -484,10 +474,11 @@ def test_head_copes_with_dead_and_badly_scaled_dimensions(tmp_path):
 
 def test_head_training_is_deterministic_for_a_seed(embedded, tmp_path):
     def run(seed: int, name: str) -> dict:
-        train_head(
+        config = HeadConfig(
             embedded / EMBEDDINGS, 1, tmp_path / name,
             iterations=40, batch_size=8, mixup=True, eval_every=20, seed=seed,
         )  # fmt: skip
+        train_head(config)
         return torch.load(tmp_path / name / HEAD, weights_only=True)["model"]
 
     first, second, other = run(0, "a"), run(0, "b"), run(1, "c")
@@ -529,7 +520,7 @@ FILTERED_RUN = {"protocol": "filtered", "iterations": 60, "eval_every": 10, "bat
 
 
 def test_head_on_the_filtered_split_trains_chooses_and_reports_on_its_lists(gtzan_shaped, tmp_path):
-    summary = train_head(gtzan_shaped, 1, tmp_path / "r1", **FILTERED_RUN)
+    summary = train_head(HeadConfig(gtzan_shaped, 1, tmp_path / "r1", **FILTERED_RUN))
     lists = filtered_lists()
     split = summary["split"]
     assert [split[k] for k in ("train", "valid", "test", "excluded", "missing")] == [
@@ -560,8 +551,8 @@ def test_head_on_the_filtered_split_trains_chooses_and_reports_on_its_lists(gtza
     )
 
     # Repetition 2 is repetition 1 with the next seed: the same numbers; seed 0's differ.
-    train_head(gtzan_shaped, 2, tmp_path / "r2", **FILTERED_RUN)
-    train_head(gtzan_shaped, 1, tmp_path / "seed1", **FILTERED_RUN, seed=1)
+    train_head(HeadConfig(gtzan_shaped, 2, tmp_path / "r2", **FILTERED_RUN))
+    train_head(HeadConfig(gtzan_shaped, 1, tmp_path / "seed1", **FILTERED_RUN, seed=1))
     assert _metrics_without_time(tmp_path / "r2") == _metrics_without_time(tmp_path / "seed1")
     r2, r2_probabilities = _read_predictions(tmp_path / "r2" / PREDICTIONS)
     _, seed1_probabilities = _read_predictions(tmp_path / "seed1" / PREDICTIONS)
@@ -579,8 +570,8 @@ def test_no_test_clip_takes_part_in_choosing_the_head(gtzan_shaped, tmp_path):
     with h5py.File(altered, "a") as hf:
         hf["embedding"][test] = np.random.default_rng(9).random((len(test), 64)) * 5
         hf["target"][test] = np.roll(hf["target"][test], 1, axis=1)
-    first = train_head(gtzan_shaped, 1, tmp_path / "a", **FILTERED_RUN)
-    second = train_head(altered, 1, tmp_path / "b", **FILTERED_RUN)
+    first = train_head(HeadConfig(gtzan_shaped, 1, tmp_path / "a", **FILTERED_RUN))
+    second = train_head(HeadConfig(altered, 1, tmp_path / "b", **FILTERED_RUN))
     assert first["selected_iteration"] == second["selected_iteration"]
     assert first["valid_accuracy"] == second["valid_accuracy"]
     assert first["final_accuracy"] != second["final_accuracy"]
@@ -603,7 +594,9 @@ def _rows_of(names) -> list[int]:
 
 
 def test_heldout_selection_chooses_on_the_test_rows(gtzan_shaped, tmp_path):
-    summary = train_head(gtzan_shaped, 1, tmp_path / "h", **FILTERED_RUN, selection="heldout")
+    summary = train_head(
+        HeadConfig(gtzan_shaped, 1, tmp_path / "h", **FILTERED_RUN, selection="heldout")
+    )
     assert summary["selection"] == "heldout" and summary["split"]["valid"] == 290
     metrics = _metrics_without_time(tmp_path / "h")
     assert all(row["valid_accuracy"] == row["test_accuracy"] for row in metrics)
@@ -615,24 +608,24 @@ def test_head_bad_inputs_are_clear_errors(embedded, tmp_path):
     with pytest.raises(
         GenreflowError, match=r"cv10: fold 5 has no clips in .*\(folds present: 1, 2, 3, 4\)"
     ):
-        train_head(embedded / EMBEDDINGS, 5, tmp_path / "out")
+        train_head(HeadConfig(embedded / EMBEDDINGS, 5, tmp_path / "out"))
     with pytest.raises(GenreflowError, match="validation fold 5 .*after test fold 4"):
-        train_head(embedded / EMBEDDINGS, 4, tmp_path / "out")
+        train_head(HeadConfig(embedded / EMBEDDINGS, 4, tmp_path / "out"))
     with pytest.raises(GenreflowError, match="cv10: --fold must be one of 1..10"):
-        train_head(embedded / EMBEDDINGS, 0, tmp_path / "out")
+        train_head(HeadConfig(embedded / EMBEDDINGS, 0, tmp_path / "out"))
     with pytest.raises(GenreflowError, match="--protocol must be one of cv10, filtered"):
-        train_head(embedded / EMBEDDINGS, 1, tmp_path / "out", protocol="kfold")
+        train_head(HeadConfig(embedded / EMBEDDINGS, 1, tmp_path / "out", protocol="kfold"))
     with pytest.raises(GenreflowError, match="--selection must be one of validation, heldout"):
-        train_head(embedded / EMBEDDINGS, 1, tmp_path / "out", selection="best")
+        train_head(HeadConfig(embedded / EMBEDDINGS, 1, tmp_path / "out", selection="best"))
     with pytest.raises(GenreflowError, match="not found"):
-        train_head(tmp_path / "missing.h5", 1, tmp_path / "out")
+        train_head(HeadConfig(tmp_path / "missing.h5", 1, tmp_path / "out"))
     with pytest.raises(GenreflowError, match="iterations"):
-        train_head(embedded / EMBEDDINGS, 1, tmp_path / "out", iterations=0)
+        train_head(HeadConfig(embedded / EMBEDDINGS, 1, tmp_path / "out", iterations=0))
     not_ours = tmp_path / "other.h5"
     with h5py.File(not_ours, "w") as hf:
         hf.create_dataset("embedding", data=np.zeros((2, 4), np.float32))
-    with pytest.raises(GenreflowError, match="missing audio_name"):
-        train_head(not_ours, 1, tmp_path / "out")
+    with pytest.raises(GenreflowError, match="missing dataset 'audio_name'"):
+        train_head(HeadConfig(not_ours, 1, tmp_path / "out"))
 
 
 def test_train_head_command(embedded, tmp_path, capsys):
@@ -678,7 +671,7 @@ def test_ensemble_refuses_a_head_of_another_base(embedded, heads, tmp_path):
         tmp_path / "e.h5", np.random.default_rng(0).random((40, 2048)), genre_index,
         np.arange(40) % 3 + 1, base_sha256="ff" * 32,
     )  # fmt: skip
-    train_head(path, 1, tmp_path / "foreign", iterations=5, eval_every=5)
+    train_head(HeadConfig(path, 1, tmp_path / "foreign", iterations=5, eval_every=5))
     with pytest.raises(GenreflowError, match="trained on embeddings of the base"):
         load_head_ensemble(embedded / BASE, [heads[0] / HEAD, tmp_path / "foreign" / HEAD])
     with pytest.raises(GenreflowError, match="no head"):
@@ -686,7 +679,7 @@ def test_ensemble_refuses_a_head_of_another_base(embedded, heads, tmp_path):
 
 
 def test_exported_fold_model_is_the_base_and_the_head_in_the_seeds_form(embedded, heads, tmp_path):
-    from genreflow.frozen import export_transfer_checkpoint
+    from genreflow.ensemble import export_transfer_checkpoint
     from genreflow.models.checkpoints import load_transfer_model
 
     path = export_transfer_checkpoint(embedded / BASE, heads[0] / HEAD, tmp_path / "fold1.pth")
@@ -703,7 +696,7 @@ def test_exported_fold_model_is_the_base_and_the_head_in_the_seeds_form(embedded
 
 
 def test_train_head_help_states_the_recipes_defaults(capsys):
-    from genreflow.frozen import DEFAULT_RECIPE
+    from genreflow.head import DEFAULT_RECIPE
 
     with pytest.raises(SystemExit):
         main(["train-head", "--help"])

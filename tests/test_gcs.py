@@ -184,7 +184,9 @@ def test_pack_to_gs_reads_back_the_same_arrays(
 
 
 def test_embed_features_and_train_head_read_from_gs(bucket, local_features, tmp_path):
-    from genreflow.frozen import EMBEDDINGS, embed_features, train_head
+    from genreflow.embedding import EMBEDDINGS, embed_features
+    from genreflow.head import train_head
+    from genreflow.recipe import HeadConfig
 
     features_uri = f"gs://{bucket}/features.h5"
     storage.upload(local_features, features_uri)
@@ -193,7 +195,9 @@ def test_embed_features_and_train_head_read_from_gs(bucket, local_features, tmp_
 
     embeddings_uri = f"gs://{bucket}/embeddings.h5"
     storage.upload(tmp_path / "embedded" / EMBEDDINGS, embeddings_uri)
-    result = train_head(embeddings_uri, 1, tmp_path / "head", iterations=5, eval_every=5)
+    result = train_head(
+        HeadConfig(embeddings_uri, 1, tmp_path / "head", iterations=5, eval_every=5)
+    )
     assert result["config"]["embeddings"] == embeddings_uri
     assert (tmp_path / "head" / "head.pth").is_file()
 

@@ -17,8 +17,9 @@ import torch
 from genreflow.audio import SAMPLE_RATE, load_segments
 from genreflow.cli import main
 from genreflow.data.genres import GENRES
+from genreflow.ensemble import load_ensemble
 from genreflow.errors import GenreflowError
-from genreflow.inference import embed, load_ensemble, predict
+from genreflow.inference import embed, predict
 from genreflow.models.checkpoints import save_checkpoint
 from genreflow.models.transfer import TransferCnn14
 

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch
 
-from genreflow.audio import SAMPLE_RATE, clip_samples, logmel_frames
+from genreflow.audio import SAMPLE_RATE, clip_samples
 from genreflow.cli import main
 from genreflow.data.download import download
 from genreflow.data.genres import GENRES
 from genreflow.data.synth import make_synthetic_gtzan
+from genreflow.embedding import EMBEDDINGS, embed_features, read_embeddings
 from genreflow.errors import GenreflowError
 from genreflow.features import RowLayout, model_input, pack, read_index
-from genreflow.frozen import EMBEDDINGS, embed_features, read_embeddings
-from genreflow.models.cnn14 import LogmelFrontEnd
+from genreflow.logmel import LogmelFrontEnd, logmel_frames
 from genreflow.models.transfer import TransferCnn14
 from genreflow.recipe import TrainConfig
 from genreflow.runtime import autocast_for

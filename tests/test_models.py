@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from genreflow.audio import FMAX, FMIN, HOP_SIZE, MEL_BINS, SAMPLE_RATE, WINDOW_SIZE
+from genreflow.audio import SAMPLE_RATE
 from genreflow.errors import GenreflowError
+from genreflow.logmel import FMAX, FMIN, HOP_SIZE, MEL_BINS, WINDOW_SIZE, LogmelFrontEnd
 from genreflow.models import (
     MODELS,
     PUBLISHED_CHECKPOINTS,
     Cnn6,
     Cnn10,
     Cnn14,
-    LogmelFrontEnd,
     Mixup,
     Transfer,
     TransferCnn14,

@@ -17,7 +17,6 @@ import pytest
 import soundfile
 import soxr
 
-from genreflow import features
 from genreflow.audio import (
     SAMPLE_RATE,
     clip_samples,
@@ -28,7 +27,8 @@ from genreflow.audio import (
 from genreflow.cli import main
 from genreflow.data.genres import GENRE_INDEX, GENRES, assign_folds
 from genreflow.errors import GenreflowError
-from genreflow.features import _plan_workers, describe, pack, read_index
+from genreflow.features import RowLayout, describe, pack, packing, read_index
+from genreflow.features.workers import _Workers, plan_workers, shm_name
 
 CLIP_SECONDS = 3.0
 SHA = "0123456789abcdef" * 4
@@ -356,12 +356,12 @@ def test_float32_to_int16_into_an_array():
     ],
 )
 def test_workers_are_fewer_where_shared_memory_is_small(workers, shm_free, expected):
-    assert _plan_workers(workers, clip_samples(30.0) * 2, shm_free) == expected
+    assert plan_workers(workers, clip_samples(30.0) * 2, shm_free) == expected
 
 
 def shm_segments():
     """This process's pack rings in /dev/shm (others' may come and go meanwhile)."""
-    return set(Path("/dev/shm").glob(features.shm_name().rsplit("-", 1)[0] + "-*"))
+    return set(Path("/dev/shm").glob(shm_name().rsplit("-", 1)[0] + "-*"))
 
 
 def pack_workers():
@@ -397,7 +397,7 @@ def watchdog():
 @pytest.fixture
 def ring():
     """The shared memory _Workers' processes decode into: 8 rows of 1 s."""
-    layout = features.RowLayout.of("waveform", clip_samples(1.0))
+    layout = RowLayout.of("waveform", clip_samples(1.0))
     shm = shared_memory.SharedMemory(create=True, size=8 * layout.nbytes)
     yield (shm.name, 8, layout)
     shm.close()
@@ -426,7 +426,7 @@ def test_a_worker_death_ends_every_worker_whatever_the_others_do(case, dataset, 
     clips = sorted(str(p) for p in dataset.rglob("*.au"))
     before, after = DEATHS[case]
     for _ in range(10):
-        pool = features._Workers(2, ring)
+        pool = _Workers(2, ring)
         try:
             assert len(pack_workers()) == 2
             pids = [p.pid for p in pool._processes]
@@ -450,7 +450,7 @@ def test_a_worker_death_ends_every_worker_whatever_the_others_do(case, dataset, 
 
 
 def test_a_worker_error_is_raised_and_ends_every_worker(dataset, ring, watchdog, tmp_path):
-    pool = features._Workers(2, ring)
+    pool = _Workers(2, ring)
     clip = str(next(dataset.rglob("*.au")))
     try:
         assert pool.result(pool.submit([(clip, 0)])) == [None]
@@ -521,7 +521,7 @@ def test_writeback_as_it_goes_keeps_the_file_intact(dataset, tmp_path, monkeypat
     # Start writeback after every row: the output is the same as with none at all.
     plain, synced = tmp_path / "plain.h5", tmp_path / "synced.h5"
     pack(dataset, plain, clip_seconds=1.0, workers=2, progress=False)
-    monkeypatch.setattr(features, "WRITEBACK_BYTES", 1)
+    monkeypatch.setattr(packing, "WRITEBACK_BYTES", 1)
     pack(dataset, synced, clip_seconds=1.0, workers=2, progress=False)
     data_plain, _ = datasets_and_attrs(plain)
     data_synced, _ = datasets_and_attrs(synced)

@@ -29,13 +29,13 @@ def test_device_names_auto_cpu_cuda_and_cuda_n():
 
 def test_every_step_takes_the_same_device_names(tmp_path):
     # train (through inference's loaders too) and embed-features share the one function.
-    from genreflow import frozen, inference, train
+    from genreflow import embedding, inference, train
 
-    assert train.resolve_device is inference.resolve_device is frozen.resolve_device
+    assert train.resolve_device is inference.resolve_device is embedding.resolve_device
     assert train.resolve_device is resolve_device
     # One place decides the precision for the training step and the frozen base's embed.
-    assert train.resolve_precision is frozen.resolve_precision
-    assert train.autocast_for is frozen.autocast_for
+    assert train.resolve_precision is embedding.resolve_precision
+    assert train.autocast_for is embedding.autocast_for
 
 
 def test_keeping_freed_memory_is_undone():

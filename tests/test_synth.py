@@ -15,7 +15,7 @@ from genreflow import cli
 from genreflow.data import synth
 from genreflow.data.genres import GENRES
 from genreflow.data.layout import list_clips
-from genreflow.data.synth import SAMPLE_RATE, make_synthetic_gtzan, synthesize_clip
+from genreflow.data.synth import SAMPLE_RATE, archive, make_synthetic_gtzan, synthesize_clip
 from genreflow.errors import GenreflowError
 
 LIST_FILES = {"input.mf", "bextract_single.mf"} | {f"{g[:2]}.mf" for g in GENRES}
@@ -186,7 +186,7 @@ def test_an_interrupted_run_leaves_no_archive(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return b"\x00"
 
-    monkeypatch.setattr(synth, "_au_bytes", fail_on_third)
+    monkeypatch.setattr(archive, "_au_bytes", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
         make_synthetic_gtzan(tmp_path, clips_per_genre=1, seconds=0.2)
     assert list(tmp_path.iterdir()) == []

@@ -608,16 +608,18 @@ def test_live_logging_to_a_lost_server_never_fails_the_fold(tmp_path, monkeypatc
     import time
 
     import genreflow.tracking.live
-    from genreflow.frozen import train_head
+    from genreflow.head import train_head
+    from genreflow.recipe import HeadConfig
     from genreflow.tracking.live import LiveLog
 
     monkeypatch.setattr(genreflow.tracking.live, "LIVE_FIRST_DELAY_SECONDS", 0.01)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     live = LiveLog("http://127.0.0.1:9", "0" * 32, 2)
-    summary = train_head(
+    config = HeadConfig(
         _embeddings(tmp_path / "embeddings.h5"), 2, tmp_path / "fold2", iterations=500,
-        eval_every=50, on_evaluation=live.evaluation,
+        eval_every=50,
     )  # fmt: skip
+    summary = train_head(config, on_evaluation=live.evaluation)
     started = time.monotonic()
     live.close()
     assert time.monotonic() - started < 30

@@ -11,8 +11,9 @@ these modules unchanged:
     conv_block{i}.conv1/conv2/bn1/bn2.*           the conv blocks
     fc1.*, fc_audioset.*                          the embedding layer and the AudioSet head
 
-The front end is torchlibrosa's, with the log-mel parameters of the published checkpoints
-(genreflow.audio: window 1024, hop 320, 64 mel bins, 50 to 14000 Hz).
+The front end (STFT, mel filter bank, log) is genreflow.logmel's, with the log-mel
+parameters of the published checkpoints (window 1024, hop 320, 64 mel bins, 50 to
+14000 Hz).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchlibrosa.augmentation import SpecAugmentation
-from torchlibrosa.stft import LogmelFilterBank, Spectrogram
 
-from genreflow.audio import FMAX, FMIN, HOP_SIZE, MEL_BINS, SAMPLE_RATE, WINDOW_SIZE
+from genreflow.audio import SAMPLE_RATE
 from genreflow.errors import GenreflowError
+from genreflow.logmel import FMAX, FMIN, HOP_SIZE, MEL_BINS, WINDOW_SIZE, LogmelFrontEnd
 
 AUDIOSET_CLASSES = 527
 
@@ -145,101 +146,6 @@ class Mixup:
         self.alpha = float(state["alpha"])
         keys = np.asarray(keys, dtype=np.uint32)
         self.random_state.set_state((name, keys, pos, has_gauss, cached))
-
-
-class LogmelFrontEnd(nn.Module):
-    """The frozen front end alone: waveform -> STFT -> mel filter bank -> log (dB).
-
-    PannsCnn builds on it, so its attribute names (and the checkpoints' keys) stay the
-    published ones; `genreflow pack --representation logmel` runs it on its own, so a
-    packed log-mel is exactly what the network would compute from the packed waveform.
-    """
-
-    def __init__(
-        self,
-        sample_rate: int = SAMPLE_RATE,
-        window_size: int = WINDOW_SIZE,
-        hop_size: int = HOP_SIZE,
-        mel_bins: int = MEL_BINS,
-        fmin: float = FMIN,
-        fmax: float = FMAX,
-    ):
-        super().__init__()
-        self.config = {
-            "architecture": type(self).__name__,
-            "sample_rate": sample_rate,
-            "window_size": window_size,
-            "hop_size": hop_size,
-            "mel_bins": mel_bins,
-            "fmin": fmin,
-            "fmax": fmax,
-        }
-        # Frozen, so fine-tuning never moves the STFT or the filter bank.
-        self.spectrogram_extractor = Spectrogram(
-            n_fft=window_size,
-            hop_length=hop_size,
-            win_length=window_size,
-            window="hann",
-            center=True,
-            pad_mode="reflect",
-            freeze_parameters=True,
-        )
-        self.logmel_extractor = LogmelFilterBank(
-            sr=sample_rate,
-            n_fft=window_size,
-            n_mels=mel_bins,
-            fmin=fmin,
-            fmax=fmax,
-            ref=1.0,
-            amin=1e-10,
-            top_db=None,
-            freeze_parameters=True,
-        )
-
-    @property
-    def front_end_config(self) -> dict:
-        """What fixes the log-mel: the parameters a packed log-mel must have been made with."""
-        return {key: self.config[key] for key in FRONT_END_KEYS}
-
-    @property
-    def min_samples(self) -> int:
-        """The shortest waveform the front end accepts: longer than half a window, so
-        that reflect padding is defined."""
-        return self.config["window_size"] // 2 + 1
-
-    def logmel(self, waveform: Tensor) -> Tensor:
-        """(batch, samples) -> log-mel in dB, (batch, 1, frames, mel).
-
-        Always computed in float32: under mixed precision a float16 power spectrum
-        underflows and the 1e-10 floor of the dB conversion becomes log(0).
-        """
-        if waveform.dim() != 2:
-            raise GenreflowError(
-                f"{type(self).__name__} takes waveforms shaped (batch, samples), "
-                f"got shape {tuple(waveform.shape)}"
-            )
-        if not waveform.is_floating_point():
-            raise GenreflowError(
-                f"{type(self).__name__} takes float waveforms in [-1, 1], got {waveform.dtype}; "
-                "scale stored int16 clips first (genreflow.audio, divide by 32767)"
-            )
-        if waveform.shape[1] < self.min_samples:
-            raise GenreflowError(
-                f"{type(self).__name__} needs at least {self.min_samples} samples per clip "
-                f"({self.min_samples / self.config['sample_rate']:.3f} s), "
-                f"got {waveform.shape[1]}"
-            )
-        with torch.autocast(device_type=waveform.device.type, enabled=False):
-            x = self.spectrogram_extractor(waveform.float())  # (batch, 1, frames, freq)
-            return self.logmel_extractor(x)  # (batch, 1, frames, mel)
-
-    def forward(self, waveform: Tensor) -> Tensor:
-        return self.logmel(waveform)
-
-
-# The parameters that fix a front end's output (the rest of torchlibrosa's are constants
-# here: Hann window, centred, reflect padding, ref 1.0, amin 1e-10, no top_db).
-FRONT_END_KEYS = ("sample_rate", "window_size", "hop_size", "mel_bins", "fmin", "fmax")
 
 
 class PannsCnn(LogmelFrontEnd):

@@ -1,5 +1,5 @@
 """The embed step of the frozen-base path: every clip through the Cnn14 base once
-(genreflow.frozen)."""
+(genreflow.embedding)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def embed(
     base seeded with `seed` (demos); `precision`: auto (bf16 where the hardware computes in
     it natively), fp32 or bf16; `compile_base`: torch.compile the base (auto: on a CPU for
     3 hours of audio or more). Killed, it resumes; finished, a rerun does nothing."""
-    from genreflow.frozen import embed_features
+    from genreflow.embedding import embed_features
 
     return embed_features(
         features,

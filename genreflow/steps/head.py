@@ -4,7 +4,6 @@ reuse, failed.json and the fold's MLflow run."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterable
 
@@ -22,7 +21,7 @@ def head_fold(
     min_folds: int = 0,
     expected_folds: Iterable[int] | None = None,
 ) -> dict | FailedFold:
-    """Train the head of one fold (genreflow.frozen.train_head) as `tracked_fold` does.
+    """Train the head of one fold (genreflow.head.train_head) as `tracked_fold` does.
 
     Args:
         config: the head's recipe, the embeddings file and the output folder.
@@ -36,10 +35,10 @@ def head_fold(
     Returns:
         summary.json's content, or the FailedFold of a tolerated failure.
     """
-    from genreflow.frozen import train_head
+    from genreflow.head import train_head
 
     return tracked_fold(
-        functools.partial(train_head, **dataclasses.asdict(config)),
+        functools.partial(train_head, config),
         out=config.out,
         fold=config.fold,
         inputs=[config.embeddings],
