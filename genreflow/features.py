@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from genreflow import __version__, storage
+from genreflow.atomic import move_into_place
 from genreflow.audio import (
     FMAX,
     FMIN,
@@ -242,7 +243,7 @@ def pack(
         )
         with open(partial, "rb+") as f:  # durable before it gets the finished name
             os.fsync(f.fileno())
-        os.replace(partial, out)
+        move_into_place(partial, out)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

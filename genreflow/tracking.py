@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from genreflow import __version__, storage
-from genreflow.atomic import write_atomic
+from genreflow.atomic import move_into_place, write_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import (
     BEST,
@@ -137,6 +137,16 @@ def default_tracking_uri(workspace: str | Path = "workspace") -> str:
     if uri:
         return uri
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+
+
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """Where a sqlite store with no server keeps its runs' artifacts: beside the database
+    (workspace/mlartifacts for the default), not MLflow's ./mlruns of whatever folder a
+    step ran in. None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    return database.resolve().parent / "mlartifacts"
 
 
 def ui_address(tracking_uri: str, ui: str = "") -> str:
@@ -240,6 +250,7 @@ def _client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
+    storage.refuse_userinfo(tracking_uri, what="tracking URI", instead=storage.TRACKING_CREDENTIALS)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -321,8 +332,9 @@ def _experiment_id(client, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    root = local_artifact_root(client.tracking_uri)
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=root and root.as_uri())
     except Exception:  # created meanwhile by a parallel task
         return client.get_experiment_by_name(name).experiment_id
 
@@ -346,7 +358,8 @@ def _inherited_run(client, what: str):
     except Exception as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
             raise TrackingError(
-                f"MLFLOW_RUN_ID={run_id} names no run at {client.tracking_uri} ({what})"
+                f"MLFLOW_RUN_ID={run_id} names no run at "
+                f"{storage.redacted(client.tracking_uri)} ({what})"
             ) from exc
         raise
 
@@ -924,7 +937,7 @@ class FoldRun:
                 out.mkdir(exist_ok=True)
                 # summary.json last: it is what marks a fold folder complete.
                 for name in sorted(os.listdir(staging), key=lambda n: n == SUMMARY):
-                    os.replace(staging / name, out / name)
+                    move_into_place(staging / name, out / name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 

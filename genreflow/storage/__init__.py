@@ -26,6 +26,7 @@ from genreflow.storage.uris import (
     redacted,
     redacted_text,
     redacted_values,
+    refuse_credentials_in,
     refuse_userinfo,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "redacted",
     "redacted_text",
     "redacted_values",
+    "refuse_credentials_in",
     "refuse_userinfo",
     "sha256_of",
     "upload",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from genreflow.cluster import MLFLOW_CREDENTIALS_SECRET
@@ -26,8 +27,9 @@ SOURCE_CREDENTIALS = (
     "sent only to that host, only over https), or use a signed URL, which needs neither"
 )
 TRACKING_CREDENTIALS = (
-    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the pipeline's steps take "
-    f"them from the Secret {MLFLOW_CREDENTIALS_SECRET}, infra/README.md)"
+    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a tracking server (the "
+    f"pipeline's steps take them from the Secret {MLFLOW_CREDENTIALS_SECRET}, infra/README.md), "
+    "PGPASSWORD or ~/.pgpass for a PostgreSQL store"
 )
 
 
@@ -129,9 +131,14 @@ def redacted(uri: str | Path) -> str:
     except ValueError:  # a malformed IPv6 host, say: nothing of it is shown
         return f"{scheme}REDACTED"
     path = "/".join(segment.split(";", 1)[0] for segment in parts.path.split("/"))
-    netloc = f"REDACTED@{parts.netloc}" if at else parts.netloc
-    query = "REDACTED" if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, ""))
+    # Put together by hand: urlunsplit turns sqlite:////abs/path into sqlite://abs/path.
+    return (
+        scheme
+        + ("REDACTED@" if at else "")
+        + parts.netloc
+        + path
+        + ("?REDACTED" if parts.query else "")
+    )
 
 
 def redacted_text(text: str) -> str:
@@ -158,28 +165,32 @@ def redacted_values(value: object) -> object:
 
 
 def has_userinfo(uri: str | Path) -> bool:
-    """Whether `uri` carries user[:password]@ before its host, written as RFC 3986 wants
-    or raw (a password holding "/", "?" or "#" ends the host early: its port is then no
-    number, and an "@" follows)."""
+    """Whether `uri` may carry user[:password]@: an "@" anywhere after "scheme://HOST", since
+    a raw password may hold "/", "?" or "#" and so end the host part early. An "@" that
+    belongs to the path or query is written %40 (the same to any server)."""
     text = str(uri)
     match = _SCHEME.match(text)
-    if match is None:
-        return False
-    rest = text[match.end() :]
-    try:
-        parts = urllib.parse.urlsplit(text)
-        if "@" in parts.netloc:
-            return True
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number
-    except ValueError:
-        return "@" in rest
-    return False
+    rest = text[match.end() :] if match else ""
+    return bool(rest) and not rest.startswith("/") and "@" in rest
 
 
 def refuse_userinfo(uri: str | Path, *, what: str, instead: str) -> None:
-    """Raise, naming `what` and saying where credentials go `instead`, when `uri` carries
+    """Raise, naming `what` and saying where credentials go `instead`, when `uri` may carry
     userinfo: a password in a URI ends up in logs, run parameters and process listings."""
     if has_userinfo(uri):
         raise GenreflowError(
-            f"{what} {redacted(uri)}: a user or password in the URI is refused; {instead}"
+            f"{what} {redacted(uri)}: a user or password in the URI is refused (an @ that is "
+            f"part of the path is written %40); {instead}"
         )
+
+
+def refuse_credentials_in(arguments: Mapping[str, object]) -> None:
+    """Refuse a pipeline run's arguments where a URI carries userinfo: KFP shows and stores
+    every argument. The tracking URI's credentials go to MLflow's variables, a source's
+    to a netrc file."""
+    for key, value in arguments.items():
+        if not isinstance(value, str):
+            continue
+        if key == "tracking_uri" or value.lower().startswith(("http://", "https://")):
+            instead = TRACKING_CREDENTIALS if key == "tracking_uri" else SOURCE_CREDENTIALS
+            refuse_userinfo(value, what=key, instead=instead)
