@@ -39,6 +39,7 @@ from genreflow.aggregate import (
 from genreflow.atomic import write_text_atomic
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import RENAMED, current_names
+from genreflow.storage import redacted
 
 DEFAULT_METRIC = "final_accuracy"
 PARENT_TAG = "mlflow.parentRunId"
@@ -339,7 +340,7 @@ def compare_runs(
 
     common = sorted(set(a.scores) & set(b.scores))
     result: dict = {
-        "tracking_uri": uri,
+        "tracking_uri": redacted(uri),  # printed and written for CI comments
         "metric": metric,
         "runs": {"a": _run_dict(a), "b": _run_dict(b)},
         "aggregate": _aggregate_rows(a, b),
