@@ -87,6 +87,13 @@ def test_queries_path_parameters_and_fragments_are_dropped():
     session = f"https://h.example/a/b.tar.gz;jsessionid={SIGNATURE}?sig={SIGNATURE}#{SIGNATURE}"
     assert storage.redacted(session) == "https://h.example/a/b.tar.gz?REDACTED"
     assert storage.redacted(f"https://h/a;token={SIGNATURE}/b#k={SIGNATURE}") == "https://h/a/b"
+    oauth = f"https://app.example/cb#access_token={SIGNATURE}&state=1"
+    assert storage.redacted(oauth) == "https://app.example/cb"
+    # A web app's page is kept (KFP's run link is a tag), less any query of its own.
+    kfp = "https://kfp.example/#/runs/details/run-42"
+    assert storage.redacted(kfp) == kfp
+    mlflow = f"http://127.0.0.1:5000/#/experiments/1/runs/r?token={SIGNATURE}"
+    assert storage.redacted(mlflow) == "http://127.0.0.1:5000/#/experiments/1/runs/r?REDACTED"
     azure = f"https://acct.blob.core.windows.net/c/g.tar.gz?sv=2024&sig={SIGNATURE}"
     assert storage.redacted(azure) == "https://acct.blob.core.windows.net/c/g.tar.gz?REDACTED"
     text = f"download of {session} failed (HTTP 403); see also <{signed}>."

@@ -118,8 +118,8 @@ _CLOSING = "'\")]}>,.;:"
 def redacted(uri: str | Path) -> str:
     """`uri` as it may be shown or recorded: userinfo (everything up to the last "@", since
     a password may hold "/", "?" or "#") replaced by REDACTED, the query by REDACTED, path
-    parameters (";jsessionid=...") and the fragment dropped. Plain paths and file:///
-    paths are local names and stay as they are."""
+    parameters (";jsessionid=...") and the fragment dropped, but for a web app's page (see
+    `_route`). Plain paths and file:/// paths are local names and stay as they are."""
     text = str(uri)
     match = _SCHEME.match(text)
     if match is None or text.lower().startswith("file:///"):
@@ -130,15 +130,30 @@ def redacted(uri: str | Path) -> str:
         parts = urllib.parse.urlsplit(scheme + rest)
     except ValueError:  # a malformed IPv6 host, say: nothing of it is shown
         return f"{scheme}REDACTED"
-    path = "/".join(segment.split(";", 1)[0] for segment in parts.path.split("/"))
     # Put together by hand: urlunsplit turns sqlite:////abs/path into sqlite://abs/path.
     return (
         scheme
         + ("REDACTED@" if at else "")
         + parts.netloc
-        + path
+        + _without_parameters(parts.path)
         + ("?REDACTED" if parts.query else "")
+        + _route(parts.fragment)
     )
+
+
+def _without_parameters(path: str) -> str:
+    """A path less its segments' parameters (";jsessionid=...")."""
+    return "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
+
+
+def _route(fragment: str) -> str:
+    """What may be shown of a fragment: a web app's page ("#/runs/details/ID", the KFP and
+    MLflow UIs' addresses) less its query; any other fragment (#access_token=...) is
+    dropped."""
+    if not fragment.startswith("/"):
+        return ""
+    page, question, _ = fragment.partition("?")
+    return "#" + _without_parameters(page) + ("?REDACTED" if question else "")
 
 
 def redacted_text(text: str) -> str:
