@@ -125,7 +125,7 @@ def redacted(uri: str | Path) -> str:
     if match is None or text.lower().startswith("file:///"):
         return text
     scheme, rest = match.group(0), text[match.end() :]
-    userinfo, at, rest = rest.rpartition("@")
+    _, at, rest = rest.rpartition("@")  # the userinfo, however many "@" its password holds
     try:
         parts = urllib.parse.urlsplit(scheme + rest)
     except ValueError:  # a malformed IPv6 host, say: nothing of it is shown
