@@ -241,9 +241,7 @@ def pack(
         summary = _write(
             clips, folds, partial, layout, clip_seconds, decoding, on_error, sha, progress
         )
-        with open(partial, "rb+") as f:  # durable before it gets the finished name
-            os.fsync(f.fileno())
-        move_into_place(partial, out)
+        move_into_place(partial, out)  # flushed before it gets the finished name
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

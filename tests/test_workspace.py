@@ -60,7 +60,8 @@ def test_a_run_on_the_default_store_writes_nothing_outside_its_workspace(tmp_pat
     port = free_port()
     genreflow = Path(sys.executable).with_name("genreflow")
     ui = [str(genreflow), "ui", "--tracking-uri", uri, "--port", str(port)]
-    with serving(ui, "/health", tmp_path / "ui.log", port=port) as url:
+    # mlflow ui took 55 s to answer beside other work here (load 15): the server fixture's 240 s.
+    with serving(ui, "/health", tmp_path / "ui.log", port=port, timeout=240) as url:
         query = f"run_id={fold.info.run_id}&path=predictions.csv"
         with urllib.request.urlopen(f"{url}/get-artifact?{query}") as response:
             assert response.read().startswith(b"audio_name,")
