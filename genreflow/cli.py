@@ -721,7 +721,11 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
 
 def _run_ui(args: argparse.Namespace) -> int:
     from genreflow.tracking.addresses import print_addresses
-    from genreflow.tracking.client import DEFAULT_EXPERIMENT, default_tracking_uri
+    from genreflow.tracking.client import (
+        DEFAULT_EXPERIMENT,
+        default_tracking_uri,
+        local_artifact_root,
+    )
     from genreflow.tracking.runs import latest_pipeline_run
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -733,7 +737,7 @@ def _run_ui(args: argparse.Namespace) -> int:
     experiment = args.experiment or DEFAULT_EXPERIMENT
     latest = latest_pipeline_run(uri, experiment)
     if latest is None:
-        print(f"no pipeline run in experiment {experiment} at {uri} yet")
+        print(f"no pipeline run in experiment {experiment} at {storage.redacted(uri)} yet")
     else:
         print(f"latest pipeline run: {latest.info.run_name} ({latest.info.run_id})")
         print_addresses(uri, latest.info.run_id, ui=ui)
@@ -741,6 +745,8 @@ def _run_ui(args: argparse.Namespace) -> int:
         return 0
     print(f"MLflow UI on {ui} (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    if (root := local_artifact_root(uri)) is not None:  # the runs' artifacts, and any new ones
+        command += ["--default-artifact-root", root.as_uri(), "--artifacts-destination", str(root)]
     os.execv(sys.executable, [*command, "--host", args.host, "--port", str(args.port)])
     return 0  # not reached: the process is mlflow ui's now
 

@@ -40,6 +40,7 @@ from genreflow.errors import GenreflowError
 from genreflow.fold_result import RENAMED, current_names
 from genreflow.recipe import RECIPE_VERSION, recipe_label, recipe_version_of
 from genreflow.splits import DEFAULT_PROTOCOL
+from genreflow.storage import redacted
 from genreflow.tracking.names import (
     CHECKSUM_TAGS,
     FOLD_TAG,
@@ -367,7 +368,7 @@ def compare_runs(
 
     common = sorted(set(a.scores) & set(b.scores))
     result: dict = {
-        "tracking_uri": uri,
+        "tracking_uri": redacted(uri),  # printed and written for CI comments
         "metric": metric,
         "runs": {"a": _run_dict(a), "b": _run_dict(b)},
         "aggregate": _aggregate_rows(a, b),

@@ -24,6 +24,12 @@ DEFAULTS: dict[str, tuple[int, str]] = {
         "times its own size an archive may extract to",
     ),
     "GENREFLOW_MAX_DOWNLOAD_BYTES": (64 * GIB, "bytes one download may write"),
+    # tarfile reads a GNU long name or a pax record whole into memory, whatever size its
+    # header claims; GTZAN's names are 30 characters.
+    "GENREFLOW_MAX_ARCHIVE_HEADER_BYTES": (
+        8192,
+        "bytes one tar header extension (GNU long name or link, pax record) may hold",
+    ),
 }
 
 

@@ -144,15 +144,15 @@ def _member_file(member: dict, artifacts: dict, folder: str) -> str:
         )
     except Exception as exc:  # MLflow raises many types for a missing run or server
         raise GenreflowError(
-            f"fold {member['fold']}'s checkpoint {uri}: cannot download it ({exc}); the model "
-            "reads it from the tracking server it was logged to: set MLFLOW_TRACKING_URI to "
-            "that server"
+            f"fold {member['fold']}'s checkpoint {storage.redacted(uri)}: cannot download it "
+            f"({storage.redacted_text(str(exc))}); the model reads it from the tracking "
+            "server it was logged to: set MLFLOW_TRACKING_URI to that server"
         ) from exc
     found = storage.sha256_of(path)
     if found != member["sha256"]:
         raise GenreflowError(
-            f"fold {member['fold']}'s checkpoint {uri}: SHA-256 {found}, but the model was "
-            f"logged with {member['sha256']}"
+            f"fold {member['fold']}'s checkpoint {storage.redacted(uri)}: SHA-256 {found}, "
+            f"but the model was logged with {member['sha256']}"
         )
     return path
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from genreflow.pipelines.profiles import DEMO_SYNTH, PROFILES, run_arguments
+from genreflow.storage import redacted_text
 
 RUNNERS = ("subprocess", "docker")
 
@@ -152,7 +153,8 @@ def run_local(
         **(overrides or {}),
     }
     arguments = run_arguments(profile, given)
-    print(f"genreflow run: profile {profile}, arguments {json.dumps(arguments)}", file=sys.stderr)
+    shown = redacted_text(json.dumps(arguments))
+    print(f"genreflow run: profile {profile}, arguments {shown}", file=sys.stderr)
     runs = workspace / "kfp"
     runs.mkdir(exist_ok=True)
     if runner == "docker":

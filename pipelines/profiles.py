@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from genreflow import recipe
 from genreflow.errors import GenreflowError
+from genreflow.storage import refuse_credentials_in
 
 # Zenodo record 3987831 (the PANNs release), as named in the seed's runme.sh.
 PANNS_CNN14_URL = "https://zenodo.org/record/3987831/files/Cnn14_mAP%3D0.431.pth?download=1"
@@ -56,6 +57,7 @@ def run_arguments(profile: str | None, given: dict) -> dict:
             fine-tune recipe with freeze_base on, head_* with it off).
     """
     arguments = {**(profile_arguments(profile) if profile else {}), **given}
+    refuse_credentials_in(arguments)  # KFP shows every argument: no password in a URI
     try:
         recipe.check_pipeline_arguments(arguments, given)
     except ValueError as exc:

@@ -32,7 +32,7 @@ import yaml
 from genreflow.errors import GenreflowError
 from genreflow.pipelines.compile import compile_pipeline
 from genreflow.pipelines.cv import ACCELERATOR, PIPELINE_NAME, cache_epoch
-from genreflow.storage import redacted
+from genreflow.storage import TRACKING_CREDENTIALS, redacted, refuse_userinfo
 
 # dsl.Collected and the final-status exit handler need a 2.14 backend; ParallelFor's
 # parallelism needs 2.4. An older backend accepts the run and then fails it part way.
@@ -215,6 +215,7 @@ def tracked_arguments(
             "no MLflow server for the run: give --param tracking_uri=http://HOST:PORT (one the "
             "pipeline's pods reach) or set MLFLOW_TRACKING_URI; --no-tracking runs untracked"
         )
+    refuse_userinfo(uri, what="tracking URI", instead=TRACKING_CREDENTIALS)
     scheme, _, rest = uri.partition("://")
     host = rest.split("/", 1)[0].rpartition("@")[2].rsplit(":", 1)[0].strip("[]")
     if scheme not in ("http", "https", "databricks") or host in LOCAL_HOSTS:

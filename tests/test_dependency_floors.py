@@ -30,7 +30,7 @@ FLOORS = {
     # genreflow loads downloaded checkpoints with torch.load(weights_only=True); before 2.6.0
     # that could still be made to run code (CVE-2025-32434).
     "torch": ("2.6.0", "2.5.1", "CVE-2025-32434, weights_only loading bypass"),
-    # genreflow/storage.py passes checksum="auto" to Blob uploads and downloads; the option
+    # genreflow/storage/gcs.py passes checksum="auto" to Blob uploads and downloads; the option
     # arrived in google-cloud-storage 3.0.0 (googleapis/python-storage#1383, its CHANGELOG).
     "google-cloud-storage": ("3.0.0", "2.19.0", 'checksum="auto"'),
     # What make test-floors found, each floor the lowest release that installed and passed:
@@ -79,7 +79,7 @@ def test_the_floor_leaves_out_releases_without_what_genreflow_needs(name):
 
 def test_checksum_auto_is_what_storage_passes():
     """The reason for the google-cloud-storage floor is still in the code."""
-    assert 'checksum="auto"' in (ROOT / "genreflow" / "storage.py").read_text()
+    assert 'checksum="auto"' in (ROOT / "genreflow" / "storage" / "gcs.py").read_text()
 
 
 def test_the_floors_job_installs_every_floor_but_torch():

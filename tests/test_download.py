@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import itertools
+import json
+import os
 import re
+import shutil
+import signal
 import socket
 import stat
 import tarfile
 import threading
+import tracemalloc
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +27,7 @@ import soundfile as sf
 from genreflow.cli import main
 from genreflow.data.download import (
     HF_COPY_URL,
+    JOURNAL_NAME,
     KNOWN_CHECKSUMS,
     MARKER_NAME,
     OFFICIAL_URL,
@@ -36,13 +44,15 @@ CLIPS_PER_GENRE = 2
 SAMPLE_RATE = 22050
 
 
-def make_tree(base: Path, folder: str = "genres", suffix: str = ".au") -> Path:
+def make_tree(
+    base: Path, folder: str = "genres", suffix: str = ".au", clips: int = CLIPS_PER_GENRE
+) -> Path:
     """``base/folder/<genre>/<genre>.0000N<suffix>``: a few 50 ms noise clips per genre."""
     rng = np.random.default_rng(0)
     for genre in GENRES:
         genre_dir = base / folder / genre
         genre_dir.mkdir(parents=True)
-        for i in range(CLIPS_PER_GENRE):
+        for i in range(clips):
             noise = (0.1 * rng.standard_normal(SAMPLE_RATE // 20)).astype(np.float32)
             sf.write(
                 genre_dir / f"{genre}.{i:05d}{suffix}",
@@ -290,7 +300,7 @@ def test_unsafe_zip_members_are_refused(tmp_path, case):
 def test_truncated_archive(au_archive, tmp_path):
     truncated = tmp_path / "genres.tar.gz"
     truncated.write_bytes(au_archive.read_bytes()[: au_archive.stat().st_size // 2])
-    with pytest.raises(GenreflowError, match="extraction failed"):
+    with pytest.raises(GenreflowError, match="not a readable tar archive"):
         download(truncated, tmp_path / "out", progress=False)
     assert _listing(tmp_path / "out") == []
 
@@ -545,3 +555,131 @@ def test_an_archive_with_too_many_members_is_refused(au_archive, tmp_path, monke
     assert _listing(tmp_path / "out") == []
     monkeypatch.setenv("GENREFLOW_MAX_ARCHIVE_MEMBERS", str(members))
     assert count_clips(download(au_archive, tmp_path / "out", progress=False))["jazz"] == 2
+
+
+# --- tar headers, read through a limit ---------------------------------------------------------
+HEADER_CLAIM = 256 << 20  # what the crafted header says it holds: 256 MiB
+
+
+def _claiming_header(path: Path, kind: bytes) -> Path:
+    """A .tar.gz whose first header (a GNU long name, or a pax record) claims HEADER_CLAIM
+    bytes and holds them: zeros, so that the file is about 250 KB."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = kind, HEADER_CLAIM
+    with gzip.open(path, "wb", compresslevel=9) as gz:
+        gz.write(info.tobuf(tarfile.GNU_FORMAT))
+        zeros = bytes(1 << 20)
+        for _ in range(HEADER_CLAIM // len(zeros)):
+            gz.write(zeros)
+        gz.write(bytes(2 * tarfile.BLOCKSIZE))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [(tarfile.GNUTYPE_LONGNAME, "GNU long-name header"), (tarfile.XHDTYPE, "pax header")],
+    ids=["gnu-long-name", "pax"],
+)
+def test_a_tar_header_claiming_hundreds_of_mib_is_refused_in_little_memory(tmp_path, kind, named):
+    archive = _claiming_header(tmp_path / "genres.tar.gz", kind)
+    assert archive.stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    tracemalloc.start()
+    try:
+        with pytest.raises(GenreflowError) as err:
+            download(archive, out, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(err.value)
+    assert message.startswith(f"{archive}: its {named} at byte 0 claims {HEADER_CLAIM} bytes")
+    assert "GENREFLOW_MAX_ARCHIVE_HEADER_BYTES" in message and "\n" not in message
+    # tarfile.is_tarfile alone read the claimed 256 MiB into memory (277 MiB peak seen).
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB"
+    assert _listing(out) == []
+
+
+@pytest.mark.parametrize("form", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_long_names_within_the_limit_extract(au_tree, tmp_path, form):
+    long_name = "rock." + "x" * 200 + ".au"  # over ustar's 100 characters
+    archive = tmp_path / "genres.tar.gz"
+    with tarfile.open(archive, "w:gz", format=form) as tar:
+        tar.add(au_tree, arcname="genres")
+        tar.add(au_tree / "rock" / "rock.00000.au", arcname=f"genres/rock/{long_name}")
+    root = download(archive, tmp_path / "out", progress=False)
+    assert (root / "rock" / long_name).read_bytes() == (
+        au_tree / "rock" / "rock.00000.au"
+    ).read_bytes()
+    assert count_clips(root)["rock"] == CLIPS_PER_GENRE + 1
+
+
+# --- killed at every point of extract, move, mark ---------------------------------------
+# The calls that change or flush the file system: a kill is injected before each in turn.
+_STEPS = ("mkdir", "fsync", "replace", "rename", "unlink", "rmdir")
+
+
+def _killed_at(point: int, archive: Path, out: Path) -> bool:
+    """Run download in a forked child that SIGKILLs itself just before its `point`-th step;
+    True if it was killed, False if it got through every step."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            steps = itertools.count(1)
+
+            def hooked(call):
+                def step(*args, **kwargs):
+                    if next(steps) == point:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return call(*args, **kwargs)
+
+                return step
+
+            for name in _STEPS:
+                setattr(os, name, hooked(getattr(os, name)))
+            download(archive, out, progress=False)
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 0, f"download failed in the child at point {point}"
+    return False
+
+
+def _files_under(out: Path, entries: list[str]) -> int:
+    return sum(len(files) for entry in entries for _, _, files in os.walk(out / entry))
+
+
+@pytest.mark.parametrize("start", ["empty", "earlier-download"])
+def test_a_kill_at_any_point_leaves_nothing_or_what_the_next_run_repairs(tmp_path, start):
+    tree = make_tree(tmp_path / "src", clips=1)
+    archive = make_tar(tmp_path / "genres.tar.gz", tree)
+    before = tmp_path / "before"
+    if start == "earlier-download":  # another source's tree to be replaced, in its layout
+        wav = make_tree(tmp_path / "wav", folder="genres_original", suffix=".wav", clips=1)
+        download(make_zip(tmp_path / "wav.zip", wav), before, progress=False)
+    else:
+        before.mkdir()
+    kills = 0
+    for point in itertools.count(1):
+        out = tmp_path / f"out{point}"
+        shutil.copytree(before, out, symlinks=True)
+        if not _killed_at(point, archive, out):
+            break
+        kills += 1
+        # No marker vouches for a tree it does not describe.
+        if (out / MARKER_NAME).is_file():
+            marker = json.loads((out / MARKER_NAME).read_text())
+            assert _files_under(out, marker["entries"]) == marker["files"], point
+        # The next run finds its way from whatever was left.
+        root = download(archive, out, progress=False)
+        assert root == out / "genres", point
+        assert count_clips(root) == {genre: 1 for genre in GENRES}, point
+        assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, "genres"], point
+        assert download(archive, out, progress=False) == root
+        shutil.rmtree(out)
+    assert kills > 20, f"only {kills} points: the hook missed the steps"
+    assert not (tmp_path / f"out{point}" / JOURNAL_NAME).exists()

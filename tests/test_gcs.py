@@ -281,6 +281,69 @@ def test_copy_folder_from_a_prefix_or_a_whole_bucket(bucket, tmp_path):
     assert set(tree(tmp_path / "bucket")) == {"run/a.txt", "run/sub/b.txt", "other/c.txt"}
 
 
+# A listing is data from outside: each name, under the prefix "run/", would land elsewhere.
+# No emulator keeps a literal ".." name (gcp-storage-emulator drops the connection,
+# fake-gcs-server cleans the name), so ".." is tried through backslashes (fake-gcs-server
+# keeps those) and, below, through the check itself.
+HOSTILE_NAMES = {
+    "absolute": "/escaped.txt",
+    "empty-segment": "sub//escaped.txt",
+    "dot": "./escaped.txt",
+    "newline": "sub/escaped\n.txt",
+    "nul": "sub/escaped\x00.txt",
+    "backslash-dotdot": "sub\\..\\..\\escaped.txt",
+    "backslash": "sub\\escaped.txt",
+}
+
+
+def _refused_listing(bucket: str, name: str, tmp_path: Path) -> str:
+    """copy_folder over run/ holding two good objects and `name`: its error, with nothing
+    written (checked before the first byte)."""
+    client = storage.gcs_client().bucket(bucket)
+    for good in ("run/a.txt", "run/sub/b.txt"):
+        client.blob(good).upload_from_string(b"good")
+    client.blob(f"run/{name}").upload_from_string(b"evil")
+    assert f"run/{name}" in object_names(bucket)  # the emulator kept the name as it is
+    dest = tmp_path / "work" / "dest"
+    with pytest.raises(GenreflowError) as err:
+        storage.copy_folder(f"gs://{bucket}/run", dest)
+    assert not (tmp_path / "work").exists()
+    message = str(err.value)
+    assert message.startswith(f"gs://{bucket}/run: refusing object {name!r}: ")
+    assert "\n" not in message and "nothing was copied" in message
+    return message
+
+
+@pytest.mark.parametrize("case", [c for c in HOSTILE_NAMES if "backslash" not in c])
+def test_copy_folder_refuses_an_object_name_that_leaves_the_target(bucket, tmp_path, case):
+    _refused_listing(bucket, HOSTILE_NAMES[case], tmp_path)
+
+
+@pytest.mark.parametrize("case", [c for c in HOSTILE_NAMES if "backslash" in c])
+def test_copy_folder_refuses_backslashes(strict_bucket, tmp_path, case):
+    assert "a backslash" in _refused_listing(strict_bucket, HOSTILE_NAMES[case], tmp_path)
+
+
+@pytest.mark.parametrize("name", ["..", "../escaped.txt", "sub/../../escaped.txt", "sub/.."])
+def test_a_dotdot_object_name_is_refused_by_the_check(tmp_path, name):
+    from genreflow.storage.transfer import _target_of
+
+    with pytest.raises(GenreflowError, match=r"an empty, '\.' or '\.\.' path segment"):
+        _target_of(name, "gs://b/run", tmp_path / "dest")
+    assert _target_of("sub/b..txt", "gs://b/run", tmp_path / "dest") == tmp_path / "dest/sub/b..txt"
+
+
+def test_copy_folder_skips_folder_placeholders_and_says_so(bucket, tmp_path, capsys):
+    client = storage.gcs_client().bucket(bucket)
+    for name in ("run/", "run/sub/", "run/sub/b.txt"):
+        client.blob(name).upload_from_string(b"" if name.endswith("/") else b"data")
+    storage.copy_folder(f"gs://{bucket}/run", tmp_path / "dest")
+    assert tree(tmp_path / "dest") == {"sub/b.txt": b"data"}
+    assert "skipped 2 folder placeholder object(s) (no data): 'run/', 'run/sub/'" in (
+        capsys.readouterr().err
+    )
+
+
 # --- two writers ---------------------------------------------------------------------------
 # gcp-storage-emulator ignores generation preconditions (an upload with if_generation_match=0
 # over an existing object succeeds there), so these tests run against fake-gcs-server,

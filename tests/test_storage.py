@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import multiprocessing
@@ -34,6 +35,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         server: FileServer = self.server  # type: ignore[assignment]
         server.requests.append((self.path, self.headers.get("Range")))
+        server.authorizations.append(self.headers.get("Authorization"))
+        if server.login and self.headers.get("Authorization") != server.expected_authorization:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="genreflow-test"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path in server.redirects:
             self.send_response(302)
             self.send_header("Location", server.redirects[self.path])
@@ -109,8 +117,14 @@ class FileServer(ThreadingHTTPServer):
         self.chunk_delay = 0.0
         self.honour_range = True
         self.requests: list[tuple[str, str | None]] = []
+        self.login = ""  # "user:password": answer 401 to any request without it
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
+
+    @property
+    def expected_authorization(self) -> str:
+        return "Basic " + base64.b64encode(self.login.encode()).decode()
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://127.0.0.1:{self.server_address[1]}{path}"
@@ -350,6 +364,7 @@ def tls_server(tmp_path, monkeypatch):
     context.load_cert_chain(cert, key)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     srv = FileServer(tls=context)
+    srv.tls_context = context  # for a second server with the same certificate
     srv.files["/data/archive.bin"] = PAYLOAD
     yield srv
     srv.close()
@@ -418,3 +433,53 @@ def test_two_runs_sharing_a_cache_take_turns_at_a_slot(server, tmp_path):
             assert len(server.requests) == round_ + 1, f"round {round_}: {server.requests}"
             slot = next(cache.iterdir())
             assert sorted(p.name for p in slot.iterdir()) == ["archive.bin"]
+
+
+# --- credentials: never in the URL; a netrc file for https:// ------------------------------
+def test_a_url_with_credentials_is_refused_before_any_request(server, tmp_path):
+    for password in ("PW(1)", "PW'1", "PW/1", "PW#1", "PW?1", "PW@1", "123/PW"):
+        url = server.url("/data/archive.bin").replace("://", f"://alice:{password}@")
+        started = time.monotonic()
+        with pytest.raises(GenreflowError) as err:
+            storage.fetch(url, tmp_path / "a.bin", progress=False)
+        message = str(err.value)
+        assert "a user or password in the URI is refused" in message and "netrc" in message
+        assert "PW" not in message and time.monotonic() - started < 5
+    # A port that is no number: refused as a bad URL, not retried as a network failure.
+    with pytest.raises(GenreflowError, match="not a valid URL"):
+        storage.fetch("http://127.0.0.1:port/x", tmp_path / "b.bin", progress=False)
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
+
+
+def test_https_logins_come_from_netrc_and_go_to_that_host_only(
+    tls_server, server, tmp_path, monkeypatch
+):
+    elsewhere = FileServer(tls=tls_server.tls_context)  # another host: another port here
+    try:
+        elsewhere.files["/data/archive.bin"] = PAYLOAD
+        tls_server.login = server.login = "alice:s3cr(e)t/pw!"
+        tls_server.redirects["/moved.bin"] = elsewhere.url("/data/archive.bin")
+        url = tls_server.url("/data/archive.bin")
+        with pytest.raises(GenreflowError, match="HTTP 401"):  # no netrc: not let in
+            storage.fetch(url, tmp_path / "a.bin", progress=False)
+        netrc = tmp_path / "netrc"
+        netrc.write_text(
+            "machine 127.0.0.1 login alice password s3cr(e)t/pw!\ndefault login bob password x\n"
+        )
+        monkeypatch.setenv("NETRC", str(netrc))
+        assert storage.fetch(url, tmp_path / "a.bin", progress=False).read_bytes() == PAYLOAD
+        assert tls_server.authorizations[-1] == tls_server.expected_authorization
+        # A redirect to another host carries no login, and plain http:// is sent none.
+        moved = storage.fetch(tls_server.url("/moved.bin"), tmp_path / "b.bin", progress=False)
+        assert moved.read_bytes() == PAYLOAD and elsewhere.authorizations == [None]
+        with pytest.raises(GenreflowError, match="HTTP 401"):
+            storage.fetch(server.url("/data/archive.bin"), tmp_path / "c.bin", progress=False)
+        assert server.authorizations == [None]
+        # A damaged file is named without quoting it (it holds passwords).
+        netrc.write_text("machine 127.0.0.1 login alice password s3cr3t extra\n")
+        with pytest.raises(GenreflowError) as err:
+            storage.fetch(url, tmp_path / "d.bin", progress=False)
+        assert f"{netrc}: not a valid netrc file (line " in str(err.value)
+        assert "s3cr3t" not in str(err.value)
+    finally:
+        elsewhere.close()

@@ -696,7 +696,8 @@ def test_ui_serves_the_store_it_names(local_store, tmp_path):
     port = free_port()
     genreflow = Path(sys.executable).with_name("genreflow")
     command = [str(genreflow), "ui", "--tracking-uri", uri, "--port", str(port)]
-    with serving(command, "/health", tmp_path / "ui.log", port=port) as url:
+    # mlflow ui took 55 s to answer beside other work here (load 15): the server fixture's 240 s.
+    with serving(command, "/health", tmp_path / "ui.log", port=port, timeout=240) as url:
         with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/runs/get?run_id={parent}") as r:
             assert json.load(r)["run"]["info"]["run_name"] == "demo-run"
     log = (tmp_path / "ui.log").read_text()

@@ -3,15 +3,22 @@
 The archive is untrusted input. Every member is checked before anything is written: a
 path that is absolute or climbs out with `..`, a symbolic or hard link, a device, a FIFO or
 any other special file stops the extraction with an error that names the archive and the
-member. Extraction happens in a temporary folder inside ``out`` that is moved into place
+member. A tar's headers are read first, each through a size limit: tarfile reads a GNU
+long name or a pax record whole, whatever size its header claims, before any other check
+could run. Extraction happens in a temporary folder inside ``out`` that is moved into place
 only when it completed and holds a GTZAN layout; a marker file written last makes a second
-run over a verified result a no-op.
+run over a verified result a no-op. A run killed at any point leaves either the old state
+or one the next run repairs: a journal, written before anything in ``out`` changes, names
+every entry the install may leave behind, and staging folders of killed runs are removed.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
@@ -22,9 +29,10 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from genreflow import __version__, storage
-from genreflow.atomic import write_text_atomic
+from genreflow.atomic import fsync_path, move_into_place, write_text_atomic
 from genreflow.data.genres import GENRES
 from genreflow.data.layout import AUDIO_SUFFIXES, find_dataset_root
 from genreflow.errors import ChecksumMismatch, GenreflowError
@@ -74,6 +82,9 @@ def sources_hint() -> str:
 
 
 MARKER_NAME = ".genreflow-download.json"
+# Written before an install changes anything in out/, removed once the marker is written:
+# the entries it names are this step's own, whatever state a kill left them in.
+JOURNAL_NAME = ".genreflow-download.installing.json"
 DOWNLOAD_DIR = ".download"
 _EXTRACT_PREFIX = ".extract-"
 _CHUNK_BYTES = 1 << 20
@@ -176,16 +187,20 @@ def _download_into(
         if path is not None
         else "sha256:" + hashlib.sha256(source.encode()).hexdigest()
     )
+    _clean_stale(out)
     previous = _read_marker(out)
+    name = storage.file_name_of(source) or "archive"
     root = _previous_result(out, previous, source_key, sha256, md5)
     if root is not None:
+        if path is None:  # left by a run killed between its marker and this cleanup
+            _archive_path(source, out, name).unlink(missing_ok=True)
+            _remove_if_empty(out / DOWNLOAD_DIR)
         print(
             f"{out}: already holds the verified download of {shown}; nothing to do",
             file=sys.stderr,
         )
         return root
 
-    name = storage.file_name_of(source) or "archive"
     try:
         if path is None:
             archive, actual = _fetch_archive(source, out, name, sha256, md5, progress)
@@ -216,7 +231,7 @@ def _download_into(
     except GenreflowError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise GenreflowError(f"{label}: the archive holds no GTZAN genre folders") from exc
-    entries = _install(staging, out, previous, label)
+    entries = _install(staging, out, _our_entries(out, previous), label)
 
     files, size = _tree_stats(out, entries)
     _write_marker(
@@ -234,6 +249,7 @@ def _download_into(
             "genreflow": __version__,
         },
     )
+    (out / JOURNAL_NAME).unlink(missing_ok=True)
     if path is None:
         # The extracted tree and the marker's checksums are what the next steps use.
         archive.unlink(missing_ok=True)
@@ -242,12 +258,16 @@ def _download_into(
 
 
 # --- fetching ----------------------------------------------------------------------------
+def _archive_path(source: str, out: Path, name: str) -> Path:
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    return out / DOWNLOAD_DIR / f"{key}-{name}"
+
+
 def _fetch_archive(
     source: str, out: Path, name: str, sha256: str | None, md5: str | None, progress: bool
 ) -> tuple[Path, dict[str, str]]:
     """Download into out/.download/, keyed by the source so a .part only resumes itself."""
-    key = hashlib.sha256(source.encode()).hexdigest()[:12]
-    archive = out / DOWNLOAD_DIR / f"{key}-{name}"
+    archive = _archive_path(source, out, name)
     if archive.is_file():
         # A verified archive left by a run that failed later (e.g. a name clash in out).
         try:
@@ -419,10 +439,11 @@ def _extract_zip(archive: Path, staging: Path, label: str, budget: _Budget) -> N
 
 
 def _extract_to_staging(archive: Path, out: Path, label: str) -> Path:
-    """Extract into a fresh hidden folder inside ``out``; removed again on any failure."""
+    """Extract into a fresh hidden folder inside ``out``, flushed to the disk; removed again
+    on any failure."""
     if zipfile.is_zipfile(archive):
         extract = _extract_zip
-    elif tarfile.is_tarfile(archive):
+    elif _is_tar(archive, label):  # never tarfile.is_tarfile: see _is_tar
         extract = _extract_tar
     else:
         raise GenreflowError(f"{label}: not a .tar.gz, .tgz, .tar or .zip archive")
@@ -430,20 +451,181 @@ def _extract_to_staging(archive: Path, out: Path, label: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=_EXTRACT_PREFIX, dir=out))
     try:
         extract(archive, staging, label, budget)
+        # The members' own bytes are flushed as they are written; their folders' entries
+        # here, so that the tree is on the disk before the marker says it is complete.
+        for folder, _, _ in os.walk(staging, topdown=False):
+            fsync_path(folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
 
 
+# --- a tar's headers, read before tarfile does -----------------------------------------------
+# Header types whose data tarfile reads whole into memory as soon as it meets them: GNU long
+# names and link names, pax extended headers (per member, global, Solaris's).
+_HEADER_EXTENSIONS = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-link",
+    tarfile.XHDTYPE: "pax",
+    tarfile.XGLTYPE: "pax global",
+    tarfile.SOLARIS_XHDTYPE: "pax",
+}
+_DECOMPRESSORS = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+
+def _decompressed(archive: Path) -> IO[bytes]:
+    """The tar stream inside `archive`, whichever of tarfile's compressions it uses."""
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    for prefix, opener in _DECOMPRESSORS:
+        if magic.startswith(prefix):
+            return opener(archive, "rb")
+    return open(archive, "rb")
+
+
+def _is_tar(archive: Path, label: str) -> bool:
+    """Whether `archive` is a tar archive (plain, gzip, bzip2 or xz), every header of it
+    read first in bounded memory: tarfile, is_tarfile included, reads a GNU long name or a
+    pax record whole, whatever size its header claims (a 1.8 MB tar.gz claiming 400 MiB
+    took 428 MiB). Refuses, naming the header, one over GENREFLOW_MAX_ARCHIVE_HEADER_BYTES,
+    a GNU or pax sparse member (it extracts to more than its stored size), and a damaged
+    header or stream."""
+    cap = limit("GENREFLOW_MAX_ARCHIVE_HEADER_BYTES")
+    offset = 0  # of the header being read, in the tar stream
+    next_size = None  # a pax header's size=, which replaces the next member's own
+    try:
+        with _decompressed(archive) as stream:
+            while (block := stream.read(tarfile.BLOCKSIZE)) and block != bytes(len(block)):
+                try:
+                    header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                except tarfile.HeaderError as exc:
+                    if offset == 0:
+                        return False
+                    raise GenreflowError(
+                        f"{label}: not a readable tar archive: damaged header at byte "
+                        f"{offset} ({exc})"
+                    ) from None
+                if header.size < 0:  # base-256 sizes can be negative
+                    raise GenreflowError(
+                        f"{label}: not a readable tar archive: damaged header at byte {offset} "
+                        f"(size {header.size})"
+                    )
+                kind = _HEADER_EXTENSIONS.get(header.type)
+                if header.type == tarfile.GNUTYPE_SPARSE:
+                    raise _refuse(label, header.name, "GNU sparse member")
+                if kind is not None:
+                    if header.size > cap:
+                        raise exceeded(
+                            label,
+                            "GENREFLOW_MAX_ARCHIVE_HEADER_BYTES",
+                            f"its {kind} header at byte {offset} claims {header.size} bytes",
+                        )
+                    data = _read_exactly(stream, header.size, label, offset)
+                    if header.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+                        records = _pax_records(data[: header.size], label, offset)
+                        if any(key.startswith(b"GNU.sparse.") for key in records):
+                            raise _refuse(label, header.name, "pax sparse member")
+                        if b"size" in records:
+                            next_size = int(records[b"size"])  # a ValueError: damaged
+                            if next_size < 0:
+                                raise ValueError(f"pax size {next_size}")
+                elif header.isreg() or header.type not in tarfile.SUPPORTED_TYPES:
+                    # Only these carry data in tarfile's reading; the rest's size is ignored.
+                    size, next_size = (header.size if next_size is None else next_size), None
+                    _skip(stream, size, label, offset)
+                else:
+                    next_size = None
+                offset = stream.tell()
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
+        if offset == 0:
+            return False
+        raise GenreflowError(
+            f"{label}: not a readable tar archive: {exc} (after byte {offset})"
+        ) from None
+    return offset > 0 or bool(block)
+
+
+def _blocks(size: int) -> int:
+    """`size` bytes rounded up to whole tar blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _read_exactly(stream: IO[bytes], size: int, label: str, offset: int) -> bytes:
+    data = stream.read(_blocks(size))
+    if len(data) < _blocks(size):
+        raise GenreflowError(f"{label}: not a readable tar archive: truncated after byte {offset}")
+    return data
+
+
+def _skip(stream: IO[bytes], size: int, label: str, offset: int) -> None:
+    left = _blocks(size)
+    while left:
+        chunk = stream.read(min(left, _CHUNK_BYTES))
+        if not chunk:
+            raise GenreflowError(
+                f"{label}: not a readable tar archive: truncated after byte {offset}"
+            )
+        left -= len(chunk)
+
+
+def _pax_records(data: bytes, label: str, offset: int) -> dict[bytes, bytes]:
+    """A pax header's records, "LENGTH KEY=VALUE\\n" each, by key."""
+    records = {}
+    position = 0
+    while position < len(data) and data[position : position + 1] != b"\x00":
+        length_text, space, _ = data[position : position + 20].partition(b" ")
+        length = int(length_text) if space and length_text.isdigit() else 0
+        record = data[position : position + length]
+        key, equals, value = record[len(length_text) + 1 : -1].partition(b"=")
+        if length < 1 or not record.endswith(b"\n") or not equals:
+            raise GenreflowError(
+                f"{label}: not a readable tar archive: damaged pax header at byte {offset}"
+            )
+        records[key] = value
+        position += length
+    return records
+
+
 # --- putting the tree in place -----------------------------------------------------------
-def _install(staging: Path, out: Path, previous: dict | None, label: str) -> list[str]:
+def _clean_stale(out: Path) -> None:
+    """Remove what a killed run left in ``out`` (the caller holds its lock, so no other run
+    is at work there): staging folders, the marker's and the journal's half-written
+    temporary files, and a journal that a marker has made moot (the marker is removed
+    before the first change and written after the last)."""
+    for stale in out.glob(f"{_EXTRACT_PREFIX}*"):
+        print(f"{stale}: left by an interrupted extraction; removing it", file=sys.stderr)
+        shutil.rmtree(stale)
+    for name in (MARKER_NAME, JOURNAL_NAME):  # atomic.write_text_atomic's temporary names
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink()
+    if (out / MARKER_NAME).is_file():
+        (out / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def _our_entries(out: Path, previous: dict | None) -> set[str]:
+    """The entries of ``out`` that genreflow download put there: the marker's, and those
+    of an install that was interrupted (its journal)."""
+    ours = set(previous.get("entries", [])) if previous else set()
+    journal = out / JOURNAL_NAME
+    if journal.is_file():
+        try:
+            ours.update(json.loads(journal.read_text())["entries"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise GenreflowError(
+                f"{journal}: unreadable install journal ({type(exc).__name__}); delete it "
+                "and the entries it listed to download again"
+            ) from exc
+    return ours
+
+
+def _install(staging: Path, out: Path, ours: set[str], label: str) -> list[str]:
     """Move the staged top-level entries into ``out``, replacing only our own earlier ones."""
     entries = sorted(p.name for p in staging.iterdir())
-    ours = set(previous.get("entries", [])) if previous else set()
+    bookkeeping = (MARKER_NAME, JOURNAL_NAME, DOWNLOAD_DIR)
     try:
         for entry in entries:
-            if entry in (MARKER_NAME, DOWNLOAD_DIR) or entry.startswith(_EXTRACT_PREFIX):
+            if entry in bookkeeping or entry.startswith(_EXTRACT_PREFIX):
                 raise GenreflowError(
                     f"{label}: archive member {entry!r} clashes with genreflow's own "
                     f"bookkeeping in {out}"
@@ -457,13 +639,16 @@ def _install(staging: Path, out: Path, previous: dict | None, label: str) -> lis
     except GenreflowError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    # From here the old result is being replaced: drop its marker first so that an
-    # interruption leaves no marker vouching for a half-replaced tree.
+    # From here the old result is being replaced. The journal first: every name this
+    # install may leave behind, for the next run to clear; then the old marker goes, so
+    # that none vouches for a half-replaced tree.
+    write_text_atomic(out / JOURNAL_NAME, json.dumps({"entries": sorted(ours | set(entries))}))
     (out / MARKER_NAME).unlink(missing_ok=True)
+    fsync_path(out)
     for entry in ours:
         _remove(out / entry)
     for entry in entries:
-        os.replace(staging / entry, out / entry)
+        move_into_place(staging / entry, out / entry)
     staging.rmdir()
     return entries
 

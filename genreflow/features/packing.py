@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from genreflow import __version__, storage
+from genreflow.atomic import move_into_place
 from genreflow.audio import SAMPLE_RATE, clip_samples
 from genreflow.data.download import recorded_sha256
 from genreflow.data.genres import GENRE_INDEX, GENRES, assign_folds
@@ -184,9 +185,7 @@ def pack(
         summary = _write(
             clips, folds, partial, layout, clip_seconds, decoding, on_error, sha, progress
         )
-        with open(partial, "rb+") as f:  # durable before it gets the finished name
-            os.fsync(f.fileno())
-        os.replace(partial, out)
+        move_into_place(partial, out)  # flushed before it gets the finished name
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

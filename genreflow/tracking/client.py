@@ -38,6 +38,16 @@ def default_tracking_uri(workspace: str | Path = "workspace") -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """Where a sqlite store with no server keeps its runs' artifacts: beside the database
+    (workspace/mlartifacts for the default), not MLflow's ./mlruns of whatever folder a
+    step ran in. None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    return database.resolve().parent / "mlartifacts"
+
+
 def client(tracking_uri: str):
     """An `MlflowClient` of `tracking_uri`, with MLflow's own HTTP retries bounded."""
     # MLflow's own HTTP retries back off for minutes; ours are bounded and say what failed.
@@ -48,6 +58,7 @@ def client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
+    storage.refuse_userinfo(tracking_uri, what="tracking URI", instead=storage.TRACKING_CREDENTIALS)
     return MlflowClient(tracking_uri=tracking_uri)
 
 

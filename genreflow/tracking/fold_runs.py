@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from genreflow import storage
+from genreflow.atomic import move_into_place
 from genreflow.errors import GenreflowError
 from genreflow.fold_result import (
     BEST,
@@ -217,7 +218,7 @@ class FoldRun:
                 out.mkdir(exist_ok=True)
                 # summary.json last: it is what marks a fold folder complete.
                 for name in sorted(os.listdir(staging), key=lambda n: n == SUMMARY):
-                    os.replace(staging / name, out / name)
+                    move_into_place(staging / name, out / name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 

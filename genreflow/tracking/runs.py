@@ -18,8 +18,15 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from genreflow import __version__
-from genreflow.tracking.client import DEFAULT_EXPERIMENT, TrackingError, client, stringify, tracked
+from genreflow import __version__, storage
+from genreflow.tracking.client import (
+    DEFAULT_EXPERIMENT,
+    TrackingError,
+    client,
+    local_artifact_root,
+    stringify,
+    tracked,
+)
 from genreflow.tracking.names import (
     ADOPTED_TAG,
     FINAL_STATE_TAG,
@@ -79,8 +86,9 @@ def _experiment_id(store, name: str) -> str:
     experiment = store.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    root = local_artifact_root(store.tracking_uri)
     try:
-        return store.create_experiment(name)
+        return store.create_experiment(name, artifact_location=root and root.as_uri())
     except Exception:  # created meanwhile by a parallel task
         return store.get_experiment_by_name(name).experiment_id
 
@@ -95,7 +103,8 @@ def inherited_run(store, what: str):
     except Exception as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
             raise TrackingError(
-                f"MLFLOW_RUN_ID={run_id} names no run at {store.tracking_uri} ({what})"
+                f"MLFLOW_RUN_ID={run_id} names no run at "
+                f"{storage.redacted(store.tracking_uri)} ({what})"
             ) from exc
         raise
 

@@ -20,6 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from genreflow import storage
+from genreflow.atomic import move_into_place
 from genreflow.data.genres import GENRE_INDEX, GENRES
 from genreflow.data.synth.dsp import SAMPLE_RATE
 from genreflow.data.synth.recipes import synthesize_clip
@@ -85,7 +86,7 @@ def make_synthetic_gtzan(
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz:
                 with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                     _write_members(tar, plan, seconds, seed, workers, progress)
-        os.replace(partial, target)
+        move_into_place(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
