@@ -10,6 +10,7 @@ form an ensemble: their per-file probabilities are averaged.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,11 +22,18 @@ from genreflow.audio import CLIP_SECONDS, SAMPLE_RATE, clip_samples, load_segmen
 from genreflow.data.genres import GENRES
 from genreflow.ensemble import check_same_genres, load_fine_tuned
 from genreflow.errors import GenreflowError
+from genreflow.limits import exceeded, limit, over
 from genreflow.runtime import resolve_device
 
-# Clips per forward pass: bounds memory on long files (a 30 s clip is ~4 MB of input and
-# far more in activations).
-BATCH_CLIPS = 8
+# Clips per forward pass: bounds memory on long files. Cnn14's activations for 4 clips of
+# 30 s peak at about 600 MB, for 8 at 1.2 GB, and 4 run as fast per clip on a CPU.
+BATCH_CLIPS = 4
+
+# A served model's requests arrive on several threads (MLflow's server runs each in a
+# thread pool). One is computed at a time: on a CPU, requests computed side by side finish
+# no sooner, and each would hold its own audio and activations; a waiting one holds only
+# its rows' bytes.
+_ONE_REQUEST_AT_A_TIME = threading.Lock()
 
 
 def _check_files(files: Sequence[str]) -> list[str]:
@@ -190,27 +198,65 @@ def ensemble_probabilities(
     device: torch.device,
     names: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """(files, genres) probabilities from a fold ensemble (genreflow.ensemble): each file cut
-    into clips as `predict` cuts it, the ensemble's probabilities averaged over the clips.
+    """(files, genres) probabilities from a fold ensemble (genreflow.ensemble) for one
+    request of the served model: each file cut into clips as `predict` cuts it, the
+    ensemble's probabilities averaged over the clips.
 
-    Every file is decoded before the model runs, so one error names every file that cannot
-    be (as `names[i]` where given, e.g. "row 3" for a served request, else its path).
+    A request holds at most GENREFLOW_MAX_REQUEST_ROWS files and
+    GENREFLOW_MAX_REQUEST_SECONDS of audio, each file counted in whole clips (the audio the
+    model runs on). Every file is decoded before the model runs, so one error names every
+    file that cannot be (as `names[i]` where given, e.g. "row 3" for a served request, else
+    its path); past the seconds limit, the files left are not decoded, and the error says so.
 
     Raises:
-        GenreflowError: the files that cannot be decoded, each with the reason.
+        GenreflowError: too many files, or the files that cannot be decoded, each with the
+            reason.
     """
-    from genreflow.audio import AudioDecodeError
+    from genreflow.audio import AudioDecodeError, cut_clips, load_audio
 
-    segments, errors = [], []
-    for i, file in enumerate(files):
-        try:
-            segments.append(load_segments(file, clip_samples))
-        except AudioDecodeError as exc:
-            errors.append(f"{names[i] if names else file}: {exc.reason}")
-    if errors:
-        raise GenreflowError("; ".join(errors))
-    rows = [_mean_over_segments(ensemble, s, device, lambda p: p) for s in segments]
+    files = list(files)
+    check_request_rows(len(files))
+    label = [str(name) for name in names] if names else [str(file) for file in files]
+    budget = limit("GENREFLOW_MAX_REQUEST_SECONDS") * SAMPLE_RATE  # samples, as clips
+    with _ONE_REQUEST_AT_A_TIME:
+        segments, errors, used = [], [], 0
+        for i, file in enumerate(files):
+            left = budget - used
+            try:
+                clips = cut_clips(
+                    load_audio(file, request_seconds_left=left / SAMPLE_RATE), clip_samples
+                )
+            except AudioDecodeError as exc:
+                errors.append(f"{label[i]}: {exc.reason}")
+                over_budget = exc.limit == "GENREFLOW_MAX_REQUEST_SECONDS"
+            else:
+                over_budget = clips.size > left
+                if over_budget:
+                    errors.append(
+                        f"{label[i]}: "
+                        + over(
+                            "GENREFLOW_MAX_REQUEST_SECONDS",
+                            f"{len(clips)} clip(s) of {clip_samples / SAMPLE_RATE:g} s, more "
+                            f"than the {left / SAMPLE_RATE:g} s left of the request",
+                        )
+                    )
+                used += clips.size
+                segments.append(clips)
+            if over_budget:
+                if i + 1 < len(files):
+                    rest = label[i + 1] if i + 2 == len(files) else f"{label[i + 1]} to {label[-1]}"
+                    errors.append(f"{rest}: not decoded (the request is over its audio limit)")
+                break
+        if errors:
+            raise GenreflowError("; ".join(errors))
+        rows = [_mean_over_segments(ensemble, s, device, lambda p: p) for s in segments]
     return np.stack(rows) if rows else np.zeros((0, len(GENRES)))
+
+
+def check_request_rows(count: int) -> None:
+    """Refuse a request of more than GENREFLOW_MAX_REQUEST_ROWS files, before any is read."""
+    if count > limit("GENREFLOW_MAX_REQUEST_ROWS"):
+        raise exceeded("the request", "GENREFLOW_MAX_REQUEST_ROWS", f"{count} files")
 
 
 def _results(files: list[str], genres: list[str], probabilities: np.ndarray) -> list[dict]:

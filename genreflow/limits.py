@@ -13,10 +13,25 @@ import os
 from genreflow.errors import GenreflowError
 
 GIB = 1 << 30
+MIB = 1 << 20
 
 # name -> (default, what it bounds)
 DEFAULTS: dict[str, tuple[int, str]] = {
     "GENREFLOW_MAX_AUDIO_SECONDS": (3600, "seconds of audio one file may decode to"),
+    # What decoding audio may cost (genreflow.audio, and the served model's requests:
+    # genreflow.inference). The defaults keep a 2-core, 4 GiB pod serving the frozen-base
+    # ensemble alive under 8 concurrent worst-case requests (README, "The model").
+    "GENREFLOW_MAX_DECODED_BYTES": (
+        256 * MIB,
+        "bytes one file may decode to (frames x channels x 4)",
+    ),
+    "GENREFLOW_MIN_SAMPLE_RATE": (4000, "Hz, the lowest sample rate decoded"),
+    "GENREFLOW_MAX_SAMPLE_RATE": (384_000, "Hz, the highest sample rate decoded"),
+    "GENREFLOW_MAX_REQUEST_ROWS": (32, "files (rows) one request may hold"),
+    "GENREFLOW_MAX_REQUEST_SECONDS": (
+        300,
+        "seconds of audio one request may hold, each file counted in whole clips",
+    ),
     "GENREFLOW_MAX_ARCHIVE_MEMBERS": (100_000, "members one archive may hold"),
     "GENREFLOW_MAX_EXTRACT_BYTES": (16 * GIB, "bytes one archive may extract to"),
     "GENREFLOW_MAX_COMPRESSION_RATIO": (

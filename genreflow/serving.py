@@ -9,8 +9,10 @@ The contract (the model's signature and input example say the same):
   genre with its probability, in GTZAN's genre order. A file longer than the ensemble's
   clip is cut into clips and their probabilities averaged, as `genreflow predict` does
   (one code path: `genreflow.inference.ensemble_probabilities`);
-- a row that cannot be decoded (not audio, empty) fails the request with an error naming
-  every such row (HTTP 400 from `mlflow models serve`, which goes on serving).
+- a row that cannot be decoded (not base64, not audio, empty, over a limit of
+  genreflow.limits) fails the request with a one-line error naming every such row (HTTP 400
+  from `mlflow models serve`, which goes on serving); a request holds at most
+  GENREFLOW_MAX_REQUEST_ROWS rows and GENREFLOW_MAX_REQUEST_SECONDS of audio.
 
 It is logged as a model from code (`genreflow/mlflow_model.py`, run when the model loads),
 with this package bundled through `code_paths`, so no pickled object ties it to one
@@ -26,6 +28,8 @@ model itself.
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +42,8 @@ import mlflow.pyfunc
 
 from genreflow import storage
 from genreflow.errors import GenreflowError
+
+_log = logging.getLogger(__name__)
 
 AUDIO = "audio"
 GENRE = "genre"
@@ -94,42 +100,69 @@ class GenreEnsembleModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
         try:
             rows = _audio_rows(model_input)
             with tempfile.TemporaryDirectory(prefix="genreflow-rows-") as folder:
                 files = []
                 for i, data in enumerate(rows):
+                    # No suffix: the decoder is chosen by the bytes alone (genreflow.audio).
                     files.append(Path(folder) / f"row-{i}")
                     files[-1].write_bytes(data)
                 probabilities = self.probabilities(files, [f"row {i}" for i in range(len(rows))])
         except GenreflowError as exc:
             # MLflow answers a request that raises this with HTTP 400 and its message.
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as exc:
+            # Anything else is ours to fix: the trace goes to the server's log, not to the
+            # client (MLflow would send it back in the answer).
+            _log.exception("predicting failed")
+            raise MlflowException(
+                f"internal error while predicting ({type(exc).__name__}); the server's log "
+                "has the details",
+                error_code=INTERNAL_ERROR,
+            ) from exc
         table = pd.DataFrame(probabilities, columns=self.genres)
         table.insert(0, GENRE, [self.genres[int(i)] for i in probabilities.argmax(axis=1)])
         return table
 
 
 def _audio_rows(model_input) -> list[bytes]:
-    """The `audio` column's bytes, row by row; a row that holds no bytes is named."""
+    """The `audio` column's bytes, row by row: base64 text (what JSON carries), checked
+    row by row, or bytes (a table built in Python); every row that holds neither is named.
+    """
     import pandas as pd
+
+    from genreflow.inference import check_request_rows
 
     if not isinstance(model_input, pd.DataFrame) or AUDIO not in model_input.columns:
         raise GenreflowError(
             f"the input must be a table with a column '{AUDIO}' (one audio file's bytes per "
             "row, base64 in JSON)"
         )
+    values = model_input[AUDIO].tolist()
+    check_request_rows(len(values))
     rows, errors = [], []
-    for i, value in enumerate(model_input[AUDIO].tolist()):
-        if isinstance(value, (bytes, bytearray)):
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            try:
+                rows.append(_base64(value))
+            except ValueError as exc:  # binascii.Error
+                errors.append(f"row {i}: not base64 ({exc})")
+        elif isinstance(value, (bytes, bytearray)):
             rows.append(bytes(value))
         else:
             errors.append(f"row {i}: no audio file's bytes (got {type(value).__name__})")
     if errors:
         raise GenreflowError("; ".join(errors))
     return rows
+
+
+def _base64(text: str) -> bytes:
+    """Strict base64: only its alphabet and padding, with line breaks allowed (MLflow's own
+    client and input example wrap at 76 characters)."""
+    return base64.b64decode("".join(text.split()), validate=True)
 
 
 def _member_file(member: dict, artifacts: dict, folder: str) -> str:
@@ -199,7 +232,9 @@ def signature(genres: Sequence[str]):
     from mlflow.types import ColSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("binary", AUDIO)]),
+        # Text, not binary: MLflow would decode binary base64 itself, leniently (it skips
+        # what is not base64) and for the whole column at once; _audio_rows checks each row.
+        inputs=Schema([ColSpec("string", AUDIO)]),
         outputs=Schema([ColSpec("string", GENRE), *(ColSpec("double", g) for g in genres)]),
     )
 

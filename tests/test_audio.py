@@ -6,6 +6,7 @@ import librosa
 import numpy as np
 import pytest
 import soundfile
+from crafted_audio import flac_claiming, huge_rate_wav, one_hz_wav, silent_flac, truncated_wav
 
 from genreflow.audio import (
     SAMPLE_RATE,
@@ -160,12 +161,38 @@ def test_non_finite_samples_are_an_error(tmp_path):
         load_audio(path)
 
 
-def test_unknown_format_names_both_decoders(tmp_path):
-    # Not a format libsndfile knows by extension: audioread is tried too, and fails.
-    path = tmp_path / "blues.00009.xyz"
-    path.write_bytes(b"\x01\x02garbage" * 50)
-    with pytest.raises(AudioDecodeError, match="audioread"):
-        load_audio(path)
+def test_a_file_is_decoded_only_by_the_decoder_its_first_bytes_name(tmp_path):
+    # A truncated WAV without a suffix (as a served row is written): libsndfile refuses it,
+    # and nothing else gets a try (audioread's wave-module backend would accept it).
+    row = tmp_path / "row-0"
+    row.write_bytes(truncated_wav())
+    with pytest.raises(AudioDecodeError, match=r"row-0: truncated: the header declares 44100"):
+        load_audio(row)
+    # Bytes no format opens with: refused whatever the name says, no decoder tried.
+    for name in ("blues.00009.xyz", "blues.00010.mp3", "row-1"):
+        (tmp_path / name).write_bytes(b"\x01\x02garbage" * 50)
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(tmp_path / name)
+        assert info.value.reason.startswith("unknown or unreadable format: not a recognised")
+        assert "audioread" not in info.value.reason and "\n" not in str(info.value)
+    # MP4 names ffmpeg, the one decoder for it; without ffmpeg that is the reason given.
+    mp4 = tmp_path / "song.m4a"
+    mp4.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(100))
+    with pytest.raises(AudioDecodeError, match=r"MP4.*ffmpeg|ffmpeg.*MP4"):
+        load_audio(mp4)
+
+
+def test_mp3_decodes_through_libsndfile_after_an_id3_tag(tmp_path):
+    path = tmp_path / "pop.00001.mp3"
+    soundfile.write(path, sine(440.0, 1.0, 44100), 44100, format="MP3")
+    x = load_audio(path)
+    assert abs(peak_hz(x, SAMPLE_RATE) - 440.0) < 2.0
+    # An ID3v2 tag before the first frame (a 4-byte TIT2 frame, in syncsafe sizes).
+    frame = b"TIT2" + bytes([0, 0, 0, 5]) + b"\x00\x00\x03pop\x00"
+    tagged = tmp_path / "row-2"
+    tag = b"ID3\x04\x00\x00" + bytes([0, 0, 0, len(frame)]) + frame
+    tagged.write_bytes(tag + path.read_bytes())
+    np.testing.assert_array_equal(load_audio(tagged), x)
 
 
 def test_decode_error_is_a_genreflow_error():
@@ -280,3 +307,125 @@ def test_a_small_file_that_decodes_to_gigabytes_is_bounded(tmp_path, monkeypatch
     monkeypatch.setenv("GENREFLOW_MAX_AUDIO_SECONDS", "lots")
     with pytest.raises(GenreflowError, match="GENREFLOW_MAX_AUDIO_SECONDS='lots'"):
         load_segments(path, clip_samples(2.0))
+
+
+def _peak_bytes(fn) -> tuple[object, int]:
+    """fn()'s result (or the exception it raised) and the most memory it had allocated
+    at once (tracemalloc: Python's and numpy's allocations, touched or not)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result = fn()
+        except Exception as exc:  # returned, for the caller to check
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _refused(path, **kwargs) -> AudioDecodeError:
+    """The AudioDecodeError load_audio raises for `path`, and that it took little memory."""
+    result, peak = _peak_bytes(lambda: load_audio(path, **kwargs))
+    assert isinstance(result, AudioDecodeError), f"decoded, not refused: {result!r}"
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB allocated to refuse it"
+    assert "\n" not in str(result) and str(path) in str(result)
+    return result
+
+
+def test_a_1_hz_wav_is_refused_by_its_sample_rate(tmp_path):
+    # 7,244 bytes: an hour at 1 Hz, which was 120 clips of 30 s (915 MiB served).
+    path = tmp_path / "row-0"
+    path.write_bytes(one_hz_wav())
+    assert path.stat().st_size == 7244
+    error = _refused(path)
+    assert error.reason == (
+        "sample rate 1 Hz, under the lowest allowed, 4000 Hz (set GENREFLOW_MIN_SAMPLE_RATE "
+        "to lower it)"
+    )
+    assert error.limit == "GENREFLOW_MIN_SAMPLE_RATE"
+
+
+def test_a_wav_at_2_31_hz_is_refused_by_its_sample_rate(tmp_path):
+    # Resampled to 32 kHz its 100 samples were none at all, and the server's 400 a trace.
+    path = tmp_path / "row-0"
+    path.write_bytes(huge_rate_wav())
+    error = _refused(path)
+    assert error.reason.startswith("sample rate 2147483647 Hz, over the limit of 384000 Hz")
+    assert "GENREFLOW_MAX_SAMPLE_RATE" in error.reason
+
+
+def test_audio_that_resamples_to_no_samples_is_an_error(tmp_path, monkeypatch):
+    path = tmp_path / "row-0"
+    monkeypatch.setenv("GENREFLOW_MAX_SAMPLE_RATE", str(2**31 - 1))
+    path.write_bytes(huge_rate_wav())
+    error = _refused(path)
+    assert error.reason == "no samples at 32000 Hz (100 frame(s) at 2147483647 Hz)"
+
+
+def test_a_small_flac_of_8_channels_at_192_khz_is_refused_by_its_decoded_bytes(
+    tmp_path, monkeypatch
+):
+    # 93 KB that decode to 60 s x 8 channels x 192 kHz x 4 bytes = 352 MiB (564 MiB served).
+    path = tmp_path / "row-0"
+    path.write_bytes(silent_flac(60, 192000, 8))
+    assert path.stat().st_size < 100_000
+    error = _refused(path)
+    assert error.limit == "GENREFLOW_MAX_DECODED_BYTES"
+    assert error.reason.startswith("8 channel(s) at 192000 Hz, more than 43.7 s of it, over")
+    assert "(set GENREFLOW_MAX_DECODED_BYTES to raise it)" in error.reason
+    # Allowed, it decodes block by block: the memory it takes is its 32 kHz mono output
+    # (7.7 MB), not the 352 MiB of its frames.
+    monkeypatch.setenv("GENREFLOW_MAX_DECODED_BYTES", str(400 << 20))
+    audio, peak = _peak_bytes(lambda: load_audio(path))
+    assert audio.shape == (60 * SAMPLE_RATE,) and not audio.any()
+    assert peak < 32 << 20
+
+
+def test_a_flac_header_claiming_2_36_frames_allocates_nothing_for_them(tmp_path):
+    # 119 bytes claiming 2^36 - 1 frames of 8 channels: decoding asked for 5 GiB up front.
+    path = tmp_path / "row-0"
+    path.write_bytes(flac_claiming(2**36 - 1))
+    error = _refused(path)
+    assert "truncated" in error.reason or "corrupt" in error.reason
+
+
+def test_the_block_by_block_decode_equals_the_whole_file_resampled(tmp_path):
+    # 30 s of stereo 44.1 kHz float is three blocks: the same samples as one decode and
+    # one resampling of the whole file, bit for bit.
+    import soxr
+
+    path = tmp_path / "noise.wav"
+    rng = np.random.default_rng(3)
+    soundfile.write(path, rng.uniform(-0.5, 0.5, (30 * 44100, 2)).astype(np.float32), 44100)
+    whole = soundfile.read(path, dtype="float32")[0].mean(axis=1, dtype=np.float32)
+    expected = soxr.resample(whole, 44100, SAMPLE_RATE, quality="HQ")
+    np.testing.assert_array_equal(load_audio(path), expected)
+
+
+def test_running_out_of_memory_while_decoding_is_the_files_decode_error(tmp_path):
+    # In a process whose address space ends 200 MB past what it uses, a file whose 32 kHz
+    # output is 307 MB: numpy's MemoryError becomes the file's AudioDecodeError.
+    import subprocess
+    import sys
+
+    path = tmp_path / "long.flac"
+    path.write_bytes(silent_flac(2400, SAMPLE_RATE, 1))
+    script = f"""
+import resource
+from genreflow.audio import AudioDecodeError, load_audio
+status = open("/proc/self/status").read()
+used = int(status.split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + (200 << 20),) * 2)
+try:
+    load_audio({str(path)!r})
+except AudioDecodeError as exc:
+    print("refused:", exc)
+"""
+    env = {**__import__("os").environ, "GENREFLOW_MAX_DECODED_BYTES": str(1 << 30)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"refused: {path}: too large to decode in the memory available\n"

@@ -171,3 +171,65 @@ def test_load_ensemble_gives_predicts_probabilities(work):
     np.testing.assert_allclose(
         probabilities[0], list(expected["probabilities"].values()), rtol=1e-5, atol=1e-7
     )
+
+
+def test_a_request_is_bounded_in_files_and_in_seconds_of_clips(work, monkeypatch):
+    from genreflow.inference import ensemble_probabilities
+
+    root, _ = work
+    ensemble = load_ensemble([str(root / "fold1.pth"), str(root / "fold2.pth")])
+    long, short = str(root / "long.wav"), str(root / "short.flac")
+
+    def probabilities(files):
+        names = [f"row {i}" for i in range(len(files))]
+        return ensemble_probabilities(
+            ensemble, files, clip_samples=CLIP, device=torch.device("cpu"), names=names
+        )
+
+    monkeypatch.setenv("GENREFLOW_MAX_REQUEST_ROWS", "2")
+    with pytest.raises(GenreflowError) as info:
+        probabilities([long, short, short])
+    assert str(info.value) == (
+        "the request: 3 files, over the limit of 2 files (rows) one request may hold "
+        "(set GENREFLOW_MAX_REQUEST_ROWS to raise it)"
+    )
+
+    # 2 s of 0.5 s clips: long.wav is 3 clips (1.6 s, its 0.1 s tail dropped), short.flac
+    # one (0.3 s, padded): 2 s exactly, the most a request may hold.
+    monkeypatch.setenv("GENREFLOW_MAX_REQUEST_ROWS", "10")
+    monkeypatch.setenv("GENREFLOW_MAX_REQUEST_SECONDS", "2")
+    assert probabilities([long, short]).shape == (2, len(GENRES))
+    # Row 1 decodes to 1.6 s, more than the 1.5 s left; the row after it is not read.
+    with pytest.raises(GenreflowError) as info:
+        probabilities([short, long, short])
+    message = str(info.value)
+    assert message.startswith(
+        "row 1: longer than the 1.5 s left of the request, over the limit of 2 seconds of "
+        "audio one request may hold, each file counted in whole clips (set "
+        "GENREFLOW_MAX_REQUEST_SECONDS to raise it); row 2: not decoded"
+    )
+    # A file within what is left whose clips pass it: short.flac (0.3 s) is a whole 2 s clip
+    # of a model with 2 s clips.
+    monkeypatch.setenv("GENREFLOW_MAX_REQUEST_SECONDS", "1")
+    with pytest.raises(GenreflowError) as info:
+        ensemble_probabilities(
+            ensemble, [short], clip_samples=4 * CLIP, device=torch.device("cpu"), names=["row 0"]
+        )
+    assert str(info.value).startswith(
+        "row 0: 1 clip(s) of 2 s, more than the 1 s left of the request, over the limit of 1"
+    )
+
+
+def test_predict_refuses_a_crafted_file_with_one_line(work, tmp_path, capsys):
+    from crafted_audio import one_hz_wav
+
+    root, _ = work
+    crafted = tmp_path / "one-hertz.wav"
+    crafted.write_bytes(one_hz_wav())
+    args = ["predict", "--checkpoint", str(root / "fold1.pth"), str(crafted)]
+    assert main([*args, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"genreflow predict: error: {crafted}: sample rate 1 Hz, under the lowest allowed, "
+        "4000 Hz (set GENREFLOW_MIN_SAMPLE_RATE to lower it)\n"
+    )
