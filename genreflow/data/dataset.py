@@ -312,8 +312,8 @@ def _read_class_folders(root: Path, folds: int | None, seed: int) -> Dataset:
         ignored[FOLDER] += len(listing.folders) - len(classes)
     if classes and all(re.fullmatch(r"fold[0-9]+", folder.name) for folder in classes):
         raise GenreflowError(
-            f"{root}: its folders {classes[0].name} .. {classes[-1].name} are UrbanSound8K's "
-            f"folds, not classes: give the folder that holds audio/ and {URBANSOUND8K_CSV}"
+            f"{root}: its folders fold1, fold2, ... are UrbanSound8K's folds, not classes: "
+            f"give the folder that holds audio/ and {URBANSOUND8K_CSV}"
         )
     entries = []
     for folder in classes:
@@ -364,7 +364,10 @@ def _read_table(
     for line, row in rows:
         origin = f"{manifest}: line {line}"
         if len(row) != len(header):
-            raise GenreflowError(f"{origin}: {len(row)} fields, the header has {len(header)}")
+            raise GenreflowError(
+                f"{origin}: {len(row)} field{'s' if len(row) != 1 else ''} where the header "
+                f"has {len(header)}"
+            )
         fold = None if table.fold is None else _whole(row[columns[table.fold]], origin, "fold", 1)
         label = row[columns[table.label]].strip()
         _check_label(label, origin)
