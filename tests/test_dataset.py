@@ -502,10 +502,19 @@ def two_manifests(root):
     return f"{root}: more than one manifest (labels.csv, more.csv); keep one"
 
 
-def nothing_recognised(root):
-    write_clip(root / "loose.wav")
-    write_csv(root / "notes.csv", "bpm,key", ["120,A"])
-    return f"{root}: no dataset recognised in {root}; looked for GTZAN's genre folders"
+def urbansound8k_without_class_ids(root):
+    make_urbansound8k(root)
+    csv_path = root / "UrbanSound8K" / "metadata" / "UrbanSound8K.csv"
+    csv_path.write_text(csv_path.read_text().replace(",classID,", ",class_id,"))
+    return (
+        f"{csv_path}: no 'classID' column (its header: slice_file_name, fsID, start, end, "
+        "salience, fold, class_id, class)"
+    )
+
+
+def repeated_column(root):
+    manifest = bad_manifest(root, [f"{row},x" for row in GOOD_ROWS], "filename,label,Label")
+    return f"{manifest}: more than one label column (label, Label); keep one"
 
 
 BAD_INPUTS = [
@@ -532,7 +541,8 @@ BAD_INPUTS = [
     urbansound8k_missing_clip,
     manifest_short_row,
     two_manifests,
-    nothing_recognised,
+    urbansound8k_without_class_ids,
+    repeated_column,
 ]
 
 
@@ -546,6 +556,22 @@ def test_bad_input_is_one_line_naming_the_file_and_the_problem(tmp_path, make):
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(expected), message
+
+
+def test_nothing_recognised_says_what_was_looked_for(tmp_path):
+    top = tmp_path / "export"
+    write_clip(top / "takes" / "day1" / "loose.wav")  # clips two folders down are no classes
+    write_csv(tmp_path / "notes.csv", "bpm,key", ["120,A"])
+    with pytest.raises(GenreflowError) as caught:
+        read_dataset(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path}: no dataset recognised in {tmp_path} and {top}; looked for GTZAN's genre "
+        "folders (in ., genres/, genres_original/, Data/genres_original/), ESC-50 "
+        "(meta/esc50.csv and audio/), UrbanSound8K (metadata/UrbanSound8K.csv and audio/), a "
+        "manifest (a .csv at the top with a file column, filename or file_name or file or "
+        "path, and a label column, label or class or category) and class folders (folders of audio "
+        "files); notes.csv: no file and label columns in the header"
+    )
 
 
 def test_folds_setting_is_checked(tmp_path):

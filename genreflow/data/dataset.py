@@ -88,8 +88,8 @@ _WHOLE = re.compile(r"[0-9]+")
 _LOOKED_FOR = (
     "GTZAN's genre folders (in ., genres/, genres_original/, Data/genres_original/), "
     f"ESC-50 ({ESC50_CSV} and audio/), UrbanSound8K ({URBANSOUND8K_CSV} and audio/), "
-    f"a manifest (a .csv at the top with a file column, {', '.join(FILE_COLUMNS)}, and a "
-    f"label column, {', '.join(LABEL_COLUMNS)}) and class folders (folders of audio files)"
+    f"a manifest (a .csv at the top with a file column, {' or '.join(FILE_COLUMNS)}, and a "
+    f"label column, {' or '.join(LABEL_COLUMNS)}) and class folders (folders of audio files)"
 )
 
 
@@ -162,7 +162,11 @@ def read_dataset(root: str | Path, *, folds: int | None = None, seed: int = 0) -
             found = _recognise(inner[0])
             looked_in += f" and {inner[0]}"
     if found is None:
-        raise GenreflowError(f"{root}: no dataset recognised {looked_in}; looked for {_LOOKED_FOR}")
+        csvs = ", ".join(path.name for path in _top_csvs(root))
+        why = f"; {csvs}: no file and label columns in the header" if csvs else ""
+        raise GenreflowError(
+            f"{root}: no dataset recognised {looked_in}; looked for {_LOOKED_FOR}{why}"
+        )
     kind, where, manifest = found
     if kind == "gtzan":
         return _read_gtzan(where, folds)
@@ -172,7 +176,7 @@ def read_dataset(root: str | Path, *, folds: int | None = None, seed: int = 0) -
         table = _Table("filename", "category", "fold", "target", lambda name, _: f"audio/{name}")
     elif kind == "urbansound8k":
         table = _Table(
-            "slice_file_name", "class", "fold", "classid", lambda name, k: f"audio/fold{k}/{name}"
+            "slice_file_name", "class", "fold", "classID", lambda name, k: f"audio/fold{k}/{name}"
         )
     else:
         table = _manifest_table(manifest)
@@ -184,8 +188,8 @@ def stratified_folds(labels: Mapping[str, int], folds: int, seed: int) -> dict[s
     order of sha256(seed, name), starting where the previous class's clips stopped, so each
     class's fold sizes, and the folds' sizes, differ by at most one."""
     members: dict[int, list[str]] = defaultdict(list)
-    for name in sorted(labels):
-        members[labels[name]].append(name)
+    for name, label in labels.items():
+        members[label].append(name)
     fold_of: dict[str, int] = {}
     start = 0
     for label in sorted(members):
@@ -249,16 +253,17 @@ def _top_csvs(folder: Path) -> list[Path]:
 
 
 def _header(path: Path) -> list[str]:
-    """A CSV file's header, normalised; empty where it has none or is not UTF-8 CSV."""
+    """A CSV file's column names, stripped; empty where it has none or is not UTF-8 CSV."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return [name.strip().lower() for name in next(csv.reader(f), [])]
+            return [name.strip() for name in next(csv.reader(f), [])]
     except (UnicodeDecodeError, csv.Error):
         return []
 
 
 def _is_manifest_header(header: list[str]) -> bool:
-    return any(n in FILE_COLUMNS for n in header) and any(n in LABEL_COLUMNS for n in header)
+    names = {name.lower() for name in header}
+    return bool(names & set(FILE_COLUMNS)) and bool(names & set(LABEL_COLUMNS))
 
 
 # -- the readers ----------------------------------------------------------------------------
@@ -278,7 +283,8 @@ class _Entry:
 
 @dataclass(frozen=True)
 class _Table:
-    """How one kind of CSV names its columns (lower case) and places its clips."""
+    """How one kind of CSV names its columns (matched whatever their case) and places its
+    clips."""
 
     file: str
     label: str
@@ -335,13 +341,13 @@ def _manifest_table(manifest: Path) -> _Table:
     header = _header(manifest)
     chosen = {}
     for role, names in (("file", FILE_COLUMNS), ("label", LABEL_COLUMNS)):
-        present = [n for n in header if n in names]
+        present = [n for n in header if n.lower() in names]
         if len(present) > 1:
             raise GenreflowError(
                 f"{manifest}: more than one {role} column ({', '.join(present)}); keep one"
             )
         chosen[role] = present[0]
-    fold = FOLD_COLUMN if FOLD_COLUMN in header else None
+    fold = next((name for name in header if name.lower() == FOLD_COLUMN), None)
     return _Table(chosen["file"], chosen["label"], fold, None, lambda name, _: name)
 
 
@@ -349,14 +355,15 @@ def _read_table(
     kind: str, root: Path, manifest: Path, table: _Table, folds: int | None, seed: int
 ) -> Dataset:
     header, rows = _csv_rows(manifest)
+    lowered = [name.lower() for name in header]
     columns = {}
     for column in (table.file, table.label, table.fold, table.target):
         if column is not None:
-            if column not in header:
+            if column.lower() not in lowered:
                 raise GenreflowError(
                     f"{manifest}: no {column!r} column (its header: {', '.join(header)})"
                 )
-            columns[column] = header.index(column)
+            columns[column] = lowered.index(column.lower())
     entries: list[_Entry] = []
     # the numeric target <-> the class name, each with the line it was first seen on
     label_of_target: dict[int, tuple[str, int]] = {}
@@ -406,17 +413,18 @@ def _read_table(
 
 
 def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The normalised header and the non-blank rows with their line numbers."""
+    """The header (names stripped) and the non-blank rows with their line numbers."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, skipinitialspace=True)
-            header = [name.strip().lower() for name in next(reader, [])]
+            header = [name.strip() for name in next(reader, [])]
             rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except UnicodeDecodeError as exc:
         raise GenreflowError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
         raise GenreflowError(f"{path}: line {reader.line_num}: not CSV ({exc})") from None
-    repeated = sorted(name for name, n in Counter(header).items() if n > 1)
+    counts = Counter(name.lower() for name in header)
+    repeated = sorted(name for name, count in counts.items() if count > 1)
     if repeated:
         raise GenreflowError(f"{path}: its header names {', '.join(repeated)} more than once")
     return header, rows
