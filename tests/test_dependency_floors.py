@@ -34,17 +34,18 @@ FLOORS = {
     # arrived in google-cloud-storage 3.0.0 (googleapis/python-storage#1383, its CHANGELOG).
     "google-cloud-storage": ("3.0.0", "2.19.0", 'checksum="auto"'),
     # What make test-floors found, each floor the lowest release that installed and passed:
-    # kfp 2.14 takes the components' list[int] parameters for an artifact type and refuses them.
-    "kfp": ("2.15.0", "2.14.6", "PEP 585 parameter types (list[int])"),
-    "kfp-kubernetes": ("2.15.0", "2.14.6", "kfp's"),
-    "kfp-server-api": ("2.15.0", "2.14.6", "kfp's"),
+    # The run TTL pipelines/cv.py sets (dsl.PipelineConfig(ttl_seconds_after_finished=...))
+    # arrived in kfp 2.17.0; 2.16.1 refuses the argument, so every compile failed.
+    "kfp": ("2.17.0", "2.16.1", "PipelineConfig's ttl_seconds_after_finished"),
+    "kfp-kubernetes": ("2.17.0", "2.16.1", "kfp's"),
+    "kfp-server-api": ("2.17.0", "2.16.1", "kfp 2.17.0 requires kfp-server-api 2.17.0"),
     # librosa 0.10.0 and 0.10.1 import pkg_resources, which setuptools 81 and later lack.
     "librosa": ("0.10.2", "0.10.1", "no pkg_resources"),
     # mlflow before 3.9 fails to import its database stores with SQLAlchemy 2.1, which its
     # own range admits (FallbackAsyncAdaptedQueuePool is gone); skinny moves with it.
     "mlflow": ("3.9.0", "3.8.1", "SQLAlchemy 2.1"),
     "mlflow-skinny": ("3.9.0", "3.8.1", "mlflow 3.9 requires mlflow-skinny 3.9"),
-    # google-api-core before 2.24.2 refuses protobuf 6, which kfp 2.15 requires.
+    # google-api-core before 2.24.2 refuses protobuf 6, which kfp requires.
     "google-api-core": ("2.24.2", "2.24.1", "protobuf 6"),
     # librosa 0.10.2's own floor.
     "soundfile": ("0.12.1", "0.12.0", "librosa's floor"),
