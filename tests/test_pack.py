@@ -181,7 +181,8 @@ def test_bad_files_are_skipped_and_recorded_without_shifting_folds(dataset, tmp_
     assert folds.tolist() == [everything[n] for n in names]
     # ... which is not what numbering only the readable clips would give.
     assert folds.tolist() != [assign_folds(names)[n] for n in names]
-    assert "3 skipped" in describe(out) and "jazz.00054.wav: unknown or unreadable format: not a recognised" in describe(out)
+    shown = describe(out)
+    assert "3 skipped" in shown and "jazz.00054.wav: unknown or unreadable format" in shown
 
 
 def test_on_error_fail_stops_and_leaves_no_output(dataset, tmp_path):
