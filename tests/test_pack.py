@@ -561,14 +561,16 @@ def test_read_index_refuses_float_waveforms(dataset, tmp_path):
     ("name", "problem"),
     [
         (b"\xffblues.00000.au", "row 2: not UTF-8 text (invalid start byte at byte 0)"),
-        (b"", "row 2: '' is not a clip's file name (expected e.g. blues.00000.au)"),
+        (b"", "row 2: '' is empty (expected a clip's file name, e.g. blues.00000.au)"),
         (
             b"../../etc/passwd.au",
-            "row 2: '../../etc/passwd.au' is not a clip's file name (expected e.g. blues.00000.au)",
+            "row 2: '../../etc/passwd.au' is a path, not a file name (expected a clip's "
+            "file name, e.g. blues.00000.au)",
         ),
         (
             b"notes.txt",
-            "row 2: 'notes.txt' is not a clip's file name (expected e.g. blues.00000.au)",
+            "row 2: 'notes.txt' does not end in .aif, .aiff, .au, .flac, .mp3, .ogg, .wav "
+            "(expected a clip's file name, e.g. blues.00000.au)",
         ),
         (b"blues.00000.au", "row 2: 'blues.00000.au' already names row 0"),
     ],

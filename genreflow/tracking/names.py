@@ -28,6 +28,9 @@ REUSED_FROM_TAG = "genreflow.reused_from"
 LOGGED_TAG = "genreflow.logged"  # set last: a fold run whose outputs are all there
 # genreflow.sha256.<artifact>: each fold file's SHA-256 as logged, checked when it is fetched
 SHA256_TAG_PREFIX = "genreflow.sha256."
+# The pipeline's own word for those: an HMAC over the fold's identity and the file digests
+# (genreflow.tracking.fold_runs.reuse_record), checked before a fold is reused or fetched
+REUSE_RECORD_TAG = "genreflow.reuse_record"
 
 PROTOCOL_TAG = "protocol"
 SELECTION_TAG = "selection"
