@@ -200,8 +200,7 @@ def test_a_copied_model_whose_weights_changed_is_refused(tmp_path, mlflow_server
     """The copy's checkpoints are checked against the SHA-256 logged with the model."""
     import mlflow.artifacts
     import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
-
+    from genreflow.errors import GenreflowError
     from genreflow.serving import log_ensemble
 
     base, heads = frozen_ensemble(tmp_path, folds=(1,))
@@ -222,7 +221,7 @@ def test_a_copied_model_whose_weights_changed_is_refused(tmp_path, mlflow_server
     checkpoint = torch.load(head, weights_only=True)
     checkpoint["model"]["fc_transfer.bias"] += 1
     torch.save(checkpoint, head)
-    with pytest.raises(MlflowException, match=r"fold 1's checkpoint .*head.pth: SHA-256 "):
+    with pytest.raises(GenreflowError, match=r"fold 1's checkpoint .*head.pth: SHA-256 "):
         mlflow.pyfunc.load_model(str(copy))
 
 
