@@ -200,6 +200,7 @@ def test_a_copied_model_whose_weights_changed_is_refused(tmp_path, mlflow_server
     """The copy's checkpoints are checked against the SHA-256 logged with the model."""
     import mlflow.artifacts
     import mlflow.pyfunc
+
     from genreflow.errors import GenreflowError
     from genreflow.serving import log_ensemble
 
