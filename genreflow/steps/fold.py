@@ -49,8 +49,17 @@ FOLD_RETRY_FIRST_DELAY_SECONDS = 30.0
 # Under the pipeline root, beside the runs' folders: fine-tune folds' working state.
 WORK_FOLDER = "genreflow-work"
 # A config's fields that are not settings of the fold's result: its inputs (their content
-# counts instead), where it writes, which fold (given apart) and how it runs.
-NOT_SETTINGS = ("features", "embeddings", "out", "fold", "device", "log_every")
+# counts instead), where it writes, which fold (given apart) and how it runs (device,
+# logging, how often it saves resume state).
+NOT_SETTINGS = (
+    "features",
+    "embeddings",
+    "out",
+    "fold",
+    "device",
+    "log_every",
+    "resume_every_seconds",
+)
 
 
 def fine_tune_fold(

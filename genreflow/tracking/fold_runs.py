@@ -45,6 +45,8 @@ from genreflow.tracking.client import client, stringify, tracked
 from genreflow.tracking.names import (
     ADOPTED_TAG,
     ATTEMPT_TAG,
+    CHECKPOINT_MODEL_TAG,
+    CHECKPOINT_PATH_TAG,
     CURVE,
     DATASET_CONTEXT_TAG,
     FOLD_KEY_TAG,
@@ -167,6 +169,17 @@ def _check_artifact(run_id: str, name: str, path: Path, expected: str | None) ->
         )
 
 
+def _checkpoint_in_model(store, run) -> tuple[str, str] | None:
+    """(file name, artifact URI) of the run's checkpoint where it moved into the pipeline's
+    model (genreflow.tracking.models.move_checkpoints); None where the run holds its own."""
+    model_id = run.data.tags.get(CHECKPOINT_MODEL_TAG)
+    if not model_id:
+        return None
+    location = store.get_logged_model(model_id).artifact_location.rstrip("/")
+    path = run.data.tags[CHECKPOINT_PATH_TAG]
+    return path.rsplit("/", 1)[-1], f"{location}/{path}"
+
+
 class FoldRun:
     """One fold's child run while the fold step runs (see `fold_run`)."""
 
@@ -271,16 +284,28 @@ class FoldRun:
         def fetch() -> None:
             store = client(self.tracking_uri)
             logged = {a.path for a in store.list_artifacts(origin)}
+            moved = _checkpoint_in_model(store, store.get_run(origin))
+            if moved:
+                logged.add(moved[0])
             wanted = [name for name in FOLD_ARTIFACTS if name in logged]
             if not {SUMMARY, PREDICTIONS, METRICS} <= set(wanted) or not (
                 set(CHECKPOINTS) & set(wanted)
             ):
                 raise GenreflowError(f"run {origin} lacks the fold's files ({sorted(logged)})")
             out.parent.mkdir(parents=True, exist_ok=True)
+            from mlflow.artifacts import download_artifacts
+
             staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fetch-"))
             try:
                 for name in wanted:
-                    store.download_artifacts(origin, name, str(staging))
+                    if moved and name == moved[0]:
+                        download_artifacts(
+                            artifact_uri=moved[1],
+                            dst_path=str(staging),
+                            tracking_uri=self.tracking_uri,
+                        )
+                    else:
+                        store.download_artifacts(origin, name, str(staging))
                     _check_artifact(origin, name, staging / name, recorded.get(name))
                 out.mkdir(exist_ok=True)
                 # summary.json last: it is what marks a fold folder complete.
