@@ -20,6 +20,7 @@ from genreflow.cli import main
 from genreflow.data.genres import GENRES
 from genreflow.data.synth import make_synthetic_gtzan
 from genreflow.pipelines.local import run_local
+from genreflow.tracking.names import GIT_COMMIT_TAG
 
 # One xdist group for the file: its tests share the demo run (module fixtures) and follow
 # each other; the filtered and fine-tune tests add a group of their own to it.
@@ -108,14 +109,14 @@ def test_mlflow_parent_and_ten_folds(demo_run, source, mlflow_server):
     assert "ghcr.io/genreflow/genreflow:" in parent.data.tags["images"]
     assert parent.data.tags["profile"] == "demo"
     assert parent.data.tags["freeze_base"] == "true"
-    assert parent.data.tags["git_commit"]
+    assert parent.data.tags[GIT_COMMIT_TAG]
     assert parent.data.tags["data.sha256"] == source[1]
     assert parent.data.params["head_iterations"] == "200"
     metrics = parent.data.metrics
     assert metrics["accuracy_mean"] == pytest.approx(demo_run["accuracy"]["mean"])
     assert metrics["accuracy_ci95_low"] <= metrics["accuracy_mean"] <= metrics["accuracy_ci95_high"]
     assert parent.data.params["seed"] == "0"
-    for tag in ("git_commit", "genreflow_version", "version.torch", "version.mlflow"):
+    for tag in (GIT_COMMIT_TAG, "genreflow_version", "version.torch", "version.mlflow"):
         assert parent.data.tags[tag]
     assert {f"fold_{k:02d}_accuracy" for k in range(1, 11)} <= set(metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
@@ -174,7 +175,7 @@ def test_registered_ensemble_is_tagged_and_predicts_audio(
     )
     assert tags["accuracy_ci95"] == f"[{low:.4f}, {high:.4f}]"
     assert tags["accuracy_ci95_method"].startswith("corrected resampled t interval")
-    assert tags["git_commit"] == parent.data.tags["git_commit"]
+    assert tags[GIT_COMMIT_TAG] == parent.data.tags[GIT_COMMIT_TAG]
     assert tags["data.sha256"] == source[1]
     assert tags["split.sha256"] == parent.data.tags["split.sha256"]
     assert tags["genreflow.parent_run"] == parent.info.run_id
@@ -193,12 +194,13 @@ def test_registered_ensemble_is_tagged_and_predicts_audio(
     requirements = open(f"{local}/requirements.txt").read()
     assert "genreflow" not in requirements and "torch==" in requirements
     assert (Path(local) / "code" / "genreflow" / "serving.py").is_file()
-    # Each checkpoint stored once: the heads are read from the fold runs, the frozen base
-    # (which no fold run holds) is the one checkpoint in the model.
+    # Every checkpoint inside the model (it stands alone), each stored once: the frozen base
+    # and the ten heads, moved there from the fold runs (tests/test_standalone_model.py).
     stored = sorted(p.name for p in Path(local, "artifacts").iterdir())
-    assert stored == ["base.pth"]
+    assert stored == ["base.pth", "folds"]
     members = model.model_config["members"]
-    assert [m["uri"].split("/")[-1] for m in members] == ["head.pth"] * 10
+    assert [m["path"] for m in members] == [f"fold{k:02d}/head.pth" for k in range(1, 11)]
+    assert all((Path(local, "artifacts", "folds", m["path"])).is_file() for m in members)
 
     # A 4 s file at 32 kHz (two of the model's 2 s clips) and a 1 s file at 44.1 kHz stereo.
     rng = np.random.default_rng(0)

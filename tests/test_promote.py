@@ -12,7 +12,7 @@ from test_compare import A_SCORES, B_SCORES, pipeline_run
 
 from genreflow.cli import main
 from genreflow.registry import CANDIDATE, CHAMPION, register_version, registration_refusal
-from genreflow.tracking.names import PARENT_RUN_TAG
+from genreflow.tracking.names import GIT_COMMIT_TAG, PARENT_RUN_TAG
 
 # B's gains taken away instead: the candidate loses 0.023 a fold, a significant loss.
 WORSE_SCORES = {fold: round(2 * A_SCORES[fold] - B_SCORES[fold], 2) for fold in A_SCORES}
@@ -45,7 +45,7 @@ def candidate(experiment, mlflow_server, name, scores, **tags) -> str:
         "accuracy_mean": f"{mean:.4f}",
         "accuracy_ci95": "[0.8000, 0.9000]",
         "accuracy_ci95_method": "corrected resampled t interval (Nadeau and Bengio 2003)",
-        "git_commit": "0" * 40,
+        GIT_COMMIT_TAG: "0" * 40,
         "data.sha256": "d" * 64,
         "split.sha256": "s" * 64,
         PARENT_RUN_TAG: parent,
@@ -172,7 +172,7 @@ def test_a_version_registers_in_a_sqlite_store_whatever_the_global_uri(tmp_path,
     model = client.create_logged_model(experiment_id, name="fold-ensemble", source_run_id=parent)
     tags = {
         "protocol": "cv10", "selection": "validation", "partial": "false", "folds": "1,2",
-        "accuracy_mean": "0.9000", "git_commit": "0" * 40, PARENT_RUN_TAG: parent,
+        "accuracy_mean": "0.9000", GIT_COMMIT_TAG: "0" * 40, PARENT_RUN_TAG: parent,
     }  # fmt: skip
     number = register_version(uri, "sqlite-model", model.model_id, parent_run_id=parent, tags=tags)
     assert str(client.get_model_version_by_alias("sqlite-model", "candidate").version) == number

@@ -322,6 +322,7 @@ def test_steps_get_mlflow_credentials_limits_and_a_disk_of_their_own(tmp_path):
         MLFLOW_CREDENTIALS_ENV,
         MLFLOW_CREDENTIALS_SECRET,
         PIPELINE_STEP_LABEL,
+        REUSE_KEY_SECRET,
     )
 
     spec, platform = yaml.safe_load_all(compiled(tmp_path / "p.yaml").read_text())
@@ -330,8 +331,13 @@ def test_steps_get_mlflow_credentials_limits_and_a_disk_of_their_own(tmp_path):
     for name in [*talks_to_mlflow, "exec-train-head"]:
         config = placed[name]
         assert config["podMetadata"]["labels"] == {**MLFLOW_CLIENT_LABEL, **PIPELINE_STEP_LABEL}
-        (secret,) = config["secretAsEnv"]
-        assert secret["secretName"] == MLFLOW_CREDENTIALS_SECRET
+        # The fold steps also take the reuse key's Secret (tests/test_compile.py reads it).
+        secrets = {s["secretName"]: s for s in config["secretAsEnv"]}
+        fold_step = name in ("exec-train", "exec-train-head")
+        assert sorted(secrets) == sorted(
+            [MLFLOW_CREDENTIALS_SECRET, *([REUSE_KEY_SECRET] if fold_step else [])]
+        )
+        secret = secrets[MLFLOW_CREDENTIALS_SECRET]
         assert secret["optional"] is True  # a missing Secret cannot keep the pod from starting
         assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == MLFLOW_CREDENTIALS_ENV
     for name in ("exec-download", "exec-pack", "exec-embed"):  # they never talk to MLflow
@@ -349,7 +355,8 @@ def test_steps_get_mlflow_credentials_limits_and_a_disk_of_their_own(tmp_path):
     # Without the Secret (a server with no sign-in), the label stays.
     _, platform = yaml.safe_load_all(compiled(tmp_path / "q.yaml", mlflow_secret="").read_text())
     placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert "secretAsEnv" not in placed["exec-train"] and placed["exec-train"]["podMetadata"]
+    assert "secretAsEnv" not in placed["exec-aggregate"] and placed["exec-train"]["podMetadata"]
+    assert [s["secretName"] for s in placed["exec-train"]["secretAsEnv"]] == [REUSE_KEY_SECRET]
 
 
 # --- credentials -------------------------------------------------------------------------

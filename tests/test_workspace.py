@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from genreflow.cli import main
 from genreflow.data.synth import make_synthetic_gtzan
+from genreflow.tracking.names import CHECKPOINT_PATH_TAG
 
 pytestmark = pytest.mark.slow  # the whole DAG through kfp.local: minutes
 
@@ -68,5 +69,8 @@ def test_a_run_on_the_default_store_writes_nothing_outside_its_workspace(tmp_pat
         with urllib.request.urlopen(
             f"{url}/ajax-api/2.0/mlflow/artifacts/list?run_id={fold.info.run_id}"
         ) as response:
-            assert "head.pth" in json.dumps(json.load(response))
+            assert "predictions.csv" in json.dumps(json.load(response))
+    # The fold's checkpoint moved into the registered model (stored once), under W too.
+    assert fold.data.tags[CHECKPOINT_PATH_TAG].endswith("/head.pth")
+    assert any(name.endswith(fold.data.tags[CHECKPOINT_PATH_TAG]) for name in logged), logged
     assert list(elsewhere.iterdir()) == []
