@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
+import multiprocessing
 import os
 import re
 import signal
 import threading
-import time
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from genreflow.audio import (
 from genreflow.cli import main
 from genreflow.data.genres import GENRE_INDEX, GENRES, assign_folds
 from genreflow.errors import GenreflowError
-from genreflow.features import RowLayout, describe, pack, packing, read_index
+from genreflow.features import RowLayout, describe, pack, packing, read_index, workers
 from genreflow.features.workers import _Workers, plan_workers, shm_name
+from killable_child import held_pack_worker
 
 CLIP_SECONDS = 3.0
 SHA = "0123456789abcdef" * 4
@@ -462,53 +464,67 @@ def test_a_worker_error_is_raised_and_ends_every_worker(dataset, ring, watchdog,
         pool.close(kill=True)
 
 
-# Seconds after pack's workers appear: at once (tasks still being submitted), early, mid-way
-# through the ring's first turns, and later; one worker, or every worker at once.
-KILL_AFTER = (0.0, 0.002, 0.01, 0.05, 0.15, 0.4)
+# Where the pack is when a worker dies: one of the workers is held before decoding the
+# first clip (tasks still being submitted), one mid-way, or the last; then the held worker
+# dies, the other one (busy or idle, whichever it is), or both.
+HOLD_AT = (0, 101, 199)
+KILLED = ("the held one", "the other one", "both")
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
-def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(tmp_path, watchdog):
-    # 200 names of 20 s files keep two workers busy for seconds: every kill lands mid-pack.
+def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(
+    tmp_path, watchdog, monkeypatch
+):
+    # A worker holds its clip until the kill: the pack is provably mid-work when it lands
+    # (killed after a delay instead, a pack on a busy machine sometimes finished first).
     root = tmp_path / "dataset"
     for g, genre in enumerate(GENRES):
         folder = root / genre
         folder.mkdir(parents=True)
-        write_clip(folder / f"{genre}.00000.au", 20.0, 300.0 + 20 * g)
+        write_clip(folder / f"{genre}.00000.au", 2.0, 300.0 + 20 * g)
         for k in range(1, 20):
             (folder / f"{genre}.{k:05d}.au").hardlink_to(folder / f"{genre}.00000.au")
+    clips = sorted(str(p) for p in root.rglob("*.au"))
     segments_before = shm_segments()
     out = tmp_path / "out" / "f.h5"
-    for repetition in range(2 * len(KILL_AFTER)):
-        delay = KILL_AFTER[repetition % len(KILL_AFTER)]
-        every_worker = repetition >= len(KILL_AFTER)
-        killed: list[int] = []
-        stop = threading.Event()
+    for hold_at in HOLD_AT:
+        for killed in KILLED:
+            case = f"held at clip {hold_at}, {killed} killed"
+            ours, theirs = multiprocessing.Pipe()
+            with monkeypatch.context() as patch:
+                held = functools.partial(held_pack_worker, theirs, clips[hold_at])
+                patch.setattr(workers, "_serve", held)
+                pack_done = threading.Event()
+                seen: list[tuple[int, list[int]]] = []
 
-        def kill(delay=delay, every_worker=every_worker, killed=killed, stop=stop):
-            while not stop.is_set():
-                found = pack_workers()
-                if found:
-                    time.sleep(delay)
-                    for pid in found if every_worker else found[:1]:
+                def kill(killed=killed, ours=ours, pack_done=pack_done, seen=seen):
+                    # Polled so that a pack that ended anyway fails the test, not hangs it.
+                    while not ours.poll(0.1):
+                        if pack_done.is_set():
+                            return
+                    holder = ours.recv()
+                    found = pack_workers()
+                    seen.append((holder, found))
+                    others = [pid for pid in found if pid != holder]
+                    chosen = {"the held one": [holder], "the other one": others}
+                    for pid in chosen[killed] if len(found) == 2 else found:
                         os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-                    return
-                time.sleep(0.001)
 
-        killer = threading.Thread(target=kill)
-        killer.start()
-        try:
-            with pytest.raises(GenreflowError, match="a decoding worker process died"):
-                # Whole 20 s clips: pack decodes only what a clip needs.
-                pack(root, out, clip_seconds=20.0, workers=2, progress=False)
-        finally:
-            stop.set()
-            killer.join()
-        assert killed, f"repetition {repetition}: no worker was killed"
-        assert pack_workers() == [], f"repetition {repetition}: a worker outlived the pack"
-        assert list(out.parent.iterdir()) == []
-        assert shm_segments() <= segments_before
+                killer = threading.Thread(target=kill)
+                killer.start()
+                try:
+                    with pytest.raises(GenreflowError, match="a decoding worker process died"):
+                        pack(root, out, clip_seconds=2.0, workers=2, progress=False)
+                finally:
+                    pack_done.set()
+                    killer.join()
+                    ours.close()
+                    theirs.close()
+            ((holder, found),) = seen
+            assert holder in found and len(found) == 2, f"{case}: workers {found}"
+            assert pack_workers() == [], f"{case}: a worker outlived the pack"
+            assert list(out.parent.iterdir()) == [], case
+            assert shm_segments() <= segments_before, case
 
     # The next pack starts new workers and succeeds.
     summary = pack(root, out, clip_seconds=1.0, workers=2, progress=False)
