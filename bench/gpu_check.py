@@ -19,11 +19,23 @@ seed's runme.sh: stop_iteration=10000), training steps only (its evaluations, ev
 iterations, add a forward pass over about 200 clips: under 1% of the FLOPs, stated in the
 output).
 
-Without a CUDA device it is a dry run on the CPU: tiny clips, batch 2, few steps, no
-torch.compile unless --compile-on-cpu. It says DRY RUN, and its figures are not a GPU's;
-the suite runs it to keep the code and its arithmetic working until a GPU is lent.
+Then one real fine-tune fold of the seed's recipe through genreflow.train.train_fold
+(genreflow's defaults on the device: bf16 autocast and channels_last where the GPU has
+bf16), FOLD_ITERATIONS iterations on a synthetic GTZAN-shaped set of 30 s clips
+(genreflow.data.synth, packed by genreflow.features.pack), an evaluation at iteration 200
+and at the end: clips/s over the fold's wall time, the share of that time in reading
+batches, training steps, evaluation, writing checkpoints and waiting for their upload
+(`--fold-out gs://BUCKET/PREFIX` uploads them to a bucket, in the background as a
+pipeline's fold does; by default they stay in a local folder), the peak memory, and the
+10-fold seed recipe's time extrapolated from it against the goal of 8-10 minutes.
 
-    python bench/gpu_check.py [--dry-run] [--json FILE] [--steps N]
+Without a CUDA device it is a dry run on the CPU: tiny clips, batch 2, few steps, no
+torch.compile unless --compile-on-cpu, a fold of a few iterations. It says DRY RUN, and
+its figures are not a GPU's; the suite runs it to keep the code and its arithmetic working
+until a GPU is lent.
+
+    python bench/gpu_check.py [--dry-run] [--json FILE] [--steps N] [--fold-iterations N]
+        [--fold-out DIR|gs://BUCKET/PREFIX] [--no-fold]
 """
 
 from __future__ import annotations
@@ -40,6 +52,9 @@ SEED_ITERATIONS, FOLDS = 10_000, 10  # the seed's runme.sh (stop_iteration) and 
 SEED_SECONDS, SEED_BATCH = 30.0, 32  # clip length; clips per step after mixup
 EVAL_EVERY, EVAL_CLIPS = 200, 200  # an evaluation: the validation and test folds' clips
 TIME_LIMIT = 8 * 60  # what the whole check must fit in on a GPU
+FOLD_ITERATIONS = 300  # the real fold's: evaluations at 200 (the seed's interval) and 300
+FOLD_CLIPS_PER_GENRE = 10  # 100 clips, 10 a fold: 80 train, 10 choose, 10 are reported
+GOAL_SECONDS = (8 * 60, 10 * 60)  # 10 folds of the seed recipe, the performance goal
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets: (fp32, tf32, bf16); None where
 # the GPU has no such arithmetic. The datasheets print the tensor-core figures "with
@@ -304,8 +319,104 @@ def run_check(args: argparse.Namespace) -> dict:
         default=None,
     )
     result["evaluation_share"] = evaluation_share(forward_flops, flops, batch)
+    if not args.no_fold:
+        result["fold"] = real_fold(args, device, gpu)
     result["seconds"] = time.monotonic() - started
     return result
+
+
+def real_fold(args: argparse.Namespace, device, gpu: bool) -> dict:
+    """One fine-tune fold through train_fold on a synthetic set: its PhaseClock's figures,
+    the peak memory and the 10-fold extrapolation (fold_extrapolation)."""
+    import resource
+    import tempfile
+
+    import torch
+
+    from genreflow.data.download import download
+    from genreflow.data.synth import make_synthetic_gtzan
+    from genreflow.features import default_workers, pack
+    from genreflow.recipe import TrainConfig
+    from genreflow.train import PhaseClock, train_fold
+
+    seconds = SEED_SECONDS if gpu else args.cpu_seconds
+    iterations = args.fold_iterations or (FOLD_ITERATIONS if gpu else 3)
+    clips_per_genre = FOLD_CLIPS_PER_GENRE if gpu else 3
+    batch = SEED_BATCH if gpu else 2
+    eval_every = EVAL_EVERY if gpu else 2
+    with tempfile.TemporaryDirectory(prefix="gpu-check-fold-") as work:
+        work = Path(work)
+        made = time.monotonic()
+        archive, sha256 = make_synthetic_gtzan(
+            work / "archive",
+            clips_per_genre=clips_per_genre,
+            seconds=seconds,
+            workers=default_workers(),
+        )
+        dataset = download(archive, work / "dataset", sha256=sha256, progress=False)
+        features = pack(dataset, work / "features.h5", clip_seconds=seconds, progress=False).path
+        made = time.monotonic() - made
+        print(
+            f"[gpu-check] fold: {clips_per_genre * 10} synthetic clips in {made:.0f} s",
+            file=sys.stderr,
+        )
+        config = TrainConfig(
+            features=str(features),
+            fold=1,
+            out=args.fold_out or str(work / "fold"),
+            iterations=iterations,
+            batch_size=batch,
+            eval_every=eval_every,
+            device=device.type,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        clock = PhaseClock()
+        summary = train_fold(config, clock=clock)
+    if device.type == "cuda":
+        memory, memory_kind = torch.cuda.max_memory_allocated(device), "GPU allocated"
+    else:  # ru_maxrss is in KiB on Linux: the whole process's peak, the steps above included
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        memory_kind = "process RSS"
+    wall = clock.wall_seconds()
+    evaluations = len(range(eval_every, iterations, eval_every)) + 1
+    fold = {
+        "iterations": iterations,
+        "clip_seconds": seconds,
+        "batch": batch,
+        "eval_every": eval_every,
+        "evaluations": evaluations,
+        "precision": summary["precision"],
+        "out": config.out,
+        "wall_seconds": wall,
+        "clips": clock.clips,
+        "clips_per_second": clock.clips / wall,
+        "step_clips_per_second": clock.clips / max(clock.seconds["steps"], 1e-9),
+        "phase_seconds": dict(clock.seconds),
+        "shares": clock.shares(),
+        "uploaded_bytes": clock.uploads.bytes,
+        "upload_seconds": clock.uploads.seconds,
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+    }
+    fold["seed_recipe_seconds"] = fold_extrapolation(fold)
+    return fold
+
+
+def fold_extrapolation(
+    fold: dict, iterations: int = SEED_ITERATIONS, folds: int = FOLDS, eval_every: int = EVAL_EVERY
+) -> float:
+    """The 10-fold seed recipe's time from one measured fold: its seconds per iteration
+    (reading batches and steps) x the seed's iterations, plus its seconds per evaluation
+    (the evaluation and the checkpoint written after it) x the seed's evaluations, per
+    fold, folds one after another. The checkpoint counts at this run's average, in which
+    one evaluation of few wrote the resume state: an upper bound where states are rarer."""
+    phases = fold["phase_seconds"]
+    per_iteration = (phases["data"] + phases["steps"]) / fold["iterations"]
+    per_evaluation = (phases["evaluation"] + phases["checkpoint"]) / fold["evaluations"]
+    per_fold = per_iteration * iterations + per_evaluation * (iterations // eval_every)
+    return folds * per_fold
 
 
 def _cuda_bf16() -> bool:
@@ -385,6 +496,8 @@ def report(result: dict) -> str:
         f"{result['evaluation_share']:.1%} of the FLOPs"
     )
     winner, settings = result["winner"], result["settings"]
+    if "fold" in result:
+        lines += ["", *fold_report(result["fold"]), ""]
     if winner is None:
         lines.append("- no setting could be measured (see skipped above)")
         lines.append(f"- the check took {result['seconds']:.0f} s; torch {result['torch']}")
@@ -403,6 +516,32 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def fold_report(fold: dict) -> list[str]:
+    """The real fold's figures as text."""
+    lines = [
+        f"## One fine-tune fold through train_fold: {fold['iterations']} iterations, "
+        f"{fold['clip_seconds']:g} s clips, batch {fold['batch']} with mixup, "
+        f"{fold['precision']}, {fold['evaluations']} evaluations",
+        "",
+        f"- {fold['clips_per_second']:.2f} clips/s over the fold's {fold['wall_seconds']:.1f} s "
+        f"({fold['step_clips_per_second']:.2f} clips/s in the training steps alone)",
+        "- wall time: "
+        + ", ".join(f"{share:.1%} {phase}" for phase, share in fold["shares"].items())
+        + " (other: loading the data and the model, the report)",
+        f"- checkpoints to {fold['out']}: {fold['uploaded_bytes'] / 1e6:.0f} MB uploaded in "
+        f"the background in {fold['upload_seconds']:.1f} s"
+        + ("" if fold["out"].startswith("gs://") else " (a local folder: no uploads)"),
+        f"- peak memory: {fold['peak_memory_bytes'] / 2**30:.1f} GiB ({fold['peak_memory_kind']})",
+    ]
+    low, high = GOAL_SECONDS
+    seed = fold["seed_recipe_seconds"]
+    lines.append(
+        f"- 10-fold seed recipe at this fold's pace: {hours(seed)} ({seed / 60:.0f} min; the "
+        f"goal is {low // 60}-{high // 60} min, {seed / high:.1f}x the upper end)"
+    )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="run on the CPU even with a GPU")
@@ -419,6 +558,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="dry run: set the CPU's figures against this GPU's peak (to check the arithmetic)",
     )
+    p.add_argument(
+        "--fold-iterations",
+        type=int,
+        help=f"the real fold's iterations: {FOLD_ITERATIONS} (GPU) or 3 (CPU)",
+    )
+    p.add_argument(
+        "--fold-out",
+        metavar="DIR|gs://BUCKET/PREFIX",
+        help="where the real fold writes (default: a temporary folder; gs:// to time uploads)",
+    )
+    p.add_argument("--no-fold", action="store_true", help="leave out the real fold")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args(argv)
     result = run_check(args)

@@ -29,7 +29,8 @@ def aggregate(
         min_folds: fewer usable folds than this (0 = all) is an error; between it and
             all, a partial result.
         clip_seconds: the clip length the models read (the ensemble's input size).
-        tracking_uri: MLflow tracking URI ("" = no tracking).
+        tracking_uri: MLflow tracking URI ("" = the MLFLOW_TRACKING_URI the platform
+            injects, else no tracking).
         parent_run_id: the parent run that receives the aggregate (the exit handler closes it).
         registered_model: registry name for the fold ensemble ("" = log, do not register).
         register_anyway: register it even when its checkpoints were chosen on test data
@@ -47,6 +48,7 @@ def aggregate(
     from genreflow.data.genres import GENRES
     from genreflow.embedding import BASE
     from genreflow.steps.report import report as write_report
+    from genreflow.tracking.client import platform_tracking_uri
 
     summary = write_report(
         [fold.path for fold in folds],
@@ -54,7 +56,7 @@ def aggregate(
         expected_folds=expected_folds,
         min_folds=min_folds,
         clip_seconds=clip_seconds,
-        tracking_uri=tracking_uri,
+        tracking_uri=platform_tracking_uri(tracking_uri),
         parent_run_id=parent_run_id,
         registered_model=registered_model,
         register_anyway=register_anyway,

@@ -13,11 +13,13 @@ def close_run(tracking_uri: str, pipeline_run_id: str, status: dsl.PipelineTaskF
     run a killed pod left RUNNING ends too.
 
     Args:
-        tracking_uri: MLflow tracking URI ("" = no tracking).
+        tracking_uri: MLflow tracking URI ("" = the MLFLOW_TRACKING_URI the platform
+            injects, else no tracking).
         pipeline_run_id: the KFP run's id, which the parent run carries as a tag.
         status: the final state of the steps this handler guards (set by KFP).
     """
     from genreflow.steps.run import close_run as close
+    from genreflow.tracking.client import platform_tracking_uri
 
     print(f"pipeline run {pipeline_run_id}: {status.state} {status.error_message or ''}")
-    close(tracking_uri, pipeline_run_id, status.state)
+    close(platform_tracking_uri(tracking_uri), pipeline_run_id, status.state)

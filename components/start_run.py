@@ -40,7 +40,8 @@ def start_run(
     """Return the id of a new parent run ("" when tracking is off).
 
     Args:
-        tracking_uri: MLflow tracking URI ("" = no tracking).
+        tracking_uri: MLflow tracking URI ("" = the MLFLOW_TRACKING_URI the platform
+            injects, else no tracking).
         experiment: MLflow experiment name.
         pipeline_run: the KFP run's name: the parent's name and a tag to filter on.
         pipeline_run_id: the KFP run's id: a tag, by which the exit handler finds the run.
@@ -58,9 +59,11 @@ def start_run(
     from genreflow.recipe import PIPELINE_RECIPE
     from genreflow.steps.run import open_run
     from genreflow.tracking.addresses import print_addresses
+    from genreflow.tracking.client import platform_tracking_uri
 
     recipe = {name: arguments.pop(name) for name, _, _ in PIPELINE_RECIPE}
-    parent = open_run(arguments.pop("tracking_uri"), **arguments, recipe=recipe)
+    tracking_uri = platform_tracking_uri(arguments.pop("tracking_uri"))
+    parent = open_run(tracking_uri, **arguments, recipe=recipe)
     with open(mlflow_run.path, "w") as markdown:
         markdown.write(parent.markdown)
     if parent.run_id:

@@ -41,7 +41,8 @@ def train(
         pretrained: PANNs checkpoint (path, https:// or gs://); "" = random init.
         iterations, batch_size, lr, mixup, eval_every, seed: the recipe (seed's defaults).
         precision: auto (bf16 autocast where the hardware has it), fp32 or bf16.
-        tracking_uri: MLflow tracking URI ("" = no tracking).
+        tracking_uri: MLflow tracking URI ("" = the MLFLOW_TRACKING_URI the platform
+            injects, else no tracking).
         parent_run_id: the pipeline's parent run; this fold is a nested child run.
         reuse_folds: take an identical fold (same data, recipe and code) from MLflow.
         expected_folds, min_folds: with min_folds (0 = all) below the number of folds, a
@@ -55,6 +56,7 @@ def train(
     from genreflow.fold_result import fold_outcome
     from genreflow.recipe import TrainConfig
     from genreflow.steps.fold import fine_tune_fold
+    from genreflow.tracking.client import platform_tracking_uri
 
     config = TrainConfig(
         features=features.path,
@@ -73,7 +75,7 @@ def train(
     )
     result = fine_tune_fold(
         config,
-        tracking_uri=tracking_uri,
+        tracking_uri=platform_tracking_uri(tracking_uri),
         parent_run_id=parent_run_id,
         reuse=reuse_folds,
         min_folds=min_folds,

@@ -35,7 +35,8 @@ def train_head(
         protocol: cv10 or filtered; selection: validation or heldout (see `train`).
         iterations, batch_size, lr, weight_decay, mixup, eval_every, seed: the head's
             recipe (genreflow.recipe.HeadConfig).
-        tracking_uri: MLflow tracking URI ("" = no tracking).
+        tracking_uri: MLflow tracking URI ("" = the MLFLOW_TRACKING_URI the platform
+            injects, else no tracking).
         parent_run_id: the pipeline's parent run; this fold is a nested child run.
         reuse_folds: take an identical fold (same embeddings, recipe and code) from MLflow.
         expected_folds, min_folds: with min_folds (0 = all) below the number of folds, a
@@ -50,6 +51,7 @@ def train_head(
     from genreflow.fold_result import fold_outcome
     from genreflow.recipe import HeadConfig
     from genreflow.steps.head import head_fold
+    from genreflow.tracking.client import platform_tracking_uri
 
     config = HeadConfig(
         embeddings=os.path.join(embeddings.path, EMBEDDINGS),
@@ -67,7 +69,7 @@ def train_head(
     )
     result = head_fold(
         config,
-        tracking_uri=tracking_uri,
+        tracking_uri=platform_tracking_uri(tracking_uri),
         parent_run_id=parent_run_id,
         reuse=reuse_folds,
         min_folds=min_folds,

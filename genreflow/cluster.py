@@ -12,6 +12,11 @@ MLFLOW_CREDENTIALS_ENV = {
     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
 }
+# The key the fold steps sign their MLflow runs with, and check a run's record by before
+# reusing it (genreflow.tracking.fold_runs): a Secret made at deploy time (infra/runner),
+# taken into the environment of the fold steps alone.
+REUSE_KEY_SECRET = "genreflow-reuse-key"
+REUSE_KEY_SECRET_ENV = {"GENREFLOW_REUSE_KEY": "GENREFLOW_REUSE_KEY"}
 # The pod label MLflow's NetworkPolicy lets in.
 MLFLOW_CLIENT_LABEL = {"genreflow.io/mlflow-client": "true"}
 # The pod label every step of the pipeline carries: the pipeline's NetworkPolicy and the

@@ -18,6 +18,9 @@ What can be said about the difference B - A depends on the protocols:
   clips (the parents' Wilson intervals speak to that);
 - different protocols: different test sets and different training sets, so nothing is
   comparable fold by fold; the aggregate figures are shown side by side only.
+
+One file a little past 600 lines: reading the two runs, the test their protocols allow
+and the table it prints are one comparison, read top to bottom in that order.
 """
 
 from __future__ import annotations

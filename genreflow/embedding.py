@@ -56,11 +56,12 @@ from genreflow.errors import GenreflowError
 from genreflow.features import (
     FeaturesFingerprint,
     check_fits_model,
+    clip_names,
     features_fingerprint,
     model_input,
     read_index,
 )
-from genreflow.features.hdf5 import open_checked, plain, plain_attrs, require
+from genreflow.features.hdf5 import open_checked, plain, plain_attrs, require, shown
 from genreflow.progress import progress_bar
 from genreflow.runtime import (
     autocast_for,
@@ -113,7 +114,7 @@ def _read_features(features: str | os.PathLike) -> _FeaturesIndex:
     # The packed file's own checks: datasets, shapes, genres, folds, representation.
     names, targets, folds, checked_attrs = read_index(path)
     fingerprint = features_fingerprint(names, targets, folds, checked_attrs)
-    with h5py.File(path, "r") as hf:
+    with open_checked(path, "features") as (path, hf):
         stored_names = hf["audio_name"][:]
         names_dtype = hf["audio_name"].dtype
         target = hf["target"][:].astype(np.float32)
@@ -181,10 +182,10 @@ _BEFORE_ATTRIBUTE = {"precision": "fp32"}
 def _finished_matches(embeddings: Path, request: dict) -> tuple[bool, str]:
     """Whether a finished embeddings.h5 was made for this request; if not, why."""
     try:
-        with h5py.File(embeddings, "r") as hf:
+        with open_checked(embeddings, "embeddings") as (_, hf):
             made = {key: plain(hf.attrs.get(key, _BEFORE_ATTRIBUTE.get(key))) for key in request}
-    except OSError as exc:
-        return False, f"unreadable ({exc})"
+    except GenreflowError as exc:
+        return False, f"unusable ({exc})"
     differ = [key for key in request if made[key] != request[key]]
     if differ:
         return False, "made with other " + ", ".join(
@@ -329,7 +330,7 @@ def _check_finished(out: Path, request: dict) -> str:
         )
     if not base_path.is_file():
         raise GenreflowError(f"{embeddings_path} is there but {base_path} is missing")
-    with h5py.File(embeddings_path, "r") as hf:
+    with open_checked(embeddings_path, "embeddings") as (_, hf):
         base_sha256 = plain(hf.attrs["base_sha256"])
     if storage.sha256_of(base_path) != base_sha256:
         raise GenreflowError(
@@ -455,7 +456,7 @@ def _embed_chunks(
     if resumed_from:
         _log(f"embed: resuming, {resumed_from} of {index.clips} clips already embedded")
     with (
-        h5py.File(index.path, "r") as hf,
+        open_checked(index.path, "features") as (_, hf),
         progress_bar(index.clips, desc="embed", unit="clip", initial=resumed_from) as progress,
         torch.inference_mode(),
     ):
@@ -547,7 +548,7 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
             ("audio_name", "embedding", "target", "fold"),
             ("base_sha256", "genres"),
         )
-        names = [n.decode("utf-8") for n in hf["audio_name"][:]]
+        names = clip_names(path, hf["audio_name"]).tolist()
         embedding = hf["embedding"][:].astype(np.float32, copy=False)
         target = hf["target"][:]
         folds = hf["fold"][:].astype(np.int32)
@@ -555,7 +556,7 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
     n = len(names)
     problems = []
     if attrs["genres"] != list(GENRES):
-        problems.append(f"genre order {attrs['genres']} differs from {list(GENRES)}")
+        problems.append(f"genre order {shown(attrs['genres'], 200)} differs from {list(GENRES)}")
     if embedding.ndim != 2 or embedding.shape[0] != n:
         problems.append(f"embedding has shape {embedding.shape}, expected ({n}, D)")
     if target.shape != (n, len(GENRES)):

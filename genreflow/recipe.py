@@ -61,6 +61,16 @@ class TrainConfig:
     mixup: bool = knob(True, "mixup with alpha 1 on pairs of clips")
     mixup_alpha: float = knob(1.0, "mixup's Beta(A, A)", metavar="A", pipeline=False)
     eval_every: int = knob(200, "evaluate and checkpoint every N iterations", metavar="N")
+    # How a run checkpoints, not what it trains (so not a pipeline parameter): the resume
+    # state (1.3 GB for the whole Cnn14) is written at the first evaluation, then at the
+    # first one at least this long after the last, so that a kill loses at most this much
+    # work plus one evaluation interval; 0 writes it at every evaluation (genreflow.resume).
+    resume_every_seconds: float = knob(
+        300.0,
+        "write the resume state at most this often (0: at every evaluation)",
+        metavar="S",
+        pipeline=False,
+    )
     seed: int = 0
     device: str = "auto"
     log_every: int = 10

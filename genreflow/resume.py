@@ -1,27 +1,37 @@
 """A fine-tuning run's resume state: what `resume.pt` holds, and when a folder may be resumed.
 
-`resume.pt` is written last at every evaluation of an unfinished run: the model, the
-optimiser, the sampler's position, every random state, the metrics so far and the
-selected evaluation, the run's config and a fingerprint of its features. Killed at any
-moment, the same command continues from it and ends exactly where an uninterrupted run
-would (bit for bit on the CPU). Plain types and tensors only, so that it loads with
-torch.load(weights_only=True).
+`resume.pt` is written last at an evaluation of an unfinished run, on a schedule
+(TrainConfig.resume_every_seconds: the first evaluation, then the first one at least that
+long after the last state; 0: every evaluation): the model, the optimiser, the sampler's
+position, every random state, the metrics so far and the selected evaluation, the run's
+config and a fingerprint of its features. Killed at any moment, the same command continues
+from it and ends exactly where an uninterrupted run would (bit for bit on the CPU), having
+lost at most the work since that state. Plain types and tensors only, so that it loads
+with torch.load(weights_only=True).
+
+best.pth is written at every improvement, so by the time of a kill it may be newer than the
+resume state. Each state therefore keeps a hard link to the best.pth it vouches for
+(`.best-at-N.pth`, hidden, never published), which a resume puts back: a resumed run that
+does not improve where the killed one did (a GPU is not bit-exact) still ends with the
+checkpoint its summary names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from pathlib import Path
 
 import torch
 
-from genreflow.atomic import write_atomic
+from genreflow.atomic import publish_copy, write_atomic
 from genreflow.errors import GenreflowError
-from genreflow.fold_result import SUMMARY, Progress, current_names, read_summary
+from genreflow.fold_result import BEST, SUMMARY, Progress, current_names, read_summary
 from genreflow.recipe import recipe_version_of
 
 RESUME = "resume.pt"
+KEPT_BEST = ".best-at-{iteration}.pth"  # the best.pth a resume state vouches for
 
 # A resumed run must agree with the saved one on everything that changes its outputs;
 # paths, device and precision may change, and an unfinished run may be given more iterations.
@@ -62,7 +72,37 @@ def state(progress: Progress, model, optimizer, sampler, mixup, config, fingerpr
 
 
 def save(out: Path, content: dict) -> None:
+    """Write resume.pt, after a hard link to the best.pth it vouches for (no second write);
+    the links of earlier states go once it is in place."""
+    kept = out / KEPT_BEST.format(iteration=content["best"]["iteration"])
+    if not kept.exists() and (out / BEST).is_file():
+        publish_copy(out / BEST, kept)
     write_atomic(out / RESUME, lambda f: torch.save(content, f))
+    _remove_kept_best(out, but=kept)
+
+
+def restore_best(out: Path, saved: dict) -> None:
+    """Put back the best.pth that `saved` (resume.pt's content) vouches for, where a later
+    evaluation of the killed run replaced it. A state pulled from gs:// comes with the
+    best.pth uploaded beside it instead, and has no link here."""
+    kept, best = out / KEPT_BEST.format(iteration=saved["best"]["iteration"]), out / BEST
+    # Already the same file: renaming a link over its twin would do nothing (rename(2)),
+    # leaving the temporary link behind.
+    if kept.is_file() and not (best.is_file() and os.path.samefile(kept, best)):
+        publish_copy(kept, best)
+
+
+def discard(out: Path) -> None:
+    """Remove the resume state of a finished run: resume.pt (1.3 GB for a fully
+    fine-tuned Cnn14) and its kept best.pth."""
+    (out / RESUME).unlink(missing_ok=True)
+    _remove_kept_best(out)
+
+
+def _remove_kept_best(out: Path, but: Path | None = None) -> None:
+    for path in out.glob(KEPT_BEST.format(iteration="*")):
+        if path != but:
+            path.unlink(missing_ok=True)
 
 
 def restore(saved: dict, *, model, optimizer, sampler, mixup) -> Progress:

@@ -19,11 +19,19 @@ with this package bundled through `code_paths`, so no pickled object ties it to 
 version of genreflow and MLflow's environment managers rebuild its environment from
 `requirements.txt`.
 
-Each checkpoint is stored once: a fold's checkpoint that its fold run already holds (the
-fine-tuned best.pth, or the frozen-base path's head.pth) is referenced by a `runs:/` URI
-and its SHA-256, and downloaded from the tracking server when the model loads; only what
-no fold run holds (the frozen base, a checkpoint that was never logged) is stored in the
-model itself.
+The model stands alone: every checkpoint it needs (each fold's best.pth, or the frozen-base
+path's head.pth files and the base they share) is stored inside it, with its SHA-256
+checked when it loads, so a copy of the model (another registry, a plain folder, an image
+from `mlflow models build-docker`) serves with no tracking server. The checkpoints are
+stored once: `log_ensemble` moves them out of the fold runs into the model, and each fold
+run keeps its metrics and a pointer to its checkpoint in the model
+(genreflow.tracking.models.move_checkpoints).
+
+Its requirements install PyTorch's CPU build by default: torch is pinned to the version that
+logged it with PyTorch's CPU wheel index as an extra index (`TORCH_INDEX`), since a bare
+`torch` from PyPI is the multi-GB CUDA build. For the CUDA build, install it into the serving
+environment first (`pip install torch==X --index-url https://download.pytorch.org/whl/cu128`):
+pip then keeps it, as it satisfies the pin.
 """
 
 from __future__ import annotations
@@ -35,7 +43,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -50,8 +57,12 @@ GENRE = "genre"
 # The model's name beside its run (the LoggedModel) and its folder in the model.
 MODEL_NAME = "fold-ensemble"
 BASE_ARTIFACT = "base"
+# The fold checkpoints' folder in the model: fold01/best.pth, fold02/head.pth, ...
+FOLDS_ARTIFACT = "folds"
 # Run by MLflow when the model loads: builds a GenreEnsembleModel (models from code).
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+# Where pip finds PyTorch's CPU build (an extra index: every other package is PyPI's).
+TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # The distributions the serving code imports, pinned to the versions that logged the
 # model (torchlibrosa needs librosa; audioread decodes what libsndfile cannot).
 REQUIREMENTS = (
@@ -82,12 +93,10 @@ class GenreEnsembleModel(mlflow.pyfunc.PythonModel):
         self.clip_samples = int(config["clip_samples"])
         self.device = resolve_device(str(config.get("device", "auto")))
         artifacts = context.artifacts
-        with tempfile.TemporaryDirectory(prefix="genreflow-folds-") as fetched:
-            checkpoints = [_member_file(m, artifacts, fetched) for m in config["members"]]
-            # The weights are in memory once loaded: the downloaded files can go.
-            self.ensemble = load_ensemble(
-                checkpoints, base=artifacts.get(BASE_ARTIFACT), device=self.device
-            )
+        checkpoints = [_member_file(m, artifacts) for m in config["members"]]
+        self.ensemble = load_ensemble(
+            checkpoints, base=artifacts.get(BASE_ARTIFACT), device=self.device
+        )
 
     def probabilities(self, files: Sequence[str | os.PathLike], names=None):
         """(files, genres) probabilities; see genreflow.inference.ensemble_probabilities."""
@@ -165,29 +174,19 @@ def _base64(text: str) -> bytes:
     return base64.b64decode("".join(text.split()), validate=True)
 
 
-def _member_file(member: dict, artifacts: dict, folder: str) -> str:
-    """A fold's checkpoint as a local file: from the model itself, or downloaded from the
-    fold run that holds it and checked against the SHA-256 recorded when it was logged."""
-    if "artifact" in member:
-        return artifacts[member["artifact"]]
-    uri = member["uri"]
-    try:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=os.path.join(folder, f"fold{member['fold']:02d}")
-        )
-    except Exception as exc:  # MLflow raises many types for a missing run or server
-        raise GenreflowError(
-            f"fold {member['fold']}'s checkpoint {storage.redacted(uri)}: cannot download it "
-            f"({storage.redacted_text(str(exc))}); the model reads it from the tracking "
-            "server it was logged to: set MLFLOW_TRACKING_URI to that server"
-        ) from exc
+def _member_file(member: dict, artifacts: dict) -> str:
+    """A fold's checkpoint in the model, checked against the SHA-256 recorded when it was
+    logged (a copied model is trusted only if its weights are the ones logged)."""
+    path = Path(artifacts[FOLDS_ARTIFACT]) / member["path"]
+    if not path.is_file():
+        raise GenreflowError(f"fold {member['fold']}'s checkpoint {path}: not in the model")
     found = storage.sha256_of(path)
     if found != member["sha256"]:
         raise GenreflowError(
-            f"fold {member['fold']}'s checkpoint {storage.redacted(uri)}: SHA-256 {found}, "
-            f"but the model was logged with {member['sha256']}"
+            f"fold {member['fold']}'s checkpoint {path}: SHA-256 {found}, but the model was "
+            f"logged with {member['sha256']}"
         )
-    return path
+    return str(path)
 
 
 # --- logging -----------------------------------------------------------------------------
@@ -195,19 +194,22 @@ def _member_file(member: dict, artifacts: dict, folder: str) -> str:
 class LoggedEnsemble:
     model_id: str
     model_uri: str  # models:/<model_id>
-    stored: list[str]  # what the model itself carries (artifact keys)
-    referenced: list[str]  # the fold checkpoints it reads from their runs
+    stored: dict[str, int]  # every file the model carries -> its bytes
+    moved: list[str]  # the fold runs whose checkpoints now live in the model only
 
 
 def requirements() -> list[str]:
-    """REQUIREMENTS pinned to what is installed here; a local build tag (torch's +cpu) is
-    left out, since package indexes other than PyTorch's do not serve it."""
-    pins = []
+    """REQUIREMENTS pinned to what is installed here, PyTorch's CPU index first (pip passes
+    option lines of requirements.txt on). A local build tag (torch's +cpu) is left out of
+    the pin: `torch==X` matches X+cpu on PyTorch's index, and X+cu128 already installed.
+    The model serves with the full mlflow (its scoring server), at the version whose client
+    logged it."""
+    from genreflow.tracking.client import installed_version
+
+    pins = [f"--extra-index-url {TORCH_INDEX}"]
     for name in REQUIREMENTS:
-        try:
-            pins.append(f"{name}=={version(name).split('+')[0]}")
-        except PackageNotFoundError:
-            pins.append(name)
+        found = installed_version(name)
+        pins.append(f"{name}=={found.split('+')[0]}" if found else name)
     return pins
 
 
@@ -248,6 +250,23 @@ def _bundle(workdir: Path) -> Path:
     return out
 
 
+def _stage_members(checkpoints: dict[int, str | Path], folder: Path) -> list[dict]:
+    """fold -> checkpoint laid out as folder/fold01/best.pth, ... (hard links where the
+    file system allows: a fine-tuned checkpoint is 330 MB); the model config's members."""
+    shutil.rmtree(folder, ignore_errors=True)
+    members = []
+    for fold, path in sorted(checkpoints.items()):
+        path = Path(path)
+        relative = f"fold{fold:02d}/{path.name}"
+        (folder / relative).parent.mkdir(parents=True)
+        try:
+            os.link(path, folder / relative)
+        except OSError:  # another file system, or no hard links
+            shutil.copyfile(path, folder / relative)
+        members.append({"fold": fold, "path": relative, "sha256": storage.sha256_of(path)})
+    return members
+
+
 def log_ensemble(
     tracking_uri: str,
     run_id: str,
@@ -256,46 +275,35 @@ def log_ensemble(
     clip_samples: int,
     base: str | Path | None = None,
     workdir: str | Path,
+    tags: dict[str, str] | None = None,
 ) -> LoggedEnsemble:
     """Log the fold checkpoints (fold -> best.pth, or head.pth beside the frozen `base`)
-    as one model of the run `run_id` (the pipeline's parent), a LoggedModel in MLflow 3.
-
-    A checkpoint that the fold's run holds (same name and size) is referenced, not copied.
-    """
+    as one model of the run `run_id` (the pipeline's parent), a LoggedModel in MLflow 3
+    with `tags`, every checkpoint inside it; then move the fold runs' copies into it
+    (their runs point to the model instead)."""
     from genreflow.data.genres import GENRES
-    from genreflow.tracking.client import client, tracked
-    from genreflow.tracking.fold_runs import fold_checkpoint_runs
-    from genreflow.tracking.models import log_pyfunc_model
+    from genreflow.tracking.client import tracked
+    from genreflow.tracking.models import log_pyfunc_model, model_files, move_checkpoints
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    members = _stage_members(checkpoints, workdir / FOLDS_ARTIFACT)
+    artifacts = {FOLDS_ARTIFACT: str(workdir / FOLDS_ARTIFACT)}
+    if base is not None:
+        artifacts[BASE_ARTIFACT] = str(base)
+    config = {
+        "genres": list(GENRES),
+        "clip_samples": clip_samples,
+        "device": "auto",
+        "members": members,
+    }
 
-    def log() -> LoggedEnsemble:
-        held = fold_checkpoint_runs(client(tracking_uri), run_id)
-        members, artifacts, referenced = [], {}, []
-        for fold, path in sorted(checkpoints.items()):
-            path = Path(path)
-            member = {"fold": fold, "sha256": storage.sha256_of(path)}
-            holder, sizes = held.get(fold, ("", {}))
-            if sizes.get(path.name) == path.stat().st_size:
-                member["uri"] = f"runs:/{holder}/{path.name}"
-                referenced.append(member["uri"])
-            else:
-                member["artifact"] = f"fold{fold:02d}"
-                artifacts[member["artifact"]] = str(path)
-            members.append(member)
-        if base is not None:
-            artifacts[BASE_ARTIFACT] = str(base)
-        config = {
-            "genres": list(GENRES),
-            "clip_samples": clip_samples,
-            "device": "auto",
-            "members": members,
-        }
-        model_id = log_pyfunc_model(
+    def log() -> str:
+        return log_pyfunc_model(
             tracking_uri,
             run_id,
             name=MODEL_NAME,
+            tags=tags or {},
             python_model=str(MODEL_CODE),
             code_paths=[str(_bundle(workdir))],
             artifacts=artifacts,
@@ -305,6 +313,15 @@ def log_ensemble(
             pip_requirements=requirements(),
             metadata={"genres": list(GENRES), "clip_samples": clip_samples},
         )
-        return LoggedEnsemble(model_id, f"models:/{model_id}", sorted(artifacts), referenced)
 
-    return tracked(f"logging the fold ensemble to {tracking_uri}", log, keep=str(workdir))
+    model_id = tracked(f"logging the fold ensemble to {tracking_uri}", log, keep=str(workdir))
+    stored = model_files(tracking_uri, model_id)
+    # Where MLflow put each checkpoint in the model (artifacts/folds/fold01/best.pth).
+    in_model = {}
+    for member in members:
+        suffix = f"{FOLDS_ARTIFACT}/{member['path']}"
+        path = next(p for p in stored if p == suffix or p.endswith("/" + suffix))
+        in_model[member["fold"]] = (path, member["sha256"])
+    moved = move_checkpoints(tracking_uri, run_id, model_id, in_model)
+    shutil.rmtree(workdir / FOLDS_ARTIFACT, ignore_errors=True)
+    return LoggedEnsemble(model_id, f"models:/{model_id}", stored, moved)

@@ -36,10 +36,16 @@ What it writes to `out/`, each file atomically (temporary file, then os.replace)
   example), wall_seconds, device, precision, config, features (a fingerprint),
   genreflow_version.
 - `resume.pt`, while the run goes on: everything a resume needs (model, optimiser,
-  sampler position, every random state, metrics so far), written last at each evaluation.
-  Killed at any moment, the same command continues from it and ends exactly where an
-  uninterrupted run would (bit for bit on the CPU). summary.json marks a finished run;
-  resume.pt is removed then, and the same command does nothing.
+  sampler position, every random state, metrics so far), written last at an evaluation,
+  the first one and then every `resume_every_seconds` (genreflow.resume). Killed at any
+  moment, the same command continues from it and ends exactly where an uninterrupted run
+  would (bit for bit on the CPU). summary.json marks a finished run; resume.pt is removed
+  then, and the same command does nothing.
+
+For a gs:// output the checkpoints are uploaded in the background (genreflow.publisher):
+the loop never waits for the network, only the fold's end does. The end of each run logs
+where its wall time went (data, steps, evaluation, checkpoint writes, the wait for the
+uploads: `PhaseClock`).
 """
 
 from __future__ import annotations
@@ -50,8 +56,9 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -79,6 +86,7 @@ from genreflow.fold_result import (
 from genreflow.losses import NAME as LOSS
 from genreflow.losses import clip_nll
 from genreflow.progress import format_duration
+from genreflow.publisher import Publisher, UploadStats
 from genreflow.recipe import TrainConfig, check_recipe_version
 from genreflow.resume import RESUME
 from genreflow.runtime import (
@@ -118,6 +126,9 @@ def _check_config(config: TrainConfig) -> None:
             raise GenreflowError(f"{name} must be a whole number >= 1, got {value!r}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise GenreflowError(f"--lr must be a positive number, got {config.lr!r}")
+    every = config.resume_every_seconds
+    if not (isinstance(every, (int, float)) and math.isfinite(every) and every >= 0):
+        raise GenreflowError(f"--resume-every-seconds must be a number >= 0, got {every!r}")
     if config.mixup and not config.mixup_alpha > 0:
         raise GenreflowError(f"mixup_alpha must be > 0, got {config.mixup_alpha!r}")
     if config.precision not in PRECISIONS:
@@ -423,11 +434,15 @@ def _log(message: str) -> None:
 
 
 def train_fold(
-    config: TrainConfig, *, on_evaluation: Callable[[dict], object] | None = None
+    config: TrainConfig,
+    *,
+    on_evaluation: Callable[[dict], object] | None = None,
+    clock: PhaseClock | None = None,
 ) -> dict:
     """Train one fold and write its outputs to config.out; returns summary.json's content.
     `on_evaluation` is given each evaluation's metrics.csv row as it happens (the fold's
-    live curve: genreflow.tracking.LiveLog).
+    live curve: genreflow.tracking.LiveLog); `clock`, when given, is the PhaseClock the run
+    fills in (where this start's wall time went; `make gpu-check` reads it).
 
     Rerun with the same config after an interruption, it resumes from the last
     checkpoint; rerun after it finished, it does nothing and returns the summary.
@@ -435,12 +450,13 @@ def train_fold(
     config.features may be a gs:// (or http(s)://) URI: it is downloaded once into the
     cache. config.out may be gs://BUCKET/PREFIX: the run works in a local folder in the
     cache kept for that URI (so a rerun on the same machine resumes from it), uploads
-    resume.pt (and best.pth when it changed) at every checkpoint, and uploads every output,
-    summary.json last, when it ends. A rerun that finds no local state, such as a pod
-    rescheduled onto another node, first pulls what the prefix holds: a finished run's
-    summary.json, else resume.pt and best.pth. The price is one upload of resume.pt per
-    evaluation (1.3 GB when the whole of Cnn14 is trained).
+    resume.pt (and best.pth when it changed) whenever it writes a resume state, in the
+    background (genreflow.publisher: training goes on meanwhile, the end waits for it), and
+    uploads every output, summary.json last, when it ends. A rerun that finds no local
+    state, such as a pod rescheduled onto another node, first pulls what the prefix holds:
+    a finished run's summary.json, else resume.pt and best.pth.
     """
+    clock = clock or PhaseClock()
     with storage.output_folder(config.out, commit=SUMMARY, transient=(RESUME,)) as folder:
         if folder.uri is not None and not any(
             (folder.path / name).is_file() for name in (SUMMARY, RESUME)
@@ -448,10 +464,20 @@ def train_fold(
             _log(f"fold {config.fold}: no local state in {folder.path}; looking in {folder.uri}")
             if not folder.pull(SUMMARY) and folder.pull(RESUME):
                 folder.pull(BEST)
-        with cpu_threads_for_training(), freed_memory_kept():
-            return _train_fold_in(
-                config, folder.path, on_checkpoint=folder.publish, on_evaluation=on_evaluation
+        with cpu_threads_for_training(), freed_memory_kept(), Publisher(folder) as publisher:
+            summary = _train_fold_in(
+                config,
+                folder.path,
+                on_checkpoint=publisher.submit,
+                on_evaluation=on_evaluation,
+                clock=clock,
             )
+            with clock.timing("upload_wait"):
+                publisher.close()  # a failed upload fails the try; summary.json is written
+        clock.uploads = publisher.stats
+        if clock.trained:
+            _log(f"fold {config.fold}: {clock.line()}")
+        return summary
 
 
 def _train_fold_in(
@@ -459,9 +485,12 @@ def _train_fold_in(
     out: Path,
     on_checkpoint: Callable[..., object] | None = None,
     on_evaluation: Callable[[dict], object] | None = None,
+    clock: PhaseClock | None = None,
 ) -> dict:
     """train_fold, writing to the local folder `out`; on_checkpoint(*names) is called with
-    the files each checkpoint wrote, the commit point (resume.pt) last."""
+    the files each resume state vouches for, the commit point (resume.pt) last: best.pth
+    when it changed since the last call, and resume.pt."""
+    clock = clock or PhaseClock()
     from genreflow.features import check_fits_model
     from genreflow.models.checkpoints import save_checkpoint
     from genreflow.models.cnn14 import Mixup
@@ -519,14 +548,19 @@ def _train_fold_in(
     seconds_before, started, started_at = progress.seconds, time.monotonic(), progress.iteration
     loss_sum, loss_count = 0.0, 0
     rate = _Rate()
+    resumable_at = None  # when this start last wrote the resume state (None: not yet)
+    best_changed = (out / BEST).is_file()  # a resumed run sends its best.pth once more
     while progress.iteration < config.iterations:
         # One step of the seed's recipe.
         step_start = time.monotonic()
-        rows = sampler.next_batch(clips_per_step)
-        batch = clips.on_device(rows, device)
-        target = torch.from_numpy(one_hot[rows]).to(device)
-        mixup_lambda = _mixup_weights(mixup, clips_per_step, device)
-        loss = training_step(model, optimizer, batch, target, mixup_lambda, amp).item()
+        with clock.timing("data"):
+            rows = sampler.next_batch(clips_per_step)
+            batch = clips.on_device(rows, device)
+            target = torch.from_numpy(one_hot[rows]).to(device)
+            mixup_lambda = _mixup_weights(mixup, clips_per_step, device)
+        with clock.timing("steps"):  # .item() waits for the GPU: the step's whole time
+            loss = training_step(model, optimizer, batch, target, mixup_lambda, amp).item()
+        clock.clips += clips_per_step
         progress.iteration += 1
         progress.train_seconds += time.monotonic() - step_start
         progress.clips += clips_per_step
@@ -546,9 +580,10 @@ def _train_fold_in(
 
         # Evaluation: the valid rows choose, the test rows are watched.
         progress.seconds = seconds_before + time.monotonic() - started
-        improved = progress.evaluate(
-            split, accuracy_on, train_loss=loss_sum / loss_count, seconds=progress.seconds
-        )
+        with clock.timing("evaluation"):
+            improved = progress.evaluate(
+                split, accuracy_on, train_loss=loss_sum / loss_count, seconds=progress.seconds
+            )
         loss_sum, loss_count = 0.0, 0
         _log_evaluation(config.fold, progress)
         if on_evaluation is not None:
@@ -556,18 +591,28 @@ def _train_fold_in(
 
         # Checkpoint. The commit point is resume.pt while the run goes on and summary.json
         # at the end: each is written after everything it vouches for, and whatever a
-        # killed run wrote past its last commit point is rewritten identically on resume.
-        write_metrics(out, progress.metrics)
-        save_checkpoint(out / LAST, model, iteration=progress.iteration, metadata=metadata)
-        if improved:
-            publish_copy(out / LAST, out / BEST)
-        if not last:
-            state = resume.state(progress, model, optimizer, sampler, mixup, config, fingerprint)
-            resume.save(out, state)
-            del state
-            if on_checkpoint is not None:
-                on_checkpoint(*([BEST] if improved else []), RESUME)
-            rate.restart()  # the logged rate is of training steps, not of checkpointing
+        # killed run wrote past its last commit point is rewritten identically on resume
+        # (best.pth put back as resume.pt knew it: genreflow.resume).
+        with clock.timing("checkpoint"):
+            write_metrics(out, progress.metrics)
+            save_checkpoint(out / LAST, model, iteration=progress.iteration, metadata=metadata)
+            if improved:
+                publish_copy(out / LAST, out / BEST)
+                best_changed = True
+            due = resumable_at is None or (
+                time.monotonic() - resumable_at >= config.resume_every_seconds
+            )
+            if not last and due:
+                state = resume.state(
+                    progress, model, optimizer, sampler, mixup, config, fingerprint
+                )
+                resume.save(out, state)
+                del state
+                resumable_at = time.monotonic()
+                if on_checkpoint is not None:
+                    on_checkpoint(*([BEST] if best_changed else []), RESUME)
+                best_changed = False
+        rate.restart()  # the logged rate is of training steps, not of checkpointing
 
     clips.close()
     return _report(config, out, index, progress, seed=seed, device=device, precision=precision)
@@ -583,11 +628,16 @@ def _existing_run(
     finished = resume.finished_run(out, config, fingerprint)
     if finished is not None:
         # Killed between writing summary.json and removing resume.pt: finish the job.
-        (out / RESUME).unlink(missing_ok=True)
+        resume.discard(out)
         _log(f"fold {config.fold}: already trained to iteration {config.iterations} in {out}")
         return finished, None
     saved = resume.load(out, config, fingerprint)
-    resume.remove_partial_writes(out, (LAST, BEST, RESUME, METRICS, PREDICTIONS, SUMMARY))
+    kept_best = resume.KEPT_BEST.format(iteration="*")
+    resume.remove_partial_writes(
+        out, (LAST, BEST, RESUME, METRICS, PREDICTIONS, SUMMARY, kept_best)
+    )
+    if saved is not None:
+        resume.restore_best(out, saved)
     return None, saved
 
 
@@ -604,6 +654,56 @@ def _seeds(config: TrainConfig, seed: int) -> dict:
     if config.mixup:
         seeds["mixup"] = seed + 1
     return seeds
+
+
+PHASES = ("data", "steps", "evaluation", "checkpoint", "upload_wait")
+
+
+@dataclass
+class PhaseClock:
+    """Where one start of a run spends its wall time (a resumed run's earlier starts are
+    not counted): seconds in each of PHASES (reading and moving batches, the training
+    steps, evaluations, writing checkpoints, the fold's end waiting for its uploads), the
+    clips drawn, and what the background uploads did."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    clips: int = 0
+    uploads: UploadStats = field(default_factory=UploadStats)
+    started: float = field(default_factory=time.monotonic)
+
+    @contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.monotonic() - began
+
+    @property
+    def trained(self) -> bool:
+        return self.clips > 0
+
+    def wall_seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def shares(self) -> dict[str, float]:
+        """Each phase's fraction of the wall time so far; "other" is the rest (loading the
+        data and the model, the report)."""
+        wall = max(self.wall_seconds(), 1e-9)
+        shares = {phase: seconds / wall for phase, seconds in self.seconds.items()}
+        shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+        return shares
+
+    def line(self) -> str:
+        """The log line: clips/s over the wall time, the shares, the uploads."""
+        wall = self.wall_seconds()
+        shares = ", ".join(f"{share:.0%} {phase}" for phase, share in self.shares().items())
+        up = self.uploads
+        return (
+            f"{wall:.1f} s, {self.clips / max(wall, 1e-9):.2f} clips/s overall ({shares}); "
+            f"uploaded {up.files} files, {up.bytes / 1e6:.0f} MB in {up.seconds:.1f} s in the "
+            f"background ({up.dropped} superseded, {up.failed} failed)"
+        )
 
 
 class _Rate:
@@ -685,7 +785,7 @@ def _report(
     summary = write_summary(out, summary)
     # The resume state (the model again, plus Adam's moments: 1.3 GB for a fully
     # fine-tuned Cnn14) has no use once the run is done.
-    (out / RESUME).unlink(missing_ok=True)
+    resume.discard(out)
     _log(
         f"fold {config.fold}: done, test accuracy {summary['final_accuracy']:.3f} of the "
         f"checkpoint of iteration {summary['selected_iteration']} (chosen on "

@@ -31,6 +31,8 @@ from genreflow.cluster import (
     MLFLOW_CREDENTIALS_ENV,
     MLFLOW_CREDENTIALS_SECRET,
     PIPELINE_STEP_LABEL,
+    REUSE_KEY_SECRET,
+    REUSE_KEY_SECRET_ENV,
 )
 from genreflow.components.aggregate import aggregate
 from genreflow.components.close_run import close_run
@@ -249,7 +251,7 @@ def build_pipeline(
                     )
                     heads.set_display_name("train head").set_caching_options(False)
                     heads.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
-                    tracked(step(heads, train_head))
+                    _signing(tracked(step(heads, train_head)))
                 frozen_report = aggregate(
                     folds=dsl.Collected(heads.outputs["model"]),
                     embeddings=embedded.outputs["embeddings"],
@@ -271,7 +273,7 @@ def build_pipeline(
                     )
                     tuned.set_display_name("fine-tune fold").set_caching_options(False)
                     tuned.set_retry(num_retries=FOLD_RETRIES, backoff_duration=FOLD_RETRY_BACKOFF)
-                    tracked(on_gpu(step(tuned, train)))
+                    _signing(tracked(on_gpu(step(tuned, train))))
                 tuned_report = aggregate(folds=dsl.Collected(tuned.outputs["model"]), **closing)
                 tuned_report.set_display_name("aggregate").set_caching_options(False)
                 tracked(step(tuned_report, aggregate))
@@ -350,4 +352,17 @@ def _tracked(task, *, secret: str):
         )
     for label, value in MLFLOW_CLIENT_LABEL.items():
         kubernetes.add_pod_label(task, label_key=label, label_value=value)
+    return task
+
+
+def _signing(task):
+    """A fold step: it signs the fold run it logs and checks a run's record before reusing
+    it, with the key of the Secret made at deploy time (infra/runner), which no other step
+    gets. A Secret that is not there leaves the key unset: folds train, none is reused."""
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=REUSE_KEY_SECRET,
+        secret_key_to_env=dict(REUSE_KEY_SECRET_ENV),
+        optional=True,
+    )
     return task

@@ -24,8 +24,9 @@ RUNNERS = ("subprocess", "docker")
 # checked against (docker_task_handler.run_docker_container, its signature and its
 # add_latest_tag_if_not_present). 2.16.0 to 2.17.3 take a removed container for a success
 # (kubeflow/pipelines#13332, open; fixes proposed in #13402 and #13907); 2.15.0 to 2.15.2 read
-# the status right but never remove a container. A later release may fix or move this code.
-PATCHED_KFP = ((2, 15, 0), (2, 17, 3))
+# the status right but never remove a container. The range starts at pyproject's kfp floor
+# (2.17.0, the run TTL); a later release may fix or move this code.
+PATCHED_KFP = ((2, 17, 0), (2, 17, 3))
 
 
 def _kfp_version() -> tuple[int, ...]:

@@ -10,6 +10,9 @@
 The token comes from the environment (KF_PIPELINES_TOKEN) or, inside a cluster, from the
 projected service-account token file KFP's own client reads; it is never printed, logged or
 put in an error message.
+
+One file past 600 lines: the five stages above are one transaction with the backend, each
+stage's refusals beside it (most lines are those messages, which say what to change).
 """
 
 from __future__ import annotations

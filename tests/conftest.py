@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -22,6 +23,14 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reuse_key():
+    """The key the pipeline signs its fold runs with (a cluster mounts it from a Secret):
+    set for the whole session, so the steps and kfp.local's task processes sign and check
+    fold runs as deployed (tests/test_reuse_record.py tests it, and its absence)."""
+    os.environ.setdefault("GENREFLOW_REUSE_KEY", secrets.token_hex(32))
 
 
 def free_port() -> int:

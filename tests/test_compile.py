@@ -18,6 +18,8 @@ from genreflow.cluster import (
     MLFLOW_CREDENTIALS_ENV,
     MLFLOW_CREDENTIALS_SECRET,
     PIPELINE_STEP_LABEL,
+    REUSE_KEY_SECRET,
+    REUSE_KEY_SECRET_ENV,
 )
 from genreflow.components.images import CPU_IMAGE, GPU_IMAGE, IMAGE_UID
 from genreflow.errors import GenreflowError
@@ -30,6 +32,16 @@ IMAGES = dict(image_cpu=IMAGE_CPU, image_gpu=IMAGE_GPU)
 GPU_EXECUTORS = {"exec-embed", "exec-train"}
 # Steps that talk to MLflow (sign in with the Secret, carry the client label).
 TRACKED = {"start-run", "train-head", "train", "aggregate", "close-run"}
+# The steps that sign fold runs and check a run's record before reusing it.
+FOLD_STEPS = {"train-head", "train"}
+
+
+def _secrets(config) -> dict:
+    """A step's Secrets taken into its environment, by name."""
+    return {
+        s.secret_name or s.secret_name_parameter.runtime_value.constant.string_value: s
+        for s in config.secret_as_env
+    }
 
 
 def _load_spec(path) -> tuple[dict, pipeline_spec_pb2.PipelineSpec]:
@@ -163,8 +175,16 @@ def test_the_compiled_file_loads_back_with_what_was_asked_for(tmp_path):
         assert PIPELINE_STEP_LABEL.items() <= labels.items(), name
         # The MLflow Secret, named as asked and optional: a missing one cannot keep the
         # pod from starting (CreateContainerConfigError).
+        secrets = _secrets(config)
+        # The reuse key's Secret on the fold steps alone, optional (without it no fold is
+        # reused, none fails to start).
+        if step in FOLD_STEPS:
+            reuse = secrets.pop(REUSE_KEY_SECRET)
+            assert reuse.optional is True
+            assert {m.secret_key: m.env_var for m in reuse.key_to_env} == REUSE_KEY_SECRET_ENV
+        assert REUSE_KEY_SECRET not in secrets, name
         if step in TRACKED:
-            (secret,) = config.secret_as_env
+            (secret,) = secrets.values()
             assert secret.secret_name_parameter.runtime_value.constant.string_value == (
                 "team-mlflow"
             )
@@ -173,7 +193,7 @@ def test_the_compiled_file_loads_back_with_what_was_asked_for(tmp_path):
             assert keys == MLFLOW_CREDENTIALS_ENV
             assert MLFLOW_CLIENT_LABEL.items() <= labels.items(), name
         else:
-            assert not config.secret_as_env, name
+            assert not secrets, name
             assert not MLFLOW_CLIENT_LABEL.items() <= labels.items(), name
         # GPU placement on exactly the GPU steps.
         if name in GPU_EXECUTORS:
@@ -204,12 +224,13 @@ def test_defaults_no_secret_and_no_ttl(tmp_path):
     _, placed, platform = _loaded(compile_pipeline(tmp_path / "p.yaml", **IMAGES))
     (secret,) = placed["exec-start-run"].secret_as_env
     assert secret.secret_name == MLFLOW_CREDENTIALS_SECRET
+    assert set(_secrets(placed["exec-train"])) == {MLFLOW_CREDENTIALS_SECRET, REUSE_KEY_SECRET}
     assert platform["pipelineConfig"]["resourceTtlOnCompletion"] == PIPELINE_TTL_SECONDS
     assert placed["exec-pack"].active_deadline_seconds == RESOURCES["pack"].timeout_seconds
     # '' for a server without sign-in: no Secret at all; 0: no time to live.
     out = compile_pipeline(tmp_path / "q.yaml", mlflow_secret="", ttl_seconds=0, **IMAGES)
     _, placed, platform = _loaded(out)
-    assert not any(config.secret_as_env for config in placed.values())
+    assert not any(set(_secrets(config)) - {REUSE_KEY_SECRET} for config in placed.values())
     assert "pipelineConfig" not in platform
 
 
@@ -272,6 +293,7 @@ def test_compile_cli_places_gpu_steps_and_sizes_steps(tmp_path, capsys):
     (toleration,) = placed["exec-embed"].tolerations
     assert (toleration.key, toleration.value, toleration.operator) == ("dedicated", "gpu", "Equal")
     assert not placed["exec-aggregate"].secret_as_env
+    assert set(_secrets(placed["exec-train"])) == {REUSE_KEY_SECRET}
     assert placed["exec-train"].active_deadline_seconds == 12 * 3600
     assert platform["pipelineConfig"]["resourceTtlOnCompletion"] == 86400
     pack = json_format.MessageToDict(spec.deployment_spec)["executors"]["exec-pack"]

@@ -34,7 +34,7 @@ def test_the_installed_kfp_is_one_the_fix_was_checked_against(kfp_runner, capsys
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("version", ["2.14.6", "2.18.0", "3.0.0rc1", "dev"])
+@pytest.mark.parametrize("version", ["2.16.1", "2.18.0", "3.0.0rc1", "dev"])
 def test_outside_those_releases_kfp_keeps_its_own_and_says_so(
     version, kfp_runner, monkeypatch, capsys
 ):
@@ -43,7 +43,7 @@ def test_outside_those_releases_kfp_keeps_its_own_and_says_so(
     assert docker_task_handler.run_docker_container is kfp_runner
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "kubeflow/pipelines#13332" in err and "2.15.0 to 2.17.3" in err
+    assert "kubeflow/pipelines#13332" in err and "2.17.0 to 2.17.3" in err
     shown = version if version[0].isdigit() else "unknown"
     assert f"kfp {shown.removesuffix('rc1')}" in err
 

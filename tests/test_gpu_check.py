@@ -1,8 +1,9 @@
 """`make gpu-check` (bench/gpu_check.py): its arithmetic on known numbers, and its dry run.
 
 No GPU is lent to the machines the suite runs on, so the check runs here as the dry run it
-falls back to on a CPU (tiny clips, one step per setting), against an assumed device's
-datasheet peak so that every figure it prints is computed and can be checked by hand.
+falls back to on a CPU (tiny clips, one step per setting, a real fold of 3 iterations
+through train_fold), against an assumed device's datasheet peak so that every figure it
+prints is computed and can be checked by hand.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def test_peaks_fractions_and_the_extrapolation_on_known_numbers():
     assert gpu_check.evaluation_share(1.0, 18.75, batch=2) == pytest.approx(
         50 * 200 / (10_000 * 300)
     )
+    # The real fold: 0.1 s per iteration (data and steps) and 2 s per evaluation (with its
+    # checkpoint) make 1,000 + 50 x 2 s a fold of the seed's, 11,000 s for ten.
+    fold = {
+        "iterations": 100,
+        "evaluations": 2,
+        "phase_seconds": {"data": 1.0, "steps": 9.0, "evaluation": 2.0, "checkpoint": 2.0},
+    }
+    assert gpu_check.fold_extrapolation(fold) == pytest.approx(11_000.0)
 
 
 def test_dry_run_on_the_cpu_measures_every_setting_and_its_arithmetic_holds(tmp_path, capsys):
@@ -92,10 +101,22 @@ def test_dry_run_on_the_cpu_measures_every_setting_and_its_arithmetic_holds(tmp_
     assert f"fastest: {result['winner']}" in printed
     assert "10,000 iterations" in printed and "stop_iteration=10000" in printed
 
+    # The real fold through train_fold: 3 iterations of 2 x 2 clips, evaluated at 2 and 3.
+    fold = result["fold"]
+    assert (fold["iterations"], fold["evaluations"], fold["clips"]) == (3, 2, 12)
+    assert fold["clips_per_second"] == pytest.approx(fold["clips"] / fold["wall_seconds"])
+    assert all(fold["phase_seconds"][p] > 0 for p in ("data", "steps", "evaluation", "checkpoint"))
+    assert sum(fold["shares"].values()) == pytest.approx(1.0)
+    assert fold["peak_memory_kind"] == "process RSS" and fold["peak_memory_bytes"] > 2**30
+    assert fold["seed_recipe_seconds"] == pytest.approx(gpu_check.fold_extrapolation(fold))
+    assert "One fine-tune fold through train_fold" in printed
+    assert f"{fold['clips_per_second']:.2f} clips/s over the fold's" in printed
+    assert "(a local folder: no uploads)" in printed
+
 
 def test_dry_run_against_no_known_device_says_so(tmp_path, capsys, monkeypatch):
     # Without --assume-device the CPU has no datasheet peak: the fraction is unknown, said.
     monkeypatch.setattr(gpu_check, "SETTINGS", {gpu_check.FP32: gpu_check.SETTINGS["fp32"]})
-    assert gpu_check.main(["--dry-run", "--steps", "1"]) == 0
+    assert gpu_check.main(["--dry-run", "--steps", "1", "--no-fold"]) == 0
     printed = capsys.readouterr().out
     assert "unknown device" in printed and "| unknown " in printed

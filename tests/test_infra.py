@@ -40,6 +40,7 @@ SECRET_FILES = (
     SECRET_FILE,
     "base/secrets/mlflow-admin.env",
     "runner/secrets/mlflow-pipeline.env",
+    "runner/secrets/reuse-key.env",
 )
 # What infra/README.md tells a team to run once for the overlay's two placeholders, and for
 # the MLflow image's digest in the base (here a made-up one of the right form).
@@ -199,6 +200,7 @@ def test_overlay_renders_and_every_document_passes_strict_validation(tmp_path):
         "NetworkPolicy/mlflow-google-egress",
         "NetworkPolicy/genreflow-pipeline-steps",
         "Secret/mlflow-pipeline-credentials",
+        "Secret/genreflow-reuse-key",
         "ServiceAccount/genreflow-pipeline-runner",
         "Role/genreflow-pipeline-runner",
         "RoleBinding/genreflow-pipeline-runner",
@@ -437,6 +439,19 @@ def test_the_server_signs_everyone_in_and_its_admin_comes_from_a_secret(tmp_path
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",
     }
+    # The fold steps' signing key: beside it, made from the team's random key, which the
+    # fold steps read as GENREFLOW_REUSE_KEY (what genreflow/cluster.py tells the pipeline).
+    import base64
+
+    from genreflow.cluster import REUSE_KEY_SECRET, REUSE_KEY_SECRET_ENV
+    from genreflow.tracking.fold_runs import REUSE_KEY_ENV, REUSE_KEY_MIN_CHARS
+
+    key = find(docs, "Secret", REUSE_KEY_SECRET)
+    assert key["metadata"]["namespace"] == runner["metadata"]["namespace"]
+    assert set(key["data"]) == set(REUSE_KEY_SECRET_ENV)
+    assert set(REUSE_KEY_SECRET_ENV.values()) == {REUSE_KEY_ENV}
+    value = base64.b64decode(key["data"][REUSE_KEY_ENV]).decode()
+    assert len(value) >= REUSE_KEY_MIN_CHARS and not value.startswith("REPLACE_WITH")
 
 
 # --- network policies ------------------------------------------------------------------------

@@ -183,7 +183,8 @@ def test_bad_files_are_skipped_and_recorded_without_shifting_folds(dataset, tmp_
     assert folds.tolist() == [everything[n] for n in names]
     # ... which is not what numbering only the readable clips would give.
     assert folds.tolist() != [assign_folds(names)[n] for n in names]
-    assert "3 skipped" in describe(out) and "jazz.00054.wav: not a recognised" in describe(out)
+    shown = describe(out)
+    assert "3 skipped" in shown and "jazz.00054.wav: unknown or unreadable format" in shown
 
 
 def test_on_error_fail_stops_and_leaves_no_output(dataset, tmp_path):
@@ -576,14 +577,16 @@ def test_read_index_refuses_float_waveforms(dataset, tmp_path):
     ("name", "problem"),
     [
         (b"\xffblues.00000.au", "row 2: not UTF-8 text (invalid start byte at byte 0)"),
-        (b"", "row 2: '' is not a clip's file name (expected e.g. blues.00000.au)"),
+        (b"", "row 2: '' is empty (expected a clip's file name, e.g. blues.00000.au)"),
         (
             b"../../etc/passwd.au",
-            "row 2: '../../etc/passwd.au' is not a clip's file name (expected e.g. blues.00000.au)",
+            "row 2: '../../etc/passwd.au' is a path, not a file name (expected a clip's "
+            "file name, e.g. blues.00000.au)",
         ),
         (
             b"notes.txt",
-            "row 2: 'notes.txt' is not a clip's file name (expected e.g. blues.00000.au)",
+            "row 2: 'notes.txt' does not end in .aif, .aiff, .au, .flac, .mp3, .ogg, .wav "
+            "(expected a clip's file name, e.g. blues.00000.au)",
         ),
         (b"blues.00000.au", "row 2: 'blues.00000.au' already names row 0"),
     ],

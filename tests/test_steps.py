@@ -10,6 +10,7 @@ fine-tuned fold, tiny), aggregate, close-run.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -21,6 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from genreflow.cli import main
 from genreflow.data.synth import make_synthetic_gtzan
+from genreflow.recipe import TrainConfig
+from genreflow.steps.fold import fold_settings
 
 # One cheap fine-tune fold: a random Cnn14 on 1 s clips, two iterations of two clips, an
 # evaluation (and so a checkpoint) after each.
@@ -244,3 +247,14 @@ def test_tracking_options_need_a_parent_run(features, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--tracking-uri needs --parent-run-id" in err and err.count("\n") == 1
     assert not (tmp_path / "f").exists()
+
+
+def test_a_folds_identity_holds_what_it_trains_not_how_it_runs():
+    # Device, logging and how often resume state is saved change no weight: a fold trained
+    # with other values is the same result, reused; the recipe's own settings are not.
+    base = TrainConfig(features="f.h5", out="o", fold=1)
+    same = dataclasses.replace(base, device="cpu", log_every=1, resume_every_seconds=0.0)
+    assert fold_settings(same) == fold_settings(base)
+    assert "fold" not in fold_settings(base)
+    for field, value in (("lr", 1e-3), ("iterations", 7), ("eval_every", 3), ("seed", 1)):
+        assert fold_settings(dataclasses.replace(base, **{field: value})) != fold_settings(base)

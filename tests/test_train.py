@@ -731,3 +731,107 @@ def test_training_threads_follow_the_cpu_quota_and_are_restored(monkeypatch):
         assert torch.get_num_threads() == allowed + 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_resume_state_follows_its_schedule_and_leaves_the_result_alone(
+    work, uninterrupted, tmp_path
+):
+    """resume_every_seconds=0 writes a state at every evaluation but the last; a long
+    interval, at the first evaluation only; either way the run ends where the reference
+    (whose CLI default is 300 s) does, and on_checkpoint is told what each state vouches for."""
+    from genreflow.train import _train_fold_in
+
+    sent: dict[float, list[tuple[tuple[str, ...], int]]] = {}
+    for every in (0.0, 1e9):
+        out = tmp_path / f"every-{every:g}"
+        calls = sent[every] = []
+
+        def record(*names: str, out: Path = out, calls: list = calls) -> None:
+            iteration = torch.load(out / "resume.pt", weights_only=True)["iteration"]
+            calls.append((names, iteration))
+
+        _train_fold_in(_config(work, out, resume_every_seconds=every), out, on_checkpoint=record)
+        assert _metrics_without_time(out / "metrics.csv") == _metrics_without_time(
+            uninterrupted / "metrics.csv"
+        )
+        for name in ("last.pth", "best.pth"):
+            ours, reference = _weights(out / name), _weights(uninterrupted / name)
+            assert all(torch.equal(ours[k], reference[k]) for k in reference), name
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            p.name for p in uninterrupted.iterdir()
+        )
+    assert [iteration for _, iteration in sent[0.0]] == [2, 4]
+    assert [iteration for _, iteration in sent[1e9]] == [2]
+    for names, _ in sent[0.0] + sent[1e9]:
+        assert names[-1] == "resume.pt" and set(names) <= {"best.pth", "resume.pt"}
+    assert sent[0.0][0][0] == ("best.pth", "resume.pt")  # the first evaluation improves
+
+
+def test_a_resume_puts_back_the_best_checkpoint_its_state_vouches_for(
+    work, uninterrupted, tmp_path, capsys
+):
+    """Killed after a later evaluation replaced best.pth (as one of a GPU's trajectories
+    may, which the resumed run need not repeat), the resume starts from the best.pth that
+    resume.pt knew, and ends with the reference's."""
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_the_last_evaluation(row: dict) -> None:
+        if row["iteration"] == RESUME_RECIPE["iterations"]:
+            raise Killed
+
+    out = tmp_path / "run"
+    config = _config(work, out, resume_every_seconds=1e9)  # one state, at iteration 2
+    with pytest.raises(Killed):
+        train_fold(config, on_evaluation=killed_at_the_last_evaluation)
+    saved = torch.load(out / "resume.pt", weights_only=True)
+    assert saved["iteration"] == 2
+    kept = out / f".best-at-{saved['best']['iteration']}.pth"
+    assert _weights(kept).keys() == _weights(out / "best.pth").keys()
+    stranger = TransferCnn14()
+    save_checkpoint(out / "best.pth", stranger, iteration=4, metadata={"genres": list(GENRES)})
+
+    train_fold(config)
+    assert "resuming from iteration 2" in capsys.readouterr().err
+    ours, reference = _weights(out / "best.pth"), _weights(uninterrupted / "best.pth")
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in uninterrupted.iterdir())
+
+
+def test_a_fold_into_gs_uploads_in_the_background_and_its_end_waits(
+    work, uninterrupted, tmp_path, emulator, monkeypatch, capsys
+):
+    """Through the GCS emulator: the states go up while the loop goes on, the end waits for
+    them, the prefix ends with the reference's files and weights, and the log says where the
+    time went and what was uploaded."""
+    import uuid
+
+    from genreflow import storage
+    from genreflow.train import PhaseClock
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "genreflow-test")
+    monkeypatch.setenv("GENREFLOW_CACHE", str(tmp_path / "cache"))
+    bucket = f"train-{uuid.uuid4().hex[:12]}"
+    storage.gcs_client().create_bucket(bucket)
+    clock = PhaseClock()
+    config = _config(work, f"gs://{bucket}/fold1", resume_every_seconds=0)
+    train_fold(config, clock=clock)
+
+    names = {b.name for b in storage.gcs_client().list_blobs(bucket)}
+    assert names == {f"fold1/{p.name}" for p in uninterrupted.iterdir()}  # resume.pt deleted
+    fetched = tmp_path / "fetched"
+    storage.copy_folder(config.out, fetched)
+    ours, reference = _weights(fetched / "best.pth"), _weights(uninterrupted / "best.pth")
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    # At least the best.pth and resume.pt of one state (of iterations 2 and 4: an older one
+    # still waiting when a newer came was dropped); resume.pt holds the model and more.
+    assert clock.uploads.files >= 2 and clock.uploads.failed == 0
+    assert clock.uploads.bytes > 2 * (fetched / "best.pth").stat().st_size
+    assert clock.clips == RESUME_RECIPE["iterations"] * 2 * RESUME_RECIPE["batch_size"]
+    phases = {"data", "steps", "evaluation", "checkpoint", "upload_wait", "other"}
+    assert set(clock.shares()) == phases
+    assert sum(clock.shares().values()) == pytest.approx(1.0)
+    logged = capsys.readouterr().err
+    assert "clips/s overall" in logged and f"uploaded {clock.uploads.files} files" in logged

@@ -19,7 +19,14 @@ import torch
 from genreflow.data.genres import FOLDS, GENRES
 from genreflow.data.layout import AUDIO_SUFFIXES
 from genreflow.errors import GenreflowError
-from genreflow.features.hdf5 import open_checked, plain, plain_attrs, require
+from genreflow.features.hdf5 import (
+    is_printable_name,
+    open_checked,
+    plain,
+    plain_attrs,
+    require,
+    shown,
+)
 from genreflow.logmel import FRONT_END, FRONT_END_TOLERANCE, LogmelFrontEnd, logmel_frames
 
 # What a packed file holds its clips as; each is also the name of the dataset holding them.
@@ -82,7 +89,7 @@ def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
         attrs["representation"] = representation
         if representation == "logmel":
             attrs["front_end"] = _front_end_of(attrs, path)
-        names = _clip_names(path, hf["audio_name"])
+        names = clip_names(path, hf["audio_name"])
         target = hf["target"][:]
         folds = hf["fold"][:].astype(np.int32)
         clips_shape, clips_dtype = hf[representation].shape, hf[representation].dtype
@@ -97,7 +104,8 @@ def read_index(features_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
     n = len(names)
     if attrs["genres"] != list(GENRES):
         raise GenreflowError(
-            f"{path}: genre order {attrs['genres']} differs from genreflow's {list(GENRES)}"
+            f"{path}: genre order {shown(attrs['genres'], 200)} differs from genreflow's "
+            f"{list(GENRES)}"
         )
     problems = []
     if target.shape != (n, len(GENRES)):
@@ -127,7 +135,7 @@ def representation_of(hf: h5py.File, path: str | Path) -> str:
     representation = plain(hf.attrs.get("representation", UNRECORDED_REPRESENTATION))
     if representation not in REPRESENTATIONS:
         raise GenreflowError(
-            f"{path}: holds clips as {representation!r}; genreflow reads "
+            f"{path}: holds clips as {shown(representation)}; genreflow reads "
             f"{' or '.join(REPRESENTATIONS)}"
         )
     return representation
@@ -144,14 +152,22 @@ def _front_end_of(attrs: dict, path: str | Path) -> dict:
         ) from None
     if not isinstance(front_end, dict) or set(front_end) != set(FRONT_END):
         raise GenreflowError(
-            f"{path}: its 'front_end' attribute names {front_end!r}, expected the keys "
-            f"{', '.join(FRONT_END)}"
+            f"{path}: its 'front_end' attribute names {shown(front_end, 200)}, expected the "
+            f"keys {', '.join(FRONT_END)}"
         )
     return front_end
 
 
-def _clip_names(path: Path, dataset: h5py.Dataset) -> np.ndarray:
-    """audio_name as str, each row checked: UTF-8 text, a clip's file name, unique."""
+# A clip's name is a file name (it names files in predictions and reports): one path
+# component, as file systems take it.
+MAX_NAME_BYTES = 255
+
+
+def clip_names(path: Path, dataset: h5py.Dataset) -> np.ndarray:
+    """audio_name (of a packed or an embeddings file) as str, each row checked: UTF-8
+    text, a clip's file name (one path component: no `/`, `\\`, leading dot, control
+    character or newline), unique. A refused row is named by its number, and shown only
+    as a short escaped prefix."""
     if h5py.check_string_dtype(dataset.dtype) is None or dataset.ndim != 1:
         raise GenreflowError(
             f"{path}: audio_name is {dataset.dtype} of shape {dataset.shape}, expected one "
@@ -165,24 +181,34 @@ def _clip_names(path: Path, dataset: h5py.Dataset) -> np.ndarray:
             raise GenreflowError(
                 f"{path}: audio_name row {row}: not UTF-8 text ({exc.reason} at byte {exc.start})"
             ) from None
-        if (
-            not name
-            or "/" in name
-            or "\\" in name
-            or "\x00" in name
-            or Path(name).suffix.lower() not in AUDIO_SUFFIXES
-        ):
+        problem = _name_problem(name)
+        if problem:
             raise GenreflowError(
-                f"{path}: audio_name row {row}: {name!r} is not a clip's file name "
-                "(expected e.g. blues.00000.au)"
+                f"{path}: audio_name row {row}: {shown(name)} {problem} "
+                "(expected a clip's file name, e.g. blues.00000.au)"
             )
         if name in rows:
             raise GenreflowError(
-                f"{path}: audio_name row {row}: {name!r} already names row {rows[name]}"
+                f"{path}: audio_name row {row}: {shown(name)} already names row {rows[name]}"
             )
         rows[name] = row
         names.append(name)
     return np.array(names, dtype=str)
+
+
+def _name_problem(name: str) -> str:
+    """Why `name` is not a clip's file name, or ""."""
+    if not name:
+        return "is empty"
+    if not is_printable_name(name):
+        return "holds a control character or line break"
+    if "/" in name or "\\" in name or name.startswith("."):
+        return "is a path, not a file name"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    if Path(name).suffix.lower() not in AUDIO_SUFFIXES:
+        return f"does not end in {', '.join(sorted(AUDIO_SUFFIXES))}"
+    return ""
 
 
 @dataclass(frozen=True)

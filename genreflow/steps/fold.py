@@ -49,8 +49,17 @@ FOLD_RETRY_FIRST_DELAY_SECONDS = 30.0
 # Under the pipeline root, beside the runs' folders: fine-tune folds' working state.
 WORK_FOLDER = "genreflow-work"
 # A config's fields that are not settings of the fold's result: its inputs (their content
-# counts instead), where it writes, which fold (given apart) and how it runs.
-NOT_SETTINGS = ("features", "embeddings", "out", "fold", "device", "log_every")
+# counts instead), where it writes, which fold (given apart) and how it runs (device,
+# logging, how often it saves resume state).
+NOT_SETTINGS = (
+    "features",
+    "embeddings",
+    "out",
+    "fold",
+    "device",
+    "log_every",
+    "resume_every_seconds",
+)
 
 
 def fine_tune_fold(
@@ -196,19 +205,27 @@ def tracked_fold(
     key = key or fold_key(inputs, {"fold": fold, **settings})
     datasets = input_datasets({path: input_sha256(path) for path in inputs})
     with fold_run(tracking_uri, parent_run_id, fold, key=key, keep=str(folder)) as run:
-        if run.logged:  # a retried task: this run already holds the fold; take it back
-            run.fetch(run.this, folder)
-            return read_summary(folder)
-        source = run.reusable(key) if reuse else None
+        # A retried task whose run already holds the fold takes it back; a finished
+        # identical fold is reused. Either only where the run's record checks (its files
+        # are fetched only then); anything else trains, and is logged again.
+        retried = run.logged
+        source = run.this if retried else (run.reusable(key) if reuse else None)
         if source is not None:
             try:
                 run.fetch(source, folder)
             except GenreflowError as exc:
-                print(f"fold {fold}: cannot reuse run {source.info.run_id} ({exc}); training")
-                source = None
+                print(
+                    f"fold {fold}: not reused: cannot reuse run {source.info.run_id} ({exc}); "
+                    "training"
+                )
+                source, run.logged = None, False
         if source is not None:
-            print(f"fold {fold}: reused from MLflow run {run.reused_from} (same inputs and recipe)")
-            _log_outputs(run, folder, reused_from=run.reused_from, datasets=datasets)
+            if not retried:
+                print(
+                    f"fold {fold}: reused from MLflow run {run.reused_from} (same inputs and "
+                    "recipe)"
+                )
+                _log_outputs(run, folder, reused_from=run.reused_from, datasets=datasets)
             return read_summary(folder)
         with watching(tracking_uri, run.run_id, fold, datasets=datasets) as on_evaluation:
             result = train_or_record_failure(run, on_evaluation)

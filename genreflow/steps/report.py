@@ -1,6 +1,7 @@
 """The report step, the pipeline's last: the cross-validation report (genreflow.aggregate),
 then, when tracking, the fold ensemble logged as the parent run's model (genreflow.serving),
-registered (genreflow.registry), and the aggregate metrics and report on the parent run."""
+registered (genreflow.registry), and the aggregate metrics on the parent run and its model,
+the report on the parent run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from genreflow.tracking.names import (
     PARTIAL_TAG,
     PROTOCOL_TAG,
     SELECTION_TAG,
+    SOURCE_NAME_TAG,
+    SOURCE_TYPE_TAG,
     SPLIT_SHA256_TAG,
 )
 from genreflow.tracking.runs import finish_pipeline_run, get_run, git_commit
@@ -62,6 +65,7 @@ def report(
     from genreflow.errors import GenreflowError
     from genreflow.registry import register_version, registration_refusal, version_tags
     from genreflow.serving import log_ensemble
+    from genreflow.tracking.models import log_model_metrics
 
     if tracking_uri and not parent_run_id:  # before the work, not after it
         raise GenreflowError(
@@ -87,6 +91,8 @@ def report(
         / SELECTED_CHECKPOINT[read_summary(row["dir"]).get("path", FINE_TUNE)]
         for row in result["folds"]
     }
+    parent = get_run(tracking_uri, parent_run_id)
+    commit = parent.data.tags.get(GIT_COMMIT_TAG) or git_commit()
     logged = log_ensemble(
         tracking_uri,
         parent_run_id,
@@ -94,21 +100,26 @@ def report(
         clip_samples=clip_samples(clip_seconds),
         base=base,
         workdir=str(results) + ".mlflow",
+        tags={**_report_tags(result), **source_tags(commit)},
     )
     print(
-        f"fold ensemble logged as {logged.model_uri}: {len(logged.referenced)} checkpoint(s) "
-        f"read from their fold runs, stored in the model: {', '.join(logged.stored) or 'none'}"
+        f"fold ensemble logged as {logged.model_uri}: {len(logged.stored)} file(s), "
+        f"{sum(logged.stored.values()) / 1e6:.1f} MB, every checkpoint in the model; "
+        f"{len(logged.moved)} fold run(s) now point to it"
+    )
+    # The aggregate on the run and on its model, so search_logged_models ranks ensembles.
+    log_model_metrics(
+        tracking_uri,
+        parent_run_id,
+        logged.model_id,
+        flat_metrics(result),
+        dataset=evaluation_dataset(result),
     )
     refusal = registration_refusal(result)
     if registered_model and refusal and not register_anyway:
         print(f"not registered as {registered_model}: {refusal} (register_anyway=true does)")
     elif registered_model:
-        parent = get_run(tracking_uri, parent_run_id)
-        tags = version_tags(
-            result,
-            parent_run_id=parent_run_id,
-            git_commit=parent.data.tags.get(GIT_COMMIT_TAG) or git_commit(),
-        )
+        tags = version_tags(result, parent_run_id=parent_run_id, git_commit=commit)
         number = register_version(
             tracking_uri, registered_model, logged.model_id, parent_run_id=parent_run_id, tags=tags
         )
@@ -116,13 +127,27 @@ def report(
     finish_pipeline_run(
         tracking_uri,
         parent_run_id,
-        metrics=flat_metrics(result),
+        metrics={},  # logged above, with the model
         artifacts=[results],
         tags=_report_tags(result),
         status=None,  # the exit handler closes it with the pipeline's final state
         keep=str(results),
     )
     return result
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own source tags for what the report step logs: the commit, and that a
+    pipeline job (genreflow's) made it."""
+    return {GIT_COMMIT_TAG: commit, SOURCE_TYPE_TAG: "JOB", SOURCE_NAME_TAG: "genreflow"}
+
+
+def evaluation_dataset(result: dict) -> tuple[str, str] | None:
+    """What the aggregate was measured on, as MLflow's (name, SHA-256) of a dataset: the
+    source archive (data_sha256) under the protocol's clips; None where unrecorded."""
+    if not result.get("data_sha256"):
+        return None
+    return f"gtzan-{result['protocol']}", str(result["data_sha256"])
 
 
 def _report_tags(result: dict) -> dict[str, str]:

@@ -132,13 +132,17 @@ class OutputFolder:
 
     def publish(self, *names: str) -> None:
         """Upload these files (relative paths), in the order given."""
-        if self.uri is None:
-            return
         for name in names:
-            stamp = upload(
-                self.path / name, self.uri_of(name), generation=self.generations.get(name, 0)
-            )
-            self.generations[name] = stamp["generation"]
+            self.publish_file(name, self.path / name)
+
+    def publish_file(self, name: str, local: Path) -> int:
+        """Upload `local` as the folder's file `name` (a snapshot of it taken earlier, say);
+        returns the bytes sent (0 for a local folder, where there is nothing to do)."""
+        if self.uri is None:
+            return 0
+        stamp = upload(local, self.uri_of(name), generation=self.generations.get(name, 0))
+        self.generations[name] = stamp["generation"]
+        return stamp["size"]
 
     def pull(self, name: str) -> bool:
         """Download ``name`` from ``uri`` into the folder; False if there is no such object."""

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,6 +37,24 @@ def default_tracking_uri(workspace: str | Path = "workspace") -> str:
     if uri:
         return uri
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+
+
+def platform_tracking_uri(tracking_uri: str) -> str:
+    """A step's tracking URI: `tracking_uri`, else the `MLFLOW_TRACKING_URI` that the
+    platform injects (KFP's server-side MLflow integration sets it in every task's pod);
+    "" (no tracking) where neither is set."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+
+
+def installed_version(name: str) -> str | None:
+    """The installed version of the distribution `name`, None where it is not installed;
+    for mlflow, that of mlflow-skinny where only the client is (the runtime images)."""
+    for distribution in (name, "mlflow-skinny") if name == "mlflow" else (name,):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            pass
+    return None
 
 
 def local_artifact_root(tracking_uri: str) -> Path | None:

@@ -4,11 +4,20 @@ back (checked) when a retried task or an identical later fold takes them up agai
 
 What to do with the run (train, retry, reuse, record a failure) is the fold step's
 (genreflow.steps.fold); this module only talks to MLflow.
+
+Anyone who can write to the experiment can make a run that looks like the pipeline's
+(its tags, and sha256 values of its own files), so tags alone prove nothing. The pipeline
+signs what it logs: `reuse_record`, an HMAC-SHA256 under a key only its steps hold
+(GENREFLOW_REUSE_KEY, from a Kubernetes Secret), over the run, the fold's identity and
+every file digest. A run is fetched only when its record checks; without a key, no run is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import json
 import os
 import shutil
 import signal
@@ -36,6 +45,8 @@ from genreflow.tracking.client import client, stringify, tracked
 from genreflow.tracking.names import (
     ADOPTED_TAG,
     ATTEMPT_TAG,
+    CHECKPOINT_MODEL_TAG,
+    CHECKPOINT_PATH_TAG,
     CURVE,
     DATASET_CONTEXT_TAG,
     FOLD_KEY_TAG,
@@ -46,6 +57,7 @@ from genreflow.tracking.names import (
     OWNER_TAG,
     PARENT_TAG,
     PIPELINE_ROLE,
+    REUSE_RECORD_TAG,
     REUSED_FROM_TAG,
     REUSED_TAG,
     ROLE_TAG,
@@ -62,6 +74,9 @@ from genreflow.tracking.runs import inherited_run
 FOLD_ARTIFACTS = (METRICS, PREDICTIONS, SUMMARY, BEST, HEAD)
 CHECKPOINTS = (BEST, HEAD)
 DIGEST_CHARS = 16
+# The key the pipeline signs its fold runs with (mounted from a Secret on a cluster).
+REUSE_KEY_ENV = "GENREFLOW_REUSE_KEY"
+REUSE_KEY_MIN_CHARS = 32  # `openssl rand -hex 32` gives 64
 
 
 class Terminated(SystemExit):
@@ -108,6 +123,37 @@ def input_datasets(checksums: dict[str | Path, str]):
     return datasets
 
 
+def reuse_key() -> bytes | None:
+    """The pipeline's signing key from the environment, or None where none is set.
+
+    Raises:
+        GenreflowError: a key too short to resist guessing.
+    """
+    key = os.environ.get(REUSE_KEY_ENV, "").strip()
+    if not key:
+        return None
+    if len(key) < REUSE_KEY_MIN_CHARS:
+        raise GenreflowError(
+            f"{REUSE_KEY_ENV} holds {len(key)} characters, fewer than {REUSE_KEY_MIN_CHARS}; "
+            "make one with `openssl rand -hex 32`"
+        )
+    return key.encode("utf-8")
+
+
+def reuse_record(key: bytes, run_id: str, fold_key: str, digests: dict[str, str]) -> str:
+    """The pipeline's record of a fold run: HMAC-SHA256 under `key` over canonical JSON of
+    the run that holds the files, the fold's identity (genreflow.steps.fold.fold_key: its
+    inputs, settings, fold number and code) and every file's SHA-256. Bound to the run,
+    so a genuine record copied onto another run does not check."""
+    message = json.dumps(
+        {"run": run_id, "fold_key": fold_key, "sha256": digests},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hmac.new(key, message.encode("ascii"), hashlib.sha256).hexdigest()
+
+
 def _check_artifact(run_id: str, name: str, path: Path, expected: str | None) -> None:
     """A fetched fold file is trusted only if it is byte for byte what was logged."""
     if expected is None:
@@ -123,11 +169,23 @@ def _check_artifact(run_id: str, name: str, path: Path, expected: str | None) ->
         )
 
 
+def _checkpoint_in_model(store, run) -> tuple[str, str] | None:
+    """(file name, artifact URI) of the run's checkpoint where it moved into the pipeline's
+    model (genreflow.tracking.models.move_checkpoints); None where the run holds its own."""
+    model_id = run.data.tags.get(CHECKPOINT_MODEL_TAG)
+    if not model_id:
+        return None
+    location = store.get_logged_model(model_id).artifact_location.rstrip("/")
+    path = run.data.tags[CHECKPOINT_PATH_TAG]
+    return path.rsplit("/", 1)[-1], f"{location}/{path}"
+
+
 class FoldRun:
     """One fold's child run while the fold step runs (see `fold_run`)."""
 
-    def __init__(self, tracking_uri: str, run, fold: int, *, owned: bool):
+    def __init__(self, tracking_uri: str, run, fold: int, *, owned: bool, key: str = ""):
         self.tracking_uri, self.fold, self.owned = tracking_uri, fold, owned
+        self.key = key  # the fold's identity (fold_key), "" for a folder logged as it is
         self.this, self.run_id = run, run.info.run_id
         self.experiment_id = run.info.experiment_id
         # A retried task whose run already holds every output.
@@ -147,7 +205,15 @@ class FoldRun:
 
     def reusable(self, key: str):
         """A finished fold run with the same key under another parent, or None: only one
-        that genreflow's pipeline logged in this experiment (`_logged_by_the_pipeline`)."""
+        that genreflow's pipeline logged in this experiment (`_logged_by_the_pipeline`);
+        its record is checked when it is fetched. None, saying why, where no key is set."""
+        if reuse_key() is None:
+            print(
+                f"fold {self.fold}: not reused: {REUSE_KEY_ENV} is not set, so no run's "
+                "record can be checked (a cluster mounts it from a Secret; locally, export "
+                "one: openssl rand -hex 32)"
+            )
+            return None
         store = client(self.tracking_uri)
         runs = store.search_runs(
             [self.experiment_id],
@@ -180,8 +246,9 @@ class FoldRun:
 
     def _origin(self, store, source) -> tuple[str, dict[str, str]]:
         """The run that holds `source`'s files (itself, or the run it was reused from) and
-        the SHA-256 recorded for each; a run genreflow's pipeline did not log in this
-        experiment is refused."""
+        the SHA-256 recorded for each. Refused: a run genreflow's pipeline did not log in
+        this experiment, or whose record does not check, under this key, for this fold's
+        identity and those digests."""
         origin = source.data.tags.get(REUSED_FROM_TAG, source.info.run_id)
         run = source if origin == source.info.run_id else store.get_run(origin)
         tags = run.data.tags
@@ -190,11 +257,24 @@ class FoldRun:
                 f"run {origin} is not a fold run that genreflow's pipeline logged in "
                 f"experiment {self.experiment_id}"
             )
-        return origin, {
+        recorded = {
             name[len(SHA256_TAG_PREFIX) :]: value
             for name, value in tags.items()
             if name.startswith(SHA256_TAG_PREFIX)
         }
+        key = reuse_key()
+        if key is None:
+            raise GenreflowError(
+                f"run {origin}: no valid record can be told apart: {REUSE_KEY_ENV} is not set"
+            )
+        expected = reuse_record(key, origin, self.key, recorded)
+        if not hmac.compare_digest(tags.get(REUSE_RECORD_TAG, ""), expected):
+            why = "none there" if REUSE_RECORD_TAG not in tags else "its record does not check"
+            raise GenreflowError(
+                f"run {origin} holds no valid record of the pipeline ({REUSE_RECORD_TAG}: "
+                f"{why} for this fold's identity and file digests under this deployment's key)"
+            )
+        return origin, recorded
 
     def fetch(self, source, out: Path) -> None:
         """Put the fold folder that `source` (a reusable run, or this one) logged into
@@ -204,16 +284,28 @@ class FoldRun:
         def fetch() -> None:
             store = client(self.tracking_uri)
             logged = {a.path for a in store.list_artifacts(origin)}
+            moved = _checkpoint_in_model(store, store.get_run(origin))
+            if moved:
+                logged.add(moved[0])
             wanted = [name for name in FOLD_ARTIFACTS if name in logged]
             if not {SUMMARY, PREDICTIONS, METRICS} <= set(wanted) or not (
                 set(CHECKPOINTS) & set(wanted)
             ):
                 raise GenreflowError(f"run {origin} lacks the fold's files ({sorted(logged)})")
             out.parent.mkdir(parents=True, exist_ok=True)
+            from mlflow.artifacts import download_artifacts
+
             staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fetch-"))
             try:
                 for name in wanted:
-                    store.download_artifacts(origin, name, str(staging))
+                    if moved and name == moved[0]:
+                        download_artifacts(
+                            artifact_uri=moved[1],
+                            dst_path=str(staging),
+                            tracking_uri=self.tracking_uri,
+                        )
+                    else:
+                        store.download_artifacts(origin, name, str(staging))
                     _check_artifact(origin, name, staging / name, recorded.get(name))
                 out.mkdir(exist_ok=True)
                 # summary.json last: it is what marks a fold folder complete.
@@ -250,8 +342,13 @@ class FoldRun:
         artifacts = [fold_dir / n for n in FOLD_ARTIFACTS if (fold_dir / n).exists()]
         if reused_from:  # the checkpoints stay where they are, in the original run
             artifacts = [p for p in artifacts if p.name not in CHECKPOINTS]
-        # What fetch checks before it trusts a file of this run (reused or retried).
-        tags.update({f"{SHA256_TAG_PREFIX}{p.name}": storage.sha256_of(p) for p in artifacts})
+        # What fetch checks before it trusts a file of this run (reused or retried), and
+        # the pipeline's record of it (where a key is set and the fold has an identity).
+        digests = {p.name: storage.sha256_of(p) for p in artifacts}
+        tags.update({f"{SHA256_TAG_PREFIX}{name}": value for name, value in digests.items()})
+        key = reuse_key()
+        if key is not None and self.key:
+            tags[REUSE_RECORD_TAG] = reuse_record(key, self.run_id, self.key, digests)
         artifacts += list(also)
 
         def log() -> None:
@@ -285,6 +382,9 @@ class FoldRun:
             for key, name in SUMMARY_METRICS.items():
                 if isinstance(summary.get(key), (int, float)):
                     metrics.append(Metric(name, float(summary[key]), now, final_step))
+            if not reused_from:  # trained again where a reuse of its record failed
+                for stale in {REUSED_TAG, REUSED_FROM_TAG} & set(run.data.tags):
+                    store.delete_tag(self.run_id, stale)
             tag_list = [RunTag(k, v) for k, v in stringify(tags).items()]
             store.log_batch(self.run_id, params=params[:100], tags=tag_list)
             for start in range(100, len(params), 100):
@@ -340,7 +440,7 @@ def fold_run(
                 own = {ROLE_TAG: FOLD_ROLE, FOLD_TAG: str(fold), FOLD_KEY_TAG: key}
                 for k, v in own.items():
                     store.set_tag(inherited.info.run_id, k, v)
-                return FoldRun(tracking_uri, inherited, fold, owned=False)
+                return FoldRun(tracking_uri, inherited, fold, owned=False, key=key)
             print(
                 f"MLflow: ignoring MLFLOW_RUN_ID={inherited.info.run_id}: not a run of this "
                 f"pipeline (parent {parent_run_id}); fold {fold} logs under the parent",
@@ -357,7 +457,8 @@ def fold_run(
                 store.update_run(run.info.run_id, status="RUNNING")
                 attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
                 store.set_tag(run.info.run_id, ATTEMPT_TAG, str(attempt))
-            return FoldRun(tracking_uri, store.get_run(run.info.run_id), fold, owned=True)
+            run = store.get_run(run.info.run_id)
+            return FoldRun(tracking_uri, run, fold, owned=True, key=key)
         run = store.create_run(
             parent.info.experiment_id,
             run_name=fold_run_name(fold),
@@ -369,7 +470,7 @@ def fold_run(
                 FOLD_KEY_TAG: key,
             },
         )
-        return FoldRun(tracking_uri, run, fold, owned=True)
+        return FoldRun(tracking_uri, run, fold, owned=True, key=key)
 
     run = tracked(f"opening fold {fold}'s run under {parent_run_id}", open_run, keep=keep)
     previous = signal.getsignal(signal.SIGTERM)

@@ -28,12 +28,22 @@ REUSED_FROM_TAG = "genreflow.reused_from"
 LOGGED_TAG = "genreflow.logged"  # set last: a fold run whose outputs are all there
 # genreflow.sha256.<artifact>: each fold file's SHA-256 as logged, checked when it is fetched
 SHA256_TAG_PREFIX = "genreflow.sha256."
+# The pipeline's own word for those: an HMAC over the fold's identity and the file digests
+# (genreflow.tracking.fold_runs.reuse_record), checked before a fold is reused or fetched
+REUSE_RECORD_TAG = "genreflow.reuse_record"
+# A fold run whose checkpoint moved into the pipeline's model (stored once): the
+# LoggedModel's id and the checkpoint's path in it (its SHA-256 tag stays).
+CHECKPOINT_MODEL_TAG = "genreflow.checkpoint.model_id"
+CHECKPOINT_PATH_TAG = "genreflow.checkpoint.path"
 
 PROTOCOL_TAG = "protocol"
 SELECTION_TAG = "selection"
 PATH_TAG = "path"
 PARTIAL_TAG = "partial"
-GIT_COMMIT_TAG = "git_commit"
+# MLflow's own source tags (mlflow.utils.mlflow_tags), on parent runs, models and versions.
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
 DATA_SHA256_TAG = "data.sha256"
 SPLIT_SHA256_TAG = "split.sha256"
 # On registered versions: the pipeline run that made one; what promotion decided.

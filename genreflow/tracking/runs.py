@@ -23,6 +23,7 @@ from genreflow.tracking.client import (
     DEFAULT_EXPERIMENT,
     TrackingError,
     client,
+    installed_version,
     local_artifact_root,
     stringify,
     tracked,
@@ -30,6 +31,7 @@ from genreflow.tracking.client import (
 from genreflow.tracking.names import (
     ADOPTED_TAG,
     FINAL_STATE_TAG,
+    GIT_COMMIT_TAG,
     OWNER,
     OWNER_TAG,
     PARENT_TAG,
@@ -49,18 +51,15 @@ RUN_STATUS = {
 
 def provenance() -> dict[str, str]:
     """What a run needs to be reproduced: package, commit, interpreter and library versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
     info = {
         "genreflow_version": __version__,
-        "git_commit": git_commit(),
+        GIT_COMMIT_TAG: git_commit(),
         "python": platform.python_version(),
     }
     for package in ("torch", "torchlibrosa", "librosa", "numpy", "h5py", "kfp", "mlflow"):
-        try:
-            info[f"version.{package}"] = version(package)
-        except PackageNotFoundError:
-            pass
+        found = installed_version(package)  # mlflow: mlflow-skinny's in the runtime images
+        if found:
+            info[f"version.{package}"] = found
     return info
 
 
