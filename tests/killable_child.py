@@ -40,7 +40,7 @@ def start_held(
 ) -> subprocess.Popen:
     """Start `python -m MODULE ...` or `python -c CODE ...` (argv) and return once it holds:
     when the `calls`-th call of `target` ("module:attr" or "module:Class.method") whose
-    first argument's file name matches `named` has returned. Fails, naming the child's exit
+    first path argument's file name matches `named` has returned. Fails, naming the child's exit
     status, when it ends first; `timeout` only keeps a hung child from hanging the suite."""
     read, write = os.pipe()
     command = [sys.executable, __file__, str(write), target, str(calls), named, *argv]
@@ -85,7 +85,8 @@ def _hold_after(fd: int, target: str, calls: int, named: str) -> None:
     def holding(*args, **kwargs):
         nonlocal seen
         result = original(*args, **kwargs)
-        first = Path(os.fspath(args[0])).name if args and _is_path(args[0]) else ""
+        # The first path among the arguments (a method's self is not one).
+        first = next((Path(os.fspath(a)).name for a in args if _is_path(a)), "")
         if named == "*" or fnmatch.fnmatch(first, named):
             seen += 1
             if seen == calls:

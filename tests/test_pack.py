@@ -465,18 +465,36 @@ def test_a_worker_error_is_raised_and_ends_every_worker(dataset, ring, watchdog,
         pool.close(kill=True)
 
 
-# Where the pack is when a worker dies: one of the workers is held before decoding the
-# first clip (tasks still being submitted), one mid-way, or the last; then the held worker
-# dies, the other one (busy or idle, whichever it is), or both.
+# Where the pack is when a worker dies: a worker holds the task of the first clip, of one
+# mid-way, or of the last; then the held worker dies, the other one, or both.
 HOLD_AT = (0, 101, 199)
 KILLED = ("the held one", "the other one", "both")
+
+
+def kill_when_held(hold, killed: str, pack_done: threading.Event, seen: list) -> None:
+    """Wait for a held worker's pid on `hold`, then SIGKILL the workers `killed` names,
+    noting (holder, workers found) in `seen`; return if the pack ended first."""
+    # Polled (not waited on) so that a pack that ended anyway fails the test, not hangs it.
+    while not hold.poll(0.1):
+        if pack_done.is_set():
+            return
+    holder = hold.recv()
+    found = pack_workers()
+    seen.append((holder, found))
+    victims = {
+        "the held one": [holder],
+        "the other one": [pid for pid in found if pid != holder],
+        "both": found,
+    }[killed]
+    for pid in victims if len(found) == 2 else found:  # else: fail, but end the pack
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
 def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(
     tmp_path, watchdog, monkeypatch
 ):
-    # A worker holds its clip until the kill: the pack is provably mid-work when it lands
+    # A worker holds its task until the kill: the pack is provably mid-work when it lands
     # (killed after a delay instead, a pack on a busy machine sometimes finished first).
     root = tmp_path / "dataset"
     for g, genre in enumerate(GENRES):
@@ -485,33 +503,18 @@ def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(
         write_clip(folder / f"{genre}.00000.au", 2.0, 300.0 + 20 * g)
         for k in range(1, 20):
             (folder / f"{genre}.{k:05d}.au").hardlink_to(folder / f"{genre}.00000.au")
-    clips = sorted(str(p) for p in root.rglob("*.au"))
+    clips = sorted(str(p) for p in root.rglob("*.au"))  # pack's order
     segments_before = shm_segments()
     out = tmp_path / "out" / "f.h5"
     for hold_at in HOLD_AT:
         for killed in KILLED:
             case = f"held at clip {hold_at}, {killed} killed"
             ours, theirs = multiprocessing.Pipe()
+            pack_done, seen = threading.Event(), []
+            killer = threading.Thread(target=kill_when_held, args=(ours, killed, pack_done, seen))
             with monkeypatch.context() as patch:
                 held = functools.partial(held_pack_worker, theirs, clips[hold_at])
                 patch.setattr(workers, "_serve", held)
-                pack_done = threading.Event()
-                seen: list[tuple[int, list[int]]] = []
-
-                def kill(killed=killed, ours=ours, pack_done=pack_done, seen=seen):
-                    # Polled so that a pack that ended anyway fails the test, not hangs it.
-                    while not ours.poll(0.1):
-                        if pack_done.is_set():
-                            return
-                    holder = ours.recv()
-                    found = pack_workers()
-                    seen.append((holder, found))
-                    others = [pid for pid in found if pid != holder]
-                    chosen = {"the held one": [holder], "the other one": others}
-                    for pid in chosen[killed] if len(found) == 2 else found:
-                        os.kill(pid, signal.SIGKILL)
-
-                killer = threading.Thread(target=kill)
                 killer.start()
                 try:
                     with pytest.raises(GenreflowError, match="a decoding worker process died"):
