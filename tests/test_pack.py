@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+from killable_child import held_pack_worker
 
 from genreflow.audio import (
     SAMPLE_RATE,
@@ -30,7 +31,6 @@ from genreflow.data.genres import GENRE_INDEX, GENRES, assign_folds
 from genreflow.errors import GenreflowError
 from genreflow.features import RowLayout, describe, pack, packing, read_index, workers
 from genreflow.features.workers import _Workers, plan_workers, shm_name
-from killable_child import held_pack_worker
 
 CLIP_SECONDS = 3.0
 SHA = "0123456789abcdef" * 4
