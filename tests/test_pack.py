@@ -509,6 +509,8 @@ def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(
     for hold_at in HOLD_AT:
         for killed in KILLED:
             case = f"held at clip {hold_at}, {killed} killed"
+            # The watchdog's minute is per pack: ten on a busy machine take longer.
+            faulthandler.dump_traceback_later(60, exit=True)
             ours, theirs = multiprocessing.Pipe()
             pack_done, seen = threading.Event(), []
             killer = threading.Thread(target=kill_when_held, args=(ours, killed, pack_done, seen))
@@ -531,6 +533,7 @@ def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(
             assert shm_segments() <= segments_before, case
 
     # The next pack starts new workers and succeeds.
+    faulthandler.dump_traceback_later(60, exit=True)
     summary = pack(root, out, clip_seconds=1.0, workers=2, progress=False)
     assert summary.clips == 200 and out.is_file()
     assert shm_segments() <= segments_before
