@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import start_run_arguments
 from kfp import dsl
+from killable_child import start_held
 
 from genreflow.components.aggregate import aggregate
 from genreflow.components.close_run import close_run
@@ -262,7 +263,6 @@ def test_a_killed_fold_step_resumes_from_its_work_folder(
     import signal
     import subprocess
     import sys
-    import time
     import uuid
 
     import torch
@@ -296,20 +296,29 @@ def test_a_killed_fold_step_resumes_from_its_work_folder(
             **NO_TRACKING,
         )  # fmt: skip
 
-    def step(name: str, work_root: str, kill_at_first_checkpoint: bool = False) -> str:
+    def step(name: str, work_root: str) -> str:
         command = [sys.executable, "-c", TRAIN_SCRIPT, json.dumps(arguments(name, work_root))]
         node = {**os.environ, "GENREFLOW_CACHE": str(tmp_path / name / "node-cache")}
         process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=node)
-        if kill_at_first_checkpoint:
-            deadline = time.monotonic() + 300
-            while not checkpoints():
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
-            os.kill(process.pid, signal.SIGKILL)
         _, err = process.communicate(timeout=600)
         return err
 
-    step("killed", work_root, kill_at_first_checkpoint=True)
+    # The killed step holds once its first resume state is in the work folder (written
+    # there, or its upload to gs:// done) until the kill: the kill lands mid-fold, never
+    # after the fold ended (as a kill after polling the folder could on a busy machine).
+    argv = ["-c", TRAIN_SCRIPT, json.dumps(arguments("killed", work_root))]
+    node = {**os.environ, "GENREFLOW_CACHE": str(tmp_path / "killed" / "node-cache")}
+    committed = {
+        "folder": ("genreflow.resume:save", "*"),
+        "gs": ("genreflow.storage.outputs:OutputFolder.publish_file", "resume.pt"),
+    }
+    target, named = committed[where]
+    with (tmp_path / "killed.log").open("w") as log:
+        killed = start_held(target, argv, named=named, env=node, stderr=log)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    assert len(checkpoints()) == 1
     assert not (tmp_path / "killed" / "model" / "summary.json").exists()
     err = step("restarted", work_root)
     assert "fold 1: resuming from iteration 2" in err, err

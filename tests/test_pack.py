@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
+import multiprocessing
 import os
 import re
 import signal
 import threading
-import time
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+from killable_child import held_pack_worker
 
 from genreflow.audio import (
     SAMPLE_RATE,
@@ -27,7 +29,7 @@ from genreflow.audio import (
 from genreflow.cli import main
 from genreflow.data.genres import GENRE_INDEX, GENRES, assign_folds
 from genreflow.errors import GenreflowError
-from genreflow.features import RowLayout, describe, pack, packing, read_index
+from genreflow.features import RowLayout, describe, pack, packing, read_index, workers
 from genreflow.features.workers import _Workers, plan_workers, shm_name
 
 CLIP_SECONDS = 3.0
@@ -463,55 +465,75 @@ def test_a_worker_error_is_raised_and_ends_every_worker(dataset, ring, watchdog,
         pool.close(kill=True)
 
 
-# Seconds after pack's workers appear: at once (tasks still being submitted), early, mid-way
-# through the ring's first turns, and later; one worker, or every worker at once.
-KILL_AFTER = (0.0, 0.002, 0.01, 0.05, 0.15, 0.4)
+# Where the pack is when a worker dies: a worker holds the task of the first clip, of one
+# mid-way, or of the last; then the held worker dies, the other one, or both.
+HOLD_AT = (0, 101, 199)
+KILLED = ("the held one", "the other one", "both")
+
+
+def kill_when_held(hold, killed: str, pack_done: threading.Event, seen: list) -> None:
+    """Wait for a held worker's pid on `hold`, then SIGKILL the workers `killed` names,
+    noting (holder, workers found) in `seen`; return if the pack ended first."""
+    # Polled (not waited on) so that a pack that ended anyway fails the test, not hangs it.
+    while not hold.poll(0.1):
+        if pack_done.is_set():
+            return
+    holder = hold.recv()
+    found = pack_workers()
+    seen.append((holder, found))
+    victims = {
+        "the held one": [holder],
+        "the other one": [pid for pid in found if pid != holder],
+        "both": found,
+    }[killed]
+    for pid in victims if len(found) == 2 else found:  # else: fail, but end the pack
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
-def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(tmp_path, watchdog):
-    # 200 names of 20 s files keep two workers busy for seconds: every kill lands mid-pack.
+def test_a_worker_that_dies_stops_the_pack_and_leaves_nothing_behind(
+    tmp_path, watchdog, monkeypatch
+):
+    # A worker holds its task until the kill: the pack is provably mid-work when it lands
+    # (killed after a delay instead, a pack on a busy machine sometimes finished first).
     root = tmp_path / "dataset"
     for g, genre in enumerate(GENRES):
         folder = root / genre
         folder.mkdir(parents=True)
-        write_clip(folder / f"{genre}.00000.au", 20.0, 300.0 + 20 * g)
+        write_clip(folder / f"{genre}.00000.au", 2.0, 300.0 + 20 * g)
         for k in range(1, 20):
             (folder / f"{genre}.{k:05d}.au").hardlink_to(folder / f"{genre}.00000.au")
+    clips = sorted(str(p) for p in root.rglob("*.au"))  # pack's order
     segments_before = shm_segments()
     out = tmp_path / "out" / "f.h5"
-    for repetition in range(2 * len(KILL_AFTER)):
-        delay = KILL_AFTER[repetition % len(KILL_AFTER)]
-        every_worker = repetition >= len(KILL_AFTER)
-        killed: list[int] = []
-        stop = threading.Event()
-
-        def kill(delay=delay, every_worker=every_worker, killed=killed, stop=stop):
-            while not stop.is_set():
-                found = pack_workers()
-                if found:
-                    time.sleep(delay)
-                    for pid in found if every_worker else found[:1]:
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-                    return
-                time.sleep(0.001)
-
-        killer = threading.Thread(target=kill)
-        killer.start()
-        try:
-            with pytest.raises(GenreflowError, match="a decoding worker process died"):
-                # Whole 20 s clips: pack decodes only what a clip needs.
-                pack(root, out, clip_seconds=20.0, workers=2, progress=False)
-        finally:
-            stop.set()
-            killer.join()
-        assert killed, f"repetition {repetition}: no worker was killed"
-        assert pack_workers() == [], f"repetition {repetition}: a worker outlived the pack"
-        assert list(out.parent.iterdir()) == []
-        assert shm_segments() <= segments_before
+    for hold_at in HOLD_AT:
+        for killed in KILLED:
+            case = f"held at clip {hold_at}, {killed} killed"
+            # The watchdog's minute is per pack: ten on a busy machine take longer.
+            faulthandler.dump_traceback_later(60, exit=True)
+            ours, theirs = multiprocessing.Pipe()
+            pack_done, seen = threading.Event(), []
+            killer = threading.Thread(target=kill_when_held, args=(ours, killed, pack_done, seen))
+            with monkeypatch.context() as patch:
+                held = functools.partial(held_pack_worker, theirs, clips[hold_at])
+                patch.setattr(workers, "_serve", held)
+                killer.start()
+                try:
+                    with pytest.raises(GenreflowError, match="a decoding worker process died"):
+                        pack(root, out, clip_seconds=2.0, workers=2, progress=False)
+                finally:
+                    pack_done.set()
+                    killer.join()
+                    ours.close()
+                    theirs.close()
+            ((holder, found),) = seen
+            assert holder in found and len(found) == 2, f"{case}: workers {found}"
+            assert pack_workers() == [], f"{case}: a worker outlived the pack"
+            assert list(out.parent.iterdir()) == [], case
+            assert shm_segments() <= segments_before, case
 
     # The next pack starts new workers and succeeds.
+    faulthandler.dump_traceback_later(60, exit=True)
     summary = pack(root, out, clip_seconds=1.0, workers=2, progress=False)
     assert summary.clips == 200 and out.is_file()
     assert shm_segments() <= segments_before
