@@ -85,10 +85,17 @@ build() {  # build KIND DOCKERFILE IMAGE [BUILD FLAGS...]
   local tags=("$image" "$repo:$commit_tag")
   local start=$SECONDS
   echo "== $kind: $ENGINE build -f $dockerfile (${tags[*]})"
+  # The commit's metadata also as flags, applied to the image itself: podman 4.3 (buildah)
+  # reuses a cached LABEL or ENV step when only the build argument in it changed, so an
+  # image of a new commit kept the old commit's revision label and GENREFLOW_GIT_COMMIT.
+  local metadata=(--label "org.opencontainers.image.version=$version"
+    --label "org.opencontainers.image.revision=$commit"
+    --label "org.opencontainers.image.source=$source_url")
+  [[ $ENGINE == podman ]] && metadata+=(--env "GENREFLOW_GIT_COMMIT=$commit")
   # The extra flags come last: a --build-arg there wins over the same one before it.
   "$ENGINE" build -f "$dockerfile" \
     --build-arg VERSION="$version" --build-arg GIT_COMMIT="$commit" \
-    --build-arg SOURCE="$source_url" "$@" \
+    --build-arg SOURCE="$source_url" "${metadata[@]}" "$@" \
     "${tags[@]/#/--tag=}" --iidfile "$records/$kind.id" "${extra[@]}" .
   local digest=""
   if ((push)); then

@@ -278,4 +278,12 @@ def test_build_labels_the_origin_without_its_credentials(tmp_path, origin, label
     assert done.returncode == 0, done.stderr
     sources = [a for a in record.read_text().splitlines() if a.startswith("SOURCE=")]
     assert sources == [f"SOURCE={label}"] * 2  # the CPU and the CUDA image
+    # The commit's labels also as flags (podman 4.3 keeps a cached LABEL step's old value).
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    arguments = record.read_text().splitlines()
+    for flag in (
+        f"org.opencontainers.image.revision={commit.stdout.strip()}",
+        f"org.opencontainers.image.source={label}",
+    ):
+        assert arguments.count(flag) == 2, flag
     assert "SECRET" not in done.stdout + done.stderr
