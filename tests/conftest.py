@@ -64,12 +64,17 @@ def serving(command: list[str], health: str, log_path: Path, *, port: int, timeo
         wait_for_http(f"{url}{health}", process, timeout=timeout)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="session")

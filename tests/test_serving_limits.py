@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import soundfile
 import torch
-from conftest import free_port, wait_for_http
+from conftest import free_port, stop, wait_for_http
 from crafted_audio import (
     flac_claiming,
     huge_rate_wav,
@@ -259,9 +259,4 @@ def test_mlflow_models_serve_survives_8_concurrent_worst_case_requests_in_4_gib(
         )
         assert peak < POD_BYTES, f"peak {peak / 2**20:.0f} MiB, over the pod's 4096 MiB"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=30)

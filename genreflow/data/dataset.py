@@ -64,6 +64,7 @@ from genreflow.data.layout import (
     AUDIO_SUFFIXES,
     FOLDER,
     GTZAN_CANDIDATES,
+    clips_in,
     list_clips,
     list_folder,
 )
@@ -324,14 +325,9 @@ def _read_class_folders(root: Path, folds: int | None, seed: int) -> Dataset:
     entries = []
     for folder in classes:
         _check_label(folder.name, str(folder))
-        files = list_folder(folder)
-        if not files.audio:
-            raise GenreflowError(f"{folder}: an empty class folder (no audio files directly in it)")
-        ignored.update(files.other)
-        if files.folders:  # clips sit directly in their class folder
-            ignored[FOLDER] += len(files.folders)
+        audio = clips_in(folder, ignored, "an empty class folder (no audio files directly in it)")
         entries.extend(
-            _Entry(path.name, folder.name, path, None, str(path), folder) for path in files.audio
+            _Entry(path.name, folder.name, path, None, str(path), folder) for path in audio
         )
     labels = tuple(folder.name for folder in classes)
     return _own_folds("class-folders", root, root, labels, entries, folds, seed, ignored)

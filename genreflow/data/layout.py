@@ -53,6 +53,18 @@ def list_folder(folder: Path) -> Listing:
     return Listing(tuple(audio), tuple(folders), other)
 
 
+def clips_in(folder: Path, ignored: Counter, empty: str) -> tuple[Path, ...]:
+    """The audio files directly in a label's folder (GTZAN's genre folders, any class
+    folder); what else is there is counted in `ignored`; none at all is an error, `empty`."""
+    listing = list_folder(folder)
+    if not listing.audio:
+        raise GenreflowError(f"{folder}: {empty}")
+    ignored.update(listing.other)
+    if listing.folders:  # clips sit directly in their label's folder
+        ignored[FOLDER] += len(listing.folders)
+    return listing.audio
+
+
 def find_dataset_root(path: str | Path) -> Path:
     """The folder that holds the ten genre folders, in any of the known layouts."""
     path = Path(path)
@@ -81,11 +93,6 @@ def list_clips(dataset: str | Path, *, ignored: Counter[str] | None = None) -> l
         folder = root / genre
         if not folder.is_dir():
             raise GenreflowError(f"{folder}: genre folder missing (GTZAN has {len(GENRES)})")
-        listing = list_folder(folder)
-        if not listing.audio:
-            raise GenreflowError(f"{folder}: no audio files in this genre folder")
-        ignored.update(listing.other)
-        if listing.folders:  # clips sit directly in their genre folder
-            ignored[FOLDER] += len(listing.folders)
-        clips.extend(Clip(name=f.name, genre=genre, path=f) for f in listing.audio)
+        audio = clips_in(folder, ignored, "no audio files in this genre folder")
+        clips.extend(Clip(name=f.name, genre=genre, path=f) for f in audio)
     return sorted(clips, key=lambda c: c.name)
