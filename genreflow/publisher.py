@@ -9,7 +9,10 @@ waiting when a newer one of the same file arrives is dropped: only the newest st
 worth sending. A transient failure (genreflow.retry.is_transient) is retried with
 back-off; one that remains is logged when it happens and raised by `close()`, which the
 fold's end calls and which waits for what is queued, unless a newer version of that file
-was uploaded since. After an error the fold leaves through `abort()`: what is queued is
+was uploaded since. A file of a submit that fails for good takes the files submitted after
+it in the same call with it: the last of them is the commit point (resume.pt), which must
+never stand in the bucket beside an older file than the one it vouches for. After an error
+the fold leaves through `abort()`: what is queued is
 dropped and only the upload in flight is waited for, so that no upload outlives the try.
 """
 
@@ -60,9 +63,10 @@ class Publisher:
         self._snapshots = folder.path / SNAPSHOTS
         self._pending: dict[str, Path] = {}  # file name -> its newest snapshot, in upload order
         self._failed: dict[str, BaseException] = {}
+        self._submitted_with: dict[Path, int] = {}  # snapshot -> the submit call it came in
         self._condition = threading.Condition()
         self._closing = self._aborted = False
-        self._count = 0
+        self._count = self._submits = 0
         self._thread: threading.Thread | None = None
         if folder.uri is not None:
             shutil.rmtree(self._snapshots, ignore_errors=True)  # a killed run's
@@ -87,12 +91,15 @@ class Publisher:
             return
         snapshot = {name: self._snapshot(name) for name in names}
         with self._condition:
+            self._submits += 1
             for name, path in snapshot.items():
                 older = self._pending.pop(name, None)  # re-inserted: it goes after the rest
                 if older is not None:
+                    del self._submitted_with[older]
                     older.unlink(missing_ok=True)
                     self.stats.dropped += 1
                 self._pending[name] = path
+                self._submitted_with[path] = self._submits
             self._condition.notify_all()
 
     def close(self) -> None:
@@ -118,6 +125,7 @@ class Publisher:
                 path.unlink(missing_ok=True)
             self.stats.dropped += len(self._pending)
             self._pending.clear()
+            self._submitted_with.clear()
         self._stop()
 
     def _snapshot(self, name: str) -> Path:
@@ -149,14 +157,27 @@ class Publisher:
                     return
                 name = next(iter(self._pending))
                 path = self._pending.pop(name)
+                submit = self._submitted_with.pop(path)
             try:
-                self._upload(name, path)
+                sent = self._upload(name, path)
             finally:
                 path.unlink(missing_ok=True)
+            if not sent:
+                self._drop_submit(submit)
 
-    def _upload(self, name: str, path: Path) -> None:
+    def _drop_submit(self, submit: int) -> None:
+        """Drop what waits of the submit call `submit` (after its failed file)."""
+        with self._condition:
+            for name, path in list(self._pending.items()):
+                if self._submitted_with.get(path) == submit:
+                    del self._pending[name], self._submitted_with[path]
+                    path.unlink(missing_ok=True)
+                    self.stats.dropped += 1
+                    self._log(f"{name} not uploaded: a file submitted before it failed")
+
+    def _upload(self, name: str, path: Path) -> bool:
         """Upload one snapshot, retrying what is transient; a newer snapshot of the same
-        file arriving during the back-off takes its place."""
+        file arriving during the back-off takes its place. False if it failed for good."""
         delay = self._first_delay
         for attempt in range(1, self._tries + 1):
             started = time.monotonic()
@@ -169,12 +190,12 @@ class Publisher:
                     with self._condition:
                         self._failed[name] = exc
                         self.stats.failed += 1
-                    return
+                    return False
                 self._log(f"upload of {name}: {said} (transient); try {attempt + 1} in {delay:g} s")
                 with self._condition:
                     newer = lambda: name in self._pending or self._aborted  # noqa: E731
                     if self._condition.wait_for(newer, timeout=delay):
-                        return  # a newer snapshot of it is queued (that one is sent), or abort
+                        return True  # a newer snapshot of it is queued (that one goes), or abort
                 delay *= 2
                 continue
             with self._condition:
@@ -182,7 +203,7 @@ class Publisher:
                 self.stats.files += 1
                 self.stats.bytes += sent
                 self.stats.seconds += time.monotonic() - started
-            return
+            return True
 
     def _log(self, message: str) -> None:
         print(f"{redacted_text(str(self.folder.uri))}: {message}", file=sys.stderr, flush=True)

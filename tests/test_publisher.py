@@ -137,6 +137,26 @@ def test_a_failure_that_remains_is_raised_at_the_end(bucket, capsys):
     assert "upload of resume.pt failed" in capsys.readouterr().err
 
 
+def test_the_commit_point_never_follows_a_file_that_failed(bucket, capsys):
+    # best.pth fails for good: the resume.pt submitted with it, which vouches for that
+    # best.pth, must not go up beside the older best.pth still in the bucket.
+    with storage.output_folder(f"gs://{bucket}/fold") as opened:
+        folder = gated(opened, fail_first=PermissionError(13, "Permission denied"))
+        folder.gate.set()
+        write(folder, "best.pth", b"best 200")
+        write(folder, "resume.pt", b"resume 200")
+        publisher = Publisher(folder)
+        publisher.submit("best.pth", "resume.pt")
+        with pytest.raises(PermissionError):
+            publisher.close()
+        assert folder.sent == ["best.pth"]  # resume.pt never tried
+        assert (publisher.stats.failed, publisher.stats.dropped, publisher.stats.files) == (1, 1, 0)
+        said = capsys.readouterr().err
+        assert "resume.pt not uploaded: a file submitted before it failed" in said
+        assert not storage.gcs_client().bucket(bucket).blob("fold/resume.pt").exists()
+        opened.generations = folder.generations
+
+
 def test_a_newer_upload_makes_an_older_failure_moot(bucket):
     with storage.output_folder(f"gs://{bucket}/fold") as opened:
         folder = gated(opened, fail_first=GenreflowError("refused"))  # not transient
